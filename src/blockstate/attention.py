@@ -1,0 +1,163 @@
+"""Block attention: causal self-attention inside each block of W tokens (optionally also over the
+previous block), cross-attention to context states, all blocks at once through one
+`scaled_dot_product_attention` dispatcher.
+
+Position information in self-attention is a T5-style bucketed relative position bias (Raffel et
+al. 2020), as in the Block-Recurrent Transformer the paper builds on. Queries and keys are
+L2-normalized and the logits scaled by a learned per-head temperature (paper.md, model setup).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def relative_position_bucket(distance: torch.Tensor, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """Causal T5 buckets of `distance` = query position - key position (negative values share the
+    bucket of 0; they are masked anyway). Half the buckets are exact, the rest log-spaced up to
+    `max_distance`, beyond which all distances share the last bucket."""
+    distance = distance.clamp(min=0)
+    exact = max(1, num_buckets // 2)
+    if exact >= num_buckets or max_distance <= exact:
+        return distance.clamp(max=num_buckets - 1)
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    large = exact + (log_ratio * (num_buckets - exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return torch.where(distance < exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned per-head bias b[h, bucket(i - j)] added to self-attention logits."""
+
+    def __init__(self, n_heads: int, num_buckets: int, max_distance: int):
+        super().__init__()
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.embedding = nn.Embedding(num_buckets, n_heads)
+        nn.init.zeros_(self.embedding.weight)
+
+    def forward(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """Bias of shape (H, Lq, Lk) for the given absolute positions."""
+        distance = query_positions[:, None] - key_positions[None, :]                 # (Lq, Lk)
+        buckets = relative_position_bucket(distance, self.num_buckets, self.max_distance)
+        return self.embedding(buckets).permute(2, 0, 1)                            # (H, Lq, Lk)
+
+
+def causal_bias(bias: torch.Tensor, query_positions: torch.Tensor,
+                key_positions: torch.Tensor) -> torch.Tensor:
+    """`bias` (H, Lq, Lk) with -inf where a key lies after its query."""
+    future = key_positions[None, :] > query_positions[:, None]                     # (Lq, Lk)
+    return bias.masked_fill(future, float("-inf"))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           dropout: float = 0.0) -> torch.Tensor:
+    """The one attention call: q (N, H, Lq, Dh), k/v (N, H, Lk, Dh), additive or boolean mask
+    broadcastable to (N, H, Lq, Lk). Logits are not rescaled (queries carry their own scale)."""
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
+
+
+class QKNorm(nn.Module):
+    """L2-normalize queries and keys; scale queries by a learned per-head temperature. Without
+    normalization, queries are scaled by 1/sqrt(Dh) as usual."""
+
+    def __init__(self, n_heads: int, head_dim: int, enabled: bool):
+        super().__init__()
+        self.enabled = enabled
+        self.head_dim = head_dim
+        if enabled:
+            self.log_scale = nn.Parameter(torch.full((n_heads,), 0.5 * math.log(head_dim)))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (..., H, Dh) with heads on the second-to-last axis."""
+        if not self.enabled:
+            return q / math.sqrt(self.head_dim), k
+        scale = self.log_scale.exp().to(q.dtype).unsqueeze(-1)                       # (H, 1)
+        return F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
+
+
+def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, L, ...) -> (B, L / W, W, ...); L must be a multiple of W."""
+    b, length = x.shape[:2]
+    return x.reshape(b, length // block_size, block_size, *x.shape[2:])
+
+
+def heads_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, nb, T, H, Dh) -> (B * nb, H, T, Dh): blocks folded into the batch for SDPA."""
+    b, nb, t, h, d = x.shape
+    return x.permute(0, 1, 3, 2, 4).reshape(b * nb, h, t, d)
+
+
+def heads_last(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B * nb, H, W, Dh) -> (B, nb * W, H * Dh)."""
+    bn, h, w, d = x.shape
+    return x.reshape(batch, bn // batch, h, w, d).permute(0, 1, 3, 2, 4).reshape(batch, -1, h * d)
+
+
+class BlockSelfAttention(nn.Module):
+    """Causal self-attention within blocks of W tokens, all blocks in parallel.
+
+    mode "block": each query sees the keys of its own block up to itself.
+    mode "sliding": each query also sees the whole previous block (W + i + 1 keys for in-block
+    offset i); the first block has no previous block. Keys and values of the previous block come
+    from the same layer input, so all blocks are still computed at once.
+    Returns the per-head outputs (B, L, H * Dh), before the output projection.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.resolved_head_dim
+        self.block_size, self.mode = config.block_size, config.self_attention
+        self.dropout = config.dropout
+        inner = self.n_heads * self.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * inner, bias=False)
+        self.qk_norm = QKNorm(self.n_heads, self.head_dim, config.qk_norm)
+        self.rel_bias = RelativePositionBias(self.n_heads, config.rel_pos_buckets,
+                                             config.rel_pos_max_distance)
+
+    def _mask(self, n_keys: int, device: torch.device) -> torch.Tensor:
+        w = self.block_size
+        query_pos = torch.arange(n_keys - w, n_keys, device=device)
+        key_pos = torch.arange(n_keys, device=device)
+        return causal_bias(self.rel_bias(query_pos, key_pos), query_pos, key_pos)  # (H, W, Lk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        w, h, d = self.block_size, self.n_heads, self.head_dim
+        qkv = to_blocks(self.qkv(x), w).unflatten(-1, (3, h, d))                  # (B, nb, W, 3, H, Dh)
+        q, k, v = qkv.unbind(dim=3)                                                # (B, nb, W, H, Dh)
+        q, k = self.qk_norm(q, k)
+        dropout = self.dropout if self.training else 0.0
+        own = self._mask(w, x.device)                                              # (H, W, W)
+        if self.mode == "block" or length == w:
+            out = attend(heads_first(q), heads_first(k), heads_first(v), own, dropout)
+            return heads_last(out, batch)
+        # Block 0 sees only itself; blocks 1.. see [previous block, own block].
+        first = attend(heads_first(q[:, :1]), heads_first(k[:, :1]), heads_first(v[:, :1]), own,
+                       dropout)                                                    # (B, H, W, Dh)
+        k2 = torch.cat([k[:, :-1], k[:, 1:]], dim=2)                               # (B, nb-1, 2W, H, Dh)
+        v2 = torch.cat([v[:, :-1], v[:, 1:]], dim=2)
+        rest = attend(heads_first(q[:, 1:]), heads_first(k2), heads_first(v2),
+                      self._mask(2 * w, x.device), dropout)                        # (B*(nb-1), H, W, Dh)
+        return torch.cat([heads_last(first, batch), heads_last(rest, batch)], dim=1)
+
+
+class MLP(nn.Module):
+    """Position-wise ReLU feed-forward network."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(config.d_model, config.resolved_d_ff, bias=False)
+        self.down = nn.Linear(config.resolved_d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.dropout(F.relu(self.up(x))))

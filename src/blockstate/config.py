@@ -1,0 +1,193 @@
+"""Model configuration: one dataclass, validated up front, serializable to and from JSON.
+
+Defaults follow `paper.md` (Fathi et al. 2023, section 3 and appendix) where the paper specifies a
+value; choices the paper leaves open are documented next to the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+CONTEXT_VARIANTS = ("sh", "mh", "mf")
+SSM_KERNELS = ("s4", "s4d", "unstruct", "explicit")
+S4D_INITS = ("lin", "inv")
+SELF_ATTENTION_MODES = ("block", "sliding")
+
+# The paper's 12-layer model puts BST layers at layers 1, 7 and 9 (0-based 0, 6, 8).
+PAPER_DEPTH = 12
+PAPER_BST_LAYERS = (0, 6, 8)
+
+
+def scale_bst_layers(n_layers: int, reference: tuple[int, ...] = PAPER_BST_LAYERS,
+                     reference_depth: int = PAPER_DEPTH) -> tuple[int, ...]:
+    """Place BST layers at the same relative depths as `reference`, always including layer 0."""
+    placed = {min(n_layers - 1, round(i * n_layers / reference_depth)) for i in reference}
+    placed.add(0)
+    return tuple(sorted(placed))
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid; allowed values: {', '.join(allowed)}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} is not valid; it must be an integer >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of a Block-State Transformer language model.
+
+    Notation of the paper: D = `d_model`, H = `n_heads`, W = `block_size`, N = `ssm_state_size`,
+    S = `num_context_states`, L = `max_seq_len` (training length).
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256              # D: residual stream width
+    n_layers: int = 6
+    n_heads: int = 4                # H
+    head_dim: int | None = None     # defaults to d_model // n_heads; the -L models use 12 x 128
+    d_ff: int | None = None         # ReLU MLP width; defaults to 4 * d_model
+    block_size: int = 128           # W: tokens per block
+    max_seq_len: int = 1024         # training length; unstructured kernels are defined up to it
+    # Indices (0-based) of BST layers; the others are block attention layers without an SSM.
+    # None places them like the paper's (0, 6, 8) of 12, scaled to n_layers.
+    bst_layers: tuple[int, ...] | None = None
+    context_variant: str = "sh"     # sh | mh | mf: how SSM outputs become context states
+    ssm_kernel: str = "s4"          # s4 (DPLR) | s4d (diagonal) | unstruct (implicit MLP) | explicit
+    ssm_state_size: int = 16        # N
+    num_context_states: int = 32    # S, MF only
+    # The SSM runs on a down-projection of width d_model // ssm_width_divisor
+    # (paper: D/4 for SH and MH, D/8 for MF; None picks that default).
+    ssm_width_divisor: int | None = None
+    s4d_init: str = "inv"           # S4D-Inv or S4D-Lin initialization of the diagonal A
+    dt_min: float = 1e-3            # range of the initial SSM step size (log-uniform)
+    dt_max: float = 1e-1
+    unstruct_decay: float = 2.0     # alpha in K(t) = exp(-alpha t) MLP(PosEmb(t)), t in [0, 1)
+    unstruct_hidden: int = 64       # hidden width of the implicit filter MLP
+    unstruct_frequencies: int = 8   # sin/cos positional features of t per frequency
+    explicit_squash: float = 1e-3   # Fu et al. 2023: soft-threshold lambda of explicit kernels
+    explicit_smooth: int = 3        # Fu et al. 2023: average-pool width of explicit kernels
+    # Self-attention inside a block sees the block only ("block", as in the paper's listing) or the
+    # current and the previous block ("sliding", the Block-Recurrent Transformer's window).
+    self_attention: str = "block"
+    rel_pos_buckets: int = 32       # T5-style relative position bias of self-attention
+    rel_pos_max_distance: int = 128
+    qk_norm: bool = True            # L2-normalized queries/keys with a learned per-head scale
+    dropout: float = 0.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.bst_layers is not None:
+            self.bst_layers = tuple(self.bst_layers)
+        self.validate()
+
+    # ---------------------------------------------------------------- derived values
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_d_ff(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def resolved_bst_layers(self) -> tuple[int, ...]:
+        if self.bst_layers is not None:
+            return self.bst_layers
+        return scale_bst_layers(self.n_layers)
+
+    @property
+    def ssm_width(self) -> int:
+        divisor = self.ssm_width_divisor
+        if divisor is None:
+            divisor = 8 if self.context_variant == "mf" else 4
+        return max(1, self.d_model // divisor)
+
+    @property
+    def ssm_channels(self) -> int:
+        """C: number of SSM filters per SSM width channel (1 for SH, H for MH, S for MF)."""
+        return {"sh": 1, "mh": self.n_heads, "mf": self.num_context_states}[self.context_variant]
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "block_size", "max_seq_len",
+                     "ssm_state_size", "num_context_states", "unstruct_hidden",
+                     "unstruct_frequencies", "explicit_smooth", "rel_pos_buckets",
+                     "rel_pos_max_distance"):
+            _positive(name, getattr(self, name))
+        for name in ("head_dim", "d_ff", "ssm_width_divisor"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.head_dim is None and self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"n_heads={self.n_heads} does not divide d_model={self.d_model}; choose n_heads "
+                f"among the divisors of d_model or set head_dim explicitly")
+        _choice("context_variant", self.context_variant, CONTEXT_VARIANTS)
+        _choice("ssm_kernel", self.ssm_kernel, SSM_KERNELS)
+        _choice("s4d_init", self.s4d_init, S4D_INITS)
+        _choice("self_attention", self.self_attention, SELF_ATTENTION_MODES)
+        if self.ssm_kernel in ("s4", "s4d") and self.ssm_state_size % 2:
+            raise ValueError(
+                f"ssm_state_size={self.ssm_state_size} must be even for ssm_kernel="
+                f"{self.ssm_kernel!r} (states come in complex-conjugate pairs)")
+        if not 0.0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"dt_min={self.dt_min}, dt_max={self.dt_max}: need 0 < dt_min <= dt_max")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.unstruct_decay < 0:
+            raise ValueError(f"unstruct_decay={self.unstruct_decay} must be >= 0")
+        if self.explicit_squash < 0:
+            raise ValueError(f"explicit_squash={self.explicit_squash} must be >= 0")
+        if self.bst_layers is not None:
+            for i in self.bst_layers:
+                if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.n_layers:
+                    raise ValueError(
+                        f"bst_layers={list(self.bst_layers)} contains {i!r}; layer indices must be "
+                        f"integers in 0..{self.n_layers - 1} (n_layers={self.n_layers})")
+            if len(set(self.bst_layers)) != len(self.bst_layers):
+                raise ValueError(f"bst_layers={list(self.bst_layers)} contains duplicates")
+
+    # ---------------------------------------------------------------- serialization
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["bst_layers"] is not None:
+            d["bst_layers"] = list(d["bst_layers"])
+        return d
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown model config field(s) {unknown}; known fields: {', '.join(cls.field_names())}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model config is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError("model config JSON must be an object of field names to values")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+__all__ = ["ModelConfig", "scale_bst_layers"]

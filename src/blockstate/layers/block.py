@@ -1,0 +1,31 @@
+"""The plain block attention layer (no SSM): the non-BST layers of the paper's stack."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import MLP, BlockSelfAttention
+from ..config import ModelConfig
+
+
+class BlockAttentionLayer(nn.Module):
+    """Pre-norm residual layer: x + Attn(Norm(x)), then x + MLP(Norm(x)).
+
+    Self-attention is block-only or sliding-window according to `config.self_attention`.
+    Input length must be a multiple of `config.block_size` (the model pads).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inner = config.n_heads * config.resolved_head_dim
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.self_attn = BlockSelfAttention(config)
+        self.out = nn.Linear(inner, config.d_model, bias=False)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.out(self.self_attn(self.attn_norm(x))))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))

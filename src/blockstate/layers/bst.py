@@ -1,0 +1,110 @@
+"""The Block-State Transformer layer (Fathi et al. 2023, section 3 and figure 2).
+
+An SSM runs over the whole (down-projected, normalized) sequence; its outputs become per-block
+context states; a Block Transformer cell attends, for every block at once, causally to the block's
+own tokens and to the block's context states. Three constructions of the context states:
+
+- SH (single head): one filter per SSM channel; its outputs at the block's own positions, lifted to
+  the model width, serve every head; query i sees context positions j <= i.
+- MH (multi head): H filters; head h reads filter h's outputs at the block's positions; same mask.
+- MF (multi filter): S filters; block k reads the S outputs at the last position of block k-1
+  (block 0 a learned initial context), lifted to the model width, plus learned context IDs; no
+  mask, since every state lies strictly in the past.
+
+The lift and the cross-attention key/value projections are consecutive linear maps; for MH, whose
+lift is per head, they are composed into a single per-head map from the SSM width to keys/values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import MLP, BlockSelfAttention, QKNorm, attend, heads_first, heads_last, to_blocks
+from ..config import ModelConfig
+from ..ssm import SSM, build_kernel
+
+
+class ContextStates(nn.Module):
+    """Normalized layer input (B, L, D) -> cross-attention keys and values (B, nb, T, H, Dh),
+    with T = W for SH/MH and T = S for MF."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.variant = config.context_variant
+        self.block_size = config.block_size
+        self.n_heads, self.head_dim = config.n_heads, config.resolved_head_dim
+        d_model, width = config.d_model, config.ssm_width
+        inner = self.n_heads * self.head_dim
+        self.down = nn.Linear(d_model, width, bias=False)
+        self.ssm = SSM(build_kernel(config, config.ssm_channels, width))
+        if self.variant == "mh":
+            self.kv_weight = nn.Parameter(
+                torch.randn(self.n_heads, width, 2 * self.head_dim) * config.init_std)
+        else:
+            self.lift = nn.Linear(width, d_model)
+            self.kv = nn.Linear(d_model, 2 * inner, bias=False)
+        if self.variant == "mf":
+            s = config.num_context_states
+            self.initial_context = nn.Parameter(torch.randn(s, d_model) * config.init_std)
+            self.context_ids = nn.Parameter(torch.randn(s, d_model) * config.init_std)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = h.shape[0]
+        w, heads, d = self.block_size, self.n_heads, self.head_dim
+        y = F.gelu(self.ssm(self.down(h)).to(h.dtype))                            # (B, L, C, Hs)
+        if self.variant == "sh":
+            kv = self.kv(self.lift(y[:, :, 0]))                                    # (B, L, 2 H Dh)
+            kv = to_blocks(kv, w).unflatten(-1, (2, heads, d))                     # (B, nb, W, 2, H, Dh)
+        elif self.variant == "mh":
+            kv = torch.einsum("blhc,hcd->blhd", y, self.kv_weight.to(y.dtype))     # (B, L, H, 2 Dh)
+            kv = to_blocks(kv, w).unflatten(-1, (2, d)).transpose(3, 4)            # (B, nb, W, 2, H, Dh)
+        else:
+            last = to_blocks(y, w)[:, :-1, -1]                                     # (B, nb-1, S, Hs)
+            initial = self.initial_context.to(y.dtype).expand(batch, 1, -1, -1)    # (B, 1, S, D)
+            context = torch.cat([initial, self.lift(last)], dim=1)                 # (B, nb, S, D)
+            kv = self.kv(context + self.context_ids.to(context.dtype))
+            kv = kv.unflatten(-1, (2, heads, d))                                   # (B, nb, S, 2, H, Dh)
+        k, v = kv.unbind(dim=3)
+        return k, v
+
+
+class BSTLayer(nn.Module):
+    """Pre-norm BST layer: x + Proj([SelfAttn(h); CrossAttn(h, context)]), then x + MLP(Norm(x)),
+    with h = Norm(x). Input length must be a multiple of `config.block_size`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inner = config.n_heads * config.resolved_head_dim
+        self.block_size, self.n_heads = config.block_size, config.n_heads
+        self.head_dim, self.variant = config.resolved_head_dim, config.context_variant
+        self.dropout_p = config.dropout
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.self_attn = BlockSelfAttention(config)
+        self.context = ContextStates(config)
+        self.cross_q = nn.Linear(config.d_model, inner, bias=False)
+        self.cross_qk_norm = QKNorm(config.n_heads, self.head_dim, config.qk_norm)
+        self.out = nn.Linear(2 * inner, config.d_model, bias=False)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def cross_attention(self, h: torch.Tensor) -> torch.Tensor:
+        """Queries from h (B, L, D) attend to their block's context states -> (B, L, H * Dh)."""
+        batch, w = h.shape[0], self.block_size
+        k, v = self.context(h)                                                     # (B, nb, T, H, Dh)
+        q = to_blocks(self.cross_q(h), w).unflatten(-1, (self.n_heads, self.head_dim))
+        q, k = self.cross_qk_norm(q, k)                                            # (B, nb, W, H, Dh)
+        mask = None
+        if self.variant in ("sh", "mh"):  # context position j is visible to query i iff j <= i
+            mask = torch.ones(w, w, dtype=torch.bool, device=h.device).tril()
+        dropout = self.dropout_p if self.training else 0.0
+        out = attend(heads_first(q), heads_first(k), heads_first(v), mask, dropout)
+        return heads_last(out, batch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attn_norm(x)
+        mixed = torch.cat([self.self_attn(h), self.cross_attention(h)], dim=-1)    # (B, L, 2 H Dh)
+        x = x + self.dropout(self.out(mixed))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))

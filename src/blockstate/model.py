@@ -1,0 +1,77 @@
+"""The Block-State Transformer language model: embedding, a stack of BST and block attention
+layers, final norm and an output head tied to the embedding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import BlockAttentionLayer, BSTLayer
+
+
+class BlockStateLM(nn.Module):
+    """Decoder-only language model. `model(tokens)` maps a LongTensor (B, L) to logits
+    (B, L, vocab_size) for any L >= 1: the sequence is padded internally to a multiple of the
+    block size at its end, which by causality cannot affect the real positions."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        bst = set(config.resolved_bst_layers)
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(
+            BSTLayer(config) if i in bst else BlockAttentionLayer(config)
+            for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for embeddings and projections; residual output projections scaled
+        by 1/sqrt(2 n_layers) (GPT-2). SSM kernels keep their own structured initialization."""
+        std = self.config.init_std
+        nn.init.normal_(self.embedding.weight, std=std)
+        for name, module in self.named_modules():
+            if ".kernel" in name or name.endswith("kernel"):
+                continue
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(
+                    ("out", "mlp.down")) else 1.0
+                nn.init.normal_(module.weight, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """Raise ValueError unless `tokens` is an integer tensor (B, L), L >= 1, within the vocab."""
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(f"tokens must be a torch.Tensor of shape (B, L), got {type(tokens)}")
+        if tokens.dim() != 2 or tokens.shape[1] < 1 or tokens.shape[0] < 1:
+            raise ValueError(f"tokens must have shape (batch, length) with both >= 1, got "
+                             f"{tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be an integer tensor (torch.long), got {tokens.dtype}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}) (vocab_size="
+                f"{self.config.vocab_size}); got values in [{low}, {high}]")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.check_tokens(tokens)
+        length = tokens.shape[1]
+        w = self.config.block_size
+        padded = -(-length // w) * w
+        if padded != length:
+            tokens = F.pad(tokens, (0, padded - length))
+        x = self.dropout(self.embedding(tokens.long()))                           # (B, L', D)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x[:, :length])                                              # (B, L, D)
+        return F.linear(x, self.embedding.weight.to(x.dtype))                     # (B, L, V)

@@ -1,0 +1,81 @@
+"""Named model presets and sizes: `list_models()` and `build_model(name, size, **overrides)`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .config import PAPER_BST_LAYERS, PAPER_DEPTH, ModelConfig, scale_bst_layers
+from .model import BlockStateLM
+
+# Architecture of each preset (paper Table 1 names: BST:<variant>:<kernel>).
+PRESETS: dict[str, dict[str, Any]] = {
+    "bst-sh-s4": {"context_variant": "sh", "ssm_kernel": "s4"},
+    "bst-mh-s4": {"context_variant": "mh", "ssm_kernel": "s4"},
+    "bst-mf-s4": {"context_variant": "mf", "ssm_kernel": "s4"},
+    "bst-sh-s4d": {"context_variant": "sh", "ssm_kernel": "s4d"},
+    "bst-sh-unstruct": {"context_variant": "sh", "ssm_kernel": "unstruct"},
+    "bst-mh-unstruct": {"context_variant": "mh", "ssm_kernel": "unstruct"},
+    "bst-mf-unstruct": {"context_variant": "mf", "ssm_kernel": "unstruct"},
+}
+
+# Sizes shared by all presets. `base` and `large` are the paper's (~200M / ~400M with a 32k vocab).
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {  # for tests: seconds on a CPU
+        "vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 2, "block_size": 16,
+        "max_seq_len": 128, "num_context_states": 4, "ssm_state_size": 8,
+        "rel_pos_max_distance": 32, "unstruct_hidden": 32, "unstruct_frequencies": 4,
+    },
+    "small": {  # the CPU default
+        "vocab_size": 8192, "d_model": 256, "n_layers": 6, "n_heads": 4, "block_size": 128,
+        "max_seq_len": 1024, "num_context_states": 16,
+    },
+    "base": {  # paper: 12 layers, width 1024, 8 heads of 128, MLP 4096, W=512, L=4096
+        "vocab_size": 32000, "d_model": 1024, "n_layers": 12, "n_heads": 8, "d_ff": 4096,
+        "block_size": 512, "max_seq_len": 4096, "num_context_states": 32, "dropout": 0.05,
+        "bst_layers": PAPER_BST_LAYERS,
+    },
+    "large": {  # paper's -L: 12 heads of 128, MLP 8192, BST at layers 1, 5, 7, 9
+        "vocab_size": 32000, "d_model": 1024, "n_layers": 12, "n_heads": 12, "head_dim": 128,
+        "d_ff": 8192, "block_size": 512, "max_seq_len": 4096, "num_context_states": 32,
+        "dropout": 0.05, "bst_layers": (0, 4, 6, 8),
+    },
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by `build_model`."""
+    return list(PRESETS)
+
+
+def list_sizes() -> list[str]:
+    return list(SIZES)
+
+
+def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfig:
+    """The validated config of preset `name` at `size` with `overrides` applied.
+
+    When `n_layers` is overridden and `bst_layers` is not, the size's BST layer placement is
+    scaled to the new depth (always including the first layer).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; available models: {', '.join(PRESETS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; available sizes: {', '.join(SIZES)}")
+    unknown = sorted(set(overrides) - set(ModelConfig.field_names()))
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown}; accepted: "
+                         f"{', '.join(ModelConfig.field_names())}")
+    fields = {**SIZES[size], **PRESETS[name]}
+    if "n_layers" in overrides and "bst_layers" not in overrides:
+        reference = fields.get("bst_layers") or PAPER_BST_LAYERS
+        depth = fields["n_layers"] if fields.get("bst_layers") else PAPER_DEPTH
+        fields["bst_layers"] = scale_bst_layers(overrides["n_layers"], tuple(reference), depth)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def build_model(name: str, size: str = "small", **overrides: Any) -> nn.Module:
+    """Build preset `name` (see `list_models()`) at `size` (tiny, small, base, large)."""
+    return BlockStateLM(model_config(name, size, **overrides))

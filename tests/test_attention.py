@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from blockstate.attention import BlockSelfAttention, relative_position_bucket
+from blockstate.config import ModelConfig
+
+from reference import naive_attention
+
+
+def test_relative_position_buckets():
+    d = torch.arange(0, 300)
+    b = relative_position_bucket(d, num_buckets=32, max_distance=128)
+    assert (b[:16] == d[:16]).all()                    # exact buckets for small distances
+    assert (b.diff() >= 0).all()                       # monotone
+    assert b.max() == 31 and (b[128:] == 31).all()     # saturates at max_distance
+    assert (relative_position_bucket(-d, 32, 128) == 0).all()
+
+
+def _reference_self_attention(attn: BlockSelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """Attention of every position to its allowed keys, computed position by position."""
+    batch, length, _ = x.shape
+    w, h, d = attn.block_size, attn.n_heads, attn.head_dim
+    q, k, v = attn.qkv(x).unflatten(-1, (3, h, d)).unbind(2)                   # (B, L, H, Dh)
+    q, k = attn.qk_norm(q, k)
+    pos = torch.arange(length)
+    block = pos // w
+    allowed = (pos[None, :] <= pos[:, None]) & (block[None, :] == block[:, None])
+    if attn.mode == "sliding":
+        allowed |= (pos[None, :] <= pos[:, None]) & (block[None, :] == block[:, None] - 1)
+    # The bias depends on the distance within the attended window.
+    bias = attn.rel_bias(pos, pos)
+    return torch.stack([naive_attention(q[i], k[i], v[i], allowed, bias) for i in range(batch)]
+                       ).flatten(2)
+
+
+@pytest.mark.parametrize("mode", ["block", "sliding"])
+@pytest.mark.parametrize("n_blocks", [1, 3])
+def test_block_self_attention_matches_reference(mode, n_blocks):
+    config = ModelConfig(d_model=16, n_heads=2, block_size=4, self_attention=mode,
+                         rel_pos_buckets=8, rel_pos_max_distance=16)
+    attn = BlockSelfAttention(config).double()
+    with torch.no_grad():
+        attn.rel_bias.embedding.weight.normal_()
+    x = torch.randn(2, 4 * n_blocks, 16, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), _reference_self_attention(attn, x), rtol=1e-10, atol=1e-10)
+
+
+def test_qk_norm_off_uses_standard_scaling():
+    config = ModelConfig(d_model=16, n_heads=2, block_size=4, qk_norm=False)
+    attn = BlockSelfAttention(config).double()
+    x = torch.randn(1, 8, 16, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), _reference_self_attention(attn, x), rtol=1e-10, atol=1e-10)

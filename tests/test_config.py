@@ -1,0 +1,88 @@
+import json
+
+import pytest
+
+import blockstate
+from blockstate import ModelConfig, build_model, list_models, model_config
+from blockstate.config import scale_bst_layers
+
+PRESETS = ["bst-sh-s4", "bst-mh-s4", "bst-mf-s4", "bst-sh-s4d", "bst-sh-unstruct",
+           "bst-mh-unstruct", "bst-mf-unstruct"]
+
+
+def test_registry_lists_the_presets_and_sizes():
+    assert set(PRESETS) <= set(list_models())
+    assert blockstate.list_sizes() == ["tiny", "small", "base", "large"]
+
+
+def test_paper_sizes():
+    base = model_config("bst-sh-s4", "base")
+    assert (base.n_layers, base.d_model, base.n_heads, base.block_size, base.max_seq_len) == (
+        12, 1024, 8, 512, 4096)
+    assert base.resolved_bst_layers == (0, 6, 8) and base.ssm_width == 256
+    assert base.resolved_head_dim == 128 and base.resolved_d_ff == 4096
+    assert model_config("bst-mf-s4", "base").ssm_width == 128          # D/8 for MF
+    large = model_config("bst-sh-s4", "large")
+    assert large.resolved_bst_layers == (0, 4, 6, 8) and large.n_heads * large.resolved_head_dim == 1536
+    small = model_config("bst-sh-s4", "small")
+    assert small.d_model == 256 and small.block_size == 128 and small.max_seq_len == 1024
+    assert 4 <= small.n_layers <= 6
+
+
+def test_bst_layer_placement_scales_with_depth():
+    assert scale_bst_layers(12) == (0, 6, 8)
+    assert scale_bst_layers(1) == (0,)
+    for n in range(1, 30):
+        layers = scale_bst_layers(n)
+        assert layers[0] == 0 and all(0 <= i < n for i in layers)
+    assert model_config("bst-sh-s4", "base", n_layers=24).resolved_bst_layers == (0, 12, 16)
+    assert model_config("bst-sh-s4", "large", n_layers=6).resolved_bst_layers == (0, 2, 3, 4)
+    assert model_config("bst-sh-s4", "base", n_layers=4, bst_layers=[1]).resolved_bst_layers == (1,)
+
+
+def test_overrides_reach_the_model():
+    model = build_model("bst-mf-s4", "tiny", vocab_size=100, d_model=32, n_heads=4, block_size=8,
+                        ssm_state_size=4, num_context_states=3, n_layers=3, bst_layers=[0, 2])
+    c = model.config
+    assert (c.vocab_size, c.d_model, c.n_heads, c.block_size, c.ssm_state_size,
+            c.num_context_states, c.n_layers, c.bst_layers) == (100, 32, 4, 8, 4, 3, 3, (0, 2))
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["BSTLayer", "BlockAttentionLayer", "BSTLayer"]
+    assert model.layers[0].context.initial_context.shape == (3, 32)
+
+
+def test_json_round_trip():
+    config = model_config("bst-mh-unstruct", "small", bst_layers=[0, 2])
+    text = config.to_json()
+    assert json.loads(text)["bst_layers"] == [0, 2]
+    assert ModelConfig.from_json(text) == config
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"block_size": 0}, "block_size"),
+    ({"n_heads": 3}, "n_heads"),
+    ({"bst_layers": [0, 7]}, "bst_layers"),
+    ({"bst_layers": [0, 0]}, "bst_layers"),
+    ({"context_variant": "xx"}, "context_variant"),
+    ({"ssm_kernel": "s5"}, "ssm_kernel"),
+    ({"ssm_state_size": 7}, "ssm_state_size"),
+    ({"dropout": 1.5}, "dropout"),
+    ({"self_attention": "global"}, "self_attention"),
+    ({"vocab_size": -1}, "vocab_size"),
+])
+def test_invalid_configs_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        model_config("bst-sh-s4", "tiny", **overrides)
+
+
+def test_unknown_names_list_the_alternatives():
+    with pytest.raises(ValueError, match="bst-sh-s4"):
+        build_model("bst-xx")
+    with pytest.raises(ValueError, match="tiny"):
+        build_model("bst-sh-s4", size="huge")
+    with pytest.raises(ValueError, match="unknown override"):
+        build_model("bst-sh-s4", "tiny", width=3)
+    with pytest.raises(ValueError, match="unknown model config field"):
+        ModelConfig.from_dict({"d_model": 64, "colour": "red"})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ModelConfig.from_json("{")

@@ -1,0 +1,177 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blockstate import build_model, list_models
+from blockstate.config import ModelConfig
+from blockstate.layers import ContextStates
+
+PRESETS = [m for m in list_models() if m.startswith("bst-")]
+W = 16  # tiny block size
+
+
+def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def _tiny(name, **overrides):
+    return build_model(name, "tiny", **overrides).double().eval()
+
+
+@pytest.mark.parametrize("self_attention", ["block", "sliding"])
+@pytest.mark.parametrize("name", PRESETS)
+def test_strict_causality(name, self_attention):
+    model = _tiny(name, self_attention=self_attention)
+    length = 3 * W + 5
+    tokens = torch.randint(0, 256, (2, length))
+    base = model(tokens)
+    # first/last positions of blocks, block boundaries, first and last position of the sequence
+    for t in (0, W - 1, W, W + 1, 2 * W - 1, 2 * W, 3 * W, length - 1):
+        changed = tokens.clone()
+        changed[:, t] = (changed[:, t] + 1 + torch.arange(2)) % 256
+        out = model(changed)
+        assert _maxdiff(out[:, :t], base[:, :t]) < 1e-10, f"position {t} leaked backwards"
+        assert _maxdiff(out[:, t:], base[:, t:]) > 1e-6, f"position {t} had no effect"
+
+
+def test_information_crosses_blocks_only_through_the_ssm():
+    # With block-only self-attention, a BST layer is the only path from block 0 to block 2.
+    model = _tiny("bst-sh-s4", bst_layers=[0])
+    no_ssm = _tiny("bst-sh-s4", bst_layers=[])
+    tokens = torch.randint(0, 256, (1, 3 * W))
+    changed = tokens.clone()
+    changed[0, 3] += 1
+    assert (model(changed)[:, 2 * W:] - model(tokens)[:, 2 * W:]).abs().max() > 1e-6
+    assert (no_ssm(changed)[:, 2 * W:] - no_ssm(tokens)[:, 2 * W:]).abs().max() < 1e-12
+
+
+def _context(variant, kernel="s4"):
+    config = ModelConfig(d_model=32, n_heads=2, block_size=8, context_variant=variant,
+                         ssm_kernel=kernel, ssm_state_size=8, num_context_states=3, max_seq_len=64,
+                         unstruct_hidden=16)
+    return ContextStates(config).double()
+
+
+@pytest.mark.parametrize("kernel", ["s4", "unstruct"])
+def test_mf_context_of_block_k_depends_only_on_earlier_blocks(kernel):
+    ctx = _context("mf", kernel)
+    h = torch.randn(1, 40, 32, dtype=torch.float64)
+    k0, v0 = ctx(h)
+    assert k0.shape == (1, 5, 3, 2, 16)
+    for p in (0, 7, 8, 20, 31, 39):
+        h2 = h.clone()
+        h2[0, p] += 1.0
+        k1, v1 = ctx(h2)
+        block = p // 8
+        # blocks <= block(p) cannot see position p; block(p) + 1 reads the summary of block(p).
+        assert (k1[:, : block + 1] - k0[:, : block + 1]).abs().max() < 1e-12
+        assert (v1[:, : block + 1] - v0[:, : block + 1]).abs().max() < 1e-12
+        if block + 1 < 5:
+            assert (k1[:, block + 1] - k0[:, block + 1]).abs().max() > 1e-8
+
+
+@pytest.mark.parametrize("variant", ["sh", "mh"])
+def test_sh_mh_context_at_offset_i_depends_only_on_positions_up_to_i(variant):
+    ctx = _context(variant)
+    h = torch.randn(2, 24, 32, dtype=torch.float64)
+    k0, v0 = ctx(h)
+    assert k0.shape == (2, 3, 8, 2, 16)
+    for p in (0, 5, 8, 13, 23):
+        h2 = h.clone()
+        h2[:, p] += 1.0
+        k1, v1 = ctx(h2)
+        flat = lambda x: x.flatten(1, 2)  # noqa: E731  (B, L, H, Dh)
+        assert _maxdiff(flat(k1)[:, :p], flat(k0)[:, :p]) < 1e-12
+        assert _maxdiff(flat(v1)[:, :p], flat(v0)[:, :p]) < 1e-12
+        assert _maxdiff(flat(k1)[:, p:], flat(k0)[:, p:]) > 1e-8
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("length", [1, W - 1, W, W + 1, 3 * W + 5])
+def test_shapes_and_lengths(name, length):
+    model = build_model(name, "tiny")
+    for batch in (1, 3):
+        logits = model(torch.randint(0, 256, (batch, length)))
+        assert logits.shape == (batch, length, 256) and logits.dtype == torch.float32
+        assert torch.isfinite(logits).all()
+
+
+def test_padding_never_leaks():
+    # Logits of a prefix do not depend on whether the sequence was padded internally.
+    model = _tiny("bst-mf-s4")
+    tokens = torch.randint(0, 256, (1, 2 * W))
+    full = model(tokens)
+    for length in (1, W - 3, W + 7):
+        torch.testing.assert_close(model(tokens[:, :length]), full[:, :length],
+                                   rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_longer_than_training_length(name):
+    model = build_model(name, "tiny").eval()
+    logits = model(torch.randint(0, 256, (1, 3 * model.config.max_seq_len + 7)))
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mf-unstruct", "bst-mh-s4"])
+def test_bfloat16_autocast_cpu(name):
+    model = build_model(name, "tiny")
+    tokens = torch.randint(0, 256, (2, 2 * W + 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    ref = model(tokens)
+    assert (logits.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_parameter_gets_a_gradient(name):
+    model = build_model(name, "tiny", self_attention="sliding")
+    tokens = torch.randint(0, 256, (2, 3 * W + 1))
+    loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{pname} gets no gradient"
+
+
+def test_deterministic_under_a_fixed_seed():
+    tokens = torch.randint(0, 256, (2, 40))
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        model = build_model("bst-mf-s4", "tiny")
+        outs.append(model(tokens))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_bad_tokens_give_clear_errors():
+    model = build_model("bst-sh-s4", "tiny")
+    with pytest.raises(ValueError, match="vocab_size=256"):
+        model(torch.tensor([[1, 2, 256]]))
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.rand(1, 4))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_tiny_model_overfits_a_short_sequence(name):
+    torch.manual_seed(0)
+    model = build_model(name, "tiny")
+    tokens = torch.randint(0, 256, (1, 2 * W + 1))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
