@@ -1,4 +1,4 @@
-"""Command-line interface: `blockstate models` and `blockstate demo`."""
+"""Command-line interface: `blockstate train | eval | corpora | models | demo`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -74,6 +75,110 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags of `blockstate train` that map one-to-one onto TrainConfig fields.
+TRAIN_FLAGS = {
+    "size": str, "tokenizer": str, "vocab_size": int, "seq_len": int, "batch_size": int,
+    "grad_accum": int, "lr": float, "warmup_steps": int, "schedule": str, "weight_decay": float,
+    "grad_clip": float, "max_steps": int, "max_tokens": int, "max_time": str, "eval_every": int,
+    "eval_batches": int, "save_every": int, "seed": int, "device": str, "cache_dir": str,
+    "sample_tokens": int,
+}
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: expected FIELD=VALUE, e.g. --set n_layers=4")
+    key, value = text.split("=", 1)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, read_config_file, train
+
+    fields: dict = {}
+    if args.config:
+        fields.update(read_config_file(args.config))
+    for name in ("model", "data"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    for name in TRAIN_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = value
+    if args.pack_documents:
+        fields["pack_documents"] = True
+    if args.compile:
+        fields["compile"] = True
+    if args.set:
+        fields["model_overrides"] = {**fields.get("model_overrides", {}),
+                                     **dict(_parse_override(t) for t in args.set)}
+    config = TrainConfig.from_dict(fields)
+    summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    if summary.get("validation") is None:  # not the main process
+        return 0
+    val = summary["validation"]
+    rows = [
+        ("steps / tokens", f"{summary['step']:,} / {summary['tokens']:,}"),
+        ("training time", f"{summary['elapsed_s'] / 60:.1f} min"),
+        ("training tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+        ("validation perplexity (per token)", f"{val['perplexity']:.3f}"),
+        ("validation bits per byte", f"{val['bits_per_byte']:.3f}"),
+        ("unigram perplexity (baseline)", f"{summary['unigram_perplexity']:.3f}"),
+    ]
+    print(f"\n| {args.out} | |\n|---|---|")
+    for key, value in rows:
+        print(f"| {key} | {value} |")
+    if summary.get("sample"):
+        print(f"\nsample (prompt, then the model's continuation):\n{summary['sample']['prompt']}"
+              f"\u2502{summary['sample']['continuation']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint, plot_loss_by_position
+
+    lengths = None
+    if args.lengths:
+        try:
+            lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--lengths {args.lengths!r}: expected integers like 512,1024,4096") from None
+    result = evaluate_checkpoint(args.checkpoint, args.data, lengths, split=args.split,
+                                 max_tokens=args.max_tokens or None, device=args.device)
+    if args.plot:
+        plot_loss_by_position(result, args.plot)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['checkpoint']} (step {result['step']}) on {result['data']} [{result['split']}]")
+    print("| length | perplexity | bits/byte | tokens |\n|---|---|---|---|")
+    for length, m in result["lengths"].items():
+        print(f"| {length} | {m['perplexity']:.3f} | {m['bits_per_byte']:.4f} | {m['tokens']:,} |")
+    return 0
+
+
+def cmd_corpora(args: argparse.Namespace) -> int:
+    from .data import list_corpora
+
+    corpora = list_corpora()
+    if args.json:
+        print(json.dumps(corpora))
+        return 0
+    for c in corpora:
+        if c["available"]:
+            size = f"{c['documents']:,} documents, {c['bytes'] / 1e6:.1f} MB at {c['location']}"
+        else:
+            size = f"not available: {c['hint']}"
+        print(f"{c['name']:<14} {size}\n{'':<14} {c['description']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockstate", description=__doc__)
     parser.add_argument("--version", action="version", version=f"blockstate {__version__}")
@@ -82,6 +187,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list model presets and their parameter counts")
     p.add_argument("--sizes", default=None, help="comma-separated sizes (default: all)")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train a model on a corpus")
+    p.add_argument("--model", default=None, help=f"preset: {', '.join(list_models())}")
+    p.add_argument("--data", default=None,
+                   help="corpus name (see `blockstate corpora`), directory, .jsonl or text file")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, tokenizer)")
+    p.add_argument("--config", default=None, help="TOML (or YAML) file of training options")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="model config override, e.g. --set n_layers=4 (repeatable)")
+    p.add_argument("--pack-documents", action="store_true",
+                   help="let a training sequence span the end of one document and the next")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    for name, kind in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity, bits per byte, by length")
+    p.add_argument("checkpoint", help="run directory or checkpoint directory")
+    p.add_argument("--data", required=True, help="corpus name, directory, .jsonl or text file")
+    p.add_argument("--lengths", default=None, help="comma-separated evaluation lengths")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--max-tokens", type=int, default=200_000,
+                   help="tokens evaluated per length, spread over the split (0: all)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--output", default=None, help="also write the JSON result to this file")
+    p.add_argument("--plot", default=None, help="PNG of loss by position (needs matplotlib)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("corpora", help="list known corpora, their availability and size")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_corpora)
 
     p = sub.add_parser("demo", help="forward/backward throughput of a model on random tokens")
     p.add_argument("--model", default="bst-sh-s4", choices=list_models())
@@ -105,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"blockstate: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("blockstate: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,125 @@
+"""Evaluation of a checkpoint: `blockstate eval`.
+
+Perplexity per token and bits per byte (comparable across tokenizers) on a corpus split, at one or
+several evaluation lengths (the paper's length-generalization protocol evaluates at lengths other
+than the training length), plus the loss as a function of the position in the sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import ModelConfig
+from .data import PackedSequences, load_tokenizer, resolve_corpus, tokenize_split
+from .model import BlockStateLM
+from .train import _default_cache_dir, resolve_device, token_loss
+
+POSITION_BINS = 64
+
+
+def load_model_and_tokenizer(path: str | Path, device: torch.device | str = "cpu"):
+    """(model in eval mode, tokenizer, checkpoint) from a run dir or checkpoint dir."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint.tokenizer_dir is None:
+        raise CheckpointError(f"checkpoint {checkpoint.path} carries no tokenizer")
+    tokenizer = load_tokenizer(checkpoint.tokenizer_dir)
+    config = ModelConfig.from_dict(checkpoint.model_config)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(
+            f"tokenizer mismatch in {checkpoint.path}: the tokenizer has {tokenizer.vocab_size} "
+            f"tokens but the model was built for vocab_size={config.vocab_size}")
+    model = BlockStateLM(config)
+    checkpoint.load_model(model)
+    return model.to(device).eval(), tokenizer, checkpoint
+
+
+@torch.no_grad()
+def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths: np.ndarray,
+                    max_tokens: int | None, batch_tokens: int, device: torch.device) -> dict[str, Any]:
+    """Metrics over windows spread evenly across `dataset`, and the loss by position."""
+    seq_len = dataset.seq_len
+    n = len(dataset)
+    take = n if max_tokens is None else max(1, min(n, math.ceil(max_tokens / seq_len)))
+    indices = np.unique(np.linspace(0, n - 1, take).round().astype(np.int64))
+    batch = max(1, batch_tokens // seq_len)
+    lengths = torch.as_tensor(byte_lengths, dtype=torch.float64)
+    pos_loss = torch.zeros(seq_len, dtype=torch.float64)
+    pos_count = torch.zeros(seq_len, dtype=torch.float64)
+    nll, n_bytes = 0.0, 0.0
+    for start in range(0, len(indices), batch):
+        inputs, targets = dataset.batch(indices[start:start + batch].tolist())
+        _, losses = token_loss(model, inputs.to(device), targets.to(device), device)
+        losses = losses.double().cpu()
+        valid = targets != -100
+        pos_loss += (losses * valid).sum(0)
+        pos_count += valid.sum(0)
+        nll += float(losses[valid].sum())
+        n_bytes += float(lengths[targets[valid]].sum())
+    count = int(pos_count.sum())
+    loss = nll / max(1, count)
+    bins = np.array_split(np.arange(seq_len), min(POSITION_BINS, seq_len))
+    by_position = [{"start": int(b[0]), "end": int(b[-1]) + 1,
+                    "loss": float(pos_loss[b].sum() / max(1.0, float(pos_count[b].sum())))} for b in bins]
+    return {"length": seq_len, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": nll / math.log(2) / max(1.0, n_bytes), "tokens": count,
+            "sequences": len(indices), "loss_by_position": by_position}
+
+
+def evaluate_checkpoint(path: str | Path, data: str, lengths: list[int] | None = None,
+                        split: str = "test", max_tokens: int | None = 200_000,
+                        batch_tokens: int = 8192, device: str = "auto",
+                        cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate the checkpoint at `path` on `split` of corpus `data` at each of `lengths`
+    (default: the training length). Top-level metrics are those at the training length when it
+    is among `lengths`, else at the first length."""
+    dev = resolve_device(device)
+    model, tokenizer, checkpoint = load_model_and_tokenizer(path, dev)
+    train_len = checkpoint.train_state.get("train_config", {}).get("seq_len") or model.config.max_seq_len
+    lengths = lengths or [train_len]
+    for length in lengths:
+        if length < 1:
+            raise ValueError(f"evaluation length {length} must be >= 1")
+    corpus = resolve_corpus(data)
+    tokens = tokenize_split(corpus, tokenizer, split, Path(cache_dir) if cache_dir else _default_cache_dir())
+    byte_lengths = tokenizer.token_byte_lengths()
+    per_length = {}
+    for length in lengths:
+        dataset = PackedSequences(tokens, length, tokenizer.pad_id)
+        per_length[str(length)] = evaluate_length(model, dataset, byte_lengths, max_tokens,
+                                                  batch_tokens, dev)
+    main = per_length[str(train_len)] if str(train_len) in per_length else per_length[str(lengths[0])]
+    return {"checkpoint": str(checkpoint.path), "step": checkpoint.step, "data": data, "split": split,
+            "training_length": train_len, "perplexity": main["perplexity"],
+            "bits_per_byte": main["bits_per_byte"], "loss": main["loss"], "tokens": main["tokens"],
+            "lengths": per_length}
+
+
+def plot_loss_by_position(result: dict[str, Any], path: str | Path) -> Path:
+    """Loss against position for every evaluated length, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install 'blockstate[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for length, metrics in result["lengths"].items():
+        bins = metrics["loss_by_position"]
+        ax.plot([(b["start"] + b["end"]) / 2 for b in bins], [b["loss"] for b in bins],
+                label=f"L={length} (ppl {metrics['perplexity']:.2f})")
+    ax.set_xscale("symlog")
+    ax.set_xlabel("position in sequence")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{Path(result['checkpoint']).name} on {result['data']} ({result['split']})")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,541 @@
+"""Training loop: `blockstate train`.
+
+Read top to bottom: resolve the config, prepare data and tokenizer, build the model and optimizer,
+restore a checkpoint when resuming, then step until a step, token or wall-clock budget is spent,
+validating, logging and checkpointing along the way. Data parallel through `torchrun` (DDP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import (
+    BatchStream,
+    PackedSequences,
+    Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
+    resolve_corpus,
+    tokenize_split,
+)
+from .generate import sample_by_full_forward
+from .registry import SIZES, build_model, list_models, model_config
+
+SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+TOKENIZERS = ("byte", "bpe", "unigram")
+# With only a time budget, the cosine horizon is estimated from the speed of these early steps.
+HORIZON_PROBE_STEPS = 5
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """'90s', '5m', '1.5h' or a number of seconds -> seconds."""
+    if text is None or isinstance(text, int | float):
+        return None if text is None else float(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+    if not match:
+        raise ValueError(f"max_time={text!r} is not a duration; use e.g. 90s, 5m or 1.5h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. Model architecture comes from the preset `model` at
+    `size` with `model_overrides` applied; `vocab_size` of the model follows the tokenizer."""
+
+    model: str = "bst-sh-s4"
+    size: str = "small"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: str = "python-stdlib"
+    tokenizer: str = "byte"             # byte | bpe | unigram (SentencePiece, trained on train split)
+    vocab_size: int = 4096              # SentencePiece vocabulary (byte: fixed 259)
+    seq_len: int | None = None          # training length L; default: the model's max_seq_len
+    pack_documents: bool = False        # allow a training sequence to span two documents
+    batch_size: int = 8                 # sequences per optimizer step, over all processes
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1           # final learning rate of the cosine schedule, relative
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_time: float | None = None       # seconds
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    compile: bool = False
+    cache_dir: str | None = None        # tokenized corpora; default ~/.cache/blockstate
+    sample_tokens: int = 200            # length of the sample printed at the end (0: none)
+
+    def __post_init__(self) -> None:
+        self.max_time = parse_duration(self.max_time)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.model not in list_models():
+            raise ValueError(f"model={self.model!r} is unknown; available: {', '.join(list_models())}")
+        if self.size not in SIZES:
+            raise ValueError(f"size={self.size!r} is unknown; available: {', '.join(SIZES)}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer={self.tokenizer!r} is not valid; allowed: {', '.join(TOKENIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
+                     "log_every", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        for name in ("max_steps", "max_tokens", "seq_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ValueError(f"max_time={self.max_time} must be positive")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by "
+                             f"grad_accum={self.grad_accum}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ValueError(f"need lr > 0 (got {self.lr}), 0 <= min_lr_ratio <= 1 (got "
+                             f"{self.min_lr_ratio}) and warmup_steps >= 0 (got {self.warmup_steps})")
+        model_config(self.model, self.size, **self.model_overrides)  # validates the overrides
+
+    def has_budget(self) -> bool:
+        return any(v is not None for v in (self.max_steps, self.max_tokens, self.max_time))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {', '.join(sorted(names))}")
+        return cls(**data)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (or, with PyYAML installed, YAML) file of TrainConfig fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: YAML configs need PyYAML: pip install 'blockstate[yaml]'") from None
+        data = yaml.safe_load(text)
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path} is not valid TOML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a table of training options")
+    return data
+
+
+def learning_rate(step: int, config: TrainConfig, horizon: int | None) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "inverse_sqrt":
+        return config.lr * math.sqrt(max(1, config.warmup_steps) / (step + 1))
+    if horizon is None:  # cosine with an unknown horizon: hold the peak until it is known
+        return config.lr
+    progress = min(1.0, (step - config.warmup_steps) / max(1, horizon - config.warmup_steps))
+    floor = config.min_lr_ratio * config.lr
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: not on norms, biases, embeddings' scale-free parameters
+    of the SSM (marked `_no_weight_decay`) or other vectors."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or getattr(p, "_no_weight_decay", False):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy (nats) over non-ignored targets, and per-token losses."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(inputs)
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                             reduction="none").view_as(targets)
+    return losses.sum(), losses
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, dataset: PackedSequences, tokenizer: Tokenizer,
+                     batch_size: int, max_batches: int | None, device: torch.device) -> dict[str, float]:
+    """Loss, perplexity and bits per byte over the first windows of `dataset`, in order."""
+    was_training = model.training
+    model.eval()
+    byte_lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
+    nll, count, n_bytes = 0.0, 0, 0.0
+    n = len(dataset)
+    stops = range(0, n, batch_size)
+    for b, start in enumerate(stops):
+        if max_batches is not None and b >= max_batches:
+            break
+        inputs, targets = dataset.batch(range(start, min(n, start + batch_size)))
+        total, _ = token_loss(model, inputs.to(device), targets.to(device), device)
+        valid = targets != -100
+        nll += total.item()
+        count += int(valid.sum())
+        n_bytes += float(byte_lengths[targets[valid]].sum())
+    model.train(was_training)
+    loss = nll / max(1, count)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count,
+            "bits_per_byte": nll / math.log(2) / max(1.0, n_bytes)}
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("BLOCKSTATE_CACHE", Path.home() / ".cache" / "blockstate"))
+
+
+def prepare_tokenizer(config: TrainConfig, corpus, out_dir: Path, is_main: bool) -> Tokenizer:
+    """The run's tokenizer, saved in out_dir/tokenizer (trained on the train split if needed)."""
+    tok_dir = out_dir / "tokenizer"
+    if (tok_dir / "tokenizer.json").exists():
+        return load_tokenizer(tok_dir)
+    if is_main:
+        tokenizer = build_tokenizer(
+            "byte" if config.tokenizer == "byte" else config.tokenizer, corpus=corpus,
+            vocab_size=config.vocab_size, directory=tok_dir)
+        tokenizer.save(tok_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return load_tokenizer(tok_dir)
+
+
+class MetricsLog:
+    """Append-only JSON Lines metrics (and TensorBoard scalars when tensorboard is installed)."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
+        self.path, self.enabled, self.writer = path, enabled, None
+        if not enabled:
+            return
+        if resume_step is not None and path.exists():  # drop what was logged after the checkpoint
+            lines = [line for line in path.read_text().splitlines()
+                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in lines))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.writer = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            prefix = record.get("split", "train")
+            for key, value in record.items():
+                if isinstance(value, float) and key != "elapsed":
+                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
+          on_step: Callable[[int, dict[str, Any]], None] | None = None, quiet: bool = False
+          ) -> dict[str, Any]:
+    """Train according to `config`, writing checkpoints and metrics under `out_dir`.
+
+    `on_step(step, record)` is called after every optimizer step (e.g. for custom logging).
+    Returns a summary with the final validation metrics and throughput.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    existing = latest_checkpoint(out_dir) if out_dir.exists() else None
+    checkpoint = None
+    if resume:
+        if existing is None:
+            raise ValueError(f"--resume: {out_dir} holds no checkpoint to resume from")
+        checkpoint = load_checkpoint(existing)
+        saved = TrainConfig.from_dict(checkpoint.train_state["train_config"])
+        # Only the budget may change on resume; everything else comes from the run.
+        budget = {k: getattr(config, k) for k in ("max_steps", "max_tokens", "max_time")}
+        config = dataclasses.replace(saved, **{k: v for k, v in budget.items() if v is not None})
+    elif existing is not None or (out_dir / "train_config.json").exists():
+        if not overwrite:
+            raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or "
+                             f"--overwrite to start over")
+    if not config.has_budget():
+        raise ValueError("no training budget: give --max-steps, --max-tokens or --max-time")
+
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    ddp = Distributed.from_env(device)
+    if ddp.world_size > 1 and config.device == "auto" and device.type == "cuda":
+        device = torch.device(f"cuda:{ddp.local_rank}")
+    if config.batch_size % (ddp.world_size * config.grad_accum):
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by processes x grad_accum "
+                         f"= {ddp.world_size} x {config.grad_accum}")
+    if overwrite and not resume and ddp.is_main and out_dir.exists():
+        shutil.rmtree(out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    def log(message: str) -> None:
+        if ddp.is_main and not quiet:
+            tqdm.write(message, file=sys.stdout)
+
+
+    # ---- data and tokenizer
+    corpus = resolve_corpus(config.data)
+    tokenizer = prepare_tokenizer(config, corpus, out_dir, ddp.is_main)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else _default_cache_dir()
+    splits = {}
+    for split in ("train", "validation"):
+        if ddp.is_main:
+            splits[split] = tokenize_split(corpus, tokenizer, split, cache_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        if not ddp.is_main:
+            splits[split] = tokenize_split(corpus, tokenizer, split, cache_dir)
+
+    # ---- model
+    overrides = {**config.model_overrides, "vocab_size": tokenizer.vocab_size}
+    mconfig = model_config(config.model, config.size, **overrides)
+    seq_len = config.seq_len or mconfig.max_seq_len
+    train_data = PackedSequences(splits["train"], seq_len, tokenizer.pad_id, config.pack_documents)
+    val_data = PackedSequences(splits["validation"], seq_len, tokenizer.pad_id, config.pack_documents)
+    stream = BatchStream(train_data, config.batch_size, config.seed, ddp.rank, ddp.world_size)
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, config.size, **overrides).to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=(config.beta1, config.beta2), fused=False)
+    step, tokens_seen, horizon, elapsed_before = 0, 0, None, 0.0
+    if config.max_steps is not None:
+        horizon = config.max_steps
+    elif config.max_tokens is not None:
+        horizon = math.ceil(config.max_tokens / (config.batch_size * seq_len))
+    if checkpoint is not None:
+        if checkpoint.model_config != mconfig.to_dict():
+            raise ValueError(f"checkpoint {checkpoint.path} was trained with another model config")
+        checkpoint.load_model(model)
+        checkpoint.load_optimizer(optimizer)
+        checkpoint.restore_rng()
+        state = checkpoint.train_state
+        step, tokens_seen = state["step"], state["tokens"]
+        horizon = state["horizon"] if horizon is None else horizon
+        elapsed_before = state["elapsed"]
+        stream.load_state_dict(state["data"])
+        log(f"resumed from {checkpoint.path} at step {step}")
+    train_model: nn.Module = model
+    if config.compile:
+        train_model = torch.compile(model)
+    if ddp.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    resolved = {"train": config.to_dict(), "model": mconfig.to_dict(), "seq_len": seq_len,
+                "tokenizer": tokenizer.kind, "processes": ddp.world_size, "device": str(device),
+                "parameters": model.num_parameters(), "corpus": corpus.metadata()}
+    if ddp.is_main:
+        (out_dir / "train_config.json").write_text(json.dumps(resolved, indent=2))
+        log("resolved config:\n" + json.dumps({k: v for k, v in resolved.items() if k != "corpus"},
+                                              indent=2))
+        log(f"{model.num_parameters():,} parameters; {len(train_data):,} training sequences of "
+            f"{seq_len} tokens; {len(val_data):,} validation sequences")
+    metrics = MetricsLog(out_dir / "metrics.jsonl", step if checkpoint else None, ddp.is_main)
+
+    def save() -> None:
+        if not ddp.is_main:
+            return
+        train_state = {"step": step, "tokens": tokens_seen, "horizon": horizon,
+                       "elapsed": elapsed_before + time.perf_counter() - start,
+                       "data": stream.state_dict(), "train_config": config.to_dict()}
+        save_checkpoint(out_dir, step, model, mconfig.to_dict(), train_state, optimizer,
+                        tokenizer_dir=out_dir / "tokenizer")
+
+    def validate() -> dict[str, Any]:
+        result = evaluate_batches(model, val_data, tokenizer, micro, config.eval_batches, device)
+        result["step"] = step
+        metrics.write({"split": "validation", **result})
+        return result
+
+    # ---- loop
+    micro = config.batch_size // (ddp.world_size * config.grad_accum)
+    start = time.perf_counter()
+    probe_start, last_val = None, None
+    bar = tqdm(total=horizon, initial=step, disable=quiet or not ddp.is_main, unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    model.train()
+    try:
+        while True:
+            elapsed = elapsed_before + time.perf_counter() - start
+            if ((config.max_steps is not None and step >= config.max_steps)
+                    or (config.max_tokens is not None and tokens_seen >= config.max_tokens)
+                    or (config.max_time is not None and elapsed >= config.max_time)):
+                break
+            step_start = time.perf_counter()
+            lr = learning_rate(step, config, horizon)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, targets = stream.next_batch()                               # this rank's slice
+            count = (targets != -100).sum().to(torch.float64)
+            if dist.is_initialized():
+                dist.all_reduce(count)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for m in range(config.grad_accum):
+                x = inputs[m * micro:(m + 1) * micro].to(device)
+                y = targets[m * micro:(m + 1) * micro].to(device)
+                last = m == config.grad_accum - 1
+                sync = train_model.no_sync() if (ddp.world_size > 1 and not last) else nullcontext()
+                with sync:
+                    total, _ = token_loss(train_model, x, y, device)
+                    # mean over the global batch's tokens; DDP averages over processes
+                    (total * ddp.world_size / count.item()).backward()
+                loss_sum += total.detach().double().cpu()
+            if dist.is_initialized():
+                dist.all_reduce(loss_sum)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += int(count.item())
+            loss = (loss_sum / count).item()
+            step_time = time.perf_counter() - step_start
+            if horizon is None and config.max_time is not None:
+                if step == 1:
+                    probe_start = time.perf_counter()
+                elif step == 1 + HORIZON_PROBE_STEPS:
+                    per_step = (time.perf_counter() - probe_start) / HORIZON_PROBE_STEPS
+                    remaining = config.max_time - (elapsed_before + time.perf_counter() - start)
+                    # leave room for validation and checkpoint pauses
+                    horizon = step + max(1, int(0.9 * remaining / per_step))
+                    bar.total = horizon
+            record = {"step": step, "tokens": tokens_seen, "loss": loss, "lr": lr,
+                      "grad_norm": float(grad_norm), "tokens_per_s": int(count.item()) / step_time,
+                      "elapsed": elapsed_before + time.perf_counter() - start}
+            if step % config.log_every == 0 or step == 1:
+                metrics.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.1f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}", refresh=False)
+            if on_step is not None:
+                on_step(step, record)
+            if step % config.eval_every == 0 and ddp.is_main:
+                last_val = validate()
+                log(f"step {step}: validation loss {last_val['loss']:.4f} "
+                          f"ppl {last_val['perplexity']:.2f} bpb {last_val['bits_per_byte']:.3f}")
+            if step % config.save_every == 0:
+                save()
+    except KeyboardInterrupt:
+        log(f"interrupted at step {step}; saving a checkpoint")
+    finally:
+        bar.close()
+    elapsed = elapsed_before + time.perf_counter() - start
+    train_time = time.perf_counter() - start
+    if ddp.is_main and (last_val is None or last_val["step"] != step):
+        last_val = validate()
+    save()
+    metrics.close()
+    summary = {"step": step, "tokens": tokens_seen, "elapsed_s": elapsed,
+               "unigram_perplexity": unigram_perplexity(
+                   splits["train"].tokens, splits["validation"].tokens, tokenizer.vocab_size),
+               "sample": _sample(model, tokenizer, val_data, config, device) if ddp.is_main else None,
+               "tokens_per_s": (tokens_seen - (checkpoint.train_state["tokens"] if checkpoint else 0))
+               / max(1e-9, train_time),
+               "validation": last_val, "parameters": model.num_parameters(), "out": str(out_dir)}
+    if ddp.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _sample(model: nn.Module, tokenizer: Tokenizer, val_data: PackedSequences, config: TrainConfig,
+            device: torch.device) -> dict[str, str] | None:
+    """Continue the start of the first validation sequence, for a look at what the model learned."""
+    if config.sample_tokens <= 0:
+        return None
+    inputs, _ = val_data[0]
+    prompt = [int(t) for t in inputs[:48] if t not in (tokenizer.pad_id, tokenizer.bos_id)]
+    out = sample_by_full_forward(model, prompt, config.sample_tokens, temperature=0.8, top_k=40,
+                                 seed=config.seed, device=device)
+    return {"prompt": tokenizer.decode(prompt), "continuation": tokenizer.decode(out[len(prompt):])}
+
+
+def unigram_perplexity(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
+    """Perplexity on `eval_tokens` of the add-one unigram model fitted to `train_tokens`: the
+    baseline a language model must beat."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size) + 1.0
+    log_p = np.log(counts / counts.sum())
+    eval_counts = np.bincount(np.asarray(eval_tokens), minlength=vocab_size)
+    return float(np.exp(-(eval_counts @ log_p) / eval_counts.sum()))

@@ -1,0 +1,165 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blockstate.cli import main
+from blockstate.train import TrainConfig, learning_rate, parse_duration, train
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """120 small documents of structured text: learnable, and every split non-empty."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(120):
+        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(60)]
+        (root / f"doc{i:03d}.txt").write_text(f"document {i}\n" + " ".join(words) + "\n")
+    return root
+
+
+def _config(corpus: Path, tmp: Path, **kw) -> TrainConfig:
+    fields = dict(model="bst-sh-s4", size="tiny", data=str(corpus), seq_len=64, batch_size=4,
+                  warmup_steps=2, eval_every=1000, eval_batches=2, save_every=1000, log_every=1,
+                  sample_tokens=0, cache_dir=str(tmp / "cache"),
+                  model_overrides={"dropout": 0.1, "block_size": 16})
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "split" not in r}
+
+
+def test_parse_duration_and_schedule():
+    assert parse_duration("5m") == 300 and parse_duration("1.5h") == 5400 and parse_duration("90") == 90
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration("5 minutes")
+    config = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=110)
+    assert learning_rate(0, config, 110) == pytest.approx(0.1)
+    assert learning_rate(10, config, 110) == pytest.approx(1.0)
+    assert learning_rate(109, config, 110) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_training_reduces_loss_and_writes_a_run(corpus, tmp_path):
+    summary = train(_config(corpus, tmp_path, max_steps=30, lr=3e-3), tmp_path / "run", quiet=True)
+    losses = _losses(tmp_path / "run")
+    assert losses[30] < 0.6 * losses[1]
+    assert summary["validation"]["perplexity"] < summary["unigram_perplexity"]
+    run = tmp_path / "run"
+    assert (run / "train_config.json").exists() and (run / "tokenizer" / "tokenizer.json").exists()
+    assert (run / "checkpoints" / "latest").exists()
+
+
+def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
+    train(_config(corpus, tmp_path, max_steps=6, save_every=3), tmp_path / "a", quiet=True)
+
+    def crash(step, record):
+        if step == 5:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_config(corpus, tmp_path, max_steps=6, save_every=3), tmp_path / "b", quiet=True,
+              on_step=crash)
+    train(_config(corpus, tmp_path, max_steps=6, save_every=3), tmp_path / "b", resume=True, quiet=True)
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 7))
+    assert a == b  # bitwise: same data order, dropout masks, optimizer state and schedule
+
+
+def test_existing_run_is_never_overwritten_silently(corpus, tmp_path):
+    train(_config(corpus, tmp_path, max_steps=1), tmp_path / "run", quiet=True)
+    with pytest.raises(ValueError, match="--resume"):
+        train(_config(corpus, tmp_path, max_steps=1), tmp_path / "run", quiet=True)
+    train(_config(corpus, tmp_path, max_steps=1), tmp_path / "run", overwrite=True, quiet=True)
+
+
+def test_gradient_accumulation_matches_a_full_batch(corpus, tmp_path):
+    cfg = dict(max_steps=3, model_overrides={"dropout": 0.0, "block_size": 16})
+    train(_config(corpus, tmp_path, **cfg), tmp_path / "full", quiet=True)
+    train(_config(corpus, tmp_path, grad_accum=2, **cfg), tmp_path / "accum", quiet=True)
+    full, accum = _losses(tmp_path / "full"), _losses(tmp_path / "accum")
+    assert all(abs(full[s] - accum[s]) < 1e-5 for s in full)
+
+
+def test_ddp_two_processes_match_one(corpus, tmp_path):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(
+        f'model = "bst-sh-s4"\nsize = "tiny"\ndata = "{corpus}"\nseq_len = 64\nbatch_size = 4\n'
+        f'warmup_steps = 2\nmax_steps = 3\neval_batches = 1\nlog_every = 1\nsample_tokens = 0\n'
+        f'cache_dir = "{tmp_path / "cache"}"\n[model_overrides]\nblock_size = 16\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "blockstate.cli", "train", "--config", str(cfg), "--out",
+                    str(tmp_path / "single"), "--quiet"], check=True, env=env, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", "29517", "-m", "blockstate.cli", "train", "--config", str(cfg),
+                    "--out", str(tmp_path / "ddp"), "--quiet"], check=True, env=env, cwd=ROOT,
+                   capture_output=True)
+    single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
+    assert sorted(single) == sorted(ddp) == [1, 2, 3]
+    assert all(abs(single[s] - ddp[s]) < 1e-5 for s in single), (single, ddp)
+
+
+def test_eval_json_by_length(corpus, tmp_path, capsys):
+    train(_config(corpus, tmp_path, max_steps=2), tmp_path / "run", quiet=True)
+    assert main(["eval", str(tmp_path / "run"), "--data", str(corpus), "--lengths", "32,64,256",
+                 "--json", "--plot", str(tmp_path / "loss.png")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["lengths"]) == {"32", "64", "256"}
+    for key in ("perplexity", "bits_per_byte", "tokens"):
+        assert result[key] > 0
+        assert all(m[key] > 0 for m in result["lengths"].values())
+    assert result["perplexity"] == result["lengths"]["64"]["perplexity"]  # the training length
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def _cli_error(argv, capsys) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("blockstate: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_give_one_line_errors(corpus, tmp_path, capsys):
+    base = ["train", "--model", "bst-sh-s4", "--size", "tiny", "--max-steps", "1", "--quiet",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert "does-not-exist" in _cli_error(base + ["--data", str(tmp_path / "does-not-exist"),
+                                                  "--out", str(tmp_path / "r1")], capsys)
+    (tmp_path / "empty").mkdir()
+    _cli_error(base + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r2")], capsys)
+    assert "budget" in _cli_error(["train", "--size", "tiny", "--data", str(corpus), "--out",
+                                   str(tmp_path / "r3")], capsys)
+    assert "n_layers" in _cli_error(base + ["--data", str(corpus), "--out", str(tmp_path / "r4"),
+                                            "--set", "n_layers=0"], capsys)
+    # foreign and corrupted checkpoints, tokenizer mismatch
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "checkpoint.json").write_text('{"hello": 1}')
+    _cli_error(["eval", str(tmp_path / "foreign"), "--data", str(corpus)], capsys)
+    run = tmp_path / "run"
+    train(_config(corpus, tmp_path, max_steps=1, seq_len=32), run, quiet=True)
+    step_dir = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    weights = step_dir / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    assert "corrupt" in _cli_error(["eval", str(run), "--data", str(corpus)], capsys)
+    weights.write_bytes(good)
+    cfg = json.loads((step_dir / "checkpoint.json").read_text())
+    cfg["model_config"]["vocab_size"] = 300
+    (step_dir / "checkpoint.json").write_text(json.dumps(cfg))
+    assert "tokenizer mismatch" in _cli_error(["eval", str(run), "--data", str(corpus)], capsys)
+
+
+def test_non_utf8_text_is_read_not_crashed_on(tmp_path):
+    root = tmp_path / "latin1"
+    root.mkdir()
+    for i in range(60):
+        (root / f"d{i}.txt").write_bytes(("caf\xe9 cr\xe8me " * 40).encode("latin-1"))
+    summary = train(_config(root, tmp_path, max_steps=2), tmp_path / "run", quiet=True)
+    assert summary["step"] == 2
