@@ -39,6 +39,7 @@ class SSM(nn.Module):
         self.D = nn.Parameter(torch.randn(kernel.channels, kernel.width))
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
 
+    @torch.compiler.disable  # complex/FFT code stays eager: inductor does not generate it
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u (B, L, H) -> y (B, L, C, H) in float32 (float64 for float64 inputs)."""
         length = u.shape[1]
