@@ -96,11 +96,11 @@ def test_ddp_two_processes_match_one(corpus, tmp_path):
         f'cache_dir = "{tmp_path / "cache"}"\n[model_overrides]\nblock_size = 16\n')
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "blockstate.cli", "train", "--config", str(cfg), "--out",
-                    str(tmp_path / "single"), "--quiet"], check=True, env=env, cwd=ROOT)
+                    str(tmp_path / "single"), "--quiet"], check=True, env=env, cwd=ROOT, timeout=120)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_port", "29517", "-m", "blockstate.cli", "train", "--config", str(cfg),
                     "--out", str(tmp_path / "ddp"), "--quiet"], check=True, env=env, cwd=ROOT,
-                   capture_output=True)
+                   capture_output=True, timeout=180)
     single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert sorted(single) == sorted(ddp) == [1, 2, 3]
     assert all(abs(single[s] - ddp[s]) < 1e-5 for s in single), (single, ddp)

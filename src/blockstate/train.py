@@ -266,14 +266,11 @@ def _default_cache_dir() -> Path:
 def prepare_tokenizer(config: TrainConfig, corpus, out_dir: Path, is_main: bool) -> Tokenizer:
     """The run's tokenizer, saved in out_dir/tokenizer (trained on the train split if needed)."""
     tok_dir = out_dir / "tokenizer"
-    if (tok_dir / "tokenizer.json").exists():
-        return load_tokenizer(tok_dir)
-    if is_main:
-        tokenizer = build_tokenizer(
-            "byte" if config.tokenizer == "byte" else config.tokenizer, corpus=corpus,
-            vocab_size=config.vocab_size, directory=tok_dir)
+    if is_main and not (tok_dir / "tokenizer.json").exists():
+        tokenizer = build_tokenizer(config.tokenizer, corpus=corpus, vocab_size=config.vocab_size,
+                                    directory=tok_dir)
         tokenizer.save(tok_dir)
-    if dist.is_initialized():
+    if dist.is_initialized():  # every process reaches this barrier, whatever exists on disk
         dist.barrier()
     return load_tokenizer(tok_dir)
 
