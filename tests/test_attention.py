@@ -25,6 +25,8 @@ def _reference_self_attention(attn: BlockSelfAttention, x: torch.Tensor) -> torc
     pos = torch.arange(length)
     block = pos // w
     allowed = (pos[None, :] <= pos[:, None]) & (block[None, :] == block[:, None])
+    if attn.mode == "full":
+        allowed = pos[None, :] <= pos[:, None]
     if attn.mode == "sliding":
         allowed |= (pos[None, :] <= pos[:, None]) & (block[None, :] == block[:, None] - 1)
     # The bias depends on the distance within the attended window.
@@ -33,7 +35,7 @@ def _reference_self_attention(attn: BlockSelfAttention, x: torch.Tensor) -> torc
                        ).flatten(2)
 
 
-@pytest.mark.parametrize("mode", ["block", "sliding"])
+@pytest.mark.parametrize("mode", ["block", "sliding", "full"])
 @pytest.mark.parametrize("n_blocks", [1, 3])
 def test_block_self_attention_matches_reference(mode, n_blocks):
     config = ModelConfig(d_model=16, n_heads=2, block_size=4, self_attention=mode,

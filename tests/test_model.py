@@ -7,6 +7,7 @@ from blockstate.config import ModelConfig
 from blockstate.layers import ContextStates
 
 PRESETS = [m for m in list_models() if m.startswith("bst-")]
+MODELS = list_models()  # BST presets and baselines
 W = 16  # tiny block size
 
 
@@ -19,8 +20,10 @@ def _tiny(name, **overrides):
 
 
 @pytest.mark.parametrize("self_attention", ["block", "sliding"])
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", MODELS)
 def test_strict_causality(name, self_attention):
+    if name == "transformer":
+        self_attention = "full"
     model = _tiny(name, self_attention=self_attention)
     length = 3 * W + 5
     tokens = torch.randint(0, 256, (2, length))
@@ -86,7 +89,7 @@ def test_sh_mh_context_at_offset_i_depends_only_on_positions_up_to_i(variant):
         assert _maxdiff(flat(k1)[:, p:], flat(k0)[:, p:]) > 1e-8
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("length", [1, W - 1, W, W + 1, 3 * W + 5])
 def test_shapes_and_lengths(name, length):
     model = build_model(name, "tiny")
@@ -106,7 +109,7 @@ def test_padding_never_leaks():
                                    rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", MODELS)
 def test_longer_than_training_length(name):
     model = build_model(name, "tiny").eval()
     logits = model(torch.randint(0, 256, (1, 3 * model.config.max_seq_len + 7)))
@@ -127,9 +130,9 @@ def test_bfloat16_autocast_cpu(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", MODELS)
 def test_every_parameter_gets_a_gradient(name):
-    model = build_model(name, "tiny", self_attention="sliding")
+    model = build_model(name, "tiny", self_attention="full" if name == "transformer" else "sliding")
     tokens = torch.randint(0, 256, (2, 3 * W + 1))
     loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
     loss.backward()
@@ -161,7 +164,7 @@ def test_bad_tokens_give_clear_errors():
         model(torch.zeros(1, 0, dtype=torch.long))
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", MODELS)
 def test_tiny_model_overfits_a_short_sequence(name):
     torch.manual_seed(0)
     model = build_model(name, "tiny")

@@ -109,6 +109,7 @@ class BlockSelfAttention(nn.Module):
     mode "sliding": each query also sees the whole previous block (W + i + 1 keys for in-block
     offset i); the first block has no previous block. Keys and values of the previous block come
     from the same layer input, so all blocks are still computed at once.
+    mode "full": ordinary causal attention over the whole sequence (one block of length L).
     Returns the per-head outputs (B, L, H * Dh), before the output projection.
     """
 
@@ -123,21 +124,22 @@ class BlockSelfAttention(nn.Module):
         self.rel_bias = RelativePositionBias(self.n_heads, config.rel_pos_buckets,
                                              config.rel_pos_max_distance)
 
-    def _mask(self, n_keys: int, device: torch.device) -> torch.Tensor:
-        w = self.block_size
-        query_pos = torch.arange(n_keys - w, n_keys, device=device)
+    def _mask(self, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
+        """Relative position bias with -inf on future keys, for queries at the last positions."""
+        query_pos = torch.arange(n_keys - n_queries, n_keys, device=device)
         key_pos = torch.arange(n_keys, device=device)
         return causal_bias(self.rel_bias(query_pos, key_pos), query_pos, key_pos)  # (H, W, Lk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
-        w, h, d = self.block_size, self.n_heads, self.head_dim
+        w = length if self.mode == "full" else self.block_size
+        h, d = self.n_heads, self.head_dim
         qkv = to_blocks(self.qkv(x), w).unflatten(-1, (3, h, d))                  # (B, nb, W, 3, H, Dh)
         q, k, v = qkv.unbind(dim=3)                                                # (B, nb, W, H, Dh)
         q, k = self.qk_norm(q, k)
         dropout = self.dropout if self.training else 0.0
-        own = self._mask(w, x.device)                                              # (H, W, W)
-        if self.mode == "block" or length == w:
+        own = self._mask(w, w, x.device)                                           # (H, W, W)
+        if self.mode != "sliding" or length == w:
             out = attend(heads_first(q), heads_first(k), heads_first(v), own, dropout)
             return heads_last(out, batch)
         # Block 0 sees only itself; blocks 1.. see [previous block, own block].
@@ -146,7 +148,7 @@ class BlockSelfAttention(nn.Module):
         k2 = torch.cat([k[:, :-1], k[:, 1:]], dim=2)                               # (B, nb-1, 2W, H, Dh)
         v2 = torch.cat([v[:, :-1], v[:, 1:]], dim=2)
         rest = attend(heads_first(q[:, 1:]), heads_first(k2), heads_first(v2),
-                      self._mask(2 * w, x.device), dropout)                        # (B*(nb-1), H, W, Dh)
+                      self._mask(w, 2 * w, x.device), dropout)                        # (B*(nb-1), H, W, Dh)
         return torch.cat([heads_last(first, batch), heads_last(rest, batch)], dim=1)
 
 

@@ -14,7 +14,11 @@ from typing import Any
 CONTEXT_VARIANTS = ("sh", "mh", "mf")
 SSM_KERNELS = ("s4", "s4d", "unstruct", "explicit")
 S4D_INITS = ("lin", "inv")
-SELF_ATTENTION_MODES = ("block", "sliding")
+SELF_ATTENTION_MODES = ("block", "sliding", "full")
+# "bst": the paper's model. Baselines (paper section 4): "gss-hybrid" puts Gated State Space layers
+# and "brt" Block-Recurrent layers where "bst" puts BST layers. The Transformer and Slide baselines
+# are "bst" with no BST layers and full or sliding-window self-attention.
+ARCHS = ("bst", "gss-hybrid", "brt")
 
 # The paper's 12-layer model puts BST layers at layers 1, 7 and 9 (0-based 0, 6, 8).
 PAPER_DEPTH = 12
@@ -23,9 +27,10 @@ PAPER_BST_LAYERS = (0, 6, 8)
 
 def scale_bst_layers(n_layers: int, reference: tuple[int, ...] = PAPER_BST_LAYERS,
                      reference_depth: int = PAPER_DEPTH) -> tuple[int, ...]:
-    """Place BST layers at the same relative depths as `reference`, always including layer 0."""
+    """Place layers at the same relative depths as `reference`; layer 0 stays if it is there."""
     placed = {min(n_layers - 1, round(i * n_layers / reference_depth)) for i in reference}
-    placed.add(0)
+    if 0 in reference:
+        placed.add(0)
     return tuple(sorted(placed))
 
 
@@ -47,6 +52,7 @@ class ModelConfig:
     S = `num_context_states`, L = `max_seq_len` (training length).
     """
 
+    arch: str = "bst"               # bst | gss-hybrid | brt (see ARCHS)
     vocab_size: int = 256
     d_model: int = 256              # D: residual stream width
     n_layers: int = 6
@@ -55,13 +61,14 @@ class ModelConfig:
     d_ff: int | None = None         # ReLU MLP width; defaults to 4 * d_model
     block_size: int = 128           # W: tokens per block
     max_seq_len: int = 1024         # training length; unstructured kernels are defined up to it
-    # Indices (0-based) of BST layers; the others are block attention layers without an SSM.
-    # None places them like the paper's (0, 6, 8) of 12, scaled to n_layers.
+    # Indices (0-based) of BST layers (for the baselines: of their GSS or recurrent layers); the
+    # others are attention layers. None places them like the paper's (0, 6, 8) of 12, scaled.
     bst_layers: tuple[int, ...] | None = None
     context_variant: str = "sh"     # sh | mh | mf: how SSM outputs become context states
     ssm_kernel: str = "s4"          # s4 (DPLR) | s4d (diagonal) | unstruct (implicit MLP) | explicit
     ssm_state_size: int = 16        # N
-    num_context_states: int = 32    # S, MF only
+    num_context_states: int = 32    # S: MF context states; recurrent states of brt
+    gss_expansion: int = 3          # F / D of Gated State Space layers (gss-hybrid)
     # The SSM runs on a down-projection of width d_model // ssm_width_divisor
     # (paper: D/4 for SH and MH, D/8 for MF; None picks that default).
     ssm_width_divisor: int | None = None
@@ -74,7 +81,8 @@ class ModelConfig:
     explicit_squash: float = 1e-3   # Fu et al. 2023: soft-threshold lambda of explicit kernels
     explicit_smooth: int = 3        # Fu et al. 2023: average-pool width of explicit kernels
     # Self-attention inside a block sees the block only ("block", as in the paper's listing) or the
-    # current and the previous block ("sliding", the Block-Recurrent Transformer's window).
+    # current and the previous block ("sliding", the Block-Recurrent Transformer's window); "full"
+    # is ordinary causal attention over the whole sequence (the Transformer baseline).
     self_attention: str = "block"
     rel_pos_buckets: int = 32       # T5-style relative position bias of self-attention
     rel_pos_max_distance: int = 128
@@ -122,6 +130,8 @@ class ModelConfig:
                      "unstruct_frequencies", "explicit_smooth", "rel_pos_buckets",
                      "rel_pos_max_distance"):
             _positive(name, getattr(self, name))
+        _choice("arch", self.arch, ARCHS)
+        _positive("gss_expansion", self.gss_expansion)
         for name in ("head_dim", "d_ff", "ssm_width_divisor"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
@@ -190,4 +200,4 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["ModelConfig", "scale_bst_layers"]
+__all__ = ["ARCHS", "ModelConfig", "scale_bst_layers"]

@@ -10,22 +10,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import BlockAttentionLayer, BSTLayer
+from .layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer
+
+# The layer each architecture puts at the positions `bst_layers`; attention layers go elsewhere.
+SPECIAL_LAYERS = {"bst": BSTLayer, "gss-hybrid": GSSLayer, "brt": BlockRecurrentLayer}
 
 
 class BlockStateLM(nn.Module):
-    """Decoder-only language model. `model(tokens)` maps a LongTensor (B, L) to logits
-    (B, L, vocab_size) for any L >= 1: the sequence is padded internally to a multiple of the
-    block size at its end, which by causality cannot affect the real positions."""
+    """Decoder-only language model: BST, or a baseline chosen by `config.arch`.
+
+    `model(tokens)` maps a LongTensor (B, L) to logits (B, L, vocab_size) for any L >= 1: the
+    sequence is padded internally to a multiple of the block size at its end, which by causality
+    cannot affect the real positions."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        bst = set(config.resolved_bst_layers)
+        special, placed = SPECIAL_LAYERS[config.arch], set(config.resolved_bst_layers)
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(
-            BSTLayer(config) if i in bst else BlockAttentionLayer(config)
+            special(config) if i in placed else BlockAttentionLayer(config)
             for i in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.reset_parameters()

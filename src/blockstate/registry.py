@@ -18,6 +18,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bst-sh-unstruct": {"context_variant": "sh", "ssm_kernel": "unstruct"},
     "bst-mh-unstruct": {"context_variant": "mh", "ssm_kernel": "unstruct"},
     "bst-mf-unstruct": {"context_variant": "mf", "ssm_kernel": "unstruct"},
+    # Baselines (paper section 4). `bst_layers` of a baseline places its GSS or recurrent layers,
+    # given for the paper's 12-layer depth and scaled to the size's depth.
+    "transformer": {"self_attention": "full", "bst_layers": ()},
+    "slide": {"self_attention": "sliding", "bst_layers": ()},
+    "brt": {"arch": "brt", "self_attention": "sliding", "bst_layers": (9,)},
+    "gss-hybrid": {"arch": "gss-hybrid", "ssm_kernel": "s4d", "gss_expansion": 6},
+}
+
+# Where a baseline would fall more than 10% short of the BST presets' parameter count at a size,
+# its MLP is widened so that comparisons are at a matched parameter budget.
+PRESET_SIZE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
+    ("transformer", "small"): {"d_ff": 1280},
+    ("slide", "small"): {"d_ff": 1280},
 }
 
 # Sizes shared by all presets. `base` and `large` are the paper's (~200M / ~400M with a 32k vocab).
@@ -56,8 +69,8 @@ def list_sizes() -> list[str]:
 def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfig:
     """The validated config of preset `name` at `size` with `overrides` applied.
 
-    When `n_layers` is overridden and `bst_layers` is not, the size's BST layer placement is
-    scaled to the new depth (always including the first layer).
+    Unless `bst_layers` is overridden, the preset's (or size's) layer placement is scaled to the
+    depth, keeping the first layer for BST.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; available models: {', '.join(PRESETS)}")
@@ -67,11 +80,17 @@ def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfi
     if unknown:
         raise ValueError(f"unknown override(s) {unknown}; accepted: "
                          f"{', '.join(ModelConfig.field_names())}")
-    fields = {**SIZES[size], **PRESETS[name]}
-    if "n_layers" in overrides and "bst_layers" not in overrides:
-        reference = fields.get("bst_layers") or PAPER_BST_LAYERS
-        depth = fields["n_layers"] if fields.get("bst_layers") else PAPER_DEPTH
-        fields["bst_layers"] = scale_bst_layers(overrides["n_layers"], tuple(reference), depth)
+    preset = PRESETS[name]
+    fields = {**SIZES[size], **preset, **PRESET_SIZE_OVERRIDES.get((name, size), {})}
+    if "bst_layers" not in overrides:
+        if "bst_layers" in preset:
+            reference, depth = preset["bst_layers"], PAPER_DEPTH
+        elif SIZES[size].get("bst_layers") is not None:
+            reference, depth = SIZES[size]["bst_layers"], SIZES[size]["n_layers"]
+        else:
+            reference, depth = PAPER_BST_LAYERS, PAPER_DEPTH
+        n_layers = overrides.get("n_layers", fields["n_layers"])
+        fields["bst_layers"] = scale_bst_layers(n_layers, tuple(reference), depth)
     fields.update(overrides)
     return ModelConfig(**fields)
 

@@ -1,6 +1,8 @@
-"""Layers of the language model: block attention layers and Block-State Transformer layers."""
+"""Layers of the language model: attention layers, BST layers and the baselines' layers."""
 
 from .block import BlockAttentionLayer
+from .brt import BlockRecurrentLayer
 from .bst import BSTLayer, ContextStates
+from .gss import GSSLayer
 
-__all__ = ["BlockAttentionLayer", "BSTLayer", "ContextStates"]
+__all__ = ["BlockAttentionLayer", "BlockRecurrentLayer", "BSTLayer", "ContextStates", "GSSLayer"]

@@ -1,0 +1,81 @@
+"""Block-Recurrent Transformer layer (Hutchins, Schlag, Wu, Dyer, Neyshabur 2022), configured as
+the paper's strongest baseline "Rec:fixed:skip".
+
+The layer keeps S recurrent state vectors, updated once per block of W tokens:
+- vertical direction (tokens): self-attention over the current and previous block (sliding window)
+  and cross-attention to the current state, concatenated and projected, residual, then an MLP;
+- horizontal direction (states): self-attention among the states and cross-attention to the
+  block's tokens, concatenated and projected, then a fixed gate: s <- g * s + (1 - g) * z with
+  g = sigmoid(b) a learned, input-independent vector ("fixed"), and no MLP ("skip").
+States carry learned state IDs and start from a learned initial state.
+
+The token self-attention and the block's keys/values do not depend on the state, so they are
+computed for all blocks at once; the state then walks the blocks in order, which is the sequential
+part the paper's speed comparison measures.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import MLP, BlockSelfAttention, QKNorm, attend, heads_last, to_blocks
+from ..config import ModelConfig
+
+
+class BlockRecurrentLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, s = config.d_model, config.num_context_states
+        self.n_heads, self.head_dim = config.n_heads, config.resolved_head_dim
+        self.block_size, self.dropout_p = config.block_size, config.dropout
+        inner = self.n_heads * self.head_dim
+        self.norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.self_attn = BlockSelfAttention(config.replace(self_attention="sliding"))
+        self.token_q = nn.Linear(d, inner, bias=False)          # tokens -> states
+        self.token_kv = nn.Linear(d, 2 * inner, bias=False)     # states -> tokens
+        self.token_qk_norm = QKNorm(self.n_heads, self.head_dim, config.qk_norm)
+        self.out = nn.Linear(2 * inner, d, bias=False)
+        self.mlp_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.mlp = MLP(config)
+        self.state_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.state_q = nn.Linear(d, 2 * inner, bias=False)      # queries: self, cross
+        self.state_kv = nn.Linear(d, 2 * inner, bias=False)
+        self.state_qk_norm = QKNorm(self.n_heads, self.head_dim, config.qk_norm)
+        self.state_out = nn.Linear(2 * inner, d, bias=False)
+        self.initial_state = nn.Parameter(torch.randn(s, d) * config.init_std)
+        self.state_ids = nn.Parameter(torch.randn(s, d) * config.init_std)
+        self.gate_bias = nn.Parameter(torch.ones(d))  # sigmoid(1) = 0.73: lean towards keeping
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.n_heads, self.head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, w = x.shape[0], self.block_size
+        dropout = self.dropout_p if self.training else 0.0
+        h = self.norm(x)
+        self_out = self.self_attn(h)                                                # (B, L, H Dh)
+        token_q = to_blocks(self._heads(self.token_q(h)), w)                        # (B, nb, W, H, Dh)
+        token_k, token_v = to_blocks(self._heads(self.token_kv(h).unflatten(-1, (2, -1))), w).unbind(3)
+        gate = torch.sigmoid(self.gate_bias)
+        state = self.initial_state.expand(batch, -1, -1)                            # (B, S, D)
+        cross = []
+        for k in range(token_q.shape[1]):  # the recurrence: block k reads the state left by k-1
+            sn = self.state_norm(state) + self.state_ids
+            state_k, state_v = self._heads(self.state_kv(sn).unflatten(-1, (2, -1))).unbind(2)
+            q, sk = self.token_qk_norm(token_q[:, k], state_k)                      # (B, W|S, H, Dh)
+            cross.append(attend(q.transpose(1, 2), sk.transpose(1, 2), state_v.transpose(1, 2),
+                                dropout=dropout))                                  # (B, H, W, Dh)
+            q_self, q_cross = self._heads(self.state_q(sn).unflatten(-1, (2, -1))).unbind(2)
+            q_self, sk = self.state_qk_norm(q_self, state_k)
+            q_cross, tk = self.state_qk_norm(q_cross, token_k[:, k])
+            z_self = attend(q_self.transpose(1, 2), sk.transpose(1, 2), state_v.transpose(1, 2),
+                            dropout=dropout)
+            z_cross = attend(q_cross.transpose(1, 2), tk.transpose(1, 2),
+                             token_v[:, k].transpose(1, 2), dropout=dropout)       # (B, H, S, Dh)
+            z = self.state_out(torch.cat([z_self, z_cross], -1).transpose(1, 2).flatten(2))
+            state = gate * state + (1 - gate) * z                                   # (B, S, D)
+        cross_out = heads_last(torch.stack(cross, 1).flatten(0, 1), batch)          # (B, L, H Dh)
+        x = x + self.dropout(self.out(torch.cat([self_out, cross_out], -1)))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))

@@ -1,0 +1,37 @@
+"""Gated State Space layer (Mehta, Gupta, Cutkosky, Neyshabur 2022, "Long Range Language Modeling
+via Gated State Spaces"), the SSM of the paper's GSS-Hybrid baseline.
+
+With x^ = Norm(x): U = GELU(x^ W1) (width D/4), V = GELU(x^ W2) (width F), Y = SSM(U) (one causal
+convolution per channel, here the S4D kernel by default), output x + ((Y W3) * V) W4. The layer has
+no separate MLP. F = `gss_expansion` x D; the GSS paper used F = 3D, the gss-hybrid presets choose F
+so that the model's parameter count matches the BST presets (see registry).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..ssm import SSM, build_kernel
+
+
+class GSSLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, width, expanded = config.d_model, config.ssm_width, config.gss_expansion * config.d_model
+        self.norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.to_u = nn.Linear(d, width, bias=False)
+        self.to_v = nn.Linear(d, expanded, bias=False)
+        self.ssm = SSM(build_kernel(config, 1, width))
+        self.from_y = nn.Linear(width, expanded, bias=False)
+        self.out = nn.Linear(expanded, d, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        u = F.gelu(self.to_u(h))                                                    # (B, L, D/4)
+        v = F.gelu(self.to_v(h))                                                    # (B, L, F)
+        y = self.ssm(u)[:, :, 0].to(u.dtype)                                        # (B, L, D/4)
+        return x + self.dropout(self.out(self.from_y(y) * v))
