@@ -60,3 +60,40 @@ def test_transformer_sees_the_whole_past():
     changed = tokens.clone()
     changed[0, 0] = (changed[0, 0] + 1) % 256
     assert (model(changed)[:, -1] - model(tokens)[:, -1]).abs().max() > 1e-6
+
+
+def _xl():
+    return build_model("transformer-xl", "tiny").double().eval()
+
+
+def test_transformer_xl_memory_continues_the_sequence_exactly():
+    model = _xl()
+    tokens = torch.randint(0, 256, (2, 4 * W))
+    first, memory = model(tokens[:, :2 * W], return_memory=True)
+    second, _ = model(tokens[:, 2 * W:], memory=memory, return_memory=True)
+    torch.testing.assert_close(torch.cat([first, second], 1), model(tokens), rtol=0, atol=1e-12)
+
+
+def test_transformer_xl_sees_the_previous_segment_only_with_memory():
+    model = _xl()
+    previous = torch.randint(0, 256, (1, 2 * W))
+    changed = previous.clone()
+    changed[0, -3] = (changed[0, -3] + 1) % 256
+    current = torch.randint(0, 256, (1, 2 * W))
+    _, mem_a = model(previous, return_memory=True)
+    _, mem_b = model(changed, return_memory=True)
+    with_a = model(current, memory=mem_a)
+    with_b = model(current, memory=mem_b)
+    assert (with_a[:, :W] - with_b[:, :W]).abs().max() > 1e-6        # block 0 sees the memory
+    # without memory (or with keep=False) the previous segment is invisible
+    fresh = model(current)
+    dropped = model(current, memory=mem_a, keep=torch.tensor([False]))
+    torch.testing.assert_close(dropped, fresh, rtol=0, atol=1e-12)
+    # causality across carried state: the memory never reaches back into the previous segment
+    first_a = model(previous)
+    torch.testing.assert_close(first_a[:, :-3], model(changed)[:, :-3], rtol=0, atol=1e-12)
+
+
+def test_memory_is_rejected_by_models_without_it():
+    with pytest.raises(ValueError, match="transformer-xl"):
+        build_model("slide", "tiny")(torch.zeros(1, 16, dtype=torch.long), return_memory=True)

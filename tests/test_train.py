@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from blockstate.cli import main
 from blockstate.train import TrainConfig, learning_rate, parse_duration, train
@@ -163,3 +164,40 @@ def test_non_utf8_text_is_read_not_crashed_on(tmp_path):
         (root / f"d{i}.txt").write_bytes(("caf\xe9 cr\xe8me " * 40).encode("latin-1"))
     summary = train(_config(root, tmp_path, max_steps=2), tmp_path / "run", quiet=True)
     assert summary["step"] == 2
+
+
+def test_transformer_xl_trains_and_evaluates_with_carried_memory(corpus, tmp_path, capsys):
+    run = tmp_path / "xl"
+    summary = train(_config(corpus, tmp_path, model="transformer-xl", max_steps=40, lr=3e-3,
+                            seq_len=32), run, quiet=True)
+    losses = _losses(run)
+    assert losses[40] < 0.7 * losses[1]
+    assert summary["validation"]["perplexity"] < summary["unigram_perplexity"]
+    assert main(["eval", str(run), "--data", str(corpus), "--lengths", "32,64", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["lengths"]["64"]["tokens"] > 0
+
+
+def test_segment_stream_rows_continue_their_documents(corpus, tmp_path):
+    from blockstate.data import ByteTokenizer, PackedSequences, SegmentStream, resolve_corpus, tokenize_split
+
+    split = tokenize_split(resolve_corpus(str(corpus)), ByteTokenizer(), "train", tmp_path / "cache")
+    data = PackedSequences(split, 32, ByteTokenizer().pad_id)
+    stream = SegmentStream(data, 4, seed=1)
+    lanes, keep = stream.lanes()
+    doc_of = stream.doc_of
+    for lane, kept in zip(lanes, keep, strict=True):
+        for t in range(1, len(lane)):
+            same = doc_of[lane[t]] == doc_of[lane[t - 1]]
+            assert kept[t] == same
+            if same:  # consecutive windows of one document
+                assert data.starts[lane[t]] == data.starts[lane[t - 1]] + 32
+    assert not keep[:, 0].any()
+    batches = [stream.next_batch() for _ in range(3)]
+    state = stream.state_dict()
+    after = stream.next_batch()
+    replay = SegmentStream(data, 4, seed=1)
+    replay.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(after, replay.next_batch(), strict=True))
+    two = [SegmentStream(data, 4, seed=1, rank=r, world_size=2).next_batch()[0] for r in range(2)]
+    assert torch.equal(torch.cat(two), batches[0][0])

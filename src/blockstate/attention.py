@@ -113,10 +113,11 @@ class BlockSelfAttention(nn.Module):
     Returns the per-head outputs (B, L, H * Dh), before the output projection.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, detach_previous: bool = False):
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.resolved_head_dim
         self.block_size, self.mode = config.block_size, config.self_attention
+        self.detach_previous = detach_previous
         self.dropout = config.dropout
         inner = self.n_heads * self.head_dim
         self.qkv = nn.Linear(config.d_model, 3 * inner, bias=False)
@@ -130,25 +131,53 @@ class BlockSelfAttention(nn.Module):
         key_pos = torch.arange(n_keys, device=device)
         return causal_bias(self.rel_bias(query_pos, key_pos), query_pos, key_pos)  # (H, W, Lk)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        w = length if self.mode == "full" else self.block_size
-        h, d = self.n_heads, self.head_dim
-        qkv = to_blocks(self.qkv(x), w).unflatten(-1, (3, h, d))                  # (B, nb, W, 3, H, Dh)
+    def _keys_values(self, x: torch.Tensor, w: int) -> tuple[torch.Tensor, ...]:
+        qkv = to_blocks(self.qkv(x), w).unflatten(-1, (3, self.n_heads, self.head_dim))
         q, k, v = qkv.unbind(dim=3)                                                # (B, nb, W, H, Dh)
         q, k = self.qk_norm(q, k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, H * Dh).
+
+        Sliding mode only (Transformer-XL): with `detach_previous`, keys/values of the previous
+        block are computed from a stop-gradient copy of the input; `memory` (B, W, D), the
+        normalized input of the block before this sequence, serves as block 0's previous block,
+        for the rows where `keep` (B,) bool is true (all rows when `keep` is None).
+        """
+        batch, length, _ = x.shape
+        w = length if self.mode == "full" else self.block_size
+        q, k, v = self._keys_values(x, w)
         dropout = self.dropout if self.training else 0.0
         own = self._mask(w, w, x.device)                                           # (H, W, W)
-        if self.mode != "sliding" or length == w:
+        if memory is not None and self.mode != "sliding":
+            raise ValueError("memory is only defined for sliding-window self-attention")
+        if self.mode != "sliding" or (length == w and memory is None):
             out = attend(heads_first(q), heads_first(k), heads_first(v), own, dropout)
             return heads_last(out, batch)
-        # Block 0 sees only itself; blocks 1.. see [previous block, own block].
-        first = attend(heads_first(q[:, :1]), heads_first(k[:, :1]), heads_first(v[:, :1]), own,
-                       dropout)                                                    # (B, H, W, Dh)
-        k2 = torch.cat([k[:, :-1], k[:, 1:]], dim=2)                               # (B, nb-1, 2W, H, Dh)
-        v2 = torch.cat([v[:, :-1], v[:, 1:]], dim=2)
-        rest = attend(heads_first(q[:, 1:]), heads_first(k2), heads_first(v2),
-                      self._mask(w, 2 * w, x.device), dropout)                        # (B*(nb-1), H, W, Dh)
+        window = self._mask(w, 2 * w, x.device)                                    # (H, W, 2W)
+        if memory is None:  # block 0 sees only itself
+            first = attend(heads_first(q[:, :1]), heads_first(k[:, :1]), heads_first(v[:, :1]), own,
+                           dropout)                                                # (B, H, W, Dh)
+        else:
+            _, mk, mv = self._keys_values(memory, w)                               # (B, 1, W, H, Dh)
+            mask = window.expand(batch, -1, -1, -1)                                # (B, H, W, 2W)
+            if keep is not None:
+                dropped = (~keep)[:, None, None, None] & (torch.arange(2 * w, device=x.device) < w)
+                mask = mask.masked_fill(dropped, float("-inf"))
+            first = attend(heads_first(q[:, :1]), heads_first(torch.cat([mk, k[:, :1]], 2)),
+                           heads_first(torch.cat([mv, v[:, :1]], 2)), mask, dropout)
+        if length == w:
+            return heads_last(first, batch)
+        kp, vp = k, v
+        if self.detach_previous:
+            _, kp, vp = self._keys_values(x.detach(), w)
+        # Blocks 1.. see [previous block, own block].
+        k2 = torch.cat([kp[:, :-1], k[:, 1:]], dim=2)                              # (B, nb-1, 2W, H, Dh)
+        v2 = torch.cat([vp[:, :-1], v[:, 1:]], dim=2)
+        rest = attend(heads_first(q[:, 1:]), heads_first(k2), heads_first(v2), window,
+                      dropout)                                                     # (B*(nb-1), H, W, Dh)
         return torch.cat([heads_last(first, batch), heads_last(rest, batch)], dim=1)
 
 

@@ -16,9 +16,10 @@ SSM_KERNELS = ("s4", "s4d", "unstruct", "explicit")
 S4D_INITS = ("lin", "inv")
 SELF_ATTENTION_MODES = ("block", "sliding", "full")
 # "bst": the paper's model. Baselines (paper section 4): "gss-hybrid" puts Gated State Space layers
-# and "brt" Block-Recurrent layers where "bst" puts BST layers. The Transformer and Slide baselines
-# are "bst" with no BST layers and full or sliding-window self-attention.
-ARCHS = ("bst", "gss-hybrid", "brt")
+# and "brt" Block-Recurrent layers where "bst" puts BST layers; "transformer-xl" makes every layer a
+# segment-recurrent one. The Transformer and Slide baselines are "bst" with no BST layers and full
+# or sliding-window self-attention.
+ARCHS = ("bst", "gss-hybrid", "brt", "transformer-xl")
 
 # The paper's 12-layer model puts BST layers at layers 1, 7 and 9 (0-based 0, 6, 8).
 PAPER_DEPTH = 12
@@ -52,7 +53,7 @@ class ModelConfig:
     S = `num_context_states`, L = `max_seq_len` (training length).
     """
 
-    arch: str = "bst"               # bst | gss-hybrid | brt (see ARCHS)
+    arch: str = "bst"               # bst | gss-hybrid | brt | transformer-xl (see ARCHS)
     vocab_size: int = 256
     d_model: int = 256              # D: residual stream width
     n_layers: int = 6

@@ -18,7 +18,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import ModelConfig
 from .data import PackedSequences, load_tokenizer, resolve_corpus, tokenize_split
 from .model import BlockStateLM
-from .train import _default_cache_dir, resolve_device, token_loss
+from .train import _default_cache_dir, carries_memory, iter_losses, resolve_device
 
 POSITION_BINS = 64
 
@@ -48,19 +48,20 @@ def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths:
     take = n if max_tokens is None else max(1, min(n, math.ceil(max_tokens / seq_len)))
     indices = np.unique(np.linspace(0, n - 1, take).round().astype(np.int64))
     batch = max(1, batch_tokens // seq_len)
+    if carries_memory(model):  # whole documents in order, memory carried: lanes of windows
+        batch = max(1, min(batch, n))
     lengths = torch.as_tensor(byte_lengths, dtype=torch.float64)
     pos_loss = torch.zeros(seq_len, dtype=torch.float64)
     pos_count = torch.zeros(seq_len, dtype=torch.float64)
-    nll, n_bytes = 0.0, 0.0
-    for start in range(0, len(indices), batch):
-        inputs, targets = dataset.batch(indices[start:start + batch].tolist())
-        _, losses = token_loss(model, inputs.to(device), targets.to(device), device)
-        losses = losses.double().cpu()
+    nll, n_bytes, sequences = 0.0, 0.0, 0
+    for targets, losses in iter_losses(model, dataset, batch, math.ceil(take / batch), device, indices):
+        losses = losses.double()
         valid = targets != -100
         pos_loss += (losses * valid).sum(0)
         pos_count += valid.sum(0)
         nll += float(losses[valid].sum())
         n_bytes += float(lengths[targets[valid]].sum())
+        sequences += len(targets)
     count = int(pos_count.sum())
     loss = nll / max(1, count)
     bins = np.array_split(np.arange(seq_len), min(POSITION_BINS, seq_len))
@@ -68,7 +69,7 @@ def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths:
                     "loss": float(pos_loss[b].sum() / max(1.0, float(pos_count[b].sum())))} for b in bins]
     return {"length": seq_len, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": nll / math.log(2) / max(1.0, n_bytes), "tokens": count,
-            "sequences": len(indices), "loss_by_position": by_position}
+            "sequences": sequences, "loss_by_position": by_position}
 
 
 def evaluate_checkpoint(path: str | Path, data: str, lengths: list[int] | None = None,

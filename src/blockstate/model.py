@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer
+from .layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer, XLLayer
 
 # The layer each architecture puts at the positions `bst_layers`; attention layers go elsewhere.
 SPECIAL_LAYERS = {"bst": BSTLayer, "gss-hybrid": GSSLayer, "brt": BlockRecurrentLayer}
+Memory = list[torch.Tensor]  # Transformer-XL: per layer, its input over the last block (B, W, D)
 
 
 class BlockStateLM(nn.Module):
@@ -26,12 +27,15 @@ class BlockStateLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        special, placed = SPECIAL_LAYERS[config.arch], set(config.resolved_bst_layers)
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(
-            special(config) if i in placed else BlockAttentionLayer(config)
-            for i in range(config.n_layers))
+        if config.arch == "transformer-xl":
+            self.layers = nn.ModuleList(XLLayer(config) for _ in range(config.n_layers))
+        else:
+            special, placed = SPECIAL_LAYERS[config.arch], set(config.resolved_bst_layers)
+            self.layers = nn.ModuleList(
+                special(config) if i in placed else BlockAttentionLayer(config)
+                for i in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.reset_parameters()
 
@@ -68,15 +72,35 @@ class BlockStateLM(nn.Module):
                 f"token ids must lie in [0, {self.config.vocab_size}) (vocab_size="
                 f"{self.config.vocab_size}); got values in [{low}, {high}]")
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, memory: Memory | None = None,
+                keep: torch.Tensor | None = None, return_memory: bool = False):
+        """Logits (B, L, V); with `return_memory` (Transformer-XL only), (logits, memory) where the
+        memory continues the sequence in the next call. `keep` (B,) bool marks the rows whose
+        `memory` continues the same document; other rows ignore it."""
         self.check_tokens(tokens)
+        xl = self.config.arch == "transformer-xl"
+        if not xl and (memory is not None or return_memory):
+            raise ValueError(f"memory is carried by transformer-xl only, not arch={self.config.arch!r}")
         length = tokens.shape[1]
         w = self.config.block_size
+        if return_memory and length % w:
+            raise ValueError(f"carrying memory needs a length that is a multiple of block_size={w}; "
+                             f"got {length}")
+        if memory is not None and (len(memory) != len(self.layers)
+                                   or memory[0].shape != (tokens.shape[0], w, self.config.d_model)):
+            raise ValueError(f"memory must hold {len(self.layers)} tensors of shape "
+                             f"{(tokens.shape[0], w, self.config.d_model)}")
         padded = -(-length // w) * w
         if padded != length:
             tokens = F.pad(tokens, (0, padded - length))
         x = self.dropout(self.embedding(tokens.long()))                           # (B, L', D)
-        for layer in self.layers:
-            x = layer(x)
+        new_memory = []
+        for i, layer in enumerate(self.layers):
+            if xl:
+                new_memory.append(x[:, padded - w:].detach())
+                x = layer(x, None if memory is None else memory[i], keep)
+            else:
+                x = layer(x)
         x = self.norm(x[:, :length])                                              # (B, L, D)
-        return F.linear(x, self.embedding.weight.to(x.dtype))                     # (B, L, V)
+        logits = F.linear(x, self.embedding.weight.to(x.dtype))                   # (B, L, V)
+        return (logits, new_memory) if return_memory else logits

@@ -22,6 +22,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # given for the paper's 12-layer depth and scaled to the size's depth.
     "transformer": {"self_attention": "full", "bst_layers": ()},
     "slide": {"self_attention": "sliding", "bst_layers": ()},
+    "transformer-xl": {"arch": "transformer-xl", "self_attention": "sliding", "bst_layers": ()},
     "brt": {"arch": "brt", "self_attention": "sliding", "bst_layers": (9,)},
     "gss-hybrid": {"arch": "gss-hybrid", "ssm_kernel": "s4d", "gss_expansion": 6},
 }
@@ -31,6 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_SIZE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("transformer", "small"): {"d_ff": 1280},
     ("slide", "small"): {"d_ff": 1280},
+    ("transformer-xl", "small"): {"d_ff": 1280},
 }
 
 # Sizes shared by all presets. `base` and `large` are the paper's (~200M / ~400M with a 32k vocab).

@@ -31,6 +31,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import (
     BatchStream,
     PackedSequences,
+    SegmentStream,
     Tokenizer,
     build_tokenizer,
     load_tokenizer,
@@ -224,14 +225,47 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy (nats) over non-ignored targets, and per-token losses."""
+def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
+               **forward: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Summed next-token cross-entropy (nats) over non-ignored targets, the per-token losses, and
+    the memory the model returns when called with `return_memory=True` (else None)."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(inputs)
+        out = model(inputs, **forward)
+    logits, memory = out if isinstance(out, tuple) else (out, None)
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                              reduction="none").view_as(targets)
-    return losses.sum(), losses
+    return losses.sum(), losses, memory
+
+
+def carries_memory(model: nn.Module) -> bool:
+    return model.config.arch == "transformer-xl"
+
+
+@torch.no_grad()
+def iter_losses(model: nn.Module, dataset: PackedSequences, batch_size: int, max_batches: int | None,
+                device: torch.device, indices: np.ndarray | None = None):
+    """Yield (targets, per-token losses) for batches of `dataset`'s windows: `indices` in order
+    (default all). A model that carries memory instead reads lanes of consecutive windows of whole
+    documents, in corpus order, with its memory carried from batch to batch."""
+    if carries_memory(model):
+        stream = SegmentStream(dataset, batch_size, seed=0, shuffle=False)
+        steps = stream.batches_per_epoch
+        if max_batches is not None:
+            steps = min(max_batches, steps)
+        memory = None
+        for _ in range(steps):
+            inputs, targets, keep = stream.next_batch()
+            _, losses, memory = token_loss(model, inputs.to(device), targets.to(device), device,
+                                           memory=memory, keep=keep.to(device), return_memory=True)
+            yield targets, losses.cpu()
+        return
+    indices = np.arange(len(dataset)) if indices is None else indices
+    for b, start in enumerate(range(0, len(indices), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        inputs, targets = dataset.batch(indices[start:start + batch_size].tolist())
+        _, losses, _ = token_loss(model, inputs.to(device), targets.to(device), device)
+        yield targets, losses.cpu()
 
 
 @torch.no_grad()
@@ -242,15 +276,9 @@ def evaluate_batches(model: nn.Module, dataset: PackedSequences, tokenizer: Toke
     model.eval()
     byte_lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
     nll, count, n_bytes = 0.0, 0, 0.0
-    n = len(dataset)
-    stops = range(0, n, batch_size)
-    for b, start in enumerate(stops):
-        if max_batches is not None and b >= max_batches:
-            break
-        inputs, targets = dataset.batch(range(start, min(n, start + batch_size)))
-        total, _ = token_loss(model, inputs.to(device), targets.to(device), device)
+    for targets, losses in iter_losses(model, dataset, batch_size, max_batches, device):
         valid = targets != -100
-        nll += total.item()
+        nll += float(losses[valid].double().sum())
         count += int(valid.sum())
         n_bytes += float(byte_lengths[targets[valid]].sum())
     model.train(was_training)
@@ -372,7 +400,13 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
     seq_len = config.seq_len or mconfig.max_seq_len
     train_data = PackedSequences(splits["train"], seq_len, tokenizer.pad_id, config.pack_documents)
     val_data = PackedSequences(splits["validation"], seq_len, tokenizer.pad_id, config.pack_documents)
-    stream = BatchStream(train_data, config.batch_size, config.seed, ddp.rank, ddp.world_size)
+    xl = mconfig.arch == "transformer-xl"
+    if xl and seq_len % mconfig.block_size:
+        raise ValueError(f"transformer-xl carries memory between sequences: seq_len={seq_len} must be "
+                         f"a multiple of block_size={mconfig.block_size}")
+    stream = (SegmentStream if xl else BatchStream)(train_data, config.batch_size, config.seed,
+                                                    ddp.rank, ddp.world_size)
+    memory = None  # transformer-xl: the memory left by the previous batch (empty after a resume)
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, config.size, **overrides).to(device)
@@ -446,21 +480,29 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
             lr = learning_rate(step, config, horizon)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs, targets = stream.next_batch()                               # this rank's slice
+            inputs, targets, *extra = stream.next_batch()                       # this rank's slice
             count = (targets != -100).sum().to(torch.float64)
             if dist.is_initialized():
                 dist.all_reduce(count)
             loss_sum = torch.zeros((), dtype=torch.float64)
+            memories = []
             for m in range(config.grad_accum):
-                x = inputs[m * micro:(m + 1) * micro].to(device)
-                y = targets[m * micro:(m + 1) * micro].to(device)
+                rows = slice(m * micro, (m + 1) * micro)
+                x, y = inputs[rows].to(device), targets[rows].to(device)
+                forward = {}
+                if xl:
+                    forward = {"return_memory": True, "keep": extra[0][rows].to(device),
+                               "memory": None if memory is None else [t[rows] for t in memory]}
                 last = m == config.grad_accum - 1
                 sync = train_model.no_sync() if (ddp.world_size > 1 and not last) else nullcontext()
                 with sync:
-                    total, _ = token_loss(train_model, x, y, device)
+                    total, _, new_memory = token_loss(train_model, x, y, device, **forward)
+                    memories.append(new_memory)
                     # mean over the global batch's tokens; DDP averages over processes
                     (total * ddp.world_size / count.item()).backward()
                 loss_sum += total.detach().double().cpu()
+            if xl:
+                memory = [torch.cat(parts, 0) for parts in zip(*memories, strict=True)]
             if dist.is_initialized():
                 dist.all_reduce(loss_sum)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -17,7 +17,15 @@ from .corpora import (
     resolve_corpus,
     split_of,
 )
-from .dataset import IGNORE_INDEX, BatchStream, PackedSequences, TokenizedSplit, token_dtype, tokenize_split
+from .dataset import (
+    IGNORE_INDEX,
+    BatchStream,
+    PackedSequences,
+    SegmentStream,
+    TokenizedSplit,
+    token_dtype,
+    tokenize_split,
+)
 from .tokenizers import (
     ByteTokenizer,
     SentencePieceTokenizer,
@@ -30,7 +38,7 @@ from .tokenizers import (
 
 __all__ = [
     "IGNORE_INDEX", "SPLITS", "BatchStream", "ByteTokenizer", "Corpus", "CorpusError", "DirectoryCorpus",
-    "Document", "HfCorpus", "JsonlCorpus", "KjvCorpus", "LatexCorpus", "PackedSequences",
+    "Document", "HfCorpus", "JsonlCorpus", "KjvCorpus", "LatexCorpus", "PackedSequences", "SegmentStream",
     "SentencePieceTokenizer", "StdlibCorpus", "TextFileCorpus", "TokenizedSplit", "Tokenizer",
     "TokenizerError", "build_tokenizer", "list_corpora", "load_tokenizer", "resolve_corpus", "split_of",
     "token_dtype", "tokenize_split", "train_sentencepiece",

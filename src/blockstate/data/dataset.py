@@ -275,3 +275,71 @@ class BatchStream:
                              f"'position': int in [0, {len(self.dataset)}]}}")
         self.epoch = epoch
         self.position = position
+
+
+class SegmentStream:
+    """Batches whose rows continue their documents from one batch to the next, for models that
+    carry memory across training sequences (Transformer-XL).
+
+    Epoch e deals the documents, in the order torch.randperm(n_docs) seeded with seed + e (or in
+    corpus order when `shuffle` is false), into `global_batch_size` lanes of equal numbers of
+    windows, each document's windows in order; batch t holds the t-th window of every lane, and
+    rank r takes its contiguous slice of lanes. `next_batch` also returns `keep` (B,) bool: true
+    where the row continues the document of the lane's previous window. The state is (epoch,
+    batches of the epoch consumed).
+    """
+
+    def __init__(self, dataset: PackedSequences, global_batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True):
+        if global_batch_size < 1 or global_batch_size % world_size:
+            raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                             f"world_size={world_size}")
+        if len(dataset) < global_batch_size:
+            raise CorpusError(f"the dataset has {len(dataset)} windows, fewer than one global batch of "
+                              f"{global_batch_size}; use more data, a shorter seq_len or a smaller batch")
+        self.dataset, self.global_batch_size, self.seed = dataset, global_batch_size, seed
+        self.rows = slice(rank * (global_batch_size // world_size),
+                          (rank + 1) * (global_batch_size // world_size))
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        self.doc_of = np.searchsorted(dataset.split.doc_offsets, dataset.starts, side="right") - 1
+        self._lanes: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.dataset) // self.global_batch_size
+
+    def lanes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(window indices, keep), each (global_batch_size, batches_per_epoch), of this epoch."""
+        if self._lanes is None or self._lanes[0] != self.epoch:
+            n_docs = int(self.doc_of.max()) + 1
+            rank_of_doc = np.arange(n_docs)
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed + self.epoch)
+                rank_of_doc[torch.randperm(n_docs, generator=generator).numpy()] = np.arange(n_docs)
+            order = np.lexsort((np.arange(len(self.doc_of)), rank_of_doc[self.doc_of]))
+            steps = self.batches_per_epoch
+            lanes = order[: steps * self.global_batch_size].reshape(self.global_batch_size, steps)
+            docs = self.doc_of[lanes]
+            keep = np.zeros_like(lanes, dtype=bool)
+            keep[:, 1:] = docs[:, 1:] == docs[:, :-1]
+            self._lanes = (self.epoch, lanes, keep)
+        return self._lanes[1], self._lanes[2]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's (inputs, targets, keep) of the next batch."""
+        if self.position >= self.batches_per_epoch:
+            self.epoch += 1
+            self.position = 0
+        lanes, keep = self.lanes()
+        indices, row_keep = lanes[self.rows, self.position], keep[self.rows, self.position]
+        self.position += 1
+        inputs, targets = self.dataset.batch(indices)
+        return inputs, targets, torch.as_tensor(row_keep)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

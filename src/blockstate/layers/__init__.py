@@ -1,8 +1,8 @@
 """Layers of the language model: attention layers, BST layers and the baselines' layers."""
 
-from .block import BlockAttentionLayer
+from .block import BlockAttentionLayer, XLLayer
 from .brt import BlockRecurrentLayer
 from .bst import BSTLayer, ContextStates
 from .gss import GSSLayer
 
-__all__ = ["BlockAttentionLayer", "BlockRecurrentLayer", "BSTLayer", "ContextStates", "GSSLayer"]
+__all__ = ["BlockAttentionLayer", "BlockRecurrentLayer", "BSTLayer", "ContextStates", "GSSLayer", "XLLayer"]

@@ -16,16 +16,29 @@ class BlockAttentionLayer(nn.Module):
     Input length must be a multiple of `config.block_size` (the model pads).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, detach_previous: bool = False):
         super().__init__()
         inner = config.n_heads * config.resolved_head_dim
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.self_attn = BlockSelfAttention(config)
+        self.self_attn = BlockSelfAttention(config, detach_previous)
         self.out = nn.Linear(inner, config.d_model, bias=False)
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.out(self.self_attn(self.attn_norm(x))))
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`memory` (B, W, D): this layer's input for the block before x (Transformer-XL)."""
+        h_memory = None if memory is None else self.attn_norm(memory)
+        x = x + self.dropout(self.out(self.self_attn(self.attn_norm(x), h_memory, keep)))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class XLLayer(BlockAttentionLayer):
+    """Transformer-XL layer (Dai et al. 2019): attention over the current and the previous segment
+    of W tokens with relative positions, where the previous segment's states are a stop-gradient
+    memory; across calls the memory is the last segment of the previous sequence of the same
+    document. Here relative positions are the T5 bias shared with the other layers."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config.replace(self_attention="sliding"), detach_previous=True)
