@@ -1,4 +1,17 @@
-"""The plain block attention layer (no SSM): the non-BST layers of the paper's stack."""
+"""Attention layers without an SSM: the non-BST layers of the paper's stack, and the layers of three
+baselines (paper section 4):
+
+- `transformer`: every layer is a `BlockAttentionLayer` with full causal self-attention
+  (self_attention="full"; Vaswani et al. 2017), the quadratic reference, with the same pre-RMSNorm,
+  T5 relative position bias, normalized queries/keys and ReLU MLP as BST's attention layers.
+- `slide` (the paper's Slide:12L): every layer attends to the current and the previous block
+  (self_attention="sliding", window W), no SSM.
+- `transformer-xl` (Dai et al. 2019): every layer is an `XLLayer`, see its docstring.
+
+At the small size these baselines widen their MLP (d_ff 1280 instead of 1024) so that their
+parameter count is within 10% of the BST presets'; at the paper's base size they are the paper's
+12-layer configuration as is (7% fewer parameters than BST:SH).
+"""
 
 from __future__ import annotations
 
