@@ -62,3 +62,13 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 logits = logits + bias[head, i, idx]
             out[i, head] = torch.softmax(logits, 0) @ v[idx, head]
     return out
+
+
+@torch.no_grad()
+def greedy_by_full_forward(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding by a full forward pass over the whole sequence for every new token."""
+    model.eval()
+    tokens = list(prompt)
+    for _ in range(max_new_tokens):
+        tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens

@@ -201,3 +201,13 @@ def test_segment_stream_rows_continue_their_documents(corpus, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(after, replay.next_batch(), strict=True))
     two = [SegmentStream(data, 4, seed=1, rank=r, world_size=2).next_batch()[0] for r in range(2)]
     assert torch.equal(torch.cat(two), batches[0][0])
+
+
+def test_generate_cli_streams_from_a_checkpoint(corpus, tmp_path, capsys):
+    train(_config(corpus, tmp_path, max_steps=2), tmp_path / "run", quiet=True)
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "document 7\n", "--max-new-tokens",
+                 "12", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("document 7\n") and len(out) > len("document 7\n")
+    assert "empty" in _cli_error(["generate", str(tmp_path / "run"), "--prompt", ""], capsys)
+    assert "exactly one" in _cli_error(["generate", str(tmp_path / "run")], capsys)

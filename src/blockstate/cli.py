@@ -1,4 +1,4 @@
-"""Command-line interface: `blockstate train | eval | corpora | models | demo`."""
+"""Command-line interface: `blockstate train | eval | generate | corpora | models | demo`."""
 
 from __future__ import annotations
 
@@ -163,6 +163,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .evaluate import load_model_and_tokenizer
+    from .train import resolve_device
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("give exactly one of --prompt TEXT or --prompt-file FILE")
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+    else:
+        prompt = args.prompt
+    model, tokenizer, _ = load_model_and_tokenizer(args.checkpoint, resolve_device(args.device))
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    new: list[int] = []
+    shown = 0
+    sys.stdout.write(prompt)
+
+    def stream(row: int, token: int) -> None:
+        nonlocal shown
+        new.append(token)
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+
+    stop = [tokenizer.eos_id] if args.stop_at_eos else []
+    model.generate([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop=stop, on_token=stream)
+    sys.stdout.write(tokenizer.decode(new)[shown:] + "\n")
+    return 0
+
+
 def cmd_corpora(args: argparse.Namespace) -> int:
     from .data import list_corpora
 
@@ -218,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     p.add_argument("--plot", default=None, help="PNG of loss by position (needs matplotlib)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint, streamed as produced")
+    p.add_argument("checkpoint", help="run directory or checkpoint directory")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt-file", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document token")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("corpora", help="list known corpora, their availability and size")
     p.add_argument("--json", action="store_true")

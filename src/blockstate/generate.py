@@ -1,44 +1,157 @@
-"""Sampling from a language model.
+"""Generation by block-wise recurrent inference, equal to the parallel forward pass.
 
-`sample_by_full_forward` recomputes the whole (truncated) context for every new token: simple and
-obviously correct, but its cost grows with the context.
+Every layer type exposes `block_cache` (allocate), `forward_block` (outputs for the first n
+positions of the current block, given what earlier blocks left in the cache) and `end_block`
+(fold a completed block into the cache). What a cache holds per layer type:
+
+- attention layers: keys/values of the previous block (sliding window, Transformer-XL) or of all
+  earlier blocks (full attention, growing); block-only attention keeps nothing;
+- S4/S4D SSMs: their recurrent state (N per channel), advanced once per block by an exact
+  block operator (matrix powers of the discretized system), entering a block through a carry;
+- unstructured kernels: the whole input history (they have no finite state), turned into the
+  block's carry by one FFT convolution per block;
+- MF context states: the SSM outputs at the end of the previous block;
+- Block-Recurrent layers: their recurrent state, updated at block boundaries.
+
+A prompt is prefilled block by block, each block in parallel; each new token then recomputes the
+current block's positions (at most W) through all layers, so the work per token is bounded by W
+and, for all but full attention and unstructured kernels, the memory does not grow with the
+context.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-@torch.no_grad()
-def sample_by_full_forward(model: nn.Module, prompt: list[int], max_new_tokens: int,
-                           temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-                           context: int | None = None, device: torch.device | str = "cpu") -> list[int]:
-    """Prompt followed by `max_new_tokens` sampled tokens (greedy when temperature == 0).
+@dataclass
+class InferenceState:
+    """Per-layer caches and the tokens of the current, incomplete block (B, n)."""
 
-    Each step runs the model on the last `context` tokens (default: the model's training length).
-    """
-    if not prompt:
-        raise ValueError("prompt must contain at least one token")
+    caches: list[dict]
+    block_tokens: torch.Tensor
+
+
+def start(model: nn.Module, batch: int) -> InferenceState:
+    weight = model.embedding.weight
+    caches = [layer.block_cache(batch, weight.device, weight.dtype) for layer in model.layers]
+    return InferenceState(caches, torch.zeros(batch, 0, dtype=torch.long, device=weight.device))
+
+
+def _run_block(model: nn.Module, state: InferenceState) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = model.embedding(state.block_tokens)                                       # (B, n, D)
+    inputs = []
+    for layer, cache in zip(model.layers, state.caches, strict=True):
+        inputs.append(x)
+        x = layer.forward_block(x, cache)
+    logits = F.linear(model.norm(x), model.embedding.weight.to(x.dtype))           # (B, n, V)
+    return logits, inputs
+
+
+@torch.no_grad()
+def feed(model: nn.Module, state: InferenceState, tokens: torch.Tensor) -> torch.Tensor:
+    """Advance `state` by `tokens` (B, T) and return their logits (B, T, V): whole blocks at once,
+    the trailing partial block recomputed whenever it grows."""
+    model.check_tokens(tokens)
+    w = model.config.block_size
+    out, i = [], 0
+    while i < tokens.shape[1]:
+        before = state.block_tokens.shape[1]
+        take = min(w - before, tokens.shape[1] - i)
+        state.block_tokens = torch.cat([state.block_tokens, tokens[:, i:i + take]], dim=1)
+        i += take
+        logits, inputs = _run_block(model, state)
+        out.append(logits[:, before:])
+        if state.block_tokens.shape[1] == w:
+            for layer, cache, x in zip(model.layers, state.caches, inputs, strict=True):
+                layer.end_block(x, cache)
+            state.block_tokens = state.block_tokens[:, :0]
+    return torch.cat(out, dim=1)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+            generator: torch.Generator) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V)."""
+    logits = logits.float().cpu()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p   # keep the smallest set >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _check(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+           top_k: int | None, top_p: float | None) -> None:
+    config = model.config
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must contain at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0")
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
-    context = context or model.config.max_seq_len
-    generator = torch.Generator().manual_seed(seed)
+        raise ValueError(f"top_k={top_k} must be >= 1 (or None)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (or None)")
+    uses_ssm = config.arch in ("bst", "gss-hybrid") and config.resolved_bst_layers
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if uses_ssm and config.ssm_kernel in ("unstruct", "explicit") and longest > config.max_seq_len:
+        raise ValueError(
+            f"prompt plus max_new_tokens is {longest} tokens, longer than the {config.max_seq_len} "
+            f"the {config.ssm_kernel!r} kernel was trained for; it does not extrapolate reliably. "
+            f"Shorten the prompt or use a structured kernel (s4, s4d)")
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, stop: Sequence[int] = (),
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Each prompt followed by up to `max_new_tokens` sampled tokens (greedy when temperature is
+    0), stopping a row after any token in `stop` (which is kept). Prompts may differ in length;
+    prompts of equal length are generated as one batch. `on_token(row, token)` is called for
+    every new token as it is produced (for streaming)."""
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    prompts = [list(map(int, p)) for p in prompts]
+    _check(model, prompts, max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
-    tokens = list(prompt)
-    for _ in range(max_new_tokens):
-        window = torch.tensor([tokens[-context:]], dtype=torch.long, device=device)
-        logits = model(window)[0, -1].float().cpu()                               # (V,)
-        if temperature == 0:
-            tokens.append(int(logits.argmax()))
-            continue
-        logits = logits / temperature
-        if top_k is not None and top_k < logits.numel():
-            kth = torch.topk(logits, top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        tokens.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)))
+    device = model.embedding.weight.device
+    generator = torch.Generator().manual_seed(seed)
+    stop_ids = set(stop)
+    results: list[list[int]] = [list(p) for p in prompts]
+    by_length: dict[int, list[int]] = {}
+    for row, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(row)
+    for rows in by_length.values():
+        state = start(model, len(rows))
+        tokens = torch.tensor([prompts[r] for r in rows], dtype=torch.long, device=device)
+        logits = feed(model, state, tokens)[:, -1]                                # (B, V)
+        done = [False] * len(rows)
+        for step in range(max_new_tokens):
+            next_tokens = _sample(logits, temperature, top_k, top_p, generator)   # (B,)
+            for i, (row, token) in enumerate(zip(rows, next_tokens.tolist(), strict=True)):
+                if done[i]:
+                    continue
+                results[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+                done[i] = token in stop_ids
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits = feed(model, state, next_tokens.to(device).unsqueeze(1))[:, -1]
     model.train(was_training)
-    return tokens
+    return results

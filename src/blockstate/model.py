@@ -54,6 +54,15 @@ class BlockStateLM(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
+    def generate(self, prompt_tokens, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 stop=(), on_token=None) -> list[list[int]]:
+        """Prompts followed by sampled tokens; see `blockstate.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, prompt_tokens, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                        on_token)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

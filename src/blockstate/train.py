@@ -38,7 +38,6 @@ from .data import (
     resolve_corpus,
     tokenize_split,
 )
-from .generate import sample_by_full_forward
 from .registry import SIZES, build_model, list_models, model_config
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
@@ -566,8 +565,7 @@ def _sample(model: nn.Module, tokenizer: Tokenizer, val_data: PackedSequences, c
         return None
     inputs, _ = val_data[0]
     prompt = [int(t) for t in inputs[:48] if t not in (tokenizer.pad_id, tokenizer.bos_id)]
-    out = sample_by_full_forward(model, prompt, config.sample_tokens, temperature=0.8, top_k=40,
-                                 seed=config.seed, device=device)
+    out = model.generate([prompt], config.sample_tokens, temperature=0.8, top_k=40, seed=config.seed)[0]
     return {"prompt": tokenizer.decode(prompt), "continuation": tokenizer.decode(out[len(prompt):])}
 
 

@@ -51,6 +51,36 @@ class BlockRecurrentLayer(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.n_heads, self.head_dim))
 
+    def _state_keys(self, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        sn = self.state_norm(state) + self.state_ids                                # (B, S, D)
+        state_k, state_v = self._heads(self.state_kv(sn).unflatten(-1, (2, -1))).unbind(2)
+        return sn, state_k, state_v                                                 # (B, S, H, Dh)
+
+    def _read_state(self, state: torch.Tensor, q: torch.Tensor, dropout: float) -> torch.Tensor:
+        """Token queries q (B, W, H, Dh) attend to the state -> (B, H, W, Dh)."""
+        _, state_k, state_v = self._state_keys(state)
+        q, sk = self.token_qk_norm(q, state_k)
+        return attend(q.transpose(1, 2), sk.transpose(1, 2), state_v.transpose(1, 2), dropout=dropout)
+
+    def _update_state(self, state: torch.Tensor, token_k: torch.Tensor, token_v: torch.Tensor,
+                      dropout: float) -> torch.Tensor:
+        """The state after a block whose tokens have keys/values (B, W, H, Dh)."""
+        sn, state_k, state_v = self._state_keys(state)
+        q_self, q_cross = self._heads(self.state_q(sn).unflatten(-1, (2, -1))).unbind(2)
+        q_self, sk = self.state_qk_norm(q_self, state_k)
+        q_cross, tk = self.state_qk_norm(q_cross, token_k)
+        z_self = attend(q_self.transpose(1, 2), sk.transpose(1, 2), state_v.transpose(1, 2),
+                        dropout=dropout)
+        z_cross = attend(q_cross.transpose(1, 2), tk.transpose(1, 2), token_v.transpose(1, 2),
+                         dropout=dropout)                                           # (B, H, S, Dh)
+        z = self.state_out(torch.cat([z_self, z_cross], -1).transpose(1, 2).flatten(2))
+        gate = torch.sigmoid(self.gate_bias)
+        return gate * state + (1 - gate) * z                                        # (B, S, D)
+
+    def _mix(self, x: torch.Tensor, self_out: torch.Tensor, cross_out: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.out(torch.cat([self_out, cross_out], -1)))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, w = x.shape[0], self.block_size
         dropout = self.dropout_p if self.training else 0.0
@@ -58,24 +88,26 @@ class BlockRecurrentLayer(nn.Module):
         self_out = self.self_attn(h)                                                # (B, L, H Dh)
         token_q = to_blocks(self._heads(self.token_q(h)), w)                        # (B, nb, W, H, Dh)
         token_k, token_v = to_blocks(self._heads(self.token_kv(h).unflatten(-1, (2, -1))), w).unbind(3)
-        gate = torch.sigmoid(self.gate_bias)
         state = self.initial_state.expand(batch, -1, -1)                            # (B, S, D)
         cross = []
         for k in range(token_q.shape[1]):  # the recurrence: block k reads the state left by k-1
-            sn = self.state_norm(state) + self.state_ids
-            state_k, state_v = self._heads(self.state_kv(sn).unflatten(-1, (2, -1))).unbind(2)
-            q, sk = self.token_qk_norm(token_q[:, k], state_k)                      # (B, W|S, H, Dh)
-            cross.append(attend(q.transpose(1, 2), sk.transpose(1, 2), state_v.transpose(1, 2),
-                                dropout=dropout))                                  # (B, H, W, Dh)
-            q_self, q_cross = self._heads(self.state_q(sn).unflatten(-1, (2, -1))).unbind(2)
-            q_self, sk = self.state_qk_norm(q_self, state_k)
-            q_cross, tk = self.state_qk_norm(q_cross, token_k[:, k])
-            z_self = attend(q_self.transpose(1, 2), sk.transpose(1, 2), state_v.transpose(1, 2),
-                            dropout=dropout)
-            z_cross = attend(q_cross.transpose(1, 2), tk.transpose(1, 2),
-                             token_v[:, k].transpose(1, 2), dropout=dropout)       # (B, H, S, Dh)
-            z = self.state_out(torch.cat([z_self, z_cross], -1).transpose(1, 2).flatten(2))
-            state = gate * state + (1 - gate) * z                                   # (B, S, D)
+            cross.append(self._read_state(state, token_q[:, k], dropout))           # (B, H, W, Dh)
+            state = self._update_state(state, token_k[:, k], token_v[:, k], dropout)
         cross_out = heads_last(torch.stack(cross, 1).flatten(0, 1), batch)          # (B, L, H Dh)
-        x = x + self.dropout(self.out(torch.cat([self_out, cross_out], -1)))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return self._mix(x, self_out, cross_out)
+
+    # ---- block-wise inference: the state is updated once per completed block
+    def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+        return {"attn": {}, "state": self.initial_state.to(dtype).expand(batch, -1, -1)}
+
+    def forward_block(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        h = self.norm(x)
+        cross = self._read_state(cache["state"], self._heads(self.token_q(h)), 0.0)  # (B, H, n, Dh)
+        return self._mix(x, self.self_attn.forward_block(h, cache["attn"]),
+                         heads_last(cross, x.shape[0]))
+
+    def end_block(self, x: torch.Tensor, cache: dict) -> None:
+        h = self.norm(x)
+        self.self_attn.end_block(h, cache["attn"])
+        token_k, token_v = self._heads(self.token_kv(h).unflatten(-1, (2, -1))).unbind(2)
+        cache["state"] = self._update_state(cache["state"], token_k, token_v, 0.0)

@@ -50,24 +50,58 @@ class ContextStates(nn.Module):
             self.initial_context = nn.Parameter(torch.randn(s, d_model) * config.init_std)
             self.context_ids = nn.Parameter(torch.randn(s, d_model) * config.init_std)
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = h.shape[0]
-        w, heads, d = self.block_size, self.n_heads, self.head_dim
-        y = F.gelu(self.ssm(self.down(h)).to(h.dtype))                            # (B, L, C, Hs)
+    def _position_kv(self, y: torch.Tensor, w: int) -> torch.Tensor:
+        """SH/MH: SSM outputs y (B, L, C, Hs) -> keys/values (B, L / w, w, 2, H, Dh)."""
+        heads, d = self.n_heads, self.head_dim
         if self.variant == "sh":
             kv = self.kv(self.lift(y[:, :, 0]))                                    # (B, L, 2 H Dh)
-            kv = to_blocks(kv, w).unflatten(-1, (2, heads, d))                     # (B, nb, W, 2, H, Dh)
-        elif self.variant == "mh":
-            kv = torch.einsum("blhc,hcd->blhd", y, self.kv_weight.to(y.dtype))     # (B, L, H, 2 Dh)
-            kv = to_blocks(kv, w).unflatten(-1, (2, d)).transpose(3, 4)            # (B, nb, W, 2, H, Dh)
+            return to_blocks(kv, w).unflatten(-1, (2, heads, d))
+        kv = torch.einsum("blhc,hcd->blhd", y, self.kv_weight.to(y.dtype))         # (B, L, H, 2 Dh)
+        return to_blocks(kv, w).unflatten(-1, (2, d)).transpose(3, 4)
+
+    def _summary_kv(self, last: torch.Tensor | None, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """MF: the S outputs at the end of each previous block, last (B, nb-1, S, Hs) (None for no
+        previous block) -> keys/values (B, nb, S, 2, H, Dh), block 0 reading the initial context."""
+        initial = self.initial_context.to(dtype).expand(batch, 1, -1, -1)          # (B, 1, S, D)
+        context = initial if last is None else torch.cat([initial, self.lift(last)], dim=1)
+        kv = self.kv(context + self.context_ids.to(context.dtype))
+        return kv.unflatten(-1, (2, self.n_heads, self.head_dim))                  # (B, nb, S, 2, H, Dh)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = F.gelu(self.ssm(self.down(h)).to(h.dtype))                            # (B, L, C, Hs)
+        if self.variant == "mf":
+            last = to_blocks(y, self.block_size)[:, :-1, -1]                       # (B, nb-1, S, Hs)
+            kv = self._summary_kv(last, h.shape[0], y.dtype)
         else:
-            last = to_blocks(y, w)[:, :-1, -1]                                     # (B, nb-1, S, Hs)
-            initial = self.initial_context.to(y.dtype).expand(batch, 1, -1, -1)    # (B, 1, S, D)
-            context = torch.cat([initial, self.lift(last)], dim=1)                 # (B, nb, S, D)
-            kv = self.kv(context + self.context_ids.to(context.dtype))
-            kv = kv.unflatten(-1, (2, heads, d))                                   # (B, nb, S, 2, H, Dh)
+            kv = self._position_kv(y, self.block_size)
         k, v = kv.unbind(dim=3)
         return k, v
+
+    # ---- block-wise inference
+    def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+        return {"ssm": self.ssm.block_state(batch, self.block_size, device, dtype), "carry": None,
+                "last": None}
+
+    def _block_outputs(self, h: torch.Tensor, cache: dict) -> torch.Tensor:
+        if cache["carry"] is None:  # once per block: what the earlier blocks add to this one
+            cache["carry"] = self.ssm.block_carry(cache["ssm"], self.block_size)
+        return F.gelu(self.ssm.forward_block(self.down(h), cache["carry"]).to(h.dtype))
+
+    def forward_block(self, h: torch.Tensor, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (B, 1, T, H, Dh) of the current block from its first n positions h."""
+        if self.variant == "mf":
+            last = None if cache["last"] is None else cache["last"].unsqueeze(1)
+            kv = self._summary_kv(last, h.shape[0], h.dtype)[:, -1:]
+        else:
+            kv = self._position_kv(self._block_outputs(h, cache), h.shape[1])
+        k, v = kv.unbind(dim=3)
+        return k, v
+
+    def end_block(self, h: torch.Tensor, cache: dict) -> None:
+        if self.variant == "mf":
+            cache["last"] = self._block_outputs(h, cache)[:, -1]                    # (B, S, Hs)
+        self.ssm.end_block(cache["ssm"], self.down(h))
+        cache["carry"] = None
 
 
 class BSTLayer(nn.Module):
@@ -90,10 +124,10 @@ class BSTLayer(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def cross_attention(self, h: torch.Tensor) -> torch.Tensor:
-        """Queries from h (B, L, D) attend to their block's context states -> (B, L, H * Dh)."""
-        batch, w = h.shape[0], self.block_size
-        k, v = self.context(h)                                                     # (B, nb, T, H, Dh)
+    def cross_attention(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Queries from h (B, L, D) attend to their block's context states k, v (B, nb, T, H, Dh)
+        -> (B, L, H * Dh)."""
+        batch, w = h.shape[0], h.shape[1] // k.shape[1]
         q = to_blocks(self.cross_q(h), w).unflatten(-1, (self.n_heads, self.head_dim))
         q, k = self.cross_qk_norm(q, k)                                            # (B, nb, W, H, Dh)
         mask = None
@@ -105,6 +139,23 @@ class BSTLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.attn_norm(x)
-        mixed = torch.cat([self.self_attn(h), self.cross_attention(h)], dim=-1)    # (B, L, 2 H Dh)
-        x = x + self.dropout(self.out(mixed))
+        mixed = torch.cat([self.self_attn(h), self.cross_attention(h, *self.context(h))], dim=-1)
+        x = x + self.dropout(self.out(mixed))                                      # (B, L, D)
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+    # ---- block-wise inference (see BlockSelfAttention.forward_block)
+    def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+        return {"attn": {}, "context": self.context.block_cache(batch, device, dtype)}
+
+    def forward_block(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        h = self.attn_norm(x)
+        k, v = self.context.forward_block(h, cache["context"])
+        mixed = torch.cat([self.self_attn.forward_block(h, cache["attn"]),
+                           self.cross_attention(h, k, v)], dim=-1)
+        x = x + self.out(mixed)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def end_block(self, x: torch.Tensor, cache: dict) -> None:
+        h = self.attn_norm(x)
+        self.self_attn.end_block(h, cache["attn"])
+        self.context.end_block(h, cache["context"])

@@ -21,6 +21,7 @@ class GSSLayer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, width, expanded = config.d_model, config.ssm_width, config.gss_expansion * config.d_model
+        self.block_size = config.block_size
         self.norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.to_u = nn.Linear(d, width, bias=False)
         self.to_v = nn.Linear(d, expanded, bias=False)
@@ -29,9 +30,28 @@ class GSSLayer(nn.Module):
         self.out = nn.Linear(expanded, d, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
+    def _gate(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return x + self.dropout(self.out(self.from_y(y) * v))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         u = F.gelu(self.to_u(h))                                                    # (B, L, D/4)
         v = F.gelu(self.to_v(h))                                                    # (B, L, F)
         y = self.ssm(u)[:, :, 0].to(u.dtype)                                        # (B, L, D/4)
-        return x + self.dropout(self.out(self.from_y(y) * v))
+        return self._gate(x, y, v)
+
+    # ---- block-wise inference: the SSM's past enters through the block carry
+    def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+        return {"ssm": self.ssm.block_state(batch, self.block_size, device, dtype), "carry": None}
+
+    def forward_block(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        h = self.norm(x)
+        u, v = F.gelu(self.to_u(h)), F.gelu(self.to_v(h))
+        if cache["carry"] is None:
+            cache["carry"] = self.ssm.block_carry(cache["ssm"], self.block_size)
+        y = self.ssm.forward_block(u, cache["carry"])[:, :, 0].to(u.dtype)
+        return self._gate(x, y, v)
+
+    def end_block(self, x: torch.Tensor, cache: dict) -> None:
+        self.ssm.end_block(cache["ssm"], F.gelu(self.to_u(self.norm(x))))
+        cache["carry"] = None
