@@ -79,13 +79,10 @@ class ContextStates(nn.Module):
 
     # ---- block-wise inference
     def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-        return {"ssm": self.ssm.block_state(batch, self.block_size, device, dtype), "carry": None,
-                "last": None}
+        return {"ssm": self.ssm.block_state(batch, self.block_size, device, dtype), "last": None}
 
     def _block_outputs(self, h: torch.Tensor, cache: dict) -> torch.Tensor:
-        if cache["carry"] is None:  # once per block: what the earlier blocks add to this one
-            cache["carry"] = self.ssm.block_carry(cache["ssm"], self.block_size)
-        return F.gelu(self.ssm.forward_block(self.down(h), cache["carry"]).to(h.dtype))
+        return F.gelu(self.ssm.forward_block(self.down(h), cache["ssm"]).to(h.dtype))
 
     def forward_block(self, h: torch.Tensor, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values (B, 1, T, H, Dh) of the current block from its first n positions h."""
@@ -101,7 +98,6 @@ class ContextStates(nn.Module):
         if self.variant == "mf":
             cache["last"] = self._block_outputs(h, cache)[:, -1]                    # (B, S, Hs)
         self.ssm.end_block(cache["ssm"], self.down(h))
-        cache["carry"] = None
 
 
 class BSTLayer(nn.Module):

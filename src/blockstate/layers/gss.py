@@ -42,16 +42,13 @@ class GSSLayer(nn.Module):
 
     # ---- block-wise inference: the SSM's past enters through the block carry
     def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-        return {"ssm": self.ssm.block_state(batch, self.block_size, device, dtype), "carry": None}
+        return self.ssm.block_state(batch, self.block_size, device, dtype)
 
     def forward_block(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         h = self.norm(x)
         u, v = F.gelu(self.to_u(h)), F.gelu(self.to_v(h))
-        if cache["carry"] is None:
-            cache["carry"] = self.ssm.block_carry(cache["ssm"], self.block_size)
-        y = self.ssm.forward_block(u, cache["carry"])[:, :, 0].to(u.dtype)
+        y = self.ssm.forward_block(u, cache)[:, :, 0].to(u.dtype)
         return self._gate(x, y, v)
 
     def end_block(self, x: torch.Tensor, cache: dict) -> None:
-        self.ssm.end_block(cache["ssm"], F.gelu(self.to_u(self.norm(x))))
-        cache["carry"] = None
+        self.ssm.end_block(cache, F.gelu(self.to_u(self.norm(x))))

@@ -39,30 +39,48 @@ class SSM(nn.Module):
         self.D = nn.Parameter(torch.randn(kernel.channels, kernel.width))
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
 
-    # ---- block-wise inference (generation): the past enters a block only through `carry`
+    # ---- block-wise inference (generation): the past enters a block only through its carry
+    @torch.no_grad()
     def block_state(self, batch: int, block_size: int, device: torch.device,
                     dtype: torch.dtype = torch.float32) -> dict:
-        """The state before the first block: structured kernels keep a (B, C, H, N) recurrent
-        state; unstructured kernels have none and keep the whole input history instead."""
+        """The state before the first block, with the kernel of one block computed once.
+        Structured kernels keep a (B, C, H, N) recurrent state; unstructured kernels have none
+        and keep the whole input history instead."""
+        cache = {"block_size": block_size, "kernel": self.kernel(block_size), "carry": None}
         if isinstance(self.kernel, S4DKernel | S4Kernel):
             op = BlockOperator(self.kernel, block_size)
             n = op.decay.shape[-1]
-            return {"op": op, "state": torch.zeros(batch, self.kernel.channels, self.kernel.width, n,
-                                                   dtype=op.decay.dtype, device=device)}
-        return {"history": torch.zeros(batch, self.kernel.width, 0, device=device, dtype=dtype)}
+            cache.update(op=op, state=torch.zeros(batch, self.kernel.channels, self.kernel.width, n,
+                                                  dtype=op.decay.dtype, device=device))
+        else:
+            cache["history"] = torch.zeros(batch, self.kernel.width, 0, device=device, dtype=dtype)
+        return cache
 
-    def block_carry(self, cache: dict, block_size: int) -> torch.Tensor:
+    def _carry(self, cache: dict) -> torch.Tensor:
         """(B, C, H, W): what the tokens before the current block add to its outputs."""
+        w = cache["block_size"]
         if "op" in cache:
             return cache["op"].carry(cache["state"])
         history = cache["history"]                                                 # (B, H, T0)
         t0 = history.shape[-1]
         if t0 == 0:
-            return history.new_zeros(history.shape[0], self.kernel.channels, self.kernel.width,
-                                     block_size)
-        padded = torch.nn.functional.pad(history, (0, block_size))
-        return fft_causal_conv(padded, self.kernel(t0 + block_size))[..., t0:]   # FFT per block
+            return history.new_zeros(history.shape[0], self.kernel.channels, self.kernel.width, w)
+        padded = torch.nn.functional.pad(history, (0, w))
+        return fft_causal_conv(padded, self.kernel(t0 + w))[..., t0:]              # one FFT per block
 
+    @torch.no_grad()
+    def forward_block(self, u: torch.Tensor, cache: dict) -> torch.Tensor:
+        """Outputs (B, n, C, H) at the first n positions of the current block from its inputs
+        u (B, n, H), equal to those of the parallel forward over the whole sequence."""
+        if cache["carry"] is None:  # once per block
+            cache["carry"] = self._carry(cache)
+        n = u.shape[1]
+        u_t = u.transpose(1, 2)                                                    # (B, H, n)
+        y = fft_causal_conv(u_t, cache["kernel"][..., :n])                         # (B, C, H, n)
+        y = y + self.D.to(y.dtype).unsqueeze(-1) * u_t.unsqueeze(1).to(y.dtype) + cache["carry"][..., :n]
+        return y.permute(0, 3, 1, 2)
+
+    @torch.no_grad()
     def end_block(self, cache: dict, u: torch.Tensor) -> None:
         """Fold a complete block of inputs u (B, W, H) into the state."""
         u = u.transpose(1, 2)
@@ -70,14 +88,7 @@ class SSM(nn.Module):
             cache["state"] = cache["op"].advance(cache["state"], u.to(cache["op"].inp.real.dtype))
         else:
             cache["history"] = torch.cat([cache["history"], u.to(cache["history"].dtype)], -1)
-
-    def forward_block(self, u: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
-        """Outputs (B, n, C, H) at the first n positions of a block from its inputs u (B, n, H)
-        and the carry of the tokens before it."""
-        n = u.shape[1]
-        y = self(u).permute(0, 2, 3, 1) + carry[..., :n].to(torch.float32 if u.dtype != torch.float64
-                                                             else torch.float64)
-        return y.permute(0, 3, 1, 2)
+        cache["carry"] = None
 
     @torch.compiler.disable  # complex/FFT code stays eager: inductor does not generate it
     def forward(self, u: torch.Tensor) -> torch.Tensor:
