@@ -29,7 +29,7 @@ def test_prefill_then_steps_equal_the_parallel_forward(name, prompt_len):
     assert (torch.cat(got, dim=1) - full).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mf-s4", "bst-sh-unstruct", "brt", "transformer"])
+@pytest.mark.parametrize("name", MODELS)
 def test_greedy_generation_equals_greedy_full_forward(name):
     model = _model(name)
     prompt = torch.randint(0, 256, (W + 3,)).tolist()
