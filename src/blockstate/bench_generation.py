@@ -88,6 +88,16 @@ def plot(results: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def write_report(path: str | Path, results: list[dict], argv: list[str] | None) -> None:
+    report = {"results": results, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "python": platform.python_version(), "machine": platform.machine(),
+              "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+              "command": " ".join(["python -m blockstate.bench_generation"]
+                                  + (argv if argv is not None else sys.argv[1:]))}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,13 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(f"| {name} | {context} | {r['median_token_s'] * 1e3:.1f} | {r['tokens_per_s']:.1f} | "
                   f"{r['prefill_tokens_per_s']:.0f} | {r['state_bytes'] / 2**20:.2f} |", flush=True)
-    report = {"results": results, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "python": platform.python_version(), "machine": platform.machine(),
-              "cpus": os.cpu_count(), "command": " ".join(["python -m blockstate.bench_generation"]
-                                                          + (argv if argv is not None else sys.argv[1:]))}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+            if args.out:  # after every measurement, so an interrupted run keeps what it measured
+                write_report(args.out, results, argv)
     if args.plot:
         plot(results, args.plot)
     return 0
