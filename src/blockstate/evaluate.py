@@ -18,7 +18,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import ModelConfig
 from .data import PackedSequences, load_tokenizer, resolve_corpus, tokenize_split
 from .model import BlockStateLM
-from .train import _default_cache_dir, carries_memory, iter_losses, resolve_device
+from .train import carries_memory, default_cache_dir, iter_losses, resolve_device
 
 POSITION_BINS = 64
 
@@ -87,7 +87,7 @@ def evaluate_checkpoint(path: str | Path, data: str, lengths: list[int] | None =
         if length < 1:
             raise ValueError(f"evaluation length {length} must be >= 1")
     corpus = resolve_corpus(data)
-    tokens = tokenize_split(corpus, tokenizer, split, Path(cache_dir) if cache_dir else _default_cache_dir())
+    tokens = tokenize_split(corpus, tokenizer, split, Path(cache_dir) if cache_dir else default_cache_dir())
     byte_lengths = tokenizer.token_byte_lengths()
     per_length = {}
     for length in lengths:

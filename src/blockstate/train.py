@@ -286,7 +286,7 @@ def evaluate_batches(model: nn.Module, dataset: PackedSequences, tokenizer: Toke
             "bits_per_byte": nll / math.log(2) / max(1.0, n_bytes)}
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
     return Path(os.environ.get("BLOCKSTATE_CACHE", Path.home() / ".cache" / "blockstate"))
 
 
@@ -383,7 +383,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
     # ---- data and tokenizer
     corpus = resolve_corpus(config.data)
     tokenizer = prepare_tokenizer(config, corpus, out_dir, ddp.is_main)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else _default_cache_dir()
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     splits = {}
     for split in ("train", "validation"):
         if ddp.is_main:
