@@ -60,8 +60,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            dropout: float = 0.0) -> torch.Tensor:
     """The one attention call: q (N, H, Lq, Dh), k/v (N, H, Lk, Dh), additive or boolean mask
     broadcastable to (N, H, Lq, Lk). Logits are not rescaled (queries carry their own scale)."""
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        # The CPU flash kernel takes only 4-d masks; with a 2-d or 3-d one SDPA silently falls back
+        # to the unfused math path (about 4x slower at W=128).
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
 
 

@@ -15,6 +15,7 @@ CONTEXT_VARIANTS = ("sh", "mh", "mf")
 SSM_KERNELS = ("s4", "s4d", "unstruct", "explicit")
 S4D_INITS = ("lin", "inv")
 SELF_ATTENTION_MODES = ("block", "sliding", "full")
+SSM_METHODS = ("auto", "fft", "chunked")
 # "bst": the paper's model. Baselines (paper section 4): "gss-hybrid" puts Gated State Space layers
 # and "brt" Block-Recurrent layers where "bst" puts BST layers; "transformer-xl" makes every layer a
 # segment-recurrent one. The Transformer and Slide baselines are "bst" with no BST layers and full
@@ -73,6 +74,11 @@ class ModelConfig:
     # The SSM runs on a down-projection of width d_model // ssm_width_divisor
     # (paper: D/4 for SH and MH, D/8 for MF; None picks that default).
     ssm_width_divisor: int | None = None
+    # How the SSM convolution is computed (same function, different cost): "fft", "chunked" (S4/S4D
+    # only: chunk-wise matrix products and a state scan, no FFT) or "auto" (chunked on CPU for
+    # S4/S4D, FFT otherwise); `ssm_chunk_size` is the chunk length T of the chunked path.
+    ssm_method: str = "auto"
+    ssm_chunk_size: int = 64
     s4d_init: str = "inv"           # S4D-Inv or S4D-Lin initialization of the diagonal A
     dt_min: float = 1e-3            # range of the initial SSM step size (log-uniform)
     dt_max: float = 1e-1
@@ -129,7 +135,7 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "block_size", "max_seq_len",
                      "ssm_state_size", "num_context_states", "unstruct_hidden",
                      "unstruct_frequencies", "explicit_smooth", "rel_pos_buckets",
-                     "rel_pos_max_distance"):
+                     "rel_pos_max_distance", "ssm_chunk_size"):
             _positive(name, getattr(self, name))
         _choice("arch", self.arch, ARCHS)
         _positive("gss_expansion", self.gss_expansion)
@@ -144,6 +150,11 @@ class ModelConfig:
         _choice("ssm_kernel", self.ssm_kernel, SSM_KERNELS)
         _choice("s4d_init", self.s4d_init, S4D_INITS)
         _choice("self_attention", self.self_attention, SELF_ATTENTION_MODES)
+        _choice("ssm_method", self.ssm_method, SSM_METHODS)
+        if self.ssm_method == "chunked" and self.ssm_kernel not in ("s4", "s4d"):
+            raise ValueError(
+                f"ssm_method='chunked' needs a structured kernel (s4 or s4d), not "
+                f"ssm_kernel={self.ssm_kernel!r}; use ssm_method='fft' or 'auto'")
         if self.ssm_kernel in ("s4", "s4d") and self.ssm_state_size % 2:
             raise ValueError(
                 f"ssm_state_size={self.ssm_state_size} must be even for ssm_kernel="

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..attention import MLP, BlockSelfAttention, QKNorm, attend, heads_first, heads_last, to_blocks
 from ..config import ModelConfig
-from ..ssm import SSM, build_kernel
+from ..ssm import build_ssm
 
 
 class ContextStates(nn.Module):
@@ -38,7 +38,7 @@ class ContextStates(nn.Module):
         d_model, width = config.d_model, config.ssm_width
         inner = self.n_heads * self.head_dim
         self.down = nn.Linear(d_model, width, bias=False)
-        self.ssm = SSM(build_kernel(config, config.ssm_channels, width))
+        self.ssm = build_ssm(config, config.ssm_channels, width)
         if self.variant == "mh":
             self.kv_weight = nn.Parameter(
                 torch.randn(self.n_heads, width, 2 * self.head_dim) * config.init_std)
@@ -54,7 +54,10 @@ class ContextStates(nn.Module):
         """SH/MH: SSM outputs y (B, L, C, Hs) -> keys/values (B, L / w, w, 2, H, Dh)."""
         heads, d = self.n_heads, self.head_dim
         if self.variant == "sh":
-            kv = self.kv(self.lift(y[:, :, 0]))                                    # (B, L, 2 H Dh)
+            # kv(lift(y)) as one map from the SSM width: (W_kv W_lift) y + W_kv b_lift costs
+            # Hs x 2HDh per token instead of Hs x D + D x 2HDh.
+            weight = self.kv.weight @ self.lift.weight                             # (2 H Dh, Hs)
+            kv = F.linear(y[:, :, 0], weight, self.kv.weight @ self.lift.bias)     # (B, L, 2 H Dh)
             return to_blocks(kv, w).unflatten(-1, (2, heads, d))
         kv = torch.einsum("blhc,hcd->blhd", y, self.kv_weight.to(y.dtype))         # (B, L, H, 2 Dh)
         return to_blocks(kv, w).unflatten(-1, (2, d)).transpose(3, 4)
@@ -68,12 +71,12 @@ class ContextStates(nn.Module):
         return kv.unflatten(-1, (2, self.n_heads, self.head_dim))                  # (B, nb, S, 2, H, Dh)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = F.gelu(self.ssm(self.down(h)).to(h.dtype))                            # (B, L, C, Hs)
-        if self.variant == "mf":
-            last = to_blocks(y, self.block_size)[:, :-1, -1]                       # (B, nb-1, S, Hs)
-            kv = self._summary_kv(last, h.shape[0], y.dtype)
+        u = self.down(h)
+        if self.variant == "mf":  # only the outputs at block ends are needed
+            last = self.ssm.block_end_outputs(u, self.block_size)[:, :-1]            # (B, nb-1, S, Hs)
+            kv = self._summary_kv(F.gelu(last.to(h.dtype)), h.shape[0], h.dtype)
         else:
-            kv = self._position_kv(y, self.block_size)
+            kv = self._position_kv(F.gelu(self.ssm(u).to(h.dtype)), self.block_size)
         k, v = kv.unbind(dim=3)
         return k, v
 

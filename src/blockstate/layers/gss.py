@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..ssm import SSM, build_kernel
+from ..ssm import build_ssm
 
 
 class GSSLayer(nn.Module):
@@ -25,7 +25,7 @@ class GSSLayer(nn.Module):
         self.norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.to_u = nn.Linear(d, width, bias=False)
         self.to_v = nn.Linear(d, expanded, bias=False)
-        self.ssm = SSM(build_kernel(config, 1, width))
+        self.ssm = build_ssm(config, 1, width)
         self.from_y = nn.Linear(width, expanded, bias=False)
         self.out = nn.Linear(expanded, d, bias=False)
         self.dropout = nn.Dropout(config.dropout)

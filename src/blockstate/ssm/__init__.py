@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from .conv import fft_causal_conv, next_fast_len
+from ..config import SSM_METHODS, ModelConfig
+from .chunked import ChunkOperators, chunk_end_states, chunk_operators, chunked_causal_conv, end_outputs
+from .conv import fft_causal_conv, kernel_spectrum, next_fast_len
 from .kernels import ExplicitKernel, ImplicitKernel, S4DKernel, S4Kernel, hippo_legs_nplr
+
+
+def build_ssm(config: ModelConfig, channels: int, width: int) -> SSM:
+    """The SSM sublayer named by `config`: kernel, computation method and chunk size."""
+    return SSM(build_kernel(config, channels, width), config.ssm_method, config.ssm_chunk_size)
 
 
 def build_kernel(config: ModelConfig, channels: int, width: int) -> nn.Module:
@@ -27,17 +35,99 @@ def build_kernel(config: ModelConfig, channels: int, width: int) -> nn.Module:
     raise ValueError(f"ssm_kernel={kind!r} is not valid; allowed: s4, s4d, unstruct, explicit")
 
 
+def structured(kernel: nn.Module) -> bool:
+    """Whether `kernel` has a state-space form (and hence a chunked and a recurrent form)."""
+    return isinstance(kernel, S4DKernel | S4Kernel)
+
+
+def _chunk_for(length: int, chunk: int) -> int:
+    return max(1, min(chunk, length))
+
+
 class SSM(nn.Module):
     """C depthwise causal convolutions over the whole sequence (paper section 3, step 2):
 
     y[b, t, c, h] = sum_{j <= t} K[c, h, t - j] u[b, j, h] + D[c, h] u[b, t, h].
+
+    `method` picks how: "fft" (any kernel; the kernel of L taps and three transforms of size >= 2L),
+    "chunked" (S4/S4D only: chunk matrices and a scan over chunks, see `ssm.chunked`), or "auto":
+    chunked for structured kernels on CPU once the sequence spans two chunks (measured 5-7x faster
+    than FFT at L = 8192 on this project's CPU, docs/benchmarks/layers.md), FFT otherwise. On CUDA
+    "auto" keeps the FFT path, since no GPU measurement has shown the chunked path faster there.
+    Without gradients (evaluation), the kernel spectrum or chunk matrices are cached and reused
+    while the parameters are unchanged.
     """
 
-    def __init__(self, kernel: nn.Module):
+    def __init__(self, kernel: nn.Module, method: str = "auto", chunk_size: int = 64):
         super().__init__()
+        if method not in SSM_METHODS:
+            raise ValueError(f"ssm_method={method!r} is not valid; allowed values: {', '.join(SSM_METHODS)}")
+        if method == "chunked" and not structured(kernel):
+            raise ValueError(f"ssm_method='chunked' needs an S4 or S4D kernel, not {type(kernel).__name__}")
         self.kernel = kernel
+        self.method, self.chunk_size = method, chunk_size
         self.D = nn.Parameter(torch.randn(kernel.channels, kernel.width))
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
+        self._cache: tuple | None = None
+
+    def resolve_method(self, length: int, device: torch.device) -> str:
+        """The path `forward` takes for a sequence of `length` on `device`."""
+        if self.method != "auto":
+            return self.method
+        if structured(self.kernel) and device.type == "cpu" and length >= 2 * self.chunk_size:
+            return "chunked"
+        return "fft"
+
+    def _cached(self, key: tuple, build):
+        """build() once per key and parameter version when gradients are off (evaluation)."""
+        if torch.is_grad_enabled():
+            return build()
+        versions = tuple((p._version, p.data_ptr()) for p in self.kernel.parameters())
+        if self._cache is not None and self._cache[0] == (key, versions):
+            return self._cache[1]
+        value = build()
+        self._cache = ((key, versions), value)
+        return value
+
+    def _operators(self, chunk: int) -> ChunkOperators:
+        return self._cached(("chunked", chunk), lambda: chunk_operators(self.kernel, chunk))
+
+    def _skip(self, y: torch.Tensor, u_t: torch.Tensor) -> torch.Tensor:
+        return y + self.D.to(y.dtype).unsqueeze(-1) * u_t.unsqueeze(1).to(y.dtype)
+
+    @torch.compiler.disable  # complex/FFT code stays eager: inductor does not generate it
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u (B, L, H) -> y (B, L, C, H) in float32 (float64 for float64 inputs)."""
+        length = u.shape[1]
+        u_t = u.transpose(1, 2)                                                  # (B, H, L)
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            if self.resolve_method(length, u.device) == "chunked":
+                ops = self._operators(_chunk_for(length, self.chunk_size))
+                y = chunked_causal_conv(u_t.to(ops.taps.dtype), ops)              # (B, C, H, L)
+            else:
+                n = next_fast_len(2 * length)
+                spectrum = self._cached(("fft", length, n),
+                                        lambda: kernel_spectrum(self.kernel(length), length, n))
+                y = fft_causal_conv(u_t, spectrum=spectrum)
+            y = self._skip(y, u_t)
+        return y.permute(0, 3, 1, 2)                                             # (B, L, C, H)
+
+    @torch.compiler.disable
+    def block_end_outputs(self, u: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Outputs at the last position of every block, u (B, L, H) -> (B, L / W, C, H), equal to
+        `forward(u)[:, W-1::W]`. The chunked path computes only these positions (states at chunk
+        ends), which is what the MF variant needs."""
+        length = u.shape[1]
+        chunk = math.gcd(_chunk_for(length, self.chunk_size), block_size)
+        if self.resolve_method(length, u.device) != "chunked" or chunk < 8:
+            return self.forward(u)[:, block_size - 1::block_size]
+        u_t = u.transpose(1, 2)                                                  # (B, H, L)
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            ops = self._operators(chunk)
+            u_t = u_t.to(ops.taps.dtype)
+            states = chunk_end_states(u_t, ops)[..., block_size // chunk - 1::block_size // chunk, :]
+            y = self._skip(end_outputs(states, ops), u_t[..., block_size - 1::block_size])
+        return y.permute(0, 3, 1, 2)                                             # (B, nb, C, H)
 
     # ---- block-wise inference (generation): the past enters a block only through its carry
     @torch.no_grad()
@@ -47,11 +137,9 @@ class SSM(nn.Module):
         Structured kernels keep a (B, C, H, N) recurrent state; unstructured kernels have none
         and keep the whole input history instead."""
         cache = {"block_size": block_size, "kernel": self.kernel(block_size), "carry": None}
-        if isinstance(self.kernel, S4DKernel | S4Kernel):
+        if structured(self.kernel):
             op = BlockOperator(self.kernel, block_size)
-            n = op.decay.shape[-1]
-            cache.update(op=op, state=torch.zeros(batch, self.kernel.channels, self.kernel.width, n,
-                                                  dtype=op.decay.dtype, device=device))
+            cache.update(op=op, state=op.initial_state(batch))
         else:
             cache["history"] = torch.zeros(batch, self.kernel.width, 0, device=device, dtype=dtype)
         return cache
@@ -77,7 +165,7 @@ class SSM(nn.Module):
         n = u.shape[1]
         u_t = u.transpose(1, 2)                                                    # (B, H, n)
         y = fft_causal_conv(u_t, cache["kernel"][..., :n])                         # (B, C, H, n)
-        y = y + self.D.to(y.dtype).unsqueeze(-1) * u_t.unsqueeze(1).to(y.dtype) + cache["carry"][..., :n]
+        y = self._skip(y, u_t) + cache["carry"][..., :n]
         return y.permute(0, 3, 1, 2)
 
     @torch.no_grad()
@@ -85,61 +173,48 @@ class SSM(nn.Module):
         """Fold a complete block of inputs u (B, W, H) into the state."""
         u = u.transpose(1, 2)
         if "op" in cache:
-            cache["state"] = cache["op"].advance(cache["state"], u.to(cache["op"].inp.real.dtype))
+            cache["state"] = cache["op"].advance(cache["state"], u)
         else:
             cache["history"] = torch.cat([cache["history"], u.to(cache["history"].dtype)], -1)
         cache["carry"] = None
 
-    @torch.compiler.disable  # complex/FFT code stays eager: inductor does not generate it
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u (B, L, H) -> y (B, L, C, H) in float32 (float64 for float64 inputs)."""
-        length = u.shape[1]
-        u_t = u.transpose(1, 2)                                                  # (B, H, L)
-        y = fft_causal_conv(u_t, self.kernel(length))                            # (B, C, H, L)
-        y = y + self.D.to(y.dtype).unsqueeze(-1) * u_t.unsqueeze(1).to(y.dtype)
-        return y.permute(0, 3, 1, 2)                                             # (B, L, C, H)
-
 
 class BlockOperator:
-    """Exact block-to-block recurrence of a structured SSM (S4 or S4D) for blocks of W steps.
+    """Exact block-to-block recurrence of a structured SSM (S4 or S4D) for blocks of W steps: the
+    chunk matrices of `ssm.chunked` with one chunk per block (inference only).
 
-    With the state s after the tokens before a block, y_t of the block's in-block step t gets
+    With the state s after the tokens before a block, the block's in-block step t gets
     Re(out[t] s) from the past ("carry"), and after the whole block the state becomes
-    decay s + sum_j inp[:, j] u_j. Built once from the discretized system (inference only).
+    decay s + sum_j inp[:, j] u_j.
     """
 
     def __init__(self, kernel: nn.Module, block_size: int):
         with torch.no_grad():
-            da, db, c = kernel.discrete()
-            scale = 2.0 if isinstance(kernel, S4DKernel) else 1.0   # S4D keeps half the states
-            if da.dim() == 3:                                          # diagonal: powers elementwise
-                steps = torch.arange(block_size + 1, device=da.device, dtype=da.real.dtype)
-                powers = torch.exp(torch.log(da).unsqueeze(-1) * steps)  # (C, H, N, W+1)
-                self.out = scale * (c.unsqueeze(-1) * powers[..., 1:]).transpose(-1, -2)
-                self.inp = db.unsqueeze(-1) * powers[..., :-1].flip(-1)    # (C, H, N, W)
-                self.decay = torch.diag_embed(powers[..., -1])             # (C, H, N, N)
-            else:
-                eye = torch.eye(da.shape[-1], dtype=da.dtype, device=da.device)
-                powers = [eye.expand_as(da)]
-                for _ in range(block_size):
-                    powers.append(powers[-1] @ da)
-                stack = torch.stack(powers, dim=2)                        # (C, H, W+1, N, N)
-                self.out = scale * torch.einsum("chn,chtnm->chtm", c, stack[:, :, 1:])
-                self.inp = torch.einsum("chtnm,chm->chnt", stack[:, :, :-1].flip(2), db)
-                self.decay = stack[:, :, -1]
+            self.ops = chunk_operators(kernel, block_size)
         self.block_size = block_size
+
+    def initial_state(self, batch: int) -> torch.Tensor:
+        """Zero state (B, C, H, N): complex for S4D, real coordinates for S4."""
+        inp = self.ops.inp
+        return inp.new_zeros(batch, *inp.shape[:3])
 
     def carry(self, state: torch.Tensor) -> torch.Tensor:
         """state (B, C, H, N) -> contribution (B, C, H, W) to the next block's outputs."""
-        return torch.einsum("chtn,bchn->bcht", self.out, state).real
+        out = torch.einsum("chtn,bchn->bcht", self.ops.out, state)
+        return out.real if out.is_complex() else out
 
     def advance(self, state: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """state after one more block of inputs u (B, H, W)."""
-        return (torch.einsum("chnm,bchm->bchn", self.decay, state)
-                + torch.einsum("chnw,bhw->bchn", self.inp, u.to(self.inp.dtype)))
+        decay, inp = self.ops.decay, self.ops.inp
+        if decay.dim() == 3:
+            state = decay * state
+        else:
+            state = torch.einsum("chnm,bchm->bchn", decay, state)
+        return state + torch.einsum("chnw,bhw->bchn", inp, u.to(inp.dtype))
 
 
 __all__ = [
-    "SSM", "build_kernel", "fft_causal_conv", "next_fast_len", "S4DKernel", "S4Kernel",
-    "ImplicitKernel", "ExplicitKernel", "hippo_legs_nplr", "BlockOperator",
+    "SSM", "SSM_METHODS", "build_kernel", "build_ssm", "fft_causal_conv", "kernel_spectrum", "next_fast_len",
+    "S4DKernel", "S4Kernel", "ImplicitKernel", "ExplicitKernel", "hippo_legs_nplr", "BlockOperator",
+    "ChunkOperators", "chunk_operators", "chunked_causal_conv", "structured",
 ]

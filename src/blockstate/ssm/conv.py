@@ -28,25 +28,41 @@ def next_fast_len(n: int) -> int:
     return best
 
 
-def fft_causal_conv(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+def kernel_spectrum(kernel: torch.Tensor, length: int, n: int) -> torch.Tensor:
+    """rfft of the first `length` taps of `kernel` (C, H, Lk) at transform size n -> (C, H, n//2+1)."""
+    dtype = torch.float64 if kernel.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=kernel.device.type, enabled=False):
+        return torch.fft.rfft(kernel[..., :length].to(dtype), n=n)
+
+
+def fft_causal_conv(u: torch.Tensor, kernel: torch.Tensor | None = None, *,
+                    spectrum: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal convolution of `u` (B, H, L) with `kernel` (C, H, Lk) -> (B, C, H, L).
 
-    The kernel is truncated (or implicitly zero-extended) to L taps. Computed in float32 (float64
-    stays float64) with autocast disabled; the result has the computation dtype.
+    The kernel is truncated (or implicitly zero-extended) to L taps. Instead of the kernel, its
+    `spectrum` from `kernel_spectrum(kernel, L, next_fast_len(2 * L))` may be passed (computed once
+    and reused). Computed in float32 (float64 stays float64) with autocast disabled; the result
+    has the computation dtype.
     """
-    if u.dim() != 3 or kernel.dim() != 3:
+    if (kernel is None) == (spectrum is None):
+        raise ValueError("pass exactly one of kernel and spectrum")
+    filters = kernel if kernel is not None else spectrum
+    if u.dim() != 3 or filters.dim() != 3:
         raise ValueError(
             f"expected u of shape (B, H, L) and kernel of shape (C, H, Lk); got {tuple(u.shape)} "
-            f"and {tuple(kernel.shape)}")
-    if u.shape[1] != kernel.shape[1]:
+            f"and {tuple(filters.shape)}")
+    if u.shape[1] != filters.shape[1]:
         raise ValueError(
-            f"channel mismatch: u has H={u.shape[1]} channels, kernel has H={kernel.shape[1]}")
+            f"channel mismatch: u has H={u.shape[1]} channels, kernel has H={filters.shape[1]}")
     length = u.shape[-1]
-    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     n = next_fast_len(2 * length)
+    if spectrum is None:
+        spectrum = kernel_spectrum(kernel, length, n)                          # (C, H, F)
+    elif spectrum.shape[-1] != n // 2 + 1:
+        raise ValueError(f"spectrum has {spectrum.shape[-1]} frequencies; length {length} needs "
+                         f"{n // 2 + 1} (transform size {n})")
+    dtype = spectrum.real.dtype
     with torch.autocast(device_type=u.device.type, enabled=False):
-        kernel = kernel[..., :length].to(dtype)
-        u_f = torch.fft.rfft(u.to(dtype), n=n)                    # (B, H, F)
-        k_f = torch.fft.rfft(kernel, n=n)                         # (C, H, F)
-        y = torch.fft.irfft(u_f.unsqueeze(1) * k_f, n=n)          # (B, C, H, n)
+        u_f = torch.fft.rfft(u.to(dtype), n=n)                                 # (B, H, F)
+        y = torch.fft.irfft(u_f.unsqueeze(1) * spectrum, n=n)                  # (B, C, H, n)
     return y[..., :length]
