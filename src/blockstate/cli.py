@@ -216,6 +216,51 @@ def cmd_corpora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} {text!r}: expected positive integers")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else None
+    command = "blockstate bench " + " ".join(args.argv)
+    if args.suite == "models":
+        presets = args.models.split(",") if args.models else list_models()
+        unknown = sorted(set(presets) - set(list_models()))
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(list_models())}")
+        bench.run_models(out, presets, args.size, args.batch, args.length, args.steps, args.device,
+                         command)
+        return 0
+    widths = []
+    for item in args.widths.split(","):
+        width, _, heads = item.partition(":")
+        if not (width.isdigit() and heads.isdigit()) or int(heads) < 1 or int(width) % int(heads):
+            raise ValueError(f"--widths item {item!r}: expected WIDTH:HEADS with HEADS dividing WIDTH")
+        widths.append((int(width), int(heads)))
+    lengths = _int_list(args.lengths, "--lengths")
+    if any(n % 128 for n in lengths):
+        raise ValueError(f"--lengths {args.lengths}: lengths must be multiples of the window (128)")
+    layers = list(bench.LAYERS) if args.layers == "all" else args.layers.split(",")
+    compiled = args.compile.split(",") if args.compile else []
+    unknown = sorted(set(layers + compiled) - set(bench.LAYERS))
+    if unknown:
+        raise ValueError(f"unknown layer(s) {unknown}; known: {', '.join(bench.LAYERS)}")
+    bench.run_layers(out, widths, lengths, layers, batch=args.batch, device=args.device,
+                     dtype=args.dtype, repeats=args.repeats, budget_s=args.budget,
+                     max_seconds=args.max_seconds, compile_layers=tuple(compiled), command=command)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockstate", description=__doc__)
     parser.add_argument("--version", action="version", version=f"blockstate {__version__}")
@@ -273,6 +318,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_corpora)
 
+    p = sub.add_parser("bench", help="layer and model speed/memory benchmarks against the baselines")
+    p.add_argument("suite", choices=["layers", "models"])
+    p.add_argument("--out", default=None,
+                   help="output path without suffix: writes OUT.json, OUT.md and (layers) OUT.png")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size (default: 1 for layers, 4 for models)")
+    p.add_argument("--widths", default="512:16,256:4",
+                   help="layers: WIDTH:HEADS list (default: the paper's 512:16 and this CPU's 256:4)")
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
+    p.add_argument("--layers", default="all", help="layers: comma-separated names or 'all'")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=3, help="layers: timed repeats after a warm-up")
+    p.add_argument("--budget", type=float, default=20.0,
+                   help="layers: stop repeating a measurement after this many seconds")
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="layers: skip a length whose forward+backward is predicted to take longer")
+    p.add_argument("--compile", default=None,
+                   help="layers: also measure these layers under torch.compile (comma-separated)")
+    p.add_argument("--models", default=None, help="models: comma-separated presets (default: all)")
+    p.add_argument("--size", default="small", choices=list(SIZES), help="models: size")
+    p.add_argument("--length", type=int, default=1024, help="models: sequence length")
+    p.add_argument("--steps", type=int, default=3, help="models: timed steps after a warm-up")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("demo", help="forward/backward throughput of a model on random tokens")
     p.add_argument("--model", default="bst-sh-s4", choices=list_models())
     p.add_argument("--size", default="small", choices=list(SIZES))
@@ -289,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
+    if getattr(args, "command", None) == "bench" and args.batch is None:
+        args.batch = 4 if args.suite == "models" else 1
     for name in ("batch", "steps"):
         if getattr(args, name, 1) < 1:
             print(f"blockstate: error: --{name} must be >= 1", file=sys.stderr)

@@ -42,16 +42,16 @@ class ChunkOperators:
     readout: torch.Tensor
 
 
-def _matrix_powers(a: torch.Tensor, count: int) -> torch.Tensor:
-    """a^0 .. a^(count-1) for a batch of square matrices a (..., N, N) -> (..., count, N, N), by
-    doubling: log2(count) batched products instead of count sequential ones."""
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
-    powers = eye.unsqueeze(-3)                                                  # (..., 1, N, N)
+def _krylov(a: torch.Tensor, v: torch.Tensor, count: int) -> torch.Tensor:
+    """[v, a v, a^2 v, ..., a^(count-1) v] for batches of matrices a (..., N, N) and vectors
+    v (..., N) -> (..., N, count), by doubling: log2(count) batched products, and without
+    materializing the powers of a."""
+    out = v.unsqueeze(-1)                                                       # (..., N, 1)
     step = a
-    while powers.shape[-3] < count:
-        powers = torch.cat([powers, powers @ step.unsqueeze(-3)], dim=-3)       # a^m .. a^(2m-1)
+    while out.shape[-1] < count:
+        out = torch.cat([out, step @ out], dim=-1)                              # a^m [v .. a^(m-1) v]
         step = step @ step
-    return powers[..., :count, :, :]
+    return out[..., :count]
 
 
 def chunk_operators(kernel: torch.nn.Module, chunk: int) -> ChunkOperators:
@@ -82,12 +82,12 @@ def chunk_operators(kernel: torch.nn.Module, chunk: int) -> ChunkOperators:
         da = (q_inv @ da @ q).real                                                  # (C, H, N, N)
         db = (db @ q_inv.T).real                                                    # (C, H, N)
         c = (c @ q).real
-        powers = _matrix_powers(da, chunk + 1)                                      # (C, H, T+1, N, N)
-        cp = torch.einsum("chn,chtnm->chtm", c, powers)                             # C dA^t
-        pb = torch.einsum("chtnm,chm->chnt", powers[:, :, :-1], db)                 # dA^t dB
+        pb = _krylov(da, db, chunk)                                                 # (C, H, N, T): dA^t dB
+        cp = _krylov(da.transpose(-1, -2), c, chunk + 1).transpose(-1, -2)          # (C, H, T+1, N): C dA^t
         return ChunkOperators(
             taps=torch.einsum("chtn,chn->cht", cp[:, :, :-1], db),
-            inp=pb.flip(-1), out=cp[:, :, 1:], decay=powers[:, :, -1], readout=c)
+            inp=pb.flip(-1), out=cp[:, :, 1:], decay=torch.linalg.matrix_power(da, chunk),
+            readout=c)
     raise TypeError(f"chunked convolution needs an S4 or S4D kernel, not {type(kernel).__name__}")
 
 

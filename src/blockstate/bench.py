@@ -1,0 +1,526 @@
+"""Speed and memory benchmarks: single layers against the baselines, whole models, and the machine.
+
+    blockstate bench layers --widths 512:16,256:4 --lengths 1024,2048,4096,8192,16384,32768,65536 \\
+        --out docs/benchmarks/layers
+    blockstate bench models --size small --out docs/benchmarks/models
+
+Layer level: for every layer and sequence length, the forward time (no gradients, kernels
+recomputed every call, as in training), the forward+backward time, the peak memory of each, and the
+FLOPs of each counted from the operations actually run (`torch.utils.flop_counter`, with FFTs
+counted as 2.5 n log2 n per real transform of size n and the CPU attention kernels added). Times
+are medians of repeats after a warm-up. In the same run the machine is measured (matrix-multiply
+GFLOP/s at the layer's shapes and FFT throughput at the sizes used), so every layer gets an achieved
+FLOP rate and its fraction of the measured matmul peak, and ratios against the Block-Recurrent and
+sliding-window layers come from the same run. Longer lengths are skipped for a layer once its time or
+memory, extrapolated from the two previous lengths, would exceed the limits.
+
+Peak memory on CPU is the rise of the process's peak resident set during the call (Linux
+/proc/self/status VmHWM, reset through /proc/self/clear_refs, with glibc's mmap threshold pinned so
+that freed tensors go back to the system); on CUDA, `torch.cuda.max_memory_allocated`.
+
+Model level: training tokens/s (forward, backward, AdamW step) of each preset at one size.
+Outputs: `<out>.json` (written after every measurement), `<out>.md` and `<out>.png`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from .config import ModelConfig
+from .layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer, XLLayer
+from .ssm import SSM
+
+# ----------------------------------------------------------------------------- layers
+
+BST_LAYERS = tuple(f"bst-{v}-{k}" for v in ("sh", "mh", "mf") for k in ("s4", "s4d", "unstruct"))
+FFT_REFERENCE_LAYERS = ("bst-sh-s4-fft", "bst-sh-s4d-fft")
+BASELINE_LAYERS = ("brt", "slide", "transformer-xl", "transformer", "gss")
+LAYERS = BST_LAYERS + FFT_REFERENCE_LAYERS + BASELINE_LAYERS
+
+
+def layer_config(width: int, heads: int, length: int, block: int = 128, state: int = 16,
+                 context_states: int = 32) -> ModelConfig:
+    """The paper's speed-benchmark layer (width 512, 16 heads, window 128, SSM state 16) by default."""
+    return ModelConfig(d_model=width, n_heads=heads, block_size=block, ssm_state_size=state,
+                       max_seq_len=length, num_context_states=context_states,
+                       rel_pos_max_distance=block)
+
+
+def build_layer(name: str, config: ModelConfig) -> nn.Module:
+    """One layer of `LAYERS`. "-fft" forces the FFT path of a structured kernel; "brt" keeps S = W
+    recurrent states as in the Block-Recurrent Transformer paper; "gss" uses F = 3D as in the GSS
+    paper."""
+    if name.startswith("bst-"):
+        variant, kernel, *method = name.split("-")[1:]
+        return BSTLayer(config.replace(context_variant=variant, ssm_kernel=kernel,
+                                       ssm_method=method[0] if method else "auto"))
+    if name == "brt":
+        return BlockRecurrentLayer(config.replace(self_attention="sliding",
+                                                  num_context_states=config.block_size))
+    if name == "slide":
+        return BlockAttentionLayer(config.replace(self_attention="sliding"))
+    if name == "transformer":
+        return BlockAttentionLayer(config.replace(self_attention="full"))
+    if name == "transformer-xl":
+        return XLLayer(config)
+    if name == "gss":
+        return GSSLayer(config.replace(ssm_kernel="s4d", gss_expansion=3))
+    raise ValueError(f"unknown layer {name!r}; known layers: {', '.join(LAYERS)}")
+
+
+def _clear_ssm_caches(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, SSM):
+            m._cache = None
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def _fft_formula(kind: str) -> Callable[..., int]:
+    """FLOPs of aten._fft_{r2c,c2r,c2c}: 2.5 n log2 n per real transform of size n, 5 n log2 n per
+    complex one (the usual convention for split-radix counts)."""
+    def formula(in_shape, dims, *args, out_shape=None, **kwargs) -> int:
+        n = math.prod((out_shape if kind == "c2r" else in_shape)[d] for d in dims)
+        rows = math.prod(in_shape) // max(1, math.prod(in_shape[d] for d in dims))
+        return int(rows * (5.0 if kind == "c2c" else 2.5) * n * math.log2(max(n, 2)))
+    return formula
+
+
+def flop_formulas() -> dict:
+    """Formulas FlopCounterMode lacks: the CPU flash-attention kernels and FFTs."""
+    aten = torch.ops.aten
+    mapping = {getattr(aten, f"_fft_{kind}"): _fft_formula(kind) for kind in ("r2c", "c2r", "c2c")}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda g, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(g, q, k, v))
+    return mapping
+
+
+class PeakMemory:
+    """Peak memory of a call: CUDA allocator statistics, or the rise of the CPU process's peak RSS."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.available = device.type == "cuda" or Path("/proc/self/clear_refs").exists()
+        if device.type == "cpu" and self.available:
+            try:  # M_MMAP_THRESHOLD = -3: freed large blocks return to the OS, so RSS tracks tensors
+                ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _status(key: str) -> int:
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(key + r":\s+(\d+)", text).group(1)) * 1024
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        elif self.available:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.available = False
+                return
+            self._base = self._status("VmRSS")
+
+    def stop(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self._base
+        return max(0, self._status("VmHWM") - self._base) if self.available else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_call(fn: Callable[[], None], device: torch.device, repeats: int, budget_s: float,
+                 count: Callable[[], None] | None = None) -> dict:
+    """Warm-up with FLOPs counted (by running `count`, default fn, under a FLOP counter), then timed
+    repeats of fn with peak memory, stopping early once budget_s is spent."""
+    with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
+        (count or fn)()
+    flops = counter.get_total_flops()
+    memory = PeakMemory(device)
+    times, peaks = [], []
+    spent = 0.0
+    while len(times) < repeats and (not times or spent < budget_s):
+        memory.start()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        peak = memory.stop()
+        times.append(elapsed)
+        if peak is not None:
+            peaks.append(peak)
+        spent += elapsed
+    return {"seconds": statistics.median(times), "all_seconds": times, "flops": flops,
+            "peak_bytes": min(peaks) if peaks else None}
+
+
+def measure_layer(name: str, config: ModelConfig, batch: int, device: torch.device,
+                  dtype: torch.dtype, repeats: int, budget_s: float, passes: tuple[str, ...],
+                  compile_layer: bool = False) -> dict:
+    torch.manual_seed(0)
+    layer = build_layer(name, config).to(device)
+    x = torch.randn(batch, config.max_seq_len, config.d_model, device=device)
+    memory = None
+    if name == "transformer-xl":  # the previous segment's last block as memory
+        memory = torch.randn(batch, config.block_size, config.d_model, device=device)
+    call = torch.compile(layer) if compile_layer else layer
+
+    def run(inp):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return call(inp, memory) if memory is not None else call(inp)
+
+    result = {"layer": name + ("+compile" if compile_layer else ""), "length": config.max_seq_len,
+              "width": config.d_model, "heads": config.n_heads, "batch": batch,
+              "parameters": sum(p.numel() for p in layer.parameters())}
+    if "forward" in passes:
+        def forward():
+            _clear_ssm_caches(layer)
+            with torch.no_grad():
+                run(x)
+        # FLOPs are counted with gradients on (the counter's module tracker needs them): the same
+        # operations run.
+        result["forward"] = measure_call(forward, device, repeats, budget_s, count=lambda: run(x))
+    if "backward" in passes:
+        grad = torch.randn_like(x)
+        xg = x.clone().requires_grad_(True)
+
+        def forward_backward():
+            layer.zero_grad(set_to_none=True)
+            xg.grad = None
+            run(xg).float().backward(grad)
+        result["forward_backward"] = measure_call(forward_backward, device, repeats, budget_s)
+    return result
+
+
+# ----------------------------------------------------------------------------- the machine
+
+def _median_time(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_machine(device: torch.device, width: int, lengths: list[int], dtype: torch.dtype
+                    ) -> dict:
+    """Achieved matmul GFLOP/s (square 2048 and the layers' (L x D) @ (D x 4D) at L = 4096) and FFT
+    throughput (rfft + irfft at the transform sizes of the lengths, over D / 4 channels)."""
+    matmul = {}
+    for label, (m, k, n) in {"square 2048": (2048, 2048, 2048),
+                             f"tokens 4096 x {width} x {4 * width}": (4096, width, 4 * width)}.items():
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        matmul[label] = 2 * m * k * n / _median_time(lambda a=a, b=b: a @ b, device) / 1e9
+    fft = {}
+    channels = max(1, width // 4)
+    for length in lengths:
+        n = 2 * length  # next_fast_len of 2L is 2L for powers of two
+        u = torch.randn(channels, length, device=device)
+        seconds = _median_time(lambda u=u, n=n: torch.fft.irfft(torch.fft.rfft(u, n=n), n=n), device, 3)
+        flops = 2 * channels * 2.5 * n * math.log2(n)
+        fft[str(length)] = {"transform_size": n, "channels": channels, "seconds": seconds,
+                            "gflops": flops / seconds / 1e9,
+                            "ns_per_output": seconds / (channels * length) * 1e9}
+    return {"matmul_gflops": matmul, "matmul_peak_gflops": max(matmul.values()), "fft": fft}
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "load_average_at_start": os.getloadavg(),
+            "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ----------------------------------------------------------------------------- running
+
+def _extrapolate(points: list[tuple[int, float]], length: int) -> float:
+    """Value at `length` from the last two (length, value) points, growing at least linearly."""
+    if not points:
+        return 0.0
+    (l1, v1), = points[-1:]
+    exponent = 1.0
+    if len(points) >= 2:
+        l0, v0 = points[-2]
+        if v0 > 0 and v1 > 0 and l1 != l0:
+            exponent = max(1.0, math.log(v1 / v0) / math.log(l1 / l0))
+    return v1 * (length / l1) ** exponent
+
+
+def run_layers(out: Path | None, widths: list[tuple[int, int]], lengths: list[int],
+               layers: list[str], batch: int = 1, device: str = "cpu", dtype: str = "float32",
+               repeats: int = 3, budget_s: float = 20.0, max_seconds: float = 30.0,
+               max_memory_fraction: float = 0.5, compile_layers: tuple[str, ...] = (),
+               command: str = "", log: Callable[[str], None] = print) -> dict:
+    dev = torch.device(device)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    total_memory = (torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda"
+                    else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    report = {"kind": "layers", "command": command, "machine": machine_info(dev), "batch": batch,
+              "dtype": dtype, "widths": [list(w) for w in widths], "lengths": lengths,
+              "machine_limits": {}, "results": [], "skipped": []}
+    for width, heads in widths:
+        report["machine_limits"][str(width)] = limits = measure_machine(dev, width, lengths, torch_dtype)
+        log(f"width {width}: matmul peak {limits['matmul_peak_gflops']:.1f} GFLOP/s")
+        names = list(layers) + [f"{n}+compile" for n in compile_layers]
+        for name in names:
+            base, compiled = name.removesuffix("+compile"), name.endswith("+compile")
+            seen: list[tuple[int, float, float]] = []
+            for length in lengths:
+                predicted_s = _extrapolate([(n, s) for n, s, _ in seen], length)
+                predicted_b = _extrapolate([(n, b) for n, _, b in seen], length)
+                if predicted_s > max_seconds or predicted_b > max_memory_fraction * total_memory:
+                    report["skipped"].append({"layer": name, "width": width, "length": length,
+                                              "predicted_seconds": predicted_s,
+                                              "predicted_bytes": predicted_b})
+                    log(f"  {name} L={length}: skipped (predicted {predicted_s:.1f} s, "
+                        f"{predicted_b / 2**30:.1f} GiB)")
+                    continue
+                config = layer_config(width, heads, length)
+                r = measure_layer(base, config, batch, dev, torch_dtype, repeats, budget_s,
+                                  ("forward", "backward"), compile_layer=compiled)
+                fb = r["forward_backward"]
+                seen.append((length, fb["seconds"], fb["peak_bytes"] or 0))
+                report["results"].append(r)
+                log(f"  {name} L={length}: forward {r['forward']['seconds'] * 1e3:.1f} ms, "
+                    f"forward+backward {fb['seconds'] * 1e3:.1f} ms, "
+                    f"peak {(fb['peak_bytes'] or 0) / 2**20:.0f} MiB")
+                if out is not None:
+                    write_outputs(out, report, plot=False)
+    if out is not None:
+        write_outputs(out, report, plot=True)
+    return report
+
+
+def run_models(out: Path | None, presets: list[str], size: str, batch: int, seq_len: int,
+               steps: int, device: str = "cpu", command: str = "",
+               log: Callable[[str], None] = print) -> dict:
+    from .registry import build_model
+
+    dev = torch.device(device)
+    report = {"kind": "models", "command": command, "machine": machine_info(dev), "size": size,
+              "batch": batch, "seq_len": seq_len, "results": []}
+    for name in presets:
+        torch.manual_seed(0)
+        model = build_model(name, size).to(dev)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), device=dev)
+
+        def step(model=model, tokens=tokens, optimizer=optimizer):
+            logits = model(tokens[:, :-1])
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        step()  # warm-up
+        times = []
+        for _ in range(steps):
+            _sync(dev)
+            t0 = time.perf_counter()
+            step()
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
+        r = {"model": name, "parameters": model.num_parameters(), "step_seconds": seconds,
+             "all_seconds": times, "tokens_per_s": batch * seq_len / seconds}
+        report["results"].append(r)
+        log(f"  {name}: {r['tokens_per_s']:.0f} tokens/s ({r['parameters'] / 1e6:.2f}M parameters)")
+        if out is not None:
+            write_outputs(out, report, plot=False)
+    if out is not None:
+        write_outputs(out, report, plot=False)
+    return report
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else (f"{seconds * 1e3:.0f}" if seconds >= 0.1 else f"{seconds * 1e3:.1f}")
+
+
+def _lookup(results: list[dict], width: int) -> dict[tuple[str, int], dict]:
+    return {(r["layer"], r["length"]): r for r in results if r["width"] == width}
+
+
+def layers_markdown(report: dict, reference_length: int = 8192) -> str:
+    info = report["machine"]
+    parts = [
+        "# Layer benchmark", "",
+        f"Command: `{report['command']}`", "",
+        f"Machine: {info['cpu']} ({info['cpus']} CPUs), device {info['device']}"
+        + (f" ({info['gpu']})" if "gpu" in info else "") + f", {info['threads']} threads, "
+        f"torch {info['torch']}, Python {info['python']}, load average at start "
+        f"{', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}. Batch {report['batch']}, "
+        f"{report['dtype']}. Times are medians after a warm-up, in ms; forward runs without "
+        f"gradients and recomputes SSM kernels; peak memory is that of forward+backward.", "",
+    ]
+    for width, heads in report["widths"]:
+        limits = report["machine_limits"][str(width)]
+        table = _lookup(report["results"], width)
+        names = list(dict.fromkeys(r["layer"] for r in report["results"] if r["width"] == width))
+        lengths = [n for n in report["lengths"] if any((name, n) in table for name in names)]
+        parts += [f"## Width {width}, {heads} heads, window 128, SSM state 16", "",
+                  "Measured limits: matmul " + ", ".join(
+                      f"{k}: {v:.1f} GFLOP/s" for k, v in limits["matmul_gflops"].items())
+                  + "; FFT (rfft+irfft, " + ", ".join(
+                      f"L={k}: {v['gflops']:.1f} GFLOP/s" for k, v in limits["fft"].items()) + ").", ""]
+        for key, title in (("forward", "Forward (ms)"), ("forward_backward", "Forward + backward (ms)")):
+            rows = [[name] + [_fmt_ms(table[(name, n)][key]["seconds"]) if (name, n) in table else "-"
+                              for n in lengths] for name in names]
+            parts += [f"### {title}", "", _table(["layer"] + [f"L={n}" for n in lengths], rows), ""]
+        rows = []
+        for name in names:
+            cells = []
+            for n in lengths:
+                peak = table[(name, n)]["forward_backward"]["peak_bytes"] if (name, n) in table else None
+                cells.append("-" if peak is None else f"{peak / 2**20:.0f}")
+            rows.append([name] + cells)
+        parts += ["### Peak memory, forward + backward (MiB)", "",
+                  _table(["layer"] + [f"L={n}" for n in lengths], rows), ""]
+        ref = reference_length if reference_length in lengths else (lengths[-1] if lengths else None)
+        if ref is None:
+            continue
+        brt, slide = table.get(("brt", ref)), table.get(("slide", ref))
+        peak = limits["matmul_peak_gflops"]
+        rows = []
+        for name in names:
+            r = table.get((name, ref))
+            if r is None:
+                continue
+            f, fb = r["forward"], r["forward_backward"]
+            rows.append([
+                name, _fmt_ms(f["seconds"]), _fmt_ms(fb["seconds"]),
+                f"{brt['forward']['seconds'] / f['seconds']:.2f}x" if brt else "-",
+                f"{f['seconds'] / slide['forward']['seconds']:.2f}x" if slide else "-",
+                f"{f['flops'] / 1e9:.1f}", f"{f['flops'] / f['seconds'] / 1e9:.1f}",
+                f"{100 * f['flops'] / f['seconds'] / 1e9 / peak:.0f}%",
+                f"{fb['flops'] / fb['seconds'] / 1e9:.1f}",
+                "-" if fb["peak_bytes"] is None else f"{fb['peak_bytes'] / 2**20:.0f}"])
+        parts += [f"### At L={ref}", "",
+                  "Speed-up over BRT = BRT forward time / layer forward time; vs Slide = layer forward "
+                  "time / Slide forward time. GFLOP counted from the operations run; % of peak against "
+                  f"the measured matmul peak ({peak:.1f} GFLOP/s).", "",
+                  _table(["layer", "fwd ms", "fwd+bwd ms", "speed-up over BRT", "vs Slide",
+                          "fwd GFLOP", "fwd GFLOP/s", "% of matmul peak", "fwd+bwd GFLOP/s",
+                          "peak MiB"], rows), ""]
+    if report["skipped"]:
+        parts += ["Skipped (predicted over the time or memory limit): " + ", ".join(
+            f"{s['layer']} at width {s['width']} L={s['length']}" for s in report["skipped"]) + ".", ""]
+    return "\n".join(parts)
+
+
+def models_markdown(report: dict) -> str:
+    info = report["machine"]
+    rows = [[r["model"], f"{r['parameters'] / 1e6:.2f}M", f"{r['step_seconds']:.2f}",
+             f"{r['tokens_per_s']:.0f}"] for r in report["results"]]
+    by_name = {r["model"]: r for r in report["results"]}
+    for row, r in zip(rows, report["results"], strict=True):
+        for ref in ("brt", "slide"):
+            row.append(f"{r['tokens_per_s'] / by_name[ref]['tokens_per_s']:.2f}x" if ref in by_name else "-")
+    return "\n".join([
+        "# Model training throughput", "", f"Command: `{report['command']}`", "",
+        f"Machine: {info['cpu']} ({info['cpus']} CPUs), device {info['device']}, {info['threads']} threads, "
+        f"torch {info['torch']}, load average at start "
+        f"{', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}. Size {report['size']}, batch "
+        f"{report['batch']} x {report['seq_len']} tokens; forward, backward and AdamW step; median "
+        f"step after a warm-up.", "",
+        _table(["model", "parameters", "step s", "tokens/s", "vs brt", "vs slide"], rows), ""])
+
+
+def plot_layers(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = report["widths"]
+    fig, axes = plt.subplots(len(widths), 2, figsize=(12, 4.5 * len(widths)), squeeze=False)
+    for row, (width, heads) in enumerate(widths):
+        results = [r for r in report["results"] if r["width"] == width]
+        for col, key in enumerate(("forward", "forward_backward")):
+            ax = axes[row][col]
+            for name in dict.fromkeys(r["layer"] for r in results):
+                pts = [(r["length"], r[key]["seconds"] * 1e3) for r in results if r["layer"] == name]
+                style = "o-" if name.startswith("bst-sh") or name in ("brt", "slide") else ".--"
+                ax.plot(*zip(*pts, strict=True), style, label=name, linewidth=1)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel("ms")
+            ax.set_title(f"{key.replace('_', ' + ')}, width {width}, {heads} heads")
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, report: dict, plot: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out.with_suffix(".json"))
+    text = layers_markdown(report) if report["kind"] == "layers" else models_markdown(report)
+    out.with_suffix(".md").write_text(text)
+    if plot and report["kind"] == "layers" and report["results"]:
+        try:
+            plot_layers(report, out.with_suffix(".png"))
+        except ImportError:
+            pass
+
+
+def command_line() -> str:
+    return "blockstate " + " ".join(sys.argv[1:])
+
+
+__all__ = ["LAYERS", "build_layer", "flop_formulas", "layer_config", "measure_layer",
+           "measure_machine", "run_layers", "run_models", "layers_markdown", "models_markdown",
+           "write_outputs"]

@@ -1,0 +1,78 @@
+"""The benchmark harness: FLOP counting, layer construction, report files and CLI errors (tiny sizes;
+no timing is asserted)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from blockstate import bench
+from blockstate.cli import main
+
+
+def test_flop_formulas_count_ffts_and_cpu_attention():
+    with FlopCounterMode(display=False, custom_mapping=bench.flop_formulas()) as counter:
+        spectrum = torch.fft.rfft(torch.randn(3, 1024))
+        torch.fft.irfft(spectrum, n=1024)
+    assert counter.get_total_flops() == 2 * int(3 * 2.5 * 1024 * 10)
+    q = torch.randn(2, 2, 16, 8, requires_grad=True)
+    mask = torch.zeros(1, 1, 16, 16)
+    with FlopCounterMode(display=False, custom_mapping=bench.flop_formulas()) as counter:
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert counter.get_total_flops() == 4 * 2 * 2 * 16 * 16 * 8  # QK^T and AV
+
+
+@pytest.mark.parametrize("name", bench.LAYERS)
+def test_every_benchmarked_layer_builds_and_runs(name):
+    config = bench.layer_config(32, 2, 64, block=16, state=4, context_states=4)
+    layer = bench.build_layer(name, config)
+    x = torch.randn(1, 64, 32)
+    y = layer(x, torch.randn(1, 16, 32)) if name == "transformer-xl" else layer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    if name == "brt":
+        assert layer.initial_state.shape[0] == config.block_size  # S = W, as in the BRT paper
+
+
+def test_layer_benchmark_writes_json_markdown_and_plot(tmp_path):
+    out = tmp_path / "layers"
+    report = bench.run_layers(out, [(32, 2)], [128, 256], ["bst-sh-s4", "slide", "brt"],
+                              repeats=1, budget_s=1.0, command="test", log=lambda _: None)
+    assert len(report["results"]) == 6
+    data = json.loads(out.with_suffix(".json").read_text())
+    r = data["results"][0]
+    assert r["forward"]["flops"] > 0 and r["forward_backward"]["flops"] > r["forward"]["flops"]
+    assert r["forward"]["seconds"] > 0 and data["machine_limits"]["32"]["matmul_peak_gflops"] > 0
+    text = out.with_suffix(".md").read_text()
+    assert "speed-up over BRT" in text and "| bst-sh-s4 |" in text
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_long_lengths_are_skipped_by_extrapolation(tmp_path):
+    report = bench.run_layers(None, [(32, 2)], [128, 256, 1 << 20], ["slide"], repeats=1,
+                              budget_s=0.1, max_seconds=1.0, log=lambda _: None)
+    assert [s["length"] for s in report["skipped"]] == [1 << 20]
+    assert math.isclose(bench._extrapolate([(1, 1.0), (2, 4.0)], 4), 16.0)
+    assert math.isclose(bench._extrapolate([(1, 2.0), (2, 2.0)], 4), 4.0)  # at least linear
+
+
+def test_bench_cli_errors(capsys):
+    assert main(["bench", "layers", "--widths", "512:7"]) == 2
+    assert "HEADS dividing WIDTH" in capsys.readouterr().err
+    assert main(["bench", "layers", "--layers", "bst-xx"]) == 2
+    assert "unknown layer" in capsys.readouterr().err
+    assert main(["bench", "layers", "--lengths", "1000"]) == 2
+    assert "multiples of the window" in capsys.readouterr().err
+    assert main(["bench", "models", "--models", "nope"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_models_benchmark(tmp_path):
+    out = tmp_path / "models"
+    assert main(["bench", "models", "--models", "bst-sh-s4,slide", "--size", "tiny", "--length", "64",
+                 "--batch", "2", "--steps", "1", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["model"] for r in data["results"]] == ["bst-sh-s4", "slide"]
+    assert "| bst-sh-s4 |" in out.with_suffix(".md").read_text()
