@@ -404,6 +404,8 @@ def layers_markdown(report: dict, reference_length: int = 8192) -> str:
         f"gradients and recomputes SSM kernels; peak memory is that of forward+backward.", "",
     ]
     for width, heads in report["widths"]:
+        if str(width) not in report["machine_limits"]:  # not reached yet (written mid-run)
+            continue
         limits = report["machine_limits"][str(width)]
         table = _lookup(report["results"], width)
         names = list(dict.fromkeys(r["layer"] for r in report["results"] if r["width"] == width))

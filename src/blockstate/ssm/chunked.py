@@ -147,7 +147,7 @@ def chunked_causal_conv(u: torch.Tensor, ops: ChunkOperators) -> torch.Tensor:
                                  prev)
         else:
             carry = torch.einsum("chtn,bchkn->bchkt", ops.out, prev)
-        y = torch.cat([y[..., :1, :], y[..., 1:, :] + carry], dim=-2)
+        y[..., 1:, :] += carry  # in place: the Toeplitz product's backward does not need y
     return y.reshape(batch, -1, width, nc * t)[..., :length]
 
 
