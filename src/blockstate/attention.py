@@ -42,18 +42,27 @@ class RelativePositionBias(nn.Module):
         self.embedding = nn.Embedding(num_buckets, n_heads)
         nn.init.zeros_(self.embedding.weight)
 
+        self._index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
     def forward(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
         """Bias of shape (H, Lq, Lk) for the given absolute positions."""
         distance = query_positions[:, None] - key_positions[None, :]                 # (Lq, Lk)
         buckets = relative_position_bucket(distance, self.num_buckets, self.max_distance)
         return self.embedding(buckets).permute(2, 0, 1)                            # (H, Lq, Lk)
 
-
-def causal_bias(bias: torch.Tensor, query_positions: torch.Tensor,
-                key_positions: torch.Tensor) -> torch.Tensor:
-    """`bias` (H, Lq, Lk) with -inf where a key lies after its query."""
-    future = key_positions[None, :] > query_positions[:, None]                     # (Lq, Lk)
-    return bias.masked_fill(future, float("-inf"))
+    def causal(self, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
+        """Bias (H, Lq, Lk) with -inf on future keys, for queries at the last n_queries of n_keys
+        positions. Bucket indices and the future mask are built once per shape and device; only the
+        (learned) bias lookup runs every call."""
+        key = (n_queries, n_keys, str(device))
+        if key not in self._index:
+            query_pos = torch.arange(n_keys - n_queries, n_keys, device=device)
+            key_pos = torch.arange(n_keys, device=device)
+            distance = query_pos[:, None] - key_pos[None, :]
+            self._index[key] = (relative_position_bucket(distance, self.num_buckets, self.max_distance),
+                                distance < 0)
+        buckets, future = self._index[key]
+        return self.embedding(buckets).permute(2, 0, 1).masked_fill(future, float("-inf"))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -131,9 +140,7 @@ class BlockSelfAttention(nn.Module):
 
     def _mask(self, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
         """Relative position bias with -inf on future keys, for queries at the last positions."""
-        query_pos = torch.arange(n_keys - n_queries, n_keys, device=device)
-        key_pos = torch.arange(n_keys, device=device)
-        return causal_bias(self.rel_bias(query_pos, key_pos), query_pos, key_pos)  # (H, W, Lk)
+        return self.rel_bias.causal(n_queries, n_keys, device)                     # (H, W, Lk)
 
     def _keys_values(self, x: torch.Tensor, w: int) -> tuple[torch.Tensor, ...]:
         qkv = to_blocks(self.qkv(x), w).unflatten(-1, (3, self.n_heads, self.head_dim))

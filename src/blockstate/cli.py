@@ -261,6 +261,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import ZOO, reproduce
+
+    corpora = [c for c in args.corpora.split(",") if c]
+    models = tuple(args.models.split(",")) if args.models else ZOO
+    seeds = tuple(_int_list(args.seeds, "--seeds")) if args.seeds else None
+    reproduce(args.scale, corpora, args.out, device=args.device, models=models,
+              ablations=not args.no_ablations, seeds=seeds, max_tokens=args.max_tokens,
+              command="blockstate reproduce " + " ".join(args.argv))
+    print(f"results: {Path(args.out) / 'results.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockstate", description=__doc__)
     parser.add_argument("--version", action="version", version=f"blockstate {__version__}")
@@ -343,6 +356,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=1024, help="models: sequence length")
     p.add_argument("--steps", type=int, default=3, help="models: timed steps after a warm-up")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("reproduce", help="train and evaluate the model zoo, ablations and length "
+                                         "generalization at a scale; write results.md")
+    p.add_argument("--scale", default="tiny", choices=["tiny", "small", "base"])
+    p.add_argument("--corpora", default="python-stdlib", help="comma-separated corpora")
+    p.add_argument("--out", required=True, help="output directory (re-running resumes)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--models", default=None, help="comma-separated presets (default: the whole zoo)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the scale's)")
+    p.add_argument("--max-tokens", type=int, default=None, help="training tokens per run "
+                                                                 "(default: the scale's)")
+    p.add_argument("--no-ablations", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="forward/backward throughput of a model on random tokens")
     p.add_argument("--model", default="bst-sh-s4", choices=list_models())

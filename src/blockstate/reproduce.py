@@ -1,0 +1,429 @@
+"""Reproduce the paper's experiments at a chosen scale: `blockstate reproduce`.
+
+    blockstate reproduce --scale tiny --corpora python-stdlib,books --out runs/reproduce-tiny
+
+Trains the model zoo (every BST preset and every baseline) at matched parameter counts and equal
+token budgets on each corpus and seed, evaluates test perplexity and bits per byte at 0.5x, 1x, 4x
+and 16x the training length, runs the ablations (SSM state size, number of BST layers, window size,
+block-only vs sliding self-attention) on the first corpus, and writes `results.md`, `results.json`
+and `length_generalization.png` under the output directory, next to one directory per run with its
+config, metrics, summary, evaluation and final checkpoint.
+
+Resumable: a finished run (its `eval.json` exists) is skipped; an unfinished one resumes from its
+last checkpoint, so an interruption loses at most the steps since that checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .registry import PRESETS, build_model
+
+BST_PRESETS = tuple(name for name in PRESETS if name.startswith("bst-"))
+BASELINES = ("transformer", "slide", "transformer-xl", "brt", "gss-hybrid")
+ZOO = BST_PRESETS + BASELINES
+ABLATION_MODEL = "bst-sh-s4"
+EVAL_RATIOS = (0.5, 1, 4, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Model size, data budget and evaluation settings of one `--scale`."""
+
+    size: str
+    overrides: dict[str, Any]
+    batch_size: int
+    max_tokens: int
+    lr: float
+    warmup_steps: int
+    eval_tokens: int            # tokens per evaluation length (spread over the test split)
+    seeds: tuple[int, ...]
+    tokenizer: str = "byte"
+    vocab_size: int = 4096      # SentencePiece tokenizers only
+    state_sizes: tuple[int, ...] = (8, 16, 32, 64)
+    windows: tuple[int, ...] = ()
+
+    @property
+    def seq_len(self) -> int:
+        return self.overrides["max_seq_len"]
+
+
+SCALES: dict[str, Scale] = {
+    # About an hour on 2 CPU cores for 2 corpora x 2 seeds x 12 models plus 9 ablation runs.
+    "tiny": Scale(size="tiny", overrides={
+        "d_model": 128, "n_layers": 4, "n_heads": 4, "block_size": 32, "max_seq_len": 256,
+        "num_context_states": 8, "ssm_state_size": 16, "rel_pos_max_distance": 64,
+        "unstruct_hidden": 32, "unstruct_frequencies": 8},
+        batch_size=16, max_tokens=800_000, lr=2e-3, warmup_steps=20, eval_tokens=65_536,
+        seeds=(0, 1), windows=(16, 64)),
+    # One GPU: the library's small size (6 x 256, W = 128, L = 1024), 8k SentencePiece vocabulary.
+    "small": Scale(size="small", overrides={"max_seq_len": 1024}, batch_size=32,
+                   max_tokens=200_000_000, lr=1e-3, warmup_steps=500, eval_tokens=1_000_000,
+                   seeds=(0, 1), tokenizer="bpe", vocab_size=8192, windows=(64, 256)),
+    # The paper's configuration: 12 x 1024, W = 512, L = 4096, 32k vocabulary.
+    "base": Scale(size="base", overrides={"max_seq_len": 4096}, batch_size=64,
+                  max_tokens=2_000_000_000, lr=1e-3, warmup_steps=1000, eval_tokens=4_000_000,
+                  seeds=(0,), tokenizer="bpe", vocab_size=32000, windows=(256, 1024)),
+}
+
+
+def _vocab(scale: Scale) -> int:
+    return 259 if scale.tokenizer == "byte" else scale.vocab_size
+
+
+def count_parameters(name: str, scale: Scale, overrides: dict[str, Any]) -> int:
+    """Parameters of preset `name` at `scale` with `overrides`, built on the meta device."""
+    with torch.device("meta"):
+        model = build_model(name, scale.size, **{**scale.overrides, "vocab_size": _vocab(scale),
+                                                 **overrides})
+    return model.num_parameters()
+
+
+def matched_overrides(name: str, scale: Scale, tolerance: float = 0.05) -> dict[str, Any]:
+    """Overrides that bring a baseline within `tolerance` of BST:SH:S4's parameter count by choosing
+    its MLP width (the paper compares models of similar size); BST presets are left as they are."""
+    if name not in BASELINES:
+        return {}
+    target = count_parameters(ABLATION_MODEL, scale, {})
+    if abs(count_parameters(name, scale, {}) - target) <= tolerance * target:
+        return {}
+    d_model = scale.overrides.get("d_model") or 256
+    candidates = range(16, 16 * d_model + 1, 16)
+    best = min(candidates, key=lambda f: abs(count_parameters(name, scale, {"d_ff": f}) - target))
+    return {"d_ff": best}
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run of the plan."""
+
+    group: str                   # "main" or the ablation's name
+    corpus: str
+    model: str
+    seed: int
+    overrides: dict[str, Any]
+    label: str                   # the ablation's value, or the model name
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}/{self.corpus}/{self.label}-s{self.seed}"
+
+
+def plan(scale: Scale, corpora: list[str], models: tuple[str, ...] = ZOO,
+         ablations: bool = True) -> list[Run]:
+    """All runs: the zoo on every corpus and seed, then the ablations on the first corpus."""
+    runs = [Run("main", corpus, model, seed, matched_overrides(model, scale), model)
+            for seed in scale.seeds for corpus in corpora for model in models]
+    if not ablations:
+        return runs
+    corpus, seed = corpora[0], scale.seeds[0]
+    base = scale.overrides
+    n_layers = base.get("n_layers", 6)
+    from .config import scale_bst_layers
+
+    default_layers = scale_bst_layers(n_layers)
+    for n in scale.state_sizes:
+        runs.append(Run("state", corpus, ABLATION_MODEL, seed, {"ssm_state_size": n}, f"N={n}"))
+    for count in range(1, n_layers + 1):
+        layers = default_layers if count == len(default_layers) else _spread_layers(count, n_layers)
+        runs.append(Run("bst_layers", corpus, ABLATION_MODEL, seed, {"bst_layers": list(layers)},
+                        f"{count} layers {list(layers)}"))
+    for w in sorted({base.get("block_size", 128), *scale.windows}):
+        runs.append(Run("window", corpus, ABLATION_MODEL, seed, {"block_size": w}, f"W={w}"))
+    for mode in ("block", "sliding"):
+        runs.append(Run("self_attention", corpus, ABLATION_MODEL, seed, {"self_attention": mode}, mode))
+    return runs
+
+
+def _spread_layers(count: int, n_layers: int) -> tuple[int, ...]:
+    """`count` BST layers spread over `n_layers`, the first at layer 0."""
+    if count >= n_layers:
+        return tuple(range(n_layers))
+    return tuple(sorted({round(i * n_layers / count) for i in range(count)}))
+
+
+def _is_default(run: Run, scale: Scale) -> bool:
+    """Whether an ablation run is the main bst-sh-s4 configuration (then the main run is reused)."""
+    from .registry import model_config
+
+    base = {**scale.overrides, "vocab_size": _vocab(scale)}
+    main = model_config(ABLATION_MODEL, scale.size, **base)
+    changed = model_config(ABLATION_MODEL, scale.size, **{**base, **run.overrides})
+    return main == changed
+
+
+def run_dir(out: Path, run: Run, scale: Scale) -> Path:
+    if run.group != "main" and _is_default(run, scale):
+        return out / "runs" / "main" / run.corpus / f"{ABLATION_MODEL}-s{run.seed}"
+    safe = "".join(c if c.isalnum() or c in "=-_" else "_" for c in run.label)
+    return out / "runs" / run.group / run.corpus / f"{safe}-s{run.seed}"
+
+
+def execute(run: Run, scale: Scale, out: Path, device: str, log: Callable[[str], None]) -> dict:
+    """Train (or resume, or skip) one run and evaluate it at every length; returns its record."""
+    from .checkpoint import latest_checkpoint
+    from .evaluate import evaluate_checkpoint
+    from .train import TrainConfig, train
+
+    directory = run_dir(out, run, scale)
+    eval_path = directory / "eval.json"
+    mine = {"key": run.key, "group": run.group, "label": run.label, "overrides": run.overrides}
+    if eval_path.exists():  # finished (possibly as the main run an ablation point reuses)
+        return {**json.loads(eval_path.read_text()), **mine}
+    config = TrainConfig(
+        model=run.model, size=scale.size, model_overrides={**scale.overrides, **run.overrides},
+        data=run.corpus, tokenizer=scale.tokenizer, vocab_size=scale.vocab_size,
+        seq_len=scale.seq_len, batch_size=scale.batch_size, lr=scale.lr,
+        warmup_steps=scale.warmup_steps, max_tokens=scale.max_tokens, seed=run.seed,
+        eval_every=10**9, save_every=max(1, _steps(scale) // 4), log_every=10, device=device,
+        sample_tokens=0)
+    resume = directory.exists() and latest_checkpoint(directory) is not None
+    if (directory / "summary.json").exists() and resume:
+        summary = json.loads((directory / "summary.json").read_text())
+    else:
+        log(f"train {run.key} ({'resuming' if resume else 'new'})")
+        summary = train(config, directory, resume=resume, overwrite=not resume, quiet=True)
+    lengths = [max(1, int(r * scale.seq_len)) for r in EVAL_RATIOS]
+    t0 = time.perf_counter()
+    result = evaluate_checkpoint(directory, run.corpus, lengths, split="test",
+                                 max_tokens=scale.eval_tokens, device=device)
+    record = {**mine, "corpus": run.corpus, "model": run.model, "seed": run.seed,
+              "parameters": summary["parameters"], "train_tokens": summary["tokens"],
+              "train_seconds": summary["elapsed_s"], "train_tokens_per_s": summary["tokens_per_s"],
+              "eval_seconds": time.perf_counter() - t0, "training_length": scale.seq_len,
+              "test": {length: {k: m[k] for k in ("perplexity", "bits_per_byte", "loss", "tokens")}
+                       for length, m in result["lengths"].items()}}
+    eval_path.write_text(json.dumps(record, indent=2))
+    best = record["test"][str(scale.seq_len)]
+    log(f"  {run.key}: test ppl {best['perplexity']:.3f}, {best['bits_per_byte']:.3f} bits/byte, "
+        f"{summary['parameters'] / 1e6:.2f}M parameters, {summary['elapsed_s']:.0f} s")
+    return record
+
+
+def _steps(scale: Scale) -> int:
+    return math.ceil(scale.max_tokens / (scale.batch_size * scale.seq_len))
+
+
+def reproduce(scale_name: str, corpora: list[str], out: str | Path, device: str = "auto",
+              models: tuple[str, ...] = ZOO, ablations: bool = True, seeds: tuple[int, ...] | None = None,
+              max_tokens: int | None = None, command: str = "",
+              log: Callable[[str], None] = print) -> dict:
+    if scale_name not in SCALES:
+        raise ValueError(f"unknown scale {scale_name!r}; available: {', '.join(SCALES)}")
+    if not corpora:
+        raise ValueError("give at least one corpus")
+    unknown = sorted(set(models) - set(ZOO))
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; available: {', '.join(ZOO)}")
+    scale = SCALES[scale_name]
+    if seeds:
+        scale = dataclasses.replace(scale, seeds=tuple(seeds))
+    if max_tokens:
+        scale = dataclasses.replace(scale, max_tokens=max_tokens)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(scale, corpora, models, ablations)
+    setup = {"scale": scale_name, "settings": dataclasses.asdict(scale), "corpora": corpora,
+             "command": command, "machine": _machine(), "runs": len(runs)}
+    (out / "setup.json").write_text(json.dumps(setup, indent=2))
+    records = []
+    start = time.perf_counter()
+    for i, run in enumerate(runs, 1):
+        log(f"[{i}/{len(runs)}] {run.key} ({(time.perf_counter() - start) / 60:.1f} min so far)")
+        records.append(execute(run, scale, out, device, log))
+        write_results(out, setup, records)
+    return {"setup": setup, "records": records}
+
+
+def _machine() -> dict:
+    from .bench import machine_info
+
+    return machine_info(torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- the report
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and half the range (0 for one value)."""
+    return statistics.fmean(values), (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+
+
+def _summarize(records: list[dict], group: str, corpus: str, label: str, length: int
+               ) -> dict[str, float] | None:
+    rows = [r for r in records if r["group"] == group and r["corpus"] == corpus and r["label"] == label
+            and str(length) in r["test"]]
+    if not rows:
+        return None
+    ppl = [r["test"][str(length)]["perplexity"] for r in rows]
+    bpb = [r["test"][str(length)]["bits_per_byte"] for r in rows]
+    mean, spread = _mean_spread(ppl)
+    return {"ppl": mean, "spread": spread, "bpb": statistics.fmean(bpb), "seeds": len(rows),
+            "params": rows[0]["parameters"], "seconds": statistics.fmean(r["train_seconds"] for r in rows),
+            "tokens": rows[0]["train_tokens"]}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def results_markdown(setup: dict, records: list[dict]) -> str:
+    s = setup["settings"]
+    seq = s["overrides"]["max_seq_len"]
+    corpora = setup["corpora"]
+    models = list(dict.fromkeys(r["label"] for r in records if r["group"] == "main"))
+    m = setup["machine"]
+    lines = [
+        f"# Reproduction at scale `{setup['scale']}`", "",
+        f"Command: `{setup['command']}`", "",
+        f"Machine: {m['cpu']} ({m['cpus']} CPUs, {m['threads']} threads), torch {m['torch']}, "
+        f"Python {m['python']}. Model size `{s['size']}` with {json.dumps(s['overrides'])}; "
+        f"{s['tokenizer']} tokenizer; every run trains on {s['max_tokens']:,} tokens (batch "
+        f"{s['batch_size']} x {seq}, lr {s['lr']}, warmup {s['warmup_steps']}); test metrics on "
+        f"{s['eval_tokens']:,} tokens per length spread over the test split; seeds {s['seeds']}.", "",
+        "## Main table (test perplexity at the training length)", "",
+        "Perplexity per token (the byte tokenizer makes it per byte), mean over seeds +- half the "
+        "range; bits per byte in parentheses; training cost as wall-clock seconds on this machine.", "",
+    ]
+    rows = []
+    for model in models:
+        cells, params, cost = [], None, []
+        for corpus in corpora:
+            r = _summarize(records, "main", corpus, model, seq)
+            if r is None:
+                cells.append("-")
+                continue
+            params = r["params"]
+            cost.append(r["seconds"])
+            cells.append(f"{r['ppl']:.3f} +- {r['spread']:.3f} ({r['bpb']:.3f})")
+        rows.append([model, f"{params / 1e6:.2f}M" if params else "-",
+                     f"{statistics.fmean(cost):.0f} s" if cost else "-"] + cells)
+    lines += [_table(["model", "parameters", "training cost"] + corpora, rows), ""]
+    ratios = list(EVAL_RATIOS)
+    lengths = [max(1, int(r * seq)) for r in ratios]
+    for corpus in corpora:
+        rows = []
+        for model in models:
+            cells = []
+            for length in lengths:
+                r = _summarize(records, "main", corpus, model, length)
+                cells.append("-" if r is None else f"{r['ppl']:.3f}")
+            rows.append([model] + cells)
+        lines += [f"## Length generalization on {corpus} (trained at {seq})", "",
+                  _table(["model"] + [f"{r}x = {n}" for r, n in zip(ratios, lengths, strict=True)], rows),
+                  ""]
+    lines += ["![length generalization](length_generalization.png)", ""]
+    titles = {"state": "SSM state size N", "bst_layers": "Number of BST layers",
+              "window": "Window (block) size W", "self_attention": "Self-attention inside BST layers"}
+    for group, title in titles.items():
+        rows = []
+        for r in records:
+            if r["group"] != group:
+                continue
+            t = r["test"][str(seq)]
+            rows.append([r["label"], f"{r['parameters'] / 1e6:.2f}M", f"{t['perplexity']:.3f}",
+                         f"{t['bits_per_byte']:.3f}", f"{r['train_seconds']:.0f} s"])
+        if rows:
+            corpus = next(r["corpus"] for r in records if r["group"] == group)
+            lines += [f"## Ablation: {title} ({ABLATION_MODEL}, {corpus}, seed {s['seeds'][0]})", "",
+                      _table(["setting", "parameters", "test ppl", "bits/byte", "training cost"], rows), ""]
+    lines += ["## Which claims hold at this scale", "", *claims(setup, records), ""]
+    return "\n".join(lines)
+
+
+def claims(setup: dict, records: list[dict]) -> list[str]:
+    """One line per claim of the paper, with the numbers that decide it. A difference smaller than
+    the seed spread of the two models is called a tie."""
+    seq = setup["settings"]["overrides"]["max_seq_len"]
+    out = []
+
+    def get(corpus, model, length=seq):
+        return _summarize(records, "main", corpus, model, length)
+
+    def compare(corpus, a, b) -> str | None:
+        ra, rb = get(corpus, a), get(corpus, b)
+        if ra is None or rb is None:
+            return None
+        noise = max(ra["spread"], rb["spread"])
+        if abs(ra["ppl"] - rb["ppl"]) <= noise:
+            verdict = "tie (within the seed spread)"
+        else:
+            verdict = f"{a} better" if ra["ppl"] < rb["ppl"] else f"{b} better"
+        return f"{a} {ra['ppl']:.3f} vs {b} {rb['ppl']:.3f} on {corpus}: {verdict}"
+
+    for corpus in setup["corpora"]:
+        for baseline in ("slide", "transformer-xl", "brt", "transformer", "gss-hybrid"):
+            text = compare(corpus, "bst-sh-s4", baseline)
+            if text:
+                out.append(f"- BST vs {baseline}: {text}.")
+        sh, mf = get(corpus, "bst-sh-s4"), get(corpus, "bst-mf-s4")
+        if sh and mf:
+            out.append(f"- SH vs MF (S4) on {corpus}: SH {sh['ppl']:.3f}, MF {mf['ppl']:.3f} "
+                       f"({'SH' if sh['ppl'] < mf['ppl'] else 'MF'} lower; the paper has SH best on "
+                       f"books, MF on code and math).")
+        long = 16 * seq
+        ranked = []
+        for model in dict.fromkeys(r["label"] for r in records if r["group"] == "main"):
+            r1, r16 = get(corpus, model), get(corpus, model, long)
+            if r1 and r16:
+                ranked.append((r16["ppl"], r16["ppl"] / r1["ppl"], model))
+        if ranked:
+            ranked.sort()
+            best = ", ".join(f"{m} {p:.3f} (x{g:.2f} vs 1x)" for p, g, m in ranked[:3])
+            unstruct = [f"{m} x{g:.2f}" for _, g, m in ranked if "unstruct" in m]
+            out.append(f"- Length generalization on {corpus} at 16x: best {best}; perplexity "
+                       f"change 1x -> 16x of unstructured kernels: {', '.join(unstruct) or '-'}.")
+    for group, name in (("state", "larger SSM state"), ("bst_layers", "more BST layers"),
+                        ("window", "window size")):
+        rows = [r for r in records if r["group"] == group]
+        if rows:
+            series = ", ".join(f"{r['label']}: {r['test'][str(seq)]['perplexity']:.3f}" for r in rows)
+            out.append(f"- Ablation, {name}: {series}.")
+    return out
+
+
+def plot_length_generalization(setup: dict, records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seq = setup["settings"]["overrides"]["max_seq_len"]
+    corpora = setup["corpora"]
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora, strict=True):
+        for model in dict.fromkeys(r["label"] for r in records if r["group"] == "main"):
+            pts = [(ratio, r["ppl"]) for ratio in EVAL_RATIOS
+                   if (r := _summarize(records, "main", corpus, model, max(1, int(ratio * seq))))]
+            if pts:
+                style = "o-" if model.startswith("bst") else "s--"
+                ax.plot(*zip(*pts, strict=True), style, label=model, linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("evaluation length / training length")
+        ax.set_ylabel("test perplexity")
+        ax.set_title(corpus)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(out: Path, setup: dict, records: list[dict]) -> None:
+    (out / "results.json").write_text(json.dumps({"setup": setup, "records": records}, indent=1))
+    (out / "results.md").write_text(results_markdown(setup, records))
+    try:
+        plot_length_generalization(setup, records, out / "length_generalization.png")
+    except ImportError:
+        pass
+
+
+__all__ = ["SCALES", "ZOO", "Scale", "plan", "matched_overrides", "reproduce", "results_markdown"]

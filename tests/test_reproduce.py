@@ -1,0 +1,108 @@
+"""`blockstate reproduce`: the plan, parameter matching, resumability and the report."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from blockstate import reproduce as rp
+from blockstate.cli import main
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("BLOCKSTATE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(60):
+        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(80)]
+        (root / f"doc{i:03d}.txt").write_text(f"document {i}\n" + " ".join(words) + "\n")
+    return root
+
+
+MICRO = dataclasses.replace(
+    rp.SCALES["tiny"],
+    overrides={"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 16, "max_seq_len": 64,
+               "num_context_states": 4, "ssm_state_size": 4, "rel_pos_max_distance": 16},
+    batch_size=4, max_tokens=4 * 64 * 3, warmup_steps=1, eval_tokens=512, seeds=(0, 1),
+    state_sizes=(4, 8), windows=(32,))
+
+
+def test_tiny_plan_matches_parameters_within_five_percent():
+    scale = rp.SCALES["tiny"]
+    target = rp.count_parameters("bst-sh-s4", scale, {})
+    for name in rp.BASELINES:
+        params = rp.count_parameters(name, scale, rp.matched_overrides(name, scale))
+        assert abs(params - target) <= 0.05 * target, name
+    runs = rp.plan(scale, ["python-stdlib", "books"])
+    main_runs = [r for r in runs if r.group == "main"]
+    assert len(main_runs) == len(rp.ZOO) * 2 * len(scale.seeds)
+    ablations = {r.group for r in runs} - {"main"}
+    assert ablations == {"state", "bst_layers", "window", "self_attention"}
+    assert [r.overrides["bst_layers"] for r in runs if r.group == "bst_layers"] == [
+        [0], [0, 2], [0, 2, 3], [0, 1, 2, 3]]
+
+
+def test_ablation_points_equal_to_the_main_model_reuse_its_run(tmp_path):
+    scale = rp.SCALES["tiny"]
+    runs = rp.plan(scale, ["python-stdlib"])
+    main_dir = rp.run_dir(tmp_path, runs[0], scale)
+    default = [r for r in runs if r.group == "state" and r.overrides["ssm_state_size"] == 16][0]
+    other = [r for r in runs if r.group == "state" and r.overrides["ssm_state_size"] == 8][0]
+    assert rp.run_dir(tmp_path, default, scale) == main_dir
+    assert rp.run_dir(tmp_path, other, scale) != main_dir
+
+
+def test_reproduce_end_to_end_resumes_and_reports(corpus, tmp_path, monkeypatch):
+    monkeypatch.setitem(rp.SCALES, "micro", MICRO)
+    out = tmp_path / "out"
+    logs = []
+    result = rp.reproduce("micro", [str(corpus)], out, device="cpu", models=("bst-sh-s4", "slide"),
+                          command="test", log=logs.append)
+    # 2 models x 2 seeds, then ablations: N=8, 1 layer, W=32, sliding (others reuse the main run).
+    assert len(result["records"]) == 4 + 2 + 2 + 2 + 2
+    trained = [line for line in logs if line.startswith("train ")]
+    assert len(trained) == 4 + 4
+    record = result["records"][0]
+    assert set(record["test"]) == {"32", "64", "256", "1024"}
+    text = (out / "results.md").read_text()
+    for heading in ("Main table", "Length generalization", "Ablation: SSM state size",
+                    "Which claims hold"):
+        assert heading in text
+    assert "+-" in text and (out / "length_generalization.png").stat().st_size > 0
+    # A second invocation trains nothing: every run is finished.
+    logs.clear()
+    again = rp.reproduce("micro", [str(corpus)], out, device="cpu", models=("bst-sh-s4", "slide"),
+                         log=logs.append)
+    assert not [line for line in logs if line.startswith("train ")]
+    assert json.dumps(again["records"]) == json.dumps(result["records"])
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(corpus, tmp_path, monkeypatch):
+    monkeypatch.setitem(rp.SCALES, "micro", dataclasses.replace(MICRO, seeds=(0,)))
+    out = tmp_path / "out"
+    run = rp.plan(MICRO, [str(corpus)], ("slide",), ablations=False)[0]
+    directory = rp.run_dir(out, run, MICRO)
+    from blockstate.train import TrainConfig, train
+
+    # Simulate a crash: a checkpoint exists but no summary/eval yet.
+    partial = TrainConfig(model="slide", size="tiny", model_overrides=MICRO.overrides, data=str(corpus),
+                          seq_len=64, batch_size=4, warmup_steps=1, max_steps=1, sample_tokens=0,
+                          eval_every=10**9, save_every=1)
+    train(partial, directory, quiet=True)
+    (directory / "summary.json").unlink()
+    logs = []
+    rp.reproduce("micro", [str(corpus)], out, device="cpu", models=("slide",), ablations=False,
+                 log=logs.append)
+    assert any("resuming" in line for line in logs)
+    assert (directory / "eval.json").exists()
+
+
+def test_reproduce_cli_errors(capsys, tmp_path):
+    assert main(["reproduce", "--out", str(tmp_path / "x"), "--models", "nope"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["reproduce", "--out", str(tmp_path / "x"), "--corpora", ","]) == 2
+    assert "at least one corpus" in capsys.readouterr().err
