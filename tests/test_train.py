@@ -118,6 +118,33 @@ def test_eval_json_by_length(corpus, tmp_path, capsys):
         assert all(m[key] > 0 for m in result["lengths"].values())
     assert result["perplexity"] == result["lengths"]["64"]["perplexity"]  # the training length
     assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert result["aligned"]  # 32 and 64 divide 256: every length scores the same tokens
+    assert len({m["tokens"] for m in result["lengths"].values()}) == 1
+
+
+@pytest.mark.parametrize("max_tokens", [None, 300])
+def test_aligned_windows_score_the_same_targets(max_tokens):
+    import numpy as np
+
+    from blockstate.data.dataset import PackedSequences, TokenizedSplit
+    from blockstate.evaluate import aligned_windows, spread_windows
+
+    offsets = np.cumsum([0, 5, 70, 1, 33, 128, 129, 2, 300])                   # awkward documents
+    tokens = np.arange(offsets[-1], dtype=np.uint16)
+    split = TokenizedSplit(tokens, offsets, 0, {}, Path("."))
+    outer = PackedSequences(split, 64, pad_id=0)
+    chosen = spread_windows(outer, max_tokens)
+
+    def targets(dataset, indices):
+        t = dataset.batch(indices.tolist())[1].flatten()
+        return sorted(t[t != -100].tolist())
+
+    expected = targets(outer, chosen)
+    for n in (1, 8, 16, 32, 64):
+        inner = PackedSequences(split, n, pad_id=0)
+        assert targets(inner, aligned_windows(inner, outer, chosen)) == expected
+    with pytest.raises(ValueError, match="does not divide"):
+        aligned_windows(PackedSequences(split, 24, pad_id=0), outer, chosen)
 
 
 def _cli_error(argv, capsys) -> str:

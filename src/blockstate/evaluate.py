@@ -39,14 +39,36 @@ def load_model_and_tokenizer(path: str | Path, device: torch.device | str = "cpu
     return model.to(device).eval(), tokenizer, checkpoint
 
 
+def spread_windows(dataset: PackedSequences, max_tokens: int | None) -> np.ndarray:
+    """Indices of about max_tokens / seq_len windows spread evenly over `dataset` (all if None)."""
+    n = len(dataset)
+    take = n if max_tokens is None else max(1, min(n, math.ceil(max_tokens / dataset.seq_len)))
+    return np.unique(np.linspace(0, n - 1, take).round().astype(np.int64))
+
+
+def aligned_windows(dataset: PackedSequences, outer: PackedSequences, outer_indices: np.ndarray
+                    ) -> np.ndarray:
+    """Indices of the windows of `dataset` that tile the windows `outer_indices` of `outer`, a
+    packing of the same split at a multiple of dataset's length: both then score the same targets."""
+    if outer.seq_len % dataset.seq_len:
+        raise ValueError(f"length {dataset.seq_len} does not divide {outer.seq_len}")
+    starts, ends = outer.starts[outer_indices], outer.ends[outer_indices]          # (n,) each
+    lo = np.searchsorted(dataset.starts, starts)                                   # (n,)
+    hi = np.searchsorted(dataset.starts, starts + outer.seq_len)                   # (n,)
+    index = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)]) if len(lo) else lo
+    return index[dataset.ends[index] == np.repeat(ends, hi - lo)]  # not the next document's
+
+
 @torch.no_grad()
 def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths: np.ndarray,
-                    max_tokens: int | None, batch_tokens: int, device: torch.device) -> dict[str, Any]:
-    """Metrics over windows spread evenly across `dataset`, and the loss by position."""
+                    max_tokens: int | None, batch_tokens: int, device: torch.device,
+                    indices: np.ndarray | None = None) -> dict[str, Any]:
+    """Metrics over the windows `indices` of `dataset` (default: windows spread evenly, about
+    max_tokens tokens), and the loss by position."""
     seq_len = dataset.seq_len
     n = len(dataset)
-    take = n if max_tokens is None else max(1, min(n, math.ceil(max_tokens / seq_len)))
-    indices = np.unique(np.linspace(0, n - 1, take).round().astype(np.int64))
+    indices = spread_windows(dataset, max_tokens) if indices is None else indices
+    take = len(indices)
     batch = max(1, batch_tokens // seq_len)
     if carries_memory(model):  # whole documents in order, memory carried: lanes of windows
         batch = max(1, min(batch, n))
@@ -78,7 +100,13 @@ def evaluate_checkpoint(path: str | Path, data: str, lengths: list[int] | None =
                         cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint at `path` on `split` of corpus `data` at each of `lengths`
     (default: the training length). Top-level metrics are those at the training length when it
-    is among `lengths`, else at the first length."""
+    is among `lengths`, else at the first length.
+
+    When every length divides the longest, all lengths score the same target tokens: windows of
+    the longest length spread evenly over the split (about `max_tokens` tokens), each cut into
+    windows of the shorter lengths, so differences between lengths come from the context alone
+    (`aligned` in the result). Otherwise each length takes its own evenly spread windows. A model
+    that carries memory across windows (Transformer-XL) reads whole documents in order instead."""
     dev = resolve_device(device)
     model, tokenizer, checkpoint = load_model_and_tokenizer(path, dev)
     train_len = checkpoint.train_state.get("train_config", {}).get("seq_len") or model.config.max_seq_len
@@ -89,16 +117,20 @@ def evaluate_checkpoint(path: str | Path, data: str, lengths: list[int] | None =
     corpus = resolve_corpus(data)
     tokens = tokenize_split(corpus, tokenizer, split, Path(cache_dir) if cache_dir else default_cache_dir())
     byte_lengths = tokenizer.token_byte_lengths()
+    longest = PackedSequences(tokens, max(lengths), tokenizer.pad_id)
+    aligned = not carries_memory(model) and all(longest.seq_len % n == 0 for n in lengths)
+    outer_indices = spread_windows(longest, max_tokens)
     per_length = {}
     for length in lengths:
         dataset = PackedSequences(tokens, length, tokenizer.pad_id)
+        indices = aligned_windows(dataset, longest, outer_indices) if aligned else None
         per_length[str(length)] = evaluate_length(model, dataset, byte_lengths, max_tokens,
-                                                  batch_tokens, dev)
+                                                  batch_tokens, dev, indices)
     main = per_length[str(train_len)] if str(train_len) in per_length else per_length[str(lengths[0])]
     return {"checkpoint": str(checkpoint.path), "step": checkpoint.step, "data": data, "split": split,
             "training_length": train_len, "perplexity": main["perplexity"],
             "bits_per_byte": main["bits_per_byte"], "loss": main["loss"], "tokens": main["tokens"],
-            "lengths": per_length}
+            "aligned": aligned, "lengths": per_length}
 
 
 def plot_loss_by_position(result: dict[str, Any], path: str | Path) -> Path:

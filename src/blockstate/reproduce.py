@@ -58,12 +58,12 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    # About an hour on 2 CPU cores for 2 corpora x 2 seeds x 12 models plus 9 ablation runs.
+    # About an hour on 2 CPU cores: 2 corpora x 2 seeds x 12 models plus 9 ablation runs, ~1 min each.
     "tiny": Scale(size="tiny", overrides={
         "d_model": 128, "n_layers": 4, "n_heads": 4, "block_size": 32, "max_seq_len": 256,
         "num_context_states": 8, "ssm_state_size": 16, "rel_pos_max_distance": 64,
         "unstruct_hidden": 32, "unstruct_frequencies": 8},
-        batch_size=16, max_tokens=800_000, lr=2e-3, warmup_steps=20, eval_tokens=65_536,
+        batch_size=16, max_tokens=480_000, lr=2e-3, warmup_steps=20, eval_tokens=65_536,
         seeds=(0, 1), windows=(16, 64)),
     # One GPU: the library's small size (6 x 256, W = 128, L = 1024), 8k SentencePiece vocabulary.
     "small": Scale(size="small", overrides={"max_seq_len": 1024}, batch_size=32,
@@ -90,16 +90,18 @@ def count_parameters(name: str, scale: Scale, overrides: dict[str, Any]) -> int:
 
 def matched_overrides(name: str, scale: Scale, tolerance: float = 0.05) -> dict[str, Any]:
     """Overrides that bring a baseline within `tolerance` of BST:SH:S4's parameter count by choosing
-    its MLP width (the paper compares models of similar size); BST presets are left as they are."""
+    its MLP width (the paper compares models of similar size); BST presets are left as they are.
+    The parameter count is affine in the MLP width, so two counts give the width that matches."""
     if name not in BASELINES:
         return {}
     target = count_parameters(ABLATION_MODEL, scale, {})
     if abs(count_parameters(name, scale, {}) - target) <= tolerance * target:
         return {}
-    d_model = scale.overrides.get("d_model") or 256
-    candidates = range(16, 16 * d_model + 1, 16)
-    best = min(candidates, key=lambda f: abs(count_parameters(name, scale, {"d_ff": f}) - target))
-    return {"d_ff": best}
+    low, high = 16, 32
+    p_low, p_high = (count_parameters(name, scale, {"d_ff": f}) for f in (low, high))
+    slope = (p_high - p_low) / (high - low)
+    d_ff = max(16, 16 * round((low + (target - p_low) / slope) / 16))
+    return {"d_ff": d_ff}
 
 
 @dataclasses.dataclass
@@ -121,7 +123,8 @@ class Run:
 def plan(scale: Scale, corpora: list[str], models: tuple[str, ...] = ZOO,
          ablations: bool = True) -> list[Run]:
     """All runs: the zoo on every corpus and seed, then the ablations on the first corpus."""
-    runs = [Run("main", corpus, model, seed, matched_overrides(model, scale), model)
+    matched = {model: matched_overrides(model, scale) for model in models}
+    runs = [Run("main", corpus, model, seed, matched[model], model)
             for seed in scale.seeds for corpus in corpora for model in models]
     if not ablations:
         return runs
