@@ -377,7 +377,7 @@ def run_models(out: Path | None, presets: list[str], size: str, batch: int, seq_
 
 # ----------------------------------------------------------------------------- reporting
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -418,7 +418,7 @@ def layers_markdown(report: dict, reference_length: int = 8192) -> str:
         for key, title in (("forward", "Forward (ms)"), ("forward_backward", "Forward + backward (ms)")):
             rows = [[name] + [_fmt_ms(table[(name, n)][key]["seconds"]) if (name, n) in table else "-"
                               for n in lengths] for name in names]
-            parts += [f"### {title}", "", _table(["layer"] + [f"L={n}" for n in lengths], rows), ""]
+            parts += [f"### {title}", "", markdown_table(["layer"] + [f"L={n}" for n in lengths], rows), ""]
         rows = []
         for name in names:
             cells = []
@@ -427,7 +427,7 @@ def layers_markdown(report: dict, reference_length: int = 8192) -> str:
                 cells.append("-" if peak is None else f"{peak / 2**20:.0f}")
             rows.append([name] + cells)
         parts += ["### Peak memory, forward + backward (MiB)", "",
-                  _table(["layer"] + [f"L={n}" for n in lengths], rows), ""]
+                  markdown_table(["layer"] + [f"L={n}" for n in lengths], rows), ""]
         ref = reference_length if reference_length in lengths else (lengths[-1] if lengths else None)
         if ref is None:
             continue
@@ -451,7 +451,7 @@ def layers_markdown(report: dict, reference_length: int = 8192) -> str:
                   "Speed-up over BRT = BRT forward time / layer forward time; vs Slide = layer forward "
                   "time / Slide forward time. GFLOP counted from the operations run; % of peak against "
                   f"the measured matmul peak ({peak:.1f} GFLOP/s).", "",
-                  _table(["layer", "fwd ms", "fwd+bwd ms", "speed-up over BRT", "vs Slide",
+                  markdown_table(["layer", "fwd ms", "fwd+bwd ms", "speed-up over BRT", "vs Slide",
                           "fwd GFLOP", "fwd GFLOP/s", "% of matmul peak", "fwd+bwd GFLOP/s",
                           "peak MiB"], rows), ""]
     if report["skipped"]:
@@ -475,7 +475,7 @@ def models_markdown(report: dict) -> str:
         f"{', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}. Size {report['size']}, batch "
         f"{report['batch']} x {report['seq_len']} tokens; forward, backward and AdamW step; median "
         f"step after a warm-up.", "",
-        _table(["model", "parameters", "step s", "tokens/s", "vs brt", "vs slide"], rows), ""])
+        markdown_table(["model", "parameters", "step s", "tokens/s", "vs brt", "vs slide"], rows), ""])
 
 
 def plot_layers(report: dict, path: Path) -> None:
@@ -525,4 +525,4 @@ def command_line() -> str:
 
 __all__ = ["LAYERS", "build_layer", "flop_formulas", "layer_config", "measure_layer",
            "measure_machine", "run_layers", "run_models", "layers_markdown", "models_markdown",
-           "write_outputs"]
+           "markdown_table", "write_outputs"]

@@ -122,7 +122,7 @@ def evaluate_checkpoint(path: str | Path, data: str, lengths: list[int] | None =
     outer_indices = spread_windows(longest, max_tokens)
     per_length = {}
     for length in lengths:
-        dataset = PackedSequences(tokens, length, tokenizer.pad_id)
+        dataset = longest if length == longest.seq_len else PackedSequences(tokens, length, tokenizer.pad_id)
         indices = aligned_windows(dataset, longest, outer_indices) if aligned else None
         per_length[str(length)] = evaluate_length(model, dataset, byte_lengths, max_tokens,
                                                   batch_tokens, dev, indices)

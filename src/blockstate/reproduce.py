@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .bench import machine_info, markdown_table
 from .registry import PRESETS, build_model
 
 BST_PRESETS = tuple(name for name in PRESETS if name.startswith("bst-"))
@@ -74,6 +75,11 @@ SCALES: dict[str, Scale] = {
                   max_tokens=2_000_000_000, lr=1e-3, warmup_steps=1000, eval_tokens=4_000_000,
                   seeds=(0,), tokenizer="bpe", vocab_size=32000, windows=(256, 1024)),
 }
+
+
+def eval_lengths(seq_len: int) -> list[int]:
+    """The evaluation lengths: EVAL_RATIOS times the training length."""
+    return [max(1, int(r * seq_len)) for r in EVAL_RATIOS]
 
 
 def _vocab(scale: Scale) -> int:
@@ -195,9 +201,8 @@ def execute(run: Run, scale: Scale, out: Path, device: str, log: Callable[[str],
     else:
         log(f"train {run.key} ({'resuming' if resume else 'new'})")
         summary = train(config, directory, resume=resume, overwrite=not resume, quiet=True)
-    lengths = [max(1, int(r * scale.seq_len)) for r in EVAL_RATIOS]
     t0 = time.perf_counter()
-    result = evaluate_checkpoint(directory, run.corpus, lengths, split="test",
+    result = evaluate_checkpoint(directory, run.corpus, eval_lengths(scale.seq_len), split="test",
                                  max_tokens=scale.eval_tokens, device=device)
     record = {**mine, "corpus": run.corpus, "model": run.model, "seed": run.seed,
               "parameters": summary["parameters"], "train_tokens": summary["tokens"],
@@ -248,8 +253,6 @@ def reproduce(scale_name: str, corpora: list[str], out: str | Path, device: str 
 
 
 def _machine() -> dict:
-    from .bench import machine_info
-
     return machine_info(torch.device("cpu"))
 
 
@@ -272,11 +275,6 @@ def _summarize(records: list[dict], group: str, corpus: str, label: str, length:
     return {"ppl": mean, "spread": spread, "bpb": statistics.fmean(bpb), "seeds": len(rows),
             "params": rows[0]["parameters"], "seconds": statistics.fmean(r["train_seconds"] for r in rows),
             "tokens": rows[0]["train_tokens"]}
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def results_markdown(setup: dict, records: list[dict]) -> str:
@@ -310,19 +308,15 @@ def results_markdown(setup: dict, records: list[dict]) -> str:
             cells.append(f"{r['ppl']:.3f} +- {r['spread']:.3f} ({r['bpb']:.3f})")
         rows.append([model, f"{params / 1e6:.2f}M" if params else "-",
                      f"{statistics.fmean(cost):.0f} s" if cost else "-"] + cells)
-    lines += [_table(["model", "parameters", "training cost"] + corpora, rows), ""]
-    ratios = list(EVAL_RATIOS)
-    lengths = [max(1, int(r * seq)) for r in ratios]
+    lines += [markdown_table(["model", "parameters", "training cost"] + corpora, rows), ""]
+    ratios, lengths = list(EVAL_RATIOS), eval_lengths(seq)
     for corpus in corpora:
         rows = []
         for model in models:
-            cells = []
-            for length in lengths:
-                r = _summarize(records, "main", corpus, model, length)
-                cells.append("-" if r is None else f"{r['ppl']:.3f}")
-            r1, r16 = _summarize(records, "main", corpus, model, seq), _summarize(
-                records, "main", corpus, model, lengths[-1])
-            cells.append(f"{100 * (r16['ppl'] / r1['ppl'] - 1):+.2f}%" if r1 and r16 else "-")
+            summaries = {n: _summarize(records, "main", corpus, model, n) for n in lengths}
+            cells = ["-" if r is None else f"{r['ppl']:.3f}" for r in summaries.values()]
+            r1, r_last = summaries[seq], summaries[lengths[-1]]
+            cells.append(f"{100 * (r_last['ppl'] / r1['ppl'] - 1):+.2f}%" if r1 and r_last else "-")
             rows.append([model] + cells)
         lines += [f"## Length generalization on {corpus} (trained at {seq})", "",
                   "Test perplexity, mean over seeds, every length scoring the same tokens (windows "
@@ -330,7 +324,7 @@ def results_markdown(setup: dict, records: list[dict]) -> str:
                   "whole documents in order with its memory carried, so its tokens differ). The last "
                   f"column is the change from 1x to {ratios[-1]}x: negative means the model uses the "
                   "longer context, positive that it degrades.", "",
-                  _table(["model"] + [f"{r}x = {n}" for r, n in zip(ratios, lengths, strict=True)]
+                  markdown_table(["model"] + [f"{r}x = {n}" for r, n in zip(ratios, lengths, strict=True)]
                          + [f"1x -> {ratios[-1]}x"], rows), ""]
     lines += ["![length generalization](length_generalization.png)", ""]
     titles = {"state": "SSM state size N", "bst_layers": "Number of BST layers",
@@ -346,7 +340,8 @@ def results_markdown(setup: dict, records: list[dict]) -> str:
         if rows:
             corpus = next(r["corpus"] for r in records if r["group"] == group)
             lines += [f"## Ablation: {title} ({ABLATION_MODEL}, {corpus}, seed {s['seeds'][0]})", "",
-                      _table(["setting", "parameters", "test ppl", "bits/byte", "training cost"], rows), ""]
+                      markdown_table(["setting", "parameters", "test ppl", "bits/byte", "training cost"],
+                                     rows), ""]
     lines += ["## Which claims hold at this scale", "", *claims(setup, records), ""]
     return "\n".join(lines)
 
@@ -386,7 +381,7 @@ def claims(setup: dict, records: list[dict]) -> list[str]:
             out.append(f"- SH vs MF (S4) on {corpus}: SH {sh['ppl']:.3f}, MF {mf['ppl']:.3f} "
                        f"({'SH' if sh['ppl'] < mf['ppl'] else 'MF'} lower; the paper has SH best on "
                        f"books, MF on code and math).")
-        long = 16 * seq
+        long = eval_lengths(seq)[-1]
         ranked = []
         for model in dict.fromkeys(r["label"] for r in records if r["group"] == "main"):
             r1, r16 = get(corpus, model), get(corpus, model, long)
@@ -396,8 +391,9 @@ def claims(setup: dict, records: list[dict]) -> list[str]:
             ranked.sort()
             best = ", ".join(f"{m} {p:.3f} ({100 * (g - 1):+.2f}% vs 1x)" for p, g, m in ranked[:3])
             unstruct = [f"{m} {100 * (g - 1):+.2f}%" for _, g, m in ranked if "unstruct" in m]
-            out.append(f"- Length generalization on {corpus} at 16x: best {best}; perplexity "
-                       f"change 1x -> 16x of unstructured kernels: {', '.join(unstruct) or '-'}.")
+            out.append(f"- Length generalization on {corpus} at {EVAL_RATIOS[-1]}x: best {best}; "
+                       f"perplexity change 1x -> {EVAL_RATIOS[-1]}x of unstructured kernels: "
+                       f"{', '.join(unstruct) or '-'}.")
     for group, name in (("state", "larger SSM state"), ("bst_layers", "more BST layers"),
                         ("window", "window size")):
         rows = [r for r in records if r["group"] == group]
@@ -417,8 +413,8 @@ def plot_length_generalization(setup: dict, records: list[dict], path: Path) -> 
     fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
     for ax, corpus in zip(axes[0], corpora, strict=True):
         for model in dict.fromkeys(r["label"] for r in records if r["group"] == "main"):
-            pts = [(ratio, r["ppl"]) for ratio in EVAL_RATIOS
-                   if (r := _summarize(records, "main", corpus, model, max(1, int(ratio * seq))))]
+            pts = [(ratio, r["ppl"]) for ratio, n in zip(EVAL_RATIOS, eval_lengths(seq), strict=True)
+                   if (r := _summarize(records, "main", corpus, model, n))]
             if pts:
                 style = "o-" if model.startswith("bst") else "s--"
                 ax.plot(*zip(*pts, strict=True), style, label=model, linewidth=1)
