@@ -8,6 +8,7 @@ import pytest
 
 from blockstate import reproduce as rp
 from blockstate.cli import main
+from blockstate.registry import count_parameters
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -33,9 +34,10 @@ MICRO = dataclasses.replace(
 
 def test_tiny_plan_matches_parameters_within_five_percent():
     scale = rp.SCALES["tiny"]
-    target = rp.count_parameters("bst-sh-s4", scale, {})
+    fixed = {**scale.overrides, "vocab_size": 259}
+    target = count_parameters("bst-sh-s4", scale.size, **fixed)
     for name in rp.BASELINES:
-        params = rp.count_parameters(name, scale, rp.matched_overrides(name, scale))
+        params = count_parameters(name, scale.size, **fixed, **rp.matched_overrides(name, scale))
         assert abs(params - target) <= 0.05 * target, name
     runs = rp.plan(scale, ["python-stdlib", "books"])
     main_runs = [r for r in runs if r.group == "main"]

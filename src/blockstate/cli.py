@@ -1,4 +1,5 @@
-"""Command-line interface: `blockstate train | eval | generate | corpora | models | demo`."""
+"""Command-line interface: `blockstate train | eval | generate | corpora | models | bench | reproduce |
+tasks | demo`."""
 
 from __future__ import annotations
 
@@ -274,6 +275,62 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_params(items: list[str], flag: str) -> list[dict[str, int]]:
+    """`--param lag=8,24 --param length=8` -> every combination [{lag: 8, length: 8}, ...]."""
+    combos: list[dict[str, int]] = [{}]
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{flag} {item!r}: expected NAME=VALUE[,VALUE...]")
+        try:
+            parsed = [int(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{flag} {item!r}: values must be integers") from None
+        if not parsed:
+            raise ValueError(f"{flag} {item!r}: no values")
+        combos = [{**c, name.strip(): v} for c in combos for v in parsed]
+    return combos
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import TASKS, Run, Settings, make_task, run_all, write_report
+
+    if args.action == "list":
+        for name, cls in TASKS.items():
+            print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    command = "blockstate tasks " + " ".join(args.argv)
+    if not args.out:
+        raise ValueError(f"tasks {args.action} needs --out DIR")
+    if args.action == "report":
+        print(f"report: {write_report(args.out, command)}")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.task not in TASKS:
+        raise ValueError(f"unknown task {args.task!r}; known tasks: {', '.join(TASKS)}")
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(list_models()))
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(list_models())}")
+    overrides = dict(_parse_override(item) for item in args.set)
+    for params in _task_params(args.param, "--param"):
+        make_task(args.task, **params)  # validate every configuration before training anything
+    settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                        eval_sequences=args.eval_sequences)
+    suffix = args.label or ",".join(f"{k}={v}" for k, v in overrides.items())
+    seeds = _task_params([f"seed={args.seeds}"], "--seeds")
+    runs = [Run(args.task, tuple(sorted(params.items())), model, seed,
+                tuple(sorted(overrides.items())), f"{model}[{suffix}]" if suffix else "")
+            for params in _task_params(args.param, "--param") for model in models
+            for seed in (s["seed"] for s in seeds)]
+    eval_params = _task_params(args.eval_param, "--eval-param") if args.eval_param else None
+    run_all(runs, settings, args.out, eval_params)
+    print(f"report: {write_report(args.out, command)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockstate", description=__doc__)
     parser.add_argument("--version", action="version", version=f"blockstate {__version__}")
@@ -369,6 +426,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "(default: the scale's)")
     p.add_argument("--no-ablations", action="store_true")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("tasks", help="synthetic long-range tasks: train presets for a fixed number "
+                                     "of steps, score accuracy by distance, report")
+    p.add_argument("action", choices=["run", "report", "list"])
+    p.add_argument("--task", default="copying", help="task name (see `blockstate tasks list`)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=V[,V...]",
+                   help="task parameter; comma-separated values sweep (repeatable)")
+    p.add_argument("--eval-param", action="append", default=[], metavar="NAME=V[,V...]",
+                   help="also evaluate each trained model on the task with these parameters "
+                        "(e.g. a longer seq_len)")
+    p.add_argument("--models", default="bst-sh-s4,slide", help="comma-separated presets")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="model config override for every model (an ablation; repeatable)")
+    p.add_argument("--label", default="", help="name of the ablation in the report "
+                                               "(default: the --set values)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences per run")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=None, help="output directory (re-running skips finished runs)")
+    p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("demo", help="forward/backward throughput of a model on random tokens")
     p.add_argument("--model", default="bst-sh-s4", choices=list_models())

@@ -16,6 +16,8 @@ SSM_KERNELS = ("s4", "s4d", "unstruct", "explicit")
 S4D_INITS = ("lin", "inv")
 SELF_ATTENTION_MODES = ("block", "sliding", "full")
 SSM_METHODS = ("auto", "fft", "chunked")
+CONTEXT_NORMS = ("none", "rms")
+CONTEXT_ACTIVATIONS = ("gelu", "none")
 # "bst": the paper's model. Baselines (paper section 4): "gss-hybrid" puts Gated State Space layers
 # and "brt" Block-Recurrent layers where "bst" puts BST layers; "transformer-xl" makes every layer a
 # segment-recurrent one. The Transformer and Slide baselines are "bst" with no BST layers and full
@@ -74,6 +76,12 @@ class ModelConfig:
     # The SSM runs on a down-projection of width d_model // ssm_width_divisor
     # (paper: D/4 for SH and MH, D/8 for MF; None picks that default).
     ssm_width_divisor: int | None = None
+    # How SSM outputs become context states before their key/value maps (docs/results/long_range.md
+    # has the measured effect of each): the activation on the SSM outputs, and "rms" to
+    # RMS-normalize them (learned gain) with a unit-scale lift, so that context keys/values start
+    # at the scale of self-attention's; "none" chains three Normal(0, init_std) maps instead.
+    context_activation: str = "gelu"
+    context_norm: str = "none"
     # How the SSM convolution is computed (same function, different cost): "fft", "chunked" (S4/S4D
     # only: chunk-wise matrix products and a state scan, no FFT) or "auto" (chunked on CPU for
     # S4/S4D, FFT otherwise); `ssm_chunk_size` is the chunk length T of the chunked path.
@@ -151,6 +159,8 @@ class ModelConfig:
         _choice("s4d_init", self.s4d_init, S4D_INITS)
         _choice("self_attention", self.self_attention, SELF_ATTENTION_MODES)
         _choice("ssm_method", self.ssm_method, SSM_METHODS)
+        _choice("context_norm", self.context_norm, CONTEXT_NORMS)
+        _choice("context_activation", self.context_activation, CONTEXT_ACTIVATIONS)
         if self.ssm_method == "chunked" and self.ssm_kernel not in ("s4", "s4d"):
             raise ValueError(
                 f"ssm_method='chunked' needs a structured kernel (s4 or s4d), not "

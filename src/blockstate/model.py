@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer, XLLayer
+from .layers.bst import ContextStates
 
 # The layer each architecture puts at the positions `bst_layers`; attention layers go elsewhere.
 SPECIAL_LAYERS = {"bst": BSTLayer, "gss-hybrid": GSSLayer, "brt": BlockRecurrentLayer}
@@ -53,6 +54,9 @@ class BlockStateLM(nn.Module):
                 nn.init.normal_(module.weight, std=std * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, ContextStates):
+                module.reset_parameters()
 
     def generate(self, prompt_tokens, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import PAPER_BST_LAYERS, PAPER_DEPTH, ModelConfig, scale_bst_layers
@@ -95,6 +96,26 @@ def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfi
         fields["bst_layers"] = scale_bst_layers(n_layers, tuple(reference), depth)
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def count_parameters(name: str, size: str = "small", **overrides: Any) -> int:
+    """Parameters of preset `name` at `size` with `overrides`, counted on the meta device."""
+    with torch.device("meta"):
+        return build_model(name, size, **overrides).num_parameters()
+
+
+def matched_mlp_width(name: str, size: str, overrides: dict[str, Any], reference: str = "bst-sh-s4",
+                      tolerance: float = 0.1) -> dict[str, Any]:
+    """`{"d_ff": width}` that brings preset `name` within `tolerance` of `reference`'s parameter
+    count at the same size and overrides (the paper compares models of similar size), or `{}` when
+    it is within already. The count is affine in the MLP width, so two counts give the width."""
+    target = count_parameters(reference, size, **overrides)
+    if abs(count_parameters(name, size, **overrides) - target) <= tolerance * target:
+        return {}
+    low, high = 16, 32
+    p_low, p_high = (count_parameters(name, size, **{**overrides, "d_ff": f}) for f in (low, high))
+    slope = (p_high - p_low) / (high - low)
+    return {"d_ff": max(16, 16 * round((low + (target - p_low) / slope) / 16))}
 
 
 def build_model(name: str, size: str = "small", **overrides: Any) -> nn.Module:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .bench import machine_info, markdown_table
-from .registry import PRESETS, build_model
+from .registry import PRESETS, matched_mlp_width
 
 BST_PRESETS = tuple(name for name in PRESETS if name.startswith("bst-"))
 BASELINES = ("transformer", "slide", "transformer-xl", "brt", "gss-hybrid")
@@ -86,28 +86,13 @@ def _vocab(scale: Scale) -> int:
     return 259 if scale.tokenizer == "byte" else scale.vocab_size
 
 
-def count_parameters(name: str, scale: Scale, overrides: dict[str, Any]) -> int:
-    """Parameters of preset `name` at `scale` with `overrides`, built on the meta device."""
-    with torch.device("meta"):
-        model = build_model(name, scale.size, **{**scale.overrides, "vocab_size": _vocab(scale),
-                                                 **overrides})
-    return model.num_parameters()
-
-
 def matched_overrides(name: str, scale: Scale, tolerance: float = 0.05) -> dict[str, Any]:
     """Overrides that bring a baseline within `tolerance` of BST:SH:S4's parameter count by choosing
-    its MLP width (the paper compares models of similar size); BST presets are left as they are.
-    The parameter count is affine in the MLP width, so two counts give the width that matches."""
+    its MLP width; BST presets are left as they are."""
     if name not in BASELINES:
         return {}
-    target = count_parameters(ABLATION_MODEL, scale, {})
-    if abs(count_parameters(name, scale, {}) - target) <= tolerance * target:
-        return {}
-    low, high = 16, 32
-    p_low, p_high = (count_parameters(name, scale, {"d_ff": f}) for f in (low, high))
-    slope = (p_high - p_low) / (high - low)
-    d_ff = max(16, 16 * round((low + (target - p_low) / slope) / 16))
-    return {"d_ff": d_ff}
+    overrides = {**scale.overrides, "vocab_size": _vocab(scale)}
+    return matched_mlp_width(name, scale.size, overrides, ABLATION_MODEL, tolerance)
 
 
 @dataclasses.dataclass

@@ -17,6 +17,8 @@ lift is per head, they are composed into a single per-head map from the SSM widt
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,8 +39,12 @@ class ContextStates(nn.Module):
         self.n_heads, self.head_dim = config.n_heads, config.resolved_head_dim
         d_model, width = config.d_model, config.ssm_width
         inner = self.n_heads * self.head_dim
+        self.init_std = config.init_std
         self.down = nn.Linear(d_model, width, bias=False)
         self.ssm = build_ssm(config, config.ssm_channels, width)
+        self.activation = F.gelu if config.context_activation == "gelu" else nn.Identity()
+        self.norm = (nn.RMSNorm(width, eps=config.norm_eps) if config.context_norm == "rms"
+                     else nn.Identity())
         if self.variant == "mh":
             self.kv_weight = nn.Parameter(
                 torch.randn(self.n_heads, width, 2 * self.head_dim) * config.init_std)
@@ -49,6 +55,23 @@ class ContextStates(nn.Module):
             s = config.num_context_states
             self.initial_context = nn.Parameter(torch.randn(s, d_model) * config.init_std)
             self.context_ids = nn.Parameter(torch.randn(s, d_model) * config.init_std)
+
+    def reset_parameters(self) -> None:
+        """With normalized SSM outputs, a unit-scale lift (std 1/sqrt(width)) makes the lifted
+        context states O(1), like the normalized layer input that self-attention projects; MH's
+        composed lift and key/value map gets the product of the two scales."""
+        if isinstance(self.norm, nn.Identity):
+            return
+        width = self.down.out_features
+        if self.variant == "mh":
+            nn.init.normal_(self.kv_weight, std=self.init_std / math.sqrt(width) * math.sqrt(
+                self.n_heads * self.head_dim))
+        else:
+            nn.init.normal_(self.lift.weight, std=1 / math.sqrt(width))
+
+    def _context_outputs(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """SSM outputs (..., Hs) -> normalized, activated outputs in the layer's dtype."""
+        return self.norm(self.activation(y.to(dtype)))
 
     def _position_kv(self, y: torch.Tensor, w: int) -> torch.Tensor:
         """SH/MH: SSM outputs y (B, L, C, Hs) -> keys/values (B, L / w, w, 2, H, Dh)."""
@@ -74,9 +97,9 @@ class ContextStates(nn.Module):
         u = self.down(h)
         if self.variant == "mf":  # only the outputs at block ends are needed
             last = self.ssm.block_end_outputs(u, self.block_size)[:, :-1]            # (B, nb-1, S, Hs)
-            kv = self._summary_kv(F.gelu(last.to(h.dtype)), h.shape[0], h.dtype)
+            kv = self._summary_kv(self._context_outputs(last, h.dtype), h.shape[0], h.dtype)
         else:
-            kv = self._position_kv(F.gelu(self.ssm(u).to(h.dtype)), self.block_size)
+            kv = self._position_kv(self._context_outputs(self.ssm(u), h.dtype), self.block_size)
         k, v = kv.unbind(dim=3)
         return k, v
 
@@ -85,7 +108,7 @@ class ContextStates(nn.Module):
         return {"ssm": self.ssm.block_state(batch, self.block_size, device, dtype), "last": None}
 
     def _block_outputs(self, h: torch.Tensor, cache: dict) -> torch.Tensor:
-        return F.gelu(self.ssm.forward_block(self.down(h), cache["ssm"]).to(h.dtype))
+        return self._context_outputs(self.ssm.forward_block(self.down(h), cache["ssm"]), h.dtype)
 
     def forward_block(self, h: torch.Tensor, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values (B, 1, T, H, Dh) of the current block from its first n positions h."""

@@ -1,0 +1,136 @@
+"""Summaries of task runs: `blockstate tasks report DIR` writes report.md, report.json and
+accuracy-against-distance plots from the run files under DIR/runs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..bench import markdown_table
+
+
+def load_records(out: str | Path) -> list[dict[str, Any]]:
+    """Every finished run under `out`/runs, in a stable order."""
+    paths = sorted((Path(out) / "runs").glob("*/*.json"))
+    if not paths:
+        raise ValueError(f"no finished task runs under {Path(out) / 'runs'}; run `blockstate tasks "
+                         f"run --out {out}` first")
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def _evaluation_key(record: dict, evaluation: dict) -> str:
+    extra = evaluation.get("params")
+    suffix = "" if not extra else " (evaluated at " + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")"
+    return record["task_key"] + suffix
+
+
+def _mean_spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "spread": (max(values) - min(values)) / 2,
+            "n": len(values)}
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """{evaluation key: {"chance", "bins", "models": {label: {"parameters", "accuracy",
+    "bins": {"low-high": mean/spread/n}}}}} over seeds."""
+    grouped: dict[str, dict[str, list[tuple[dict, dict]]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        for evaluation in record["evaluations"]:
+            grouped[_evaluation_key(record, evaluation)][record["label"]].append((record, evaluation))
+    summary: dict[str, Any] = {}
+    for key, by_label in grouped.items():
+        bins: set[tuple[int, int]] = set()
+        models = {}
+        for label, items in by_label.items():
+            per_bin: dict[tuple[int, int], list[float]] = defaultdict(list)
+            for _, evaluation in items:
+                for b in evaluation["bins"]:
+                    per_bin[(b["low"], b["high"])].append(b["accuracy"])
+            bins.update(per_bin)
+            models[label] = {
+                "parameters": items[0][0]["parameters"],
+                "seeds": sorted(r["seed"] for r, _ in items),
+                "accuracy": _mean_spread([e["accuracy"] for _, e in items]),
+                "bins": {f"{lo}-{hi}": _mean_spread(v) for (lo, hi), v in sorted(per_bin.items())},
+            }
+        first = next(iter(by_label.values()))[0]
+        summary[key] = {"chance": first[1]["chance"], "seq_len": first[1]["seq_len"],
+                        "block_size": first[0]["model_config"]["block_size"],
+                        "bins": [f"{lo}-{hi}" for lo, hi in sorted(bins)], "models": models}
+    return summary
+
+
+def _cell(stat: dict[str, float] | None) -> str:
+    if stat is None:
+        return "-"
+    if stat["n"] == 1:
+        return f"{stat['mean']:.2f}"
+    return f"{stat['mean']:.2f} ± {stat['spread']:.2f}"
+
+
+def report_markdown(summary: dict[str, Any]) -> str:
+    """One table per task configuration: accuracy per distance bin (in tokens and blocks)."""
+    parts = []
+    for key, entry in summary.items():
+        w = entry["block_size"]
+        bins = entry["bins"]
+        header = ["model", "params"] + [
+            f"d {b.replace('-', '–')} ({int(b.split('-')[0]) // w}–{int(b.split('-')[1]) // w}W)"
+            for b in bins] + ["all"]
+        rows = [[label, f"{m['parameters'] / 1e3:.0f}k"] + [_cell(m["bins"].get(b)) for b in bins]
+                + [_cell(m["accuracy"])] for label, m in entry["models"].items()]
+        seeds = sorted({s for m in entry["models"].values() for s in m["seeds"]})
+        parts.append(f"### {key}\n\nL = {entry['seq_len']}, W = {w}, chance {entry['chance']:.3f}; "
+                     f"accuracy, mean ± half-range over seeds {seeds}; d = distance in tokens from "
+                     f"the evidence to the query.\n\n" + markdown_table(header, rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> bool:
+    """Accuracy against distance, one panel per task configuration; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = list(summary)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 3.2 * len(keys)), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys, strict=True):
+        entry = summary[key]
+        for label, m in entry["models"].items():
+            xs, ys, es = [], [], []
+            for b, stat in m["bins"].items():
+                low, high = (int(v) for v in b.split("-"))
+                xs.append((low + high) / 2 / entry["block_size"])
+                ys.append(stat["mean"])
+                es.append(stat["spread"])
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+        ax.axhline(entry["chance"], color="grey", linestyle=":", label="chance")
+        ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("distance from evidence to query (blocks of W)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(key, fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(out: str | Path, command: str = "") -> Path:
+    """Write report.md, report.json and report.png under `out`; return the markdown's path."""
+    out = Path(out)
+    summary = summarize(load_records(out))
+    text = report_markdown(summary)
+    if command:
+        text = f"Command: `{command}`\n\n" + text
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(summary, out / "report.png")
+    return out / "report.md"

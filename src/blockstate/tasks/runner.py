@@ -1,0 +1,195 @@
+"""Train presets on a synthetic long-range task and score them by distance: `blockstate tasks run`.
+
+Every run trains one preset (optionally with model overrides, for ablations) for a fixed number of
+optimizer steps on freshly sampled batches, so results do not depend on the machine's load, then
+scores a held-out set sampled with a separate seed. Presets are compared at a matched parameter
+count (the MLP of a smaller model is widened to within `PARAM_TOLERANCE` of BST:SH:S4). A finished
+run is one JSON file; re-running the same command skips it, so a sweep interrupted at any point
+loses at most the run in progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import build_model, matched_mlp_width
+from ..train import parameter_groups
+from .generators import IGNORE, make_task, score
+
+SUITE_SIZE = "tiny"             # d_model 64, 2 layers, 2 heads, W = 16, N = 8, S = 4 (registry.SIZES)
+REFERENCE_MODEL = "bst-sh-s4"   # the parameter budget the other presets are matched to
+PARAM_TOLERANCE = 0.10
+EVAL_SEED = 1_000_003           # held-out sequences: never a training seed (those are seed * 10**6 + step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Optimization of one run: AdamW, linear warmup then cosine decay to 10% of `lr`."""
+
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_sequences: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0 or self.warmup_steps < 0:
+            raise ValueError(f"invalid optimization settings {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One (task configuration, model, overrides, seed) training run."""
+
+    task: str
+    params: tuple[tuple[str, int], ...]        # the task's parameters, sorted
+    model: str
+    seed: int
+    overrides: tuple[tuple[str, Any], ...] = ()  # model config overrides (ablations)
+    label: str = ""                              # name in the report; default: the model
+
+    @property
+    def name(self) -> str:
+        return self.label or self.model
+
+    @property
+    def task_key(self) -> str:
+        return "-".join([self.task] + [f"{k}{v}" for k, v in self.params])
+
+    def path(self, out: Path) -> Path:
+        return out / "runs" / self.task_key / f"{self.name}-seed{self.seed}.json"
+
+
+def _lr(step: int, settings: Settings) -> float:
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def distance_bins(block_size: int, max_distance: int) -> list[tuple[int, int]]:
+    """Distance bins in units of the block: [0, W), [W, 2W), [2W, 4W), [4W, 8W), ..."""
+    bins, low, high = [], 0, block_size
+    while low <= max_distance:
+        bins.append((low, high))
+        low, high = high, 2 * high
+    return bins
+
+
+def model_overrides(run: Run, vocab_size: int, seq_len: int) -> dict[str, Any]:
+    """The full overrides of `run`'s model: task vocabulary and length, ablation, matched MLP."""
+    overrides = {"vocab_size": vocab_size, **dict(run.overrides)}
+    block = overrides.get("block_size", 16)
+    overrides["max_seq_len"] = -(-seq_len // block) * block
+    if "d_ff" not in overrides:
+        overrides.update(matched_mlp_width(run.model, SUITE_SIZE, overrides, REFERENCE_MODEL,
+                                           PARAM_TOLERANCE))
+    return overrides
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, task, sequences: int, batch_size: int, block_size: int
+             ) -> dict[str, Any]:
+    """Accuracy overall and per distance bin on `sequences` held-out sequences of `task`."""
+    model.eval()
+    correct, distance = [], []
+    for start in range(0, sequences, batch_size):
+        batch = task.sample(min(batch_size, sequences - start), EVAL_SEED + start)
+        predictions = model(batch.inputs).argmax(-1)                              # (B, L)
+        c, d = score(predictions, batch)
+        correct.append(c)
+        distance.append(d)
+    c, d = torch.cat(correct).float(), torch.cat(distance)
+    bins = []
+    for low, high in distance_bins(block_size, int(d.max())):
+        inside = (d >= low) & (d < high)
+        if inside.any():
+            bins.append({"low": low, "high": high, "count": int(inside.sum()),
+                         "accuracy": float(c[inside].mean())})
+    return {"accuracy": float(c.mean()), "count": len(c), "bins": bins, "chance": task.chance(),
+            "seq_len": task.seq_len}
+
+
+def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train `run` and return its record (config, parameter count, loss curve, evaluations)."""
+    task = make_task(run.task, **dict(run.params))
+    overrides = model_overrides(run, task.vocab_size, task.seq_len)
+    torch.manual_seed(run.seed)
+    model = build_model(run.model, SUITE_SIZE, **overrides)
+    block = model.config.block_size
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr,
+                                  betas=(0.9, 0.98))
+    losses, started = [], time.perf_counter()
+    model.train()
+    for step in range(settings.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, settings)
+        batch = task.sample(settings.batch_size, run.seed * 10**6 + step)
+        logits = model(batch.inputs)                                              # (B, L, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        if step % 50 == 0 or step == settings.steps - 1:
+            losses.append([step, round(loss.item(), 5)])
+    train_seconds = time.perf_counter() - started
+    evaluations = [evaluate(model, task, settings.eval_sequences, settings.batch_size, block)]
+    for params in eval_params or []:
+        other = make_task(run.task, **{**dict(run.params), **params})
+        evaluations.append({"params": params, **evaluate(model, other, settings.eval_sequences,
+                                                         settings.batch_size, block)})
+    log(f"{run.task_key} {run.name} seed {run.seed}: accuracy {evaluations[0]['accuracy']:.3f} "
+        f"(chance {task.chance():.3f}), final loss {losses[-1][1]:.3f}, {train_seconds:.0f} s")
+    return {"task": run.task, "params": dict(run.params), "task_key": run.task_key,
+            "model": run.model, "label": run.name, "seed": run.seed,
+            "overrides": dict(run.overrides), "model_config": model.config.to_dict(),
+            "parameters": model.num_parameters(), "settings": dataclasses.asdict(settings),
+            "losses": losses, "train_seconds": round(train_seconds, 1), "evaluations": evaluations,
+            "torch_threads": torch.get_num_threads()}
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` as JSON atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run_all(runs: list[Run], settings: Settings, out: str | Path,
+            eval_params: list[dict[str, int]] | None = None,
+            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Execute every run whose result file does not exist yet; return all records."""
+    out = Path(out)
+    records = []
+    for i, run in enumerate(runs):
+        path = run.path(out)
+        if path.exists():
+            record = json.loads(path.read_text())
+            if record["settings"] != dataclasses.asdict(settings):
+                raise ValueError(f"{path} was trained with different settings "
+                                 f"({record['settings']}); use another --out or the same settings")
+            records.append(record)
+            continue
+        log(f"[{i + 1}/{len(runs)}] training {run.task_key} {run.name} seed {run.seed}")
+        record = train_run(run, settings, eval_params, log)
+        write_json(path, record)
+        records.append(record)
+    return records
