@@ -72,8 +72,11 @@ def test_reproduce_end_to_end_resumes_and_reports(corpus, tmp_path, monkeypatch)
     assert set(record["test"]) == {"32", "64", "256", "1024"}
     text = (out / "results.md").read_text()
     for heading in ("Main table", "Length generalization", "Ablation: SSM state size",
-                    "Which claims hold"):
+                    "Loss by position", "Which claims hold"):
         assert heading in text
+    ranges = record["test"]["1024"]["loss_by_block_range"]
+    assert [(r["start"], r["end"]) for r in ranges][:3] == [(0, 16), (16, 32), (32, 64)]
+    assert ranges[-1]["end"] == 1024 and all(r["loss"] > 0 for r in ranges if r["tokens"])
     assert "+-" in text and (out / "length_generalization.png").stat().st_size > 0
     # A second invocation trains nothing: every run is finished.
     logs.clear()

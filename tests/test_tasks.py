@@ -46,6 +46,17 @@ def test_run_all_writes_records_and_resumes(tmp_path, monkeypatch):
         run_all(runs, Settings(steps=3, batch_size=4, eval_sequences=8), tmp_path)
 
 
+def test_ssm_learning_rate_scale_applies_to_kernel_parameters_only():
+    model = build_model("bst-sh-s4", SUITE_SIZE)
+    from blockstate.tasks.runner import _groups
+
+    groups = _groups(model, Settings(ssm_lr_scale=0.25))
+    kernel = {id(p) for n, p in model.named_parameters() if ".kernel." in n}
+    assert kernel and {id(p) for p in groups[-1]["params"]} == kernel
+    assert groups[-1]["lr_scale"] == 0.25 and all(g["lr_scale"] == 1.0 for g in groups[:-1])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
 def test_report_tables_every_model_and_bin(tmp_path):
     settings = Settings(steps=1, batch_size=2, eval_sequences=4)
     runs = [Run("mqar", (("gap", 40), ("num_pairs", 2), ("seq_len", 64)), m, s)

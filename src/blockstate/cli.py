@@ -318,8 +318,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         make_task(args.task, **params)  # validate every configuration before training anything
     settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                        eval_sequences=args.eval_sequences)
-    suffix = args.label or ",".join(f"{k}={v}" for k, v in overrides.items())
+                        eval_sequences=args.eval_sequences, ssm_lr_scale=args.ssm_lr_scale)
+    changed = {**overrides, **({"ssm_lr_scale": args.ssm_lr_scale} if args.ssm_lr_scale != 1 else {})}
+    suffix = args.label or ",".join(f"{k}={v}" for k, v in changed.items())
     seeds = _task_params([f"seed={args.seeds}"], "--seeds")
     runs = [Run(args.task, tuple(sorted(params.items())), model, seed,
                 tuple(sorted(overrides.items())), f"{model}[{suffix}]" if suffix else "")
@@ -447,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ssm-lr-scale", type=float, default=1.0,
+                   help="learning rate of the SSM kernel parameters relative to --lr")
     p.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences per run")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="output directory (re-running skips finished runs)")

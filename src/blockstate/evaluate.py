@@ -91,7 +91,22 @@ def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths:
                     "loss": float(pos_loss[b].sum() / max(1.0, float(pos_count[b].sum())))} for b in bins]
     return {"length": seq_len, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": nll / math.log(2) / max(1.0, n_bytes), "tokens": count,
-            "sequences": sequences, "loss_by_position": by_position}
+            "sequences": sequences, "loss_by_position": by_position,
+            "loss_by_block_range": loss_by_block_range(pos_loss, pos_count, model.config.block_size)}
+
+
+def loss_by_block_range(pos_loss: torch.Tensor, pos_count: torch.Tensor, block_size: int
+                        ) -> list[dict[str, Any]]:
+    """Mean loss over positions [0, W), [W, 2W), [2W, 4W), ... (the last range cut at the length):
+    a model that uses context beyond its window W keeps improving past W."""
+    ranges, start, end = [], 0, block_size
+    while start < len(pos_loss):
+        stop = min(end, len(pos_loss))
+        count = float(pos_count[start:stop].sum())
+        ranges.append({"start": start, "end": stop, "tokens": int(count),
+                       "loss": float(pos_loss[start:stop].sum() / max(1.0, count))})
+        start, end = end, 2 * end
+    return ranges
 
 
 def evaluate_checkpoint(path: str | Path, data: str, lengths: list[int] | None = None,

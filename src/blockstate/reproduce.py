@@ -193,7 +193,9 @@ def execute(run: Run, scale: Scale, out: Path, device: str, log: Callable[[str],
               "parameters": summary["parameters"], "train_tokens": summary["tokens"],
               "train_seconds": summary["elapsed_s"], "train_tokens_per_s": summary["tokens_per_s"],
               "eval_seconds": time.perf_counter() - t0, "training_length": scale.seq_len,
-              "test": {length: {k: m[k] for k in ("perplexity", "bits_per_byte", "loss", "tokens")}
+              "block_size": model_block_size(directory),
+              "test": {length: {k: m[k] for k in ("perplexity", "bits_per_byte", "loss", "tokens",
+                                                  "loss_by_block_range")}
                        for length, m in result["lengths"].items()}}
     eval_path.write_text(json.dumps(record, indent=2))
     best = record["test"][str(scale.seq_len)]
@@ -262,6 +264,41 @@ def _summarize(records: list[dict], group: str, corpus: str, label: str, length:
             "tokens": rows[0]["train_tokens"]}
 
 
+def model_block_size(directory: Path) -> int:
+    """W of the model trained in run `directory` (from its saved train config)."""
+    return json.loads((directory / "train_config.json").read_text())["model"]["block_size"]
+
+
+def _position_table(records: list[dict], corpus: str, models: list[str], length: int) -> list[str]:
+    """Loss over position ranges [0, W), [W, 2W), [2W, 4W), ... at `length`, mean over seeds +- half
+    the range; empty when the records predate the ranges."""
+    by_model: dict[str, list[list[dict]]] = {}
+    for r in records:
+        ranges = r["test"].get(str(length), {}).get("loss_by_block_range")
+        if r["group"] == "main" and r["corpus"] == corpus and ranges:
+            by_model.setdefault(r["label"], []).append(ranges)
+    if not by_model:
+        return []
+    w = next(r["block_size"] for r in records if "block_size" in r)
+    spans = [(x["start"], x["end"]) for x in next(iter(by_model.values()))[0]]
+    rows = []
+    for model in models:
+        if model not in by_model:
+            continue
+        cells = []
+        for i in range(len(spans)):
+            losses = [ranges[i]["loss"] for ranges in by_model[model] if ranges[i]["tokens"]]
+            mean, spread = _mean_spread(losses) if losses else (None, None)
+            cells.append("-" if mean is None else f"{mean:.3f} +- {spread:.3f}")
+        rows.append([model, str(len(by_model[model]))] + cells)
+    header = ["model", "seeds"] + [f"[{a // w}W, {-(-b // w)}W)" for a, b in spans]
+    return [f"## Loss by position on {corpus} (windows of {length} tokens, W = {w})", "",
+            "Mean test loss (nats per token) over the positions in each range of the window, mean "
+            "over seeds +- half the range. A model that uses context beyond its attention window "
+            "keeps improving past W; one that does not flattens.", "",
+            markdown_table(header, rows), ""]
+
+
 def results_markdown(setup: dict, records: list[dict]) -> str:
     s = setup["settings"]
     seq = s["overrides"]["max_seq_len"]
@@ -312,6 +349,8 @@ def results_markdown(setup: dict, records: list[dict]) -> str:
                   markdown_table(["model"] + [f"{r}x = {n}" for r, n in zip(ratios, lengths, strict=True)]
                          + [f"1x -> {ratios[-1]}x"], rows), ""]
     lines += ["![length generalization](length_generalization.png)", ""]
+    for corpus in corpora:
+        lines += _position_table(records, corpus, models, lengths[-1])
     titles = {"state": "SSM state size N", "bst_layers": "Number of BST layers",
               "window": "Window (block) size W", "self_attention": "Self-attention inside BST layers"}
     for group, title in titles.items():

@@ -43,12 +43,14 @@ class Settings:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_sequences: int = 512
+    ssm_lr_scale: float = 1.0   # learning rate of the SSM kernels' parameters, relative to `lr`
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0 or self.warmup_steps < 0:
+        if (self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0 or self.warmup_steps < 0
+                or self.ssm_lr_scale <= 0):
             raise ValueError(f"invalid optimization settings {self}")
 
 
@@ -80,6 +82,19 @@ def _lr(step: int, settings: Settings) -> float:
         return settings.lr * (step + 1) / settings.warmup_steps
     progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
     return settings.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _groups(model: torch.nn.Module, settings: Settings) -> list[dict[str, Any]]:
+    """`train.parameter_groups`, with the SSM kernels' parameters in a group of their own when
+    their learning rate differs (S4 and Mamba give them their own optimizer settings)."""
+    groups = [{**g, "lr_scale": 1.0} for g in parameter_groups(model, settings.weight_decay)]
+    if settings.ssm_lr_scale == 1.0:
+        return groups
+    kernel = {id(p) for name, p in model.named_parameters() if ".kernel." in name}
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in kernel]
+    ssm = [p for name, p in model.named_parameters() if ".kernel." in name]
+    return groups + [{"params": ssm, "weight_decay": 0.0, "lr_scale": settings.ssm_lr_scale}]
 
 
 def distance_bins(block_size: int, max_distance: int) -> list[tuple[int, int]]:
@@ -133,13 +148,12 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     torch.manual_seed(run.seed)
     model = build_model(run.model, SUITE_SIZE, **overrides)
     block = model.config.block_size
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr,
-                                  betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(_groups(model, settings), lr=settings.lr, betas=(0.9, 0.98))
     losses, started = [], time.perf_counter()
     model.train()
     for step in range(settings.steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, settings)
+            group["lr"] = _lr(step, settings) * group["lr_scale"]
         batch = task.sample(settings.batch_size, run.seed * 10**6 + step)
         logits = model(batch.inputs)                                              # (B, L, V)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
