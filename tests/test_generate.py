@@ -29,6 +29,18 @@ def test_prefill_then_steps_equal_the_parallel_forward(name, prompt_len):
     assert (torch.cat(got, dim=1) - full).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mh-s4d", "bst-mf-s4"])
+def test_normalized_unactivated_context_generates_like_the_parallel_forward(name):
+    variant, kernel = name.split("-")[1:]
+    model = build_model("bst-sh-s4", "tiny", context_variant=variant, ssm_kernel=kernel,
+                        context_norm="rms", context_activation="none").eval()
+    tokens = torch.randint(0, 256, (2, 3 * W + 5))
+    state = start(model, 2)
+    got = [feed(model, state, tokens[:, :W + 3])]
+    got += [feed(model, state, tokens[:, t:t + 1]) for t in range(W + 3, tokens.shape[1])]
+    assert (torch.cat(got, dim=1) - model(tokens)).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_greedy_generation_equals_greedy_full_forward(name):
     model = _model(name)

@@ -37,6 +37,20 @@ def test_strict_causality(name, self_attention):
         assert _maxdiff(out[:, t:], base[:, t:]) > 1e-6, f"position {t} had no effect"
 
 
+@pytest.mark.parametrize("variant", ["sh", "mh", "mf"])
+def test_normalized_context_is_causal_and_reaches_past_the_window(variant):
+    model = _tiny("bst-sh-s4", context_variant=variant, context_norm="rms",
+                  context_activation="none", bst_layers=[0])
+    tokens = torch.randint(0, 256, (1, 4 * W))
+    base = model(tokens)
+    for t in (0, W - 1, W, 2 * W + 3):
+        changed = tokens.clone()
+        changed[0, t] += 1
+        out = model(changed)
+        assert _maxdiff(out[:, :t], base[:, :t]) < 1e-10
+        assert _maxdiff(out[:, 3 * W:], base[:, 3 * W:]) > 1e-6  # blocks later, only via the SSM
+
+
 def test_information_crosses_blocks_only_through_the_ssm():
     # With block-only self-attention, a BST layer is the only path from block 0 to block 2.
     model = _tiny("bst-sh-s4", bst_layers=[0])

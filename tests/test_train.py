@@ -238,3 +238,16 @@ def test_generate_cli_streams_from_a_checkpoint(corpus, tmp_path, capsys):
     assert out.startswith("document 7\n") and len(out) > len("document 7\n")
     assert "empty" in _cli_error(["generate", str(tmp_path / "run"), "--prompt", ""], capsys)
     assert "exactly one" in _cli_error(["generate", str(tmp_path / "run")], capsys)
+
+
+def test_loss_by_block_range_doubles_from_one_block():
+    from blockstate.evaluate import loss_by_block_range
+
+    count = torch.ones(100, dtype=torch.float64)      # one token at each position...
+    count[90:] = 0                                     # ...but padding, not scored, at the end
+    loss = torch.arange(100, dtype=torch.float64) * count   # summed loss: p at position p
+    ranges = loss_by_block_range(loss, count, 16)
+    assert [(r["start"], r["end"], r["tokens"]) for r in ranges] == [
+        (0, 16, 16), (16, 32, 16), (32, 64, 32), (64, 100, 26)]
+    assert ranges[1]["loss"] == sum(range(16, 32)) / 16
+    assert ranges[3]["loss"] == sum(range(64, 90)) / 26

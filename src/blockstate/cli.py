@@ -217,13 +217,13 @@ def cmd_corpora(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+def _int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} {text!r}: expected positive integers")
+    if not values or min(values) < minimum:
+        raise ValueError(f"{flag} {text!r}: expected integers >= {minimum}")
     return values
 
 
@@ -267,7 +267,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     corpora = [c for c in args.corpora.split(",") if c]
     models = tuple(args.models.split(",")) if args.models else ZOO
-    seeds = tuple(_int_list(args.seeds, "--seeds")) if args.seeds else None
+    seeds = tuple(_int_list(args.seeds, "--seeds", minimum=0)) if args.seeds else None
     reproduce(args.scale, corpora, args.out, device=args.device, models=models,
               ablations=not args.no_ablations, seeds=seeds, max_tokens=args.max_tokens,
               command="blockstate reproduce " + " ".join(args.argv))
@@ -321,11 +321,10 @@ def cmd_tasks(args: argparse.Namespace) -> int:
                         eval_sequences=args.eval_sequences, ssm_lr_scale=args.ssm_lr_scale)
     changed = {**overrides, **({"ssm_lr_scale": args.ssm_lr_scale} if args.ssm_lr_scale != 1 else {})}
     suffix = args.label or ",".join(f"{k}={v}" for k, v in changed.items())
-    seeds = _task_params([f"seed={args.seeds}"], "--seeds")
     runs = [Run(args.task, tuple(sorted(params.items())), model, seed,
                 tuple(sorted(overrides.items())), f"{model}[{suffix}]" if suffix else "")
             for params in _task_params(args.param, "--param") for model in models
-            for seed in (s["seed"] for s in seeds)]
+            for seed in _int_list(args.seeds, "--seeds", minimum=0)]
     eval_params = _task_params(args.eval_param, "--eval-param") if args.eval_param else None
     run_all(runs, settings, args.out, eval_params)
     print(f"report: {write_report(args.out, command)}")

@@ -42,7 +42,7 @@ class ContextStates(nn.Module):
         self.init_std = config.init_std
         self.down = nn.Linear(d_model, width, bias=False)
         self.ssm = build_ssm(config, config.ssm_channels, width)
-        self.activation = F.gelu if config.context_activation == "gelu" else nn.Identity()
+        self.activation = nn.GELU() if config.context_activation == "gelu" else nn.Identity()
         self.norm = (nn.RMSNorm(width, eps=config.norm_eps) if config.context_norm == "rms"
                      else nn.Identity())
         if self.variant == "mh":
