@@ -1,33 +1,53 @@
 #!/usr/bin/env bash
-# The long-range suite behind docs/results/long_range.md: every command is resumable (finished runs
-# are skipped), so re-running after an interruption continues where it stopped. Two single-thread
-# queues run side by side on a 2-core machine (`bash scripts/long_range.sh 0` and `... 1`), or
-# everything in one queue with no argument.
+# The long-range suite behind docs/results/long_range.md. Every command is resumable (finished runs
+# are skipped), so re-running after an interruption continues where it stopped. The two queues can
+# run side by side on a 2-core machine (`bash scripts/long_range.sh 0` and `... 1`; each process
+# uses one thread), or one after the other with no argument.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/results/long_range}
 QUEUE=${1:-all}
-BS=(.venv/bin/blockstate tasks run --threads 1 --seeds 0,1 --steps 600 --eval-sequences 256)
+BS=(.venv/bin/blockstate tasks run --threads 1 --seeds 0,1 --eval-sequences 256)
+COPY=("${BS[@]}" --steps 600 --task copying)
 MODELS=bst-sh-s4,bst-sh-s4d,bst-sh-unstruct,bst-mf-s4,slide
 
 queue0() {
-    # Copying memory: distance length + lag = 8 (inside the window W = 16), 64 (4W), 128 (8W).
-    "${BS[@]}" --task copying --param lag=0,56,120 --models $MODELS --out "$OUT/copying"
-    # State size: the resolution of an LTI kernel's memory.
-    "${BS[@]}" --task copying --param lag=56,120 --models bst-sh-s4,bst-sh-s4d,bst-mf-s4 \
-        --set ssm_state_size=64 --out "$OUT/copying"
+    # Copying memory: distance length + lag = 8 (inside the window W = 16), 64 (4W) and 128 (8W).
+    "${COPY[@]}" --param lag=0,56,120 --models $MODELS --out "$OUT/copying"
+    # State size N: how finely an LTI kernel can place the past.
+    "${COPY[@]}" --param lag=56,120 --models bst-sh-s4,bst-sh-s4d,bst-mf-s4 --set ssm_state_size=64 \
+        --out "$OUT/copying"
+    # One factor at a time at distance 4W (bst-sh-s4, N = 8 unless said).
+    for setting in ssm_state_size=16 ssm_state_size=32 context_norm=rms context_activation=none; do
+        "${COPY[@]}" --param lag=56 --models bst-sh-s4 --set $setting --out "$OUT/copying"
+    done
+    "${COPY[@]}" --param lag=56 --models bst-sh-s4 --ssm-lr-scale 0.333 --out "$OUT/copying"
+    # Like-for-like local attention: BST with sliding-window self-attention, as Slide has.
+    "${COPY[@]}" --param lag=56,120 --models bst-sh-s4 --set ssm_state_size=64 \
+        --set self_attention=sliding --out "$OUT/copying"
 }
 
 queue1() {
-    # MQAR: 4 pairs, queries 4 blocks or more after their pairs.
-    "${BS[@]}" --task mqar --param num_pairs=4 --param gap=64 --param seq_len=128 --models $MODELS \
+    # MQAR at lr 1e-3 and batch 64 (at 3e-3 even the in-window control stays near 0.27): the
+    # in-window control, then 4 pairs queried 4 blocks or more after them.
+    MQAR=("${BS[@]}" --steps 1000 --lr 1e-3 --batch-size 64 --task mqar --param num_pairs=4)
+    "${MQAR[@]}" --param gap=0 --param seq_len=16 --models bst-sh-s4,slide --out "$OUT/mqar"
+    "${MQAR[@]}" --param gap=64 --param seq_len=96 --models bst-sh-s4,bst-mf-s4,slide --out "$OUT/mqar"
+    "${MQAR[@]}" --param gap=64 --param seq_len=96 --models bst-sh-s4 --set ssm_state_size=64 \
         --out "$OUT/mqar"
-    "${BS[@]}" --task mqar --param num_pairs=4 --param gap=64 --param seq_len=128 \
-        --models bst-sh-s4,bst-sh-s4d --set ssm_state_size=64 --out "$OUT/mqar"
+    # Normalized context states, with a state large enough to carry the symbols and without.
+    "${COPY[@]}" --param lag=56 --models bst-sh-s4,bst-mf-s4 --set ssm_state_size=64 \
+        --set context_norm=rms --out "$OUT/copying"
+    "${COPY[@]}" --param lag=56 --models bst-mf-s4 --set context_norm=rms --out "$OUT/copying"
+    # Selective copying: the same symbols at random positions, which no fixed delay can follow.
+    SEL=("${BS[@]}" --steps 600 --task selective_copying --param region=64)
+    "${SEL[@]}" --models bst-sh-s4,slide --out "$OUT/selective_copying"
+    "${SEL[@]}" --models bst-sh-s4 --set ssm_state_size=64 --out "$OUT/selective_copying"
 }
 
 case "$QUEUE" in
     0) queue0 ;;
     1) queue1 ;;
     all) queue0; queue1 ;;
+    *) echo "usage: $0 [0|1]" >&2; exit 2 ;;
 esac

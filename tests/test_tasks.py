@@ -26,6 +26,12 @@ def test_presets_are_matched_to_the_reference_budget(model):
     assert abs(count - target) <= PARAM_TOLERANCE * target
 
 
+def test_bst_variants_keep_their_own_mlp():
+    run = Run("copying", (("lag", 8),), "bst-mf-s4", 0, (("num_context_states", 16),
+                                                         ("ssm_state_size", 64)))
+    assert "d_ff" not in model_overrides(run, 10, 24)
+
+
 def test_run_all_writes_records_and_resumes(tmp_path, monkeypatch):
     settings = Settings(steps=2, batch_size=4, eval_sequences=8)
     runs = [Run("copying", (("lag", 20),), m, 0) for m in ("bst-sh-s4", "slide")]

@@ -350,7 +350,8 @@ def results_markdown(setup: dict, records: list[dict]) -> str:
                          + [f"1x -> {ratios[-1]}x"], rows), ""]
     lines += ["![length generalization](length_generalization.png)", ""]
     for corpus in corpora:
-        lines += _position_table(records, corpus, models, lengths[-1])
+        for length in dict.fromkeys([seq, lengths[-1]]):
+            lines += _position_table(records, corpus, models, length)
     titles = {"state": "SSM state size N", "bst_layers": "Number of BST layers",
               "window": "Window (block) size W", "self_attention": "Self-attention inside BST layers"}
     for group, title in titles.items():

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench import markdown_table
+from ..registry import PRESETS
 
 
 def load_records(out: str | Path) -> list[dict[str, Any]]:
@@ -18,7 +19,14 @@ def load_records(out: str | Path) -> list[dict[str, Any]]:
     if not paths:
         raise ValueError(f"no finished task runs under {Path(out) / 'runs'}; run `blockstate tasks "
                          f"run --out {out}` first")
-    return [json.loads(p.read_text()) for p in paths]
+    records = [json.loads(p.read_text()) for p in paths]
+    presets = list(PRESETS)
+
+    def order(record: dict) -> tuple:
+        model = presets.index(record["model"]) if record["model"] in presets else len(presets)
+        return (record["task"], sorted(record["params"].items()), model, record["label"], record["seed"])
+
+    return sorted(records, key=order)
 
 
 def _evaluation_key(record: dict, evaluation: dict) -> str:

@@ -3,7 +3,8 @@
 Every run trains one preset (optionally with model overrides, for ablations) for a fixed number of
 optimizer steps on freshly sampled batches, so results do not depend on the machine's load, then
 scores a held-out set sampled with a separate seed. Presets are compared at a matched parameter
-count (the MLP of a smaller model is widened to within `PARAM_TOLERANCE` of BST:SH:S4). A finished
+count (a baseline's MLP width is chosen to bring it within `PARAM_TOLERANCE` of BST:SH:S4; BST
+variants and ablations keep their own size, reported with each run). A finished
 run is one JSON file; re-running the same command skips it, so a sweep interrupted at any point
 loses at most the run in progress.
 """
@@ -22,13 +23,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..registry import build_model, matched_mlp_width
+from ..registry import PRESETS, build_model, matched_mlp_width
 from ..train import parameter_groups
 from .generators import IGNORE, make_task, score
 
 SUITE_SIZE = "tiny"             # d_model 64, 2 layers, 2 heads, W = 16, N = 8, S = 4 (registry.SIZES)
 REFERENCE_MODEL = "bst-sh-s4"   # the parameter budget the other presets are matched to
 PARAM_TOLERANCE = 0.10
+BST_PRESETS = tuple(name for name in PRESETS if name.startswith("bst-"))
 EVAL_SEED = 1_000_003           # held-out sequences: never a training seed (those are seed * 10**6 + step)
 
 
@@ -107,11 +109,12 @@ def distance_bins(block_size: int, max_distance: int) -> list[tuple[int, int]]:
 
 
 def model_overrides(run: Run, vocab_size: int, seq_len: int) -> dict[str, Any]:
-    """The full overrides of `run`'s model: task vocabulary and length, ablation, matched MLP."""
+    """The full overrides of `run`'s model: task vocabulary and length, ablation, and for a baseline
+    the MLP width that matches BST:SH:S4's parameter count (as `blockstate reproduce` does)."""
     overrides = {"vocab_size": vocab_size, **dict(run.overrides)}
     block = overrides.get("block_size", 16)
     overrides["max_seq_len"] = -(-seq_len // block) * block
-    if "d_ff" not in overrides:
+    if "d_ff" not in overrides and run.model not in BST_PRESETS:  # BST variants keep their size
         overrides.update(matched_mlp_width(run.model, SUITE_SIZE, overrides, REFERENCE_MODEL,
                                            PARAM_TOLERANCE))
     return overrides
