@@ -97,6 +97,8 @@ def test_cli_run_and_report(tmp_path, capsys):
     (["--param", "lag=x"], "must be integers"),
     (["--param", "lagg=3"], "lagg"),
     (["--param", "lag=-3"], "lag"),
+    (["--set", "ssm_state_size=7"], "ssm_state_size=7"),
+    (["--eval-param", "length=0"], "length"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys, argv, message):
     assert main(["tasks", "run", "--out", str(tmp_path), *argv]) == 2

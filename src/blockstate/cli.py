@@ -314,8 +314,12 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(list_models())}")
     overrides = dict(_parse_override(item) for item in args.set)
-    for params in _task_params(args.param, "--param"):
-        make_task(args.task, **params)  # validate every configuration before training anything
+    eval_params = _task_params(args.eval_param, "--eval-param") if args.eval_param else None
+    for params in _task_params(args.param, "--param"):  # validate everything before training
+        for extra in eval_params or [{}]:
+            make_task(args.task, **{**params, **extra})
+    for model in models:
+        model_config(model, "tiny", **overrides)
     settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                         eval_sequences=args.eval_sequences, ssm_lr_scale=args.ssm_lr_scale)
@@ -325,7 +329,6 @@ def cmd_tasks(args: argparse.Namespace) -> int:
                 tuple(sorted(overrides.items())), f"{model}[{suffix}]" if suffix else "")
             for params in _task_params(args.param, "--param") for model in models
             for seed in _int_list(args.seeds, "--seeds", minimum=0)]
-    eval_params = _task_params(args.eval_param, "--eval-param") if args.eval_param else None
     run_all(runs, settings, args.out, eval_params)
     print(f"report: {write_report(args.out, command)}")
     return 0
