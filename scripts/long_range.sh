@@ -22,6 +22,9 @@ queue0() {
         "${COPY[@]}" --param lag=56 --models bst-sh-s4 --set $setting --out "$OUT/copying"
     done
     "${COPY[@]}" --param lag=56 --models bst-sh-s4 --ssm-lr-scale 0.333 --out "$OUT/copying"
+    # MF reads S filter outputs at one position per block: more filters, the same state size.
+    "${COPY[@]}" --param lag=56 --models bst-mf-s4 --set ssm_state_size=64 \
+        --set num_context_states=16 --out "$OUT/copying"
     # Like-for-like local attention: BST with sliding-window self-attention, as Slide has.
     "${COPY[@]}" --param lag=56,120 --models bst-sh-s4 --set ssm_state_size=64 \
         --set self_attention=sliding --out "$OUT/copying"
