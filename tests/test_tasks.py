@@ -7,14 +7,16 @@ import torch
 
 from blockstate import build_model
 from blockstate.cli import main
+from blockstate.evaluate import block_ranges
 from blockstate.registry import count_parameters
 from blockstate.tasks import Run, Settings, run_all, write_report
-from blockstate.tasks.runner import PARAM_TOLERANCE, SUITE_SIZE, distance_bins, model_overrides
+from blockstate.tasks.runner import PARAM_TOLERANCE, SUITE_SIZE, model_overrides
 
 
 def test_distance_bins_double_from_one_block():
-    assert distance_bins(16, 70) == [(0, 16), (16, 32), (32, 64), (64, 128)]
-    assert distance_bins(16, 0) == [(0, 16)]
+    # the bins the runner scores distances 0..70 in
+    assert block_ranges(16, 70 + 1) == [(0, 16), (16, 32), (32, 64), (64, 128)]
+    assert block_ranges(16, 0 + 1) == [(0, 16)]
 
 
 @pytest.mark.parametrize("model", ["slide", "bst-mf-s4", "bst-mh-s4", "transformer"])

@@ -294,6 +294,7 @@ def _task_params(items: list[str], flag: str) -> list[dict[str, int]]:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     from .tasks import TASKS, Run, Settings, make_task, run_all, write_report
+    from .tasks.runner import SUITE_SIZE
 
     if args.action == "list":
         for name, cls in TASKS.items():
@@ -319,7 +320,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         for extra in eval_params or [{}]:
             make_task(args.task, **{**params, **extra})
     for model in models:
-        model_config(model, "tiny", **overrides)
+        model_config(model, SUITE_SIZE, **overrides)
     settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                         eval_sequences=args.eval_sequences, ssm_lr_scale=args.ssm_lr_scale)

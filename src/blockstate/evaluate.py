@@ -95,17 +95,26 @@ def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths:
             "loss_by_block_range": loss_by_block_range(pos_loss, pos_count, model.config.block_size)}
 
 
+def block_ranges(block_size: int, length: int) -> list[tuple[int, int]]:
+    """The ranges [0, W), [W, 2W), [2W, 4W), ... that cover positions 0..length-1 (the last one not
+    cut at `length`): positions, or distances, in doubling numbers of blocks."""
+    ranges, start, end = [], 0, block_size
+    while start < length:
+        ranges.append((start, end))
+        start, end = end, 2 * end
+    return ranges
+
+
 def loss_by_block_range(pos_loss: torch.Tensor, pos_count: torch.Tensor, block_size: int
                         ) -> list[dict[str, Any]]:
     """Mean loss over positions [0, W), [W, 2W), [2W, 4W), ... (the last range cut at the length):
     a model that uses context beyond its window W keeps improving past W."""
-    ranges, start, end = [], 0, block_size
-    while start < len(pos_loss):
+    ranges = []
+    for start, end in block_ranges(block_size, len(pos_loss)):
         stop = min(end, len(pos_loss))
         count = float(pos_count[start:stop].sum())
         ranges.append({"start": start, "end": stop, "tokens": int(count),
                        "loss": float(pos_loss[start:stop].sum() / max(1.0, count))})
-        start, end = end, 2 * end
     return ranges
 
 

@@ -71,8 +71,36 @@ def _solve_copy(inputs: torch.Tensor, blank: int) -> torch.Tensor:
     return torch.tensor(predictions, dtype=torch.long).view_as(inputs)  # (B, L)
 
 
+class _CopyTask:
+    """What copying memory and selective copying share: `num_symbols` symbols plus a blank and a
+    delimiter, `length` symbols written at `_positions` and replayed in order from the delimiter on."""
+
+    num_symbols: int
+    length: int
+    seq_len: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_symbols + 2  # symbols, blank, delimiter
+
+    def _positions(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, batch_size: int, seed: int) -> TaskBatch:
+        generator = torch.Generator().manual_seed(seed)
+        symbols = torch.randint(0, self.num_symbols, (batch_size, self.length), generator=generator)  # (B, n)
+        positions = self._positions(generator, batch_size)                                           # (B, n)
+        return _copy_batch(symbols, positions, self.seq_len, blank=self.num_symbols)
+
+    def solve(self, inputs: torch.Tensor) -> torch.Tensor:
+        return _solve_copy(inputs, blank=self.num_symbols)
+
+    def chance(self) -> float:
+        return 1 / self.num_symbols
+
+
 @dataclass(frozen=True)
-class CopyingMemory:
+class CopyingMemory(_CopyTask):
     """Copying memory (Arjovsky et al. 2016, section 4.1): `length` symbols, `lag` blanks, a delimiter and
     `length - 1` blanks; from the delimiter on, the model outputs the symbols in order."""
 
@@ -87,24 +115,11 @@ class CopyingMemory:
                          ("lag", self.lag >= 0, "accepted: >= 0")])
 
     @property
-    def vocab_size(self) -> int:
-        return self.num_symbols + 2  # symbols, blank, delimiter
-
-    @property
     def seq_len(self) -> int:
         return 2 * self.length + self.lag
 
-    def sample(self, batch_size: int, seed: int) -> TaskBatch:
-        generator = torch.Generator().manual_seed(seed)
-        symbols = torch.randint(0, self.num_symbols, (batch_size, self.length), generator=generator)  # (B, n)
-        positions = torch.arange(self.length).expand(batch_size, -1)                                  # (B, n)
-        return _copy_batch(symbols, positions, self.seq_len, blank=self.num_symbols)
-
-    def solve(self, inputs: torch.Tensor) -> torch.Tensor:
-        return _solve_copy(inputs, blank=self.num_symbols)
-
-    def chance(self) -> float:
-        return 1 / self.num_symbols
+    def _positions(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
+        return torch.arange(self.length).expand(batch_size, -1)                                  # (B, n)
 
 
 @dataclass(frozen=True)
@@ -172,7 +187,7 @@ class AssociativeRecall:
 
 
 @dataclass(frozen=True)
-class SelectiveCopying:
+class SelectiveCopying(_CopyTask):
     """Selective copying (Gu and Dao 2023, "Mamba", section 4.1.1): `length` symbols at random positions
     of a `region` of blanks, then a delimiter and `length - 1` blanks; from the delimiter on, the model
     outputs the symbols in order of position."""
@@ -188,24 +203,11 @@ class SelectiveCopying:
                          ("region", self.region >= self.length, f"accepted: >= length={self.length}")])
 
     @property
-    def vocab_size(self) -> int:
-        return self.num_symbols + 2  # symbols, blank, delimiter
-
-    @property
     def seq_len(self) -> int:
         return self.region + self.length
 
-    def sample(self, batch_size: int, seed: int) -> TaskBatch:
-        generator = torch.Generator().manual_seed(seed)
-        symbols = torch.randint(0, self.num_symbols, (batch_size, self.length), generator=generator)  # (B, n)
-        positions = _distinct(generator, batch_size, 0, self.region, self.length).sort(dim=1).values
-        return _copy_batch(symbols, positions, self.seq_len, blank=self.num_symbols)
-
-    def solve(self, inputs: torch.Tensor) -> torch.Tensor:
-        return _solve_copy(inputs, blank=self.num_symbols)
-
-    def chance(self) -> float:
-        return 1 / self.num_symbols
+    def _positions(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
+        return _distinct(generator, batch_size, 0, self.region, self.length).sort(dim=1).values  # (B, n)
 
 
 @dataclass(frozen=True)

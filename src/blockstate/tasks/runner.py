@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..evaluate import block_ranges
 from ..registry import PRESETS, build_model, matched_mlp_width
 from ..train import parameter_groups
 from .generators import IGNORE, make_task, score
@@ -99,15 +100,6 @@ def _groups(model: torch.nn.Module, settings: Settings) -> list[dict[str, Any]]:
     return groups + [{"params": ssm, "weight_decay": 0.0, "lr_scale": settings.ssm_lr_scale}]
 
 
-def distance_bins(block_size: int, max_distance: int) -> list[tuple[int, int]]:
-    """Distance bins in units of the block: [0, W), [W, 2W), [2W, 4W), [4W, 8W), ..."""
-    bins, low, high = [], 0, block_size
-    while low <= max_distance:
-        bins.append((low, high))
-        low, high = high, 2 * high
-    return bins
-
-
 def model_overrides(run: Run, vocab_size: int, seq_len: int) -> dict[str, Any]:
     """The full overrides of `run`'s model: task vocabulary and length, ablation, and for a baseline
     the MLP width that matches BST:SH:S4's parameter count (as `blockstate reproduce` does)."""
@@ -134,7 +126,7 @@ def evaluate(model: torch.nn.Module, task, sequences: int, batch_size: int, bloc
         distance.append(d)
     c, d = torch.cat(correct).float(), torch.cat(distance)
     bins = []
-    for low, high in distance_bins(block_size, int(d.max())):
+    for low, high in block_ranges(block_size, int(d.max()) + 1):  # distance bins
         inside = (d >= low) & (d < high)
         if inside.any():
             bins.append({"low": low, "high": high, "count": int(inside.sum()),
