@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The long-range suite behind docs/results/long_range.md. Every command is resumable (finished runs
-# are skipped), so re-running after an interruption continues where it stopped. The two queues can
-# run side by side on a 2-core machine (`bash scripts/long_range.sh 0` and `... 1`; each process
+# are skipped), so re-running after an interruption continues where it stopped. The queues can run
+# side by side on a 2-core machine (`bash scripts/long_range.sh 0`, `... 1`, `... 2`; each process
 # uses one thread), or one after the other with no argument.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,9 +48,25 @@ queue1() {
     "${SEL[@]}" --models bst-sh-s4 --set ssm_state_size=64 --out "$OUT/selective_copying"
 }
 
+queue2() {
+    # Books: the second MF seed (resumes the run the first session stopped).
+    OMP_NUM_THREADS=1 .venv/bin/blockstate reproduce --scale tiny --corpora books --models bst-mf-s4 \
+        --seeds 0,1 --max-tokens 4800000 --no-ablations --out runs/long-range-lm
+    # MH on copying at 4W, the tiny preset and N = 64.
+    "${COPY[@]}" --param lag=56 --models bst-mh-s4 --out "$OUT/copying"
+    "${COPY[@]}" --param lag=56 --models bst-mh-s4 --set ssm_state_size=64 --out "$OUT/copying"
+    # Induction heads: trained at 64 tokens (4W), scored at 4x and 16x that length.
+    IND=("${BS[@]}" --steps 1000 --lr 1e-3 --batch-size 64 --task induction --param seq_len=64)
+    "${IND[@]}" --eval-param seq_len=256,1024 --models bst-sh-s4,bst-mf-s4,slide --out "$OUT/induction"
+    # MQAR: more pairs, queries at every distance up to 8W after them.
+    MQ=("${BS[@]}" --steps 1000 --lr 1e-3 --batch-size 64 --task mqar --param seq_len=128 --param gap=0)
+    "${MQ[@]}" --param num_pairs=8,32 --models bst-sh-s4,slide --out "$OUT/mqar"
+}
+
 case "$QUEUE" in
     0) queue0 ;;
     1) queue1 ;;
-    all) queue0; queue1 ;;
-    *) echo "usage: $0 [0|1]" >&2; exit 2 ;;
+    2) queue2 ;;
+    all) queue0; queue1; queue2 ;;
+    *) echo "usage: $0 [0|1|2]" >&2; exit 2 ;;
 esac

@@ -3,8 +3,10 @@ import torch
 
 from blockstate import build_model, list_models, model_config
 from blockstate.cli import _count
+from blockstate.model import Memory
+from blockstate.registry import gss_hybrid_layers
 
-BASELINES = ["transformer", "slide", "brt", "gss-hybrid"]
+BASELINES = ["transformer", "slide", "transformer-xl", "brt", "gss-hybrid"]
 W = 16
 
 
@@ -15,8 +17,35 @@ def test_baselines_are_registered_with_their_layers():
     assert model_config("slide", "small").self_attention == "sliding"
     assert model_config("transformer", "small").self_attention == "full"
     assert model_config("brt", "base").resolved_bst_layers == (9,)   # Rec:fixed:skip, layer 10 of 12
-    assert model_config("gss-hybrid", "base").resolved_bst_layers == (0, 6, 8)
+    # GSS-Hybrid: GSS layers with an attention layer after every three
+    assert model_config("gss-hybrid", "base").resolved_bst_layers == (0, 1, 2, 4, 5, 6, 8, 9, 10)
+    assert gss_hybrid_layers(6) == (0, 1, 2, 4, 5) and gss_hybrid_layers(2) == (0,)
+    assert kinds("gss-hybrid", "tiny") == ["GSSLayer", "BlockAttentionLayer"]
     assert kinds("brt", "tiny") == ["BlockAttentionLayer", "BlockRecurrentLayer"]
+
+
+def test_segment_recurrent_defaults_follow_the_paper():
+    brt, xl = model_config("brt", "base"), model_config("transformer-xl", "base")
+    assert brt.resolved_recurrent_states == 512 == brt.block_size   # Rec:fixed:skip, 512 states
+    assert brt.resolved_memory_length == 512                        # its sliding window, carried
+    assert xl.resolved_memory_length == 2048                        # Trsf-XL:2048
+    assert model_config("slide", "base").resolved_memory_length == 0
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        model_config("transformer-xl", "tiny", memory_length=24)
+    with pytest.raises(ValueError, match="transformer-xl and brt"):
+        model_config("slide", "tiny", memory_length=32)
+    with pytest.raises(ValueError, match="arch='brt'"):
+        model_config("transformer-xl", "tiny", recurrent_states=8)
+
+
+def test_brt_gate_and_state_projection_start_as_in_the_reference():
+    layer = build_model("brt", "base", vocab_size=256, n_layers=2, bst_layers=[1], d_model=256,
+                        n_heads=2, d_ff=64).layers[1]
+    gate = torch.sigmoid(layer.gate_bias)
+    assert abs(gate.mean().item() - 0.5) < 0.02 and gate.std().item() < 0.05  # meliad: N(0, 0.1)
+    # the state's output projection is not a residual branch: no 1/sqrt(2 n_layers) scaling
+    assert abs(layer.state_out.weight.std().item() - 0.02) < 0.002
+    assert abs(layer.out.weight.std().item() - 0.02 / 2) < 0.001
 
 
 @pytest.mark.parametrize("size", ["small", "base"])
@@ -94,6 +123,60 @@ def test_transformer_xl_sees_the_previous_segment_only_with_memory():
     torch.testing.assert_close(first_a[:, :-3], model(changed)[:, :-3], rtol=0, atol=1e-12)
 
 
-def test_memory_is_rejected_by_models_without_it():
-    with pytest.raises(ValueError, match="transformer-xl"):
+def test_transformer_xl_sees_exactly_its_memory_length_back():
+    """With M = 4W, a query at the start of a block sees the 4 blocks before it, across a sequence
+    boundary through the memory, and nothing older (one layer, so no stacking)."""
+    model = build_model("transformer-xl", "tiny", n_layers=1).double().eval()
+    assert model.config.resolved_memory_length == 4 * W
+    tokens = torch.randint(0, 256, (1, 8 * W))
+    query = 6 * W                                   # first position of block 6
+    for position, seen in ((query - 4 * W, True), (query - 4 * W - 1, False)):
+        changed = tokens.clone()
+        changed[0, position] = (changed[0, position] + 1) % 256
+        # in one sequence, and split so that `position` lies in the memory of the second part
+        whole = (model(changed)[0, query] - model(tokens)[0, query]).abs().max() > 0
+        outs = []
+        for t in (tokens, changed):
+            _, memory = model(t[:, :4 * W], return_memory=True)
+            outs.append(model(t[:, 4 * W:], memory=memory)[0, query - 4 * W])
+        split = (outs[0] - outs[1]).abs().max() > 0
+        assert whole == seen and split == seen, (position, whole, split)
+
+
+def _carried(model, tokens, split, keep=None):
+    _, memory = model(tokens[:, :split], return_memory=True)
+    return model(tokens[:, split:], memory=memory, keep=keep)
+
+
+def test_brt_memory_continues_the_sequence_exactly():
+    model = build_model("brt", "tiny").double().eval()
+    tokens = torch.randint(0, 256, (2, 6 * W))
+    first, memory = model(tokens[:, :2 * W], return_memory=True)
+    assert isinstance(memory, Memory) and set(memory.states) == {1}
+    second = model(tokens[:, 2 * W:], memory=memory)
+    torch.testing.assert_close(torch.cat([first, second], 1), model(tokens), rtol=0, atol=1e-12)
+
+
+def test_brt_state_crosses_the_sequence_boundary_only_when_carried():
+    """A token of block 0 changes; block 3, in the next sequence and two blocks beyond the sliding
+    window, depends on it through the carried state, and not when the state is reset."""
+    model = _one_recurrent_layer()
+    tokens = torch.randint(0, 256, (1, 6 * W))
+    changed = tokens.clone()
+    changed[0, 3] = (changed[0, 3] + 1) % 256
+    later = slice(W, 2 * W)  # block 3 of the whole, block 1 of the second sequence of 4W
+    carried = [_carried(model, t, 2 * W)[:, later] for t in (tokens, changed)]
+    assert (carried[0] - carried[1]).abs().max() > 1e-6
+    keep = torch.tensor([False])
+    reset = [_carried(model, t, 2 * W, keep)[:, later] for t in (tokens, changed)]
+    assert (reset[0] - reset[1]).abs().max() == 0
+    torch.testing.assert_close(reset[0], model(tokens[:, 2 * W:])[:, later], rtol=0, atol=0)
+
+
+def test_memory_is_rejected_by_models_without_it_and_checked_for_shape():
+    with pytest.raises(ValueError, match="transformer-xl and brt"):
         build_model("slide", "tiny")(torch.zeros(1, 16, dtype=torch.long), return_memory=True)
+    model = build_model("transformer-xl", "tiny")
+    _, memory = model(torch.zeros(2, 16, dtype=torch.long), return_memory=True)
+    with pytest.raises(ValueError, match="memory does not fit"):
+        model(torch.zeros(1, 16, dtype=torch.long), memory=memory)

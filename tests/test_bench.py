@@ -30,7 +30,7 @@ def test_every_benchmarked_layer_builds_and_runs(name):
     config = bench.layer_config(32, 2, 64, block=16, state=4, context_states=4)
     layer = bench.build_layer(name, config)
     x = torch.randn(1, 64, 32)
-    y = layer(x, torch.randn(1, 16, 32)) if name == "transformer-xl" else layer(x)
+    y = layer(x, torch.randn(1, 4 * 16, 32)) if name == "transformer-xl" else layer(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
     if name == "brt":
         assert layer.initial_state.shape[0] == config.block_size  # S = W, as in the BRT paper

@@ -58,20 +58,27 @@ def test_training_reduces_loss_and_writes_a_run(corpus, tmp_path):
     assert (run / "checkpoints" / "latest").exists()
 
 
-def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
-    train(_config(corpus, tmp_path, max_steps=6, save_every=3), tmp_path / "a", quiet=True)
+@pytest.mark.parametrize("model,extra", [("bst-sh-s4", {}), ("transformer-xl", {}),
+                                         ("brt", {"grad_accum": 2})])
+def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, model, extra):
+    """Also for the segment-recurrent baselines, whose carried memory (Transformer-XL's inputs,
+    BRT's state and window) is saved with the checkpoint."""
+    config = _config(corpus, tmp_path, model=model, max_steps=6, save_every=3, **extra)
+    train(config, tmp_path / "a", quiet=True)
 
     def crash(step, record):
         if step == 5:
             raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(_config(corpus, tmp_path, max_steps=6, save_every=3), tmp_path / "b", quiet=True,
-              on_step=crash)
-    train(_config(corpus, tmp_path, max_steps=6, save_every=3), tmp_path / "b", resume=True, quiet=True)
+        train(config, tmp_path / "b", quiet=True, on_step=crash)
+    if model != "bst-sh-s4":
+        from blockstate.checkpoint import load_checkpoint
+        assert load_checkpoint(tmp_path / "b").memory() is not None
+    train(config, tmp_path / "b", resume=True, quiet=True)
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert sorted(b) == list(range(1, 7))
-    assert a == b  # bitwise: same data order, dropout masks, optimizer state and schedule
+    assert a == b  # bitwise: same data order, dropout masks, optimizer state, schedule and memory
 
 
 def test_existing_run_is_never_overwritten_silently(corpus, tmp_path):
@@ -193,9 +200,11 @@ def test_non_utf8_text_is_read_not_crashed_on(tmp_path):
     assert summary["step"] == 2
 
 
-def test_transformer_xl_trains_and_evaluates_with_carried_memory(corpus, tmp_path, capsys):
-    run = tmp_path / "xl"
-    summary = train(_config(corpus, tmp_path, model="transformer-xl", max_steps=40, lr=3e-3,
+@pytest.mark.parametrize("model", ["transformer-xl", "brt"])
+def test_segment_recurrent_models_train_and_evaluate_with_carried_memory(corpus, tmp_path, capsys,
+                                                                          model):
+    run = tmp_path / model
+    summary = train(_config(corpus, tmp_path, model=model, max_steps=40, lr=3e-3,
                             seq_len=32), run, quiet=True)
     losses = _losses(run)
     assert losses[40] < 0.7 * losses[1]

@@ -119,24 +119,30 @@ class BlockSelfAttention(nn.Module):
     """Causal self-attention within blocks of W tokens, all blocks in parallel.
 
     mode "block": each query sees the keys of its own block up to itself.
-    mode "sliding": each query also sees the whole previous block (W + i + 1 keys for in-block
-    offset i); the first block has no previous block. Keys and values of the previous block come
-    from the same layer input, so all blocks are still computed at once.
+    mode "sliding": each query also sees the whole of the k = `window_blocks` previous blocks
+    (k W + i + 1 keys for in-block offset i; k = 1 except for the segment-recurrent baselines, whose
+    window is their memory length); the first blocks see only what exists. Keys and values of the
+    previous blocks come from the same layer input, so all blocks are still computed at once.
     mode "full": ordinary causal attention over the whole sequence (one block of length L).
     Returns the per-head outputs (B, L, H * Dh), before the output projection.
     """
 
-    def __init__(self, config: ModelConfig, detach_previous: bool = False):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.resolved_head_dim
         self.block_size, self.mode = config.block_size, config.self_attention
-        self.detach_previous = detach_previous
+        self.window_blocks = max(1, config.resolved_memory_length // config.block_size)
         self.dropout = config.dropout
         inner = self.n_heads * self.head_dim
         self.qkv = nn.Linear(config.d_model, 3 * inner, bias=False)
         self.qk_norm = QKNorm(self.n_heads, self.head_dim, config.qk_norm)
         self.rel_bias = RelativePositionBias(self.n_heads, config.rel_pos_buckets,
                                              config.rel_pos_max_distance)
+
+    @property
+    def memory_length(self) -> int:
+        """Positions before a block that its queries see (sliding mode)."""
+        return self.window_blocks * self.block_size
 
     def _mask(self, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
         """Relative position bias with -inf on future keys, for queries at the last positions."""
@@ -149,54 +155,75 @@ class BlockSelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, D) -> (B, L, H * Dh).
 
-        Sliding mode only (Transformer-XL): with `detach_previous`, keys/values of the previous
-        block are computed from a stop-gradient copy of the input; `memory` (B, W, D), the
-        normalized input of the block before this sequence, serves as block 0's previous block,
-        for the rows where `keep` (B,) bool is true (all rows when `keep` is None).
+        Sliding mode only (segment-recurrent baselines): `memory` (B, kW, D), the normalized input
+        of the kW positions before this sequence, serves as the previous blocks of the first
+        blocks; `valid` (B, kW) bool marks the memory positions that belong to the row's current
+        document (all when None). Without memory, the first blocks see no earlier blocks.
         """
         batch, length, _ = x.shape
         w = length if self.mode == "full" else self.block_size
         q, k, v = self._keys_values(x, w)
         dropout = self.dropout if self.training else 0.0
-        own = self._mask(w, w, x.device)                                           # (H, W, W)
         if memory is not None and self.mode != "sliding":
             raise ValueError("memory is only defined for sliding-window self-attention")
         if self.mode != "sliding" or (length == w and memory is None):
-            out = attend(heads_first(q), heads_first(k), heads_first(v), own, dropout)
+            out = attend(heads_first(q), heads_first(k), heads_first(v), self._mask(w, w, x.device),
+                         dropout)
             return heads_last(out, batch)
-        window = self._mask(w, 2 * w, x.device)                                    # (H, W, 2W)
-        if memory is None:  # block 0 sees only itself
-            first = attend(heads_first(q[:, :1]), heads_first(k[:, :1]), heads_first(v[:, :1]), own,
-                           dropout)                                                # (B, H, W, Dh)
-        else:
-            _, mk, mv = self._keys_values(memory, w)                               # (B, 1, W, H, Dh)
-            mask = window.expand(batch, -1, -1, -1)                                # (B, H, W, 2W)
-            if keep is not None:
-                dropped = (~keep)[:, None, None, None] & (torch.arange(2 * w, device=x.device) < w)
-                mask = mask.masked_fill(dropped, float("-inf"))
-            first = attend(heads_first(q[:, :1]), heads_first(torch.cat([mk, k[:, :1]], 2)),
-                           heads_first(torch.cat([mv, v[:, :1]], 2)), mask, dropout)
-        if length == w:
-            return heads_last(first, batch)
-        kp, vp = k, v
-        if self.detach_previous:
-            _, kp, vp = self._keys_values(x.detach(), w)
-        # Blocks 1.. see [previous block, own block].
-        k2 = torch.cat([kp[:, :-1], k[:, 1:]], dim=2)                              # (B, nb-1, 2W, H, Dh)
-        v2 = torch.cat([vp[:, :-1], v[:, 1:]], dim=2)
-        rest = attend(heads_first(q[:, 1:]), heads_first(k2), heads_first(v2), window,
-                      dropout)                                                     # (B*(nb-1), H, W, Dh)
+        if memory is None and self.window_blocks == 1:
+            return self._previous_block(q, k, v, dropout)
+        return self._windows(q, k, v, memory, valid, dropout)
+
+    def _previous_block(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        dropout: float) -> torch.Tensor:
+        """Sliding window of one block with nothing before the sequence: block 0 sees itself,
+        blocks 1.. see [previous block, own block]."""
+        batch, w = q.shape[0], self.block_size
+        device = q.device
+        first = attend(heads_first(q[:, :1]), heads_first(k[:, :1]), heads_first(v[:, :1]),
+                       self._mask(w, w, device), dropout)                           # (B, H, W, Dh)
+        k2 = torch.cat([k[:, :-1], k[:, 1:]], dim=2)                               # (B, nb-1, 2W, H, Dh)
+        v2 = torch.cat([v[:, :-1], v[:, 1:]], dim=2)
+        rest = attend(heads_first(q[:, 1:]), heads_first(k2), heads_first(v2),
+                      self._mask(w, 2 * w, device), dropout)                       # (B*(nb-1), H, W, Dh)
         return torch.cat([heads_last(first, batch), heads_last(rest, batch)], dim=1)
+
+    def _windows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 memory: torch.Tensor | None, valid: torch.Tensor | None,
+                 dropout: float) -> torch.Tensor:
+        """Sliding window of k blocks: block j sees blocks j-k..j of [memory, sequence]; memory
+        positions that are absent or not `valid` are masked out."""
+        batch, nb, w = q.shape[0], q.shape[1], self.block_size
+        kb, device = self.window_blocks, q.device
+        if memory is None:
+            mk = mv = k.new_zeros(batch, kb, *k.shape[2:])
+            valid = torch.zeros(batch, kb * w, dtype=torch.bool, device=device)
+        else:
+            if memory.shape[1] != kb * w:
+                raise ValueError(f"memory must cover {kb * w} positions, got {memory.shape[1]}")
+            _, mk, mv = self._keys_values(memory, w)                               # (B, kb, W, H, Dh)
+            if valid is None:
+                valid = torch.ones(batch, kb * w, dtype=torch.bool, device=device)
+        window = torch.arange(nb, device=device)[:, None] + torch.arange(kb + 1, device=device)
+        keys = torch.cat([mk, k], 1)[:, window].flatten(2, 3)                     # (B, nb, (kb+1)W, H, Dh)
+        values = torch.cat([mv, v], 1)[:, window].flatten(2, 3)
+        seen = torch.cat([valid, valid.new_ones(batch, nb * w)], 1).view(batch, kb + nb, w)
+        seen = seen[:, window].flatten(2)                                          # (B, nb, (kb+1)W)
+        bias = self._mask(w, (kb + 1) * w, device)                                 # (H, W, (kb+1)W)
+        mask = bias.masked_fill(~seen[:, :, None, None, :], float("-inf"))         # (B, nb, H, W, .)
+        out = attend(heads_first(q), heads_first(keys), heads_first(values), mask.flatten(0, 1),
+                     dropout)
+        return heads_last(out, batch)
 
 
     # ---- block-wise inference: keys/values of earlier blocks are cached, the current block's
     # positions are recomputed at every step (at most W of them).
     def forward_block(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """x (B, n, D): the current block's first n positions -> (B, n, H * Dh). `cache` holds
-        the keys/values of the previous block (sliding) or of all earlier blocks (full)."""
+        the keys/values of the previous k blocks (sliding) or of all earlier blocks (full)."""
         batch, n, _ = x.shape
         q, k, v = self._keys_values(x, n)                                           # (B, 1, n, H, Dh)
         past_k, past_v = cache.get("k"), cache.get("v")
@@ -212,8 +239,10 @@ class BlockSelfAttention(nn.Module):
         if self.mode == "block":
             return
         _, k, v = self._keys_values(x, x.shape[1])                                  # (B, 1, W, H, Dh)
-        if self.mode == "full" and "k" in cache:
+        if "k" in cache:
             k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        if self.mode == "sliding":
+            k, v = k[:, :, -self.memory_length:], v[:, :, -self.memory_length:]
         cache["k"], cache["v"] = k, v
 
 

@@ -62,21 +62,21 @@ def layer_config(width: int, heads: int, length: int, block: int = 128, state: i
 
 def build_layer(name: str, config: ModelConfig) -> nn.Module:
     """One layer of `LAYERS`. "-fft" forces the FFT path of a structured kernel; "brt" keeps S = W
-    recurrent states as in the Block-Recurrent Transformer paper; "gss" uses F = 3D as in the GSS
+    recurrent states as in the Block-Recurrent Transformer paper; "transformer-xl" attends over a
+    memory of 4W positions (the paper's Trsf-XL:2048 at W = 512); "gss" uses F = 3D as in the GSS
     paper."""
     if name.startswith("bst-"):
         variant, kernel, *method = name.split("-")[1:]
         return BSTLayer(config.replace(context_variant=variant, ssm_kernel=kernel,
                                        ssm_method=method[0] if method else "auto"))
     if name == "brt":
-        return BlockRecurrentLayer(config.replace(self_attention="sliding",
-                                                  num_context_states=config.block_size))
+        return BlockRecurrentLayer(config.replace(arch="brt", self_attention="sliding"))
     if name == "slide":
         return BlockAttentionLayer(config.replace(self_attention="sliding"))
     if name == "transformer":
         return BlockAttentionLayer(config.replace(self_attention="full"))
     if name == "transformer-xl":
-        return XLLayer(config)
+        return XLLayer(config.replace(arch="transformer-xl"))
     if name == "gss":
         return GSSLayer(config.replace(ssm_kernel="s4d", gss_expansion=3))
     raise ValueError(f"unknown layer {name!r}; known layers: {', '.join(LAYERS)}")
@@ -187,8 +187,8 @@ def measure_layer(name: str, config: ModelConfig, batch: int, device: torch.devi
     layer = build_layer(name, config).to(device)
     x = torch.randn(batch, config.max_seq_len, config.d_model, device=device)
     memory = None
-    if name == "transformer-xl":  # the previous segment's last block as memory
-        memory = torch.randn(batch, config.block_size, config.d_model, device=device)
+    if name == "transformer-xl":  # the previous segment's last 4W positions as memory
+        memory = torch.randn(batch, 4 * config.block_size, config.d_model, device=device)
     call = torch.compile(layer) if compile_layer else layer
 
     def run(inp):

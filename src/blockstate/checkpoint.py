@@ -8,6 +8,7 @@ Layout of `run_dir/checkpoints/`:
       optimizer.safetensors, optimizer.json   optimizer.state_dict(): tensors | everything else
       scheduler.json      scheduler.state_dict() without its callables
       rng.safetensors     torch CPU RNG state and, when CUDA is initialized, every device's
+      memory.safetensors  what a segment-recurrent model carries into the next batch (optional)
       tokenizer/          a copy of the tokenizer files
     latest              the name of the newest complete step directory
 
@@ -43,6 +44,7 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 SCHEDULER_FILE = "scheduler.json"
 RNG_FILE = "rng.safetensors"
+MEMORY_FILE = "memory.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
 _STEP_DIR = re.compile(r"step-\d{8,}")
@@ -106,6 +108,17 @@ class Checkpoint:
                   for group, live_group in zip(groups, live, strict=True)]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
 
+    def memory(self, device: torch.device | str = "cpu") -> Any:
+        """The carried `blockstate.model.Memory` saved with this checkpoint, or None."""
+        from .model import Memory
+
+        if MEMORY_FILE not in self.files:
+            return None
+        try:
+            return Memory.from_tensors(self._tensors(MEMORY_FILE, "memory")).to(device)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {self.path}: {MEMORY_FILE} is {e}") from None
+
     def load_scheduler(self, scheduler: Any) -> None:
         scheduler.load_state_dict(json.loads(self._text(SCHEDULER_FILE, "scheduler")))
 
@@ -139,11 +152,13 @@ class Checkpoint:
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, model_config: dict, train_state: dict,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    tokenizer_dir: Path | None = None, keep: int = 2) -> Path:
+                    tokenizer_dir: Path | None = None, keep: int = 2,
+                    memory: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes run_dir/checkpoints/step-{step:08d}/ and points run_dir/checkpoints/latest at it;
     returns the step dir. Then keeps only the `keep` newest step dirs (by step, `latest` always
     among them) and removes what interrupted saves left behind. `model_config` and `train_state`
-    must hold JSON values; everything is validated before anything is written."""
+    must hold JSON values; `memory` is a segment-recurrent model's carried memory
+    (`Memory.tensors()`); everything is validated before anything is written."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"step={step!r} is not valid; it must be an integer >= 0")
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
@@ -153,6 +168,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, model_config: di
                 "train_state": _checked_json(train_state, "train_state")}
     tensor_files = {MODEL_FILE: _cpu_tensors(model.state_dict(), "model.state_dict()"),
                     RNG_FILE: _rng_state()}
+    if memory is not None:
+        tensor_files[MEMORY_FILE] = _cpu_tensors(memory, "memory")
     json_files = {}
     if optimizer is not None:
         tensor_files[OPTIMIZER_TENSORS], json_files[OPTIMIZER_JSON] = _split_optimizer_state(

@@ -71,7 +71,16 @@ class ModelConfig:
     context_variant: str = "sh"     # sh | mh | mf: how SSM outputs become context states
     ssm_kernel: str = "s4"          # s4 (DPLR) | s4d (diagonal) | unstruct (implicit MLP) | explicit
     ssm_state_size: int = 16        # N
-    num_context_states: int = 32    # S: MF context states; recurrent states of brt
+    num_context_states: int = 32    # S: MF context states
+    # Block-Recurrent Transformer (arch "brt"): its number of recurrent states; None means one per
+    # position of a block (W, as the paper's Rec:fixed:skip baseline with 512 states at W = 512).
+    recurrent_states: int | None = None
+    # Segment-recurrent baselines (arch "transformer-xl" and "brt") carry, per layer, the inputs of
+    # the last `memory_length` positions into the next training sequence of the same document, and
+    # every query attends to its own block and the `memory_length` positions before it. None means
+    # 4W for transformer-xl (2048 at W = 512, the paper's Trsf-XL:2048) and W for brt (its sliding
+    # window). A multiple of block_size.
+    memory_length: int | None = None
     gss_expansion: int = 3          # F / D of Gated State Space layers (gss-hybrid)
     # The SSM runs on a down-projection of width d_model // ssm_width_divisor
     # (paper: D/4 for SH and MH, D/8 for MF; None picks that default).
@@ -127,6 +136,24 @@ class ModelConfig:
         return scale_bst_layers(self.n_layers)
 
     @property
+    def resolved_recurrent_states(self) -> int:
+        return self.recurrent_states if self.recurrent_states is not None else self.block_size
+
+    @property
+    def carries_memory(self) -> bool:
+        """Whether the model carries memory from one training sequence to the next."""
+        return self.arch in ("transformer-xl", "brt")
+
+    @property
+    def resolved_memory_length(self) -> int:
+        """Positions of attention memory before each block (0 for models that carry none)."""
+        if not self.carries_memory:
+            return 0
+        if self.memory_length is not None:
+            return self.memory_length
+        return 4 * self.block_size if self.arch == "transformer-xl" else self.block_size
+
+    @property
     def ssm_width(self) -> int:
         divisor = self.ssm_width_divisor
         if divisor is None:
@@ -147,13 +174,23 @@ class ModelConfig:
             _positive(name, getattr(self, name))
         _choice("arch", self.arch, ARCHS)
         _positive("gss_expansion", self.gss_expansion)
-        for name in ("head_dim", "d_ff", "ssm_width_divisor"):
+        for name in ("head_dim", "d_ff", "ssm_width_divisor", "recurrent_states", "memory_length"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if self.head_dim is None and self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"n_heads={self.n_heads} does not divide d_model={self.d_model}; choose n_heads "
                 f"among the divisors of d_model or set head_dim explicitly")
+        if self.memory_length is not None:
+            if not self.carries_memory:
+                raise ValueError(f"memory_length={self.memory_length} is only used by the segment-"
+                                 f"recurrent archs transformer-xl and brt, not arch={self.arch!r}")
+            if self.memory_length % self.block_size:
+                raise ValueError(f"memory_length={self.memory_length} must be a multiple of "
+                                 f"block_size={self.block_size}")
+        if self.recurrent_states is not None and self.arch != "brt":
+            raise ValueError(f"recurrent_states={self.recurrent_states} is only used by arch='brt', "
+                             f"not arch={self.arch!r}")
         _choice("context_variant", self.context_variant, CONTEXT_VARIANTS)
         _choice("ssm_kernel", self.ssm_kernel, SSM_KERNELS)
         _choice("s4d_init", self.s4d_init, S4D_INITS)

@@ -4,6 +4,7 @@ layers, final norm and an output head tied to the embedding."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,53 @@ from .layers.bst import ContextStates
 
 # The layer each architecture puts at the positions `bst_layers`; attention layers go elsewhere.
 SPECIAL_LAYERS = {"bst": BSTLayer, "gss-hybrid": GSSLayer, "brt": BlockRecurrentLayer}
-Memory = list[torch.Tensor]  # Transformer-XL: per layer, its input over the last block (B, W, D)
+
+
+@dataclass
+class Memory:
+    """What a segment-recurrent model (transformer-xl, brt) carries from one training sequence into
+    the next of the same document: every layer's input over the last M = `memory_length` positions
+    (stop-gradient), which of those positions hold tokens of the row's current document, and the
+    recurrent state of each Block-Recurrent layer. Rows are batch rows throughout."""
+
+    inputs: list[torch.Tensor]          # per layer (B, M, D)
+    valid: torch.Tensor                 # (B, M) bool
+    states: dict[int, torch.Tensor]     # layer index -> (B, S, D)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    def rows(self, index: slice | torch.Tensor) -> Memory:
+        return Memory([t[index] for t in self.inputs], self.valid[index],
+                      {i: t[index] for i, t in self.states.items()})
+
+    @classmethod
+    def cat(cls, parts: list[Memory]) -> Memory:
+        """Stack the rows of several memories (e.g. of gradient-accumulation micro-batches)."""
+        return cls([torch.cat(ts) for ts in zip(*(p.inputs for p in parts), strict=True)],
+                   torch.cat([p.valid for p in parts]),
+                   {i: torch.cat([p.states[i] for p in parts]) for i in parts[0].states})
+
+    def to(self, device: torch.device | str) -> Memory:
+        return Memory([t.to(device) for t in self.inputs], self.valid.to(device),
+                      {i: t.to(device) for i, t in self.states.items()})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor map (for safetensors)."""
+        flat = {f"inputs.{i}": t for i, t in enumerate(self.inputs)}
+        flat.update({f"states.{i}": t for i, t in self.states.items()})
+        return {**flat, "valid": self.valid}
+
+    @classmethod
+    def from_tensors(cls, flat: dict[str, torch.Tensor]) -> Memory:
+        n = sum(1 for name in flat if name.startswith("inputs."))
+        try:
+            return cls([flat[f"inputs.{i}"] for i in range(n)], flat["valid"].bool(),
+                       {int(name.split(".")[1]): t for name, t in flat.items()
+                        if name.startswith("states.")})
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"not a saved model memory: {e}") from None
 
 
 class BlockStateLM(nn.Module):
@@ -50,7 +97,7 @@ class BlockStateLM(nn.Module):
                 continue
             if isinstance(module, nn.Linear):
                 scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(
-                    ("out", "mlp.down")) else 1.0
+                    (".out", "mlp.down")) else 1.0
                 nn.init.normal_(module.weight, std=std * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -87,33 +134,62 @@ class BlockStateLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, memory: Memory | None = None,
                 keep: torch.Tensor | None = None, return_memory: bool = False):
-        """Logits (B, L, V); with `return_memory` (Transformer-XL only), (logits, memory) where the
-        memory continues the sequence in the next call. `keep` (B,) bool marks the rows whose
-        `memory` continues the same document; other rows ignore it."""
+        """Logits (B, L, V); with `return_memory` (segment-recurrent archs transformer-xl and brt
+        only), (logits, memory) where the memory continues the sequence in the next call. `keep`
+        (B,) bool marks the rows whose `memory` continues the same document; other rows start
+        afresh (their memory is masked out and recurrent states reset)."""
         self.check_tokens(tokens)
-        xl = self.config.arch == "transformer-xl"
-        if not xl and (memory is not None or return_memory):
-            raise ValueError(f"memory is carried by transformer-xl only, not arch={self.config.arch!r}")
-        length = tokens.shape[1]
-        w = self.config.block_size
+        config = self.config
+        if not config.carries_memory and (memory is not None or return_memory):
+            raise ValueError(f"memory is carried by transformer-xl and brt only, not "
+                             f"arch={config.arch!r}")
+        batch, length = tokens.shape
+        w, span = config.block_size, config.resolved_memory_length
         if return_memory and length % w:
             raise ValueError(f"carrying memory needs a length that is a multiple of block_size={w}; "
                              f"got {length}")
-        if memory is not None and (len(memory) != len(self.layers)
-                                   or memory[0].shape != (tokens.shape[0], w, self.config.d_model)):
-            raise ValueError(f"memory must hold {len(self.layers)} tensors of shape "
-                             f"{(tokens.shape[0], w, self.config.d_model)}")
+        if memory is not None:
+            self._check_memory(memory, batch)
         padded = -(-length // w) * w
         if padded != length:
             tokens = F.pad(tokens, (0, padded - length))
         x = self.dropout(self.embedding(tokens.long()))                           # (B, L', D)
-        new_memory = []
+        valid = None
+        if memory is not None:
+            valid = memory.valid if keep is None else memory.valid & keep[:, None]  # (B, M)
+        new_inputs, new_states = [], {}
         for i, layer in enumerate(self.layers):
-            if xl:
-                new_memory.append(x[:, padded - w:].detach())
-                x = layer(x, None if memory is None else memory[i], keep)
-            else:
+            if not config.carries_memory:
                 x = layer(x)
+                continue
+            before = None if memory is None else memory.inputs[i]                  # (B, M, D)
+            if return_memory:
+                past = x.new_zeros(batch, span, x.shape[-1]) if before is None else before
+                new_inputs.append(torch.cat([past, x], 1)[:, -span:].detach())
+            if isinstance(layer, BlockRecurrentLayer):
+                state = None if memory is None else memory.states[i]
+                x, state = layer(x, before, valid, state, keep, return_state=True)
+                new_states[i] = state.detach()
+            else:
+                x = layer(x, before, valid)
         x = self.norm(x[:, :length])                                              # (B, L, D)
         logits = F.linear(x, self.embedding.weight.to(x.dtype))                   # (B, L, V)
-        return (logits, new_memory) if return_memory else logits
+        if not return_memory:
+            return logits
+        seen = valid if valid is not None else torch.zeros(batch, span, dtype=torch.bool,
+                                                           device=logits.device)
+        seen = torch.cat([seen, seen.new_ones(batch, length)], 1)[:, -span:]
+        return logits, Memory(new_inputs, seen, new_states)
+
+    def _check_memory(self, memory: Memory, batch: int) -> None:
+        span, d = self.config.resolved_memory_length, self.config.d_model
+        recurrent = {i for i, layer in enumerate(self.layers) if isinstance(layer, BlockRecurrentLayer)}
+        states = self.config.resolved_recurrent_states
+        if (not isinstance(memory, Memory) or len(memory.inputs) != len(self.layers)
+                or any(t.shape != (batch, span, d) for t in memory.inputs)
+                or memory.valid.shape != (batch, span) or set(memory.states) != recurrent
+                or any(t.shape != (batch, states, d) for t in memory.states.values())):
+            raise ValueError(
+                f"memory does not fit this model and batch: it must be a Memory with "
+                f"{len(self.layers)} inputs of shape {(batch, span, d)}, valid {(batch, span)} and "
+                f"states of shape {(batch, states, d)} for layers {sorted(recurrent)}")

@@ -25,8 +25,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "slide": {"self_attention": "sliding", "bst_layers": ()},
     "transformer-xl": {"arch": "transformer-xl", "self_attention": "sliding", "bst_layers": ()},
     "brt": {"arch": "brt", "self_attention": "sliding", "bst_layers": (9,)},
+    # GSS-Hybrid (Mehta et al. 2022) is mostly GSS layers with an attention layer after every
+    # three: its layers are placed by `gss_hybrid_layers`, not at BST's positions.
     "gss-hybrid": {"arch": "gss-hybrid", "ssm_kernel": "s4d", "gss_expansion": 6},
 }
+GSS_ATTENTION_EVERY = 4
+
+
+def gss_hybrid_layers(n_layers: int) -> tuple[int, ...]:
+    """Indices of GSS-Hybrid's GSS layers: all but every 4th layer (3, 7, 11 of 12 are attention),
+    keeping at least one attention layer (the last) in shallow models."""
+    attention = {i for i in range(n_layers) if (i + 1) % GSS_ATTENTION_EVERY == 0} or {n_layers - 1}
+    return tuple(i for i in range(n_layers) if i not in attention)
 
 # Where a baseline would fall more than 10% short of the BST presets' parameter count at a size,
 # its MLP is widened so that comparisons are at a matched parameter budget.
@@ -34,6 +44,9 @@ PRESET_SIZE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("transformer", "small"): {"d_ff": 1280},
     ("slide", "small"): {"d_ff": 1280},
     ("transformer-xl", "small"): {"d_ff": 1280},
+    # GSS layers have no MLP; the expansion F / D brings gss-hybrid within 10% of bst-sh-s4.
+    ("gss-hybrid", "tiny"): {"gss_expansion": 8},
+    ("gss-hybrid", "large"): {"gss_expansion": 11},
 }
 
 # Sizes shared by all presets. `base` and `large` are the paper's (~200M / ~400M with a 32k vocab).
@@ -73,7 +86,8 @@ def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfi
     """The validated config of preset `name` at `size` with `overrides` applied.
 
     Unless `bst_layers` is overridden, the preset's (or size's) layer placement is scaled to the
-    depth, keeping the first layer for BST.
+    depth, keeping the first layer for BST; gss-hybrid places its GSS layers by
+    `gss_hybrid_layers`.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; available models: {', '.join(PRESETS)}")
@@ -85,15 +99,18 @@ def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfi
                          f"{', '.join(ModelConfig.field_names())}")
     preset = PRESETS[name]
     fields = {**SIZES[size], **preset, **PRESET_SIZE_OVERRIDES.get((name, size), {})}
-    if "bst_layers" not in overrides:
-        if "bst_layers" in preset:
-            reference, depth = preset["bst_layers"], PAPER_DEPTH
-        elif SIZES[size].get("bst_layers") is not None:
-            reference, depth = SIZES[size]["bst_layers"], SIZES[size]["n_layers"]
-        else:
-            reference, depth = PAPER_BST_LAYERS, PAPER_DEPTH
-        n_layers = overrides.get("n_layers", fields["n_layers"])
-        fields["bst_layers"] = scale_bst_layers(n_layers, tuple(reference), depth)
+    n_layers = overrides.get("n_layers", fields["n_layers"])
+    if "bst_layers" in overrides:
+        pass
+    elif fields.get("arch") == "gss-hybrid":
+        fields["bst_layers"] = gss_hybrid_layers(n_layers)
+    elif "bst_layers" in preset:
+        fields["bst_layers"] = scale_bst_layers(n_layers, tuple(preset["bst_layers"]), PAPER_DEPTH)
+    elif SIZES[size].get("bst_layers") is not None:
+        fields["bst_layers"] = scale_bst_layers(n_layers, tuple(SIZES[size]["bst_layers"]),
+                                                SIZES[size]["n_layers"])
+    else:
+        fields["bst_layers"] = scale_bst_layers(n_layers)
     fields.update(overrides)
     return ModelConfig(**fields)
 

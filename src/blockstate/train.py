@@ -38,6 +38,7 @@ from .data import (
     resolve_corpus,
     tokenize_split,
 )
+from .model import Memory
 from .registry import SIZES, build_model, list_models, model_config
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
@@ -237,7 +238,7 @@ def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, de
 
 
 def carries_memory(model: nn.Module) -> bool:
-    return model.config.arch == "transformer-xl"
+    return model.config.carries_memory
 
 
 @torch.no_grad()
@@ -399,13 +400,13 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
     seq_len = config.seq_len or mconfig.max_seq_len
     train_data = PackedSequences(splits["train"], seq_len, tokenizer.pad_id, config.pack_documents)
     val_data = PackedSequences(splits["validation"], seq_len, tokenizer.pad_id, config.pack_documents)
-    xl = mconfig.arch == "transformer-xl"
+    xl = mconfig.carries_memory  # transformer-xl and brt carry memory from batch to batch
     if xl and seq_len % mconfig.block_size:
-        raise ValueError(f"transformer-xl carries memory between sequences: seq_len={seq_len} must be "
+        raise ValueError(f"{mconfig.arch} carries memory between sequences: seq_len={seq_len} must be "
                          f"a multiple of block_size={mconfig.block_size}")
     stream = (SegmentStream if xl else BatchStream)(train_data, config.batch_size, config.seed,
                                                     ddp.rank, ddp.world_size)
-    memory = None  # transformer-xl: the memory left by the previous batch (empty after a resume)
+    memory = None  # the memory left by the previous batch (saved with checkpoints)
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, config.size, **overrides).to(device)
@@ -427,6 +428,11 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
         horizon = state["horizon"] if horizon is None else horizon
         elapsed_before = state["elapsed"]
         stream.load_state_dict(state["data"])
+        if xl:
+            memory = checkpoint.memory(device)
+            if memory is None and step > 0:
+                log("warning: the checkpoint holds no carried memory; the first batch after resuming "
+                    "starts without it")
         log(f"resumed from {checkpoint.path} at step {step}")
     train_model: nn.Module = model
     if config.compile:
@@ -452,8 +458,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
         train_state = {"step": step, "tokens": tokens_seen, "horizon": horizon,
                        "elapsed": elapsed_before + time.perf_counter() - start,
                        "data": stream.state_dict(), "train_config": config.to_dict()}
+        # Carried memory is saved when this process holds all of it (one process).
+        carried = memory.tensors() if memory is not None and ddp.world_size == 1 else None
         save_checkpoint(out_dir, step, model, mconfig.to_dict(), train_state, optimizer,
-                        tokenizer_dir=out_dir / "tokenizer")
+                        tokenizer_dir=out_dir / "tokenizer", memory=carried)
 
     def validate() -> dict[str, Any]:
         result = evaluate_batches(model, val_data, tokenizer, micro, config.eval_batches, device)
@@ -491,7 +499,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
                 forward = {}
                 if xl:
                     forward = {"return_memory": True, "keep": extra[0][rows].to(device),
-                               "memory": None if memory is None else [t[rows] for t in memory]}
+                               "memory": None if memory is None else memory.rows(rows)}
                 last = m == config.grad_accum - 1
                 sync = train_model.no_sync() if (ddp.world_size > 1 and not last) else nullcontext()
                 with sync:
@@ -501,7 +509,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
                     (total * ddp.world_size / count.item()).backward()
                 loss_sum += total.detach().double().cpu()
             if xl:
-                memory = [torch.cat(parts, 0) for parts in zip(*memories, strict=True)]
+                memory = Memory.cat(memories)
             if dist.is_initialized():
                 dist.all_reduce(loss_sum)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -29,21 +29,22 @@ class BlockAttentionLayer(nn.Module):
     Input length must be a multiple of `config.block_size` (the model pads).
     """
 
-    def __init__(self, config: ModelConfig, detach_previous: bool = False):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         inner = config.n_heads * config.resolved_head_dim
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.self_attn = BlockSelfAttention(config, detach_previous)
+        self.self_attn = BlockSelfAttention(config)
         self.out = nn.Linear(inner, config.d_model, bias=False)
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-        """`memory` (B, W, D): this layer's input for the block before x (Transformer-XL)."""
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """`memory` (B, M, D): this layer's input over the M positions before x, `valid` (B, M)
+        the ones of the row's current document (segment-recurrent baselines)."""
         h_memory = None if memory is None else self.attn_norm(memory)
-        x = x + self.dropout(self.out(self.self_attn(self.attn_norm(x), h_memory, keep)))
+        x = x + self.dropout(self.out(self.self_attn(self.attn_norm(x), h_memory, valid)))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -60,10 +61,11 @@ class BlockAttentionLayer(nn.Module):
 
 
 class XLLayer(BlockAttentionLayer):
-    """Transformer-XL layer (Dai et al. 2019): attention over the current and the previous segment
-    of W tokens with relative positions, where the previous segment's states are a stop-gradient
-    memory; across calls the memory is the last segment of the previous sequence of the same
-    document. Here relative positions are the T5 bias shared with the other layers."""
+    """Transformer-XL layer (Dai et al. 2019): every query attends to its own block and the M =
+    `memory_length` positions before it (4W by default). Inside a training sequence those positions
+    are ordinary, differentiable keys; before its start they come from the memory, this layer's
+    stop-gradient input over the last M positions of the previous sequence of the same document.
+    Relative positions are the T5 bias shared with the other layers."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__(config.replace(self_attention="sliding"), detach_previous=True)
+        super().__init__(config.replace(self_attention="sliding"))

@@ -7,7 +7,11 @@ The layer keeps S recurrent state vectors, updated once per block of W tokens:
 - horizontal direction (states): self-attention among the states and cross-attention to the
   block's tokens, concatenated and projected, then a fixed gate: s <- g * s + (1 - g) * z with
   g = sigmoid(b) a learned, input-independent vector ("fixed"), and no MLP ("skip").
-States carry learned state IDs and start from a learned initial state.
+States carry learned state IDs and start from a learned initial state. As in the reference
+implementation (meliad): S = W states by default (`recurrent_states`), the gate bias starts near 0
+(Normal(0, 0.1), so g is about 0.5), the state's output projection is not scaled as a residual
+branch, and both the state and the sliding window's previous block are carried from one training
+sequence to the next of the same document (see `BlockStateLM.forward`'s memory).
 
 The token self-attention and the block's keys/values do not depend on the state, so they are
 computed for all blocks at once; the state then walks the blocks in order, which is the sequential
@@ -26,7 +30,7 @@ from ..config import ModelConfig
 class BlockRecurrentLayer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        d, s = config.d_model, config.num_context_states
+        d, s = config.d_model, config.resolved_recurrent_states
         self.n_heads, self.head_dim = config.n_heads, config.resolved_head_dim
         self.block_size, self.dropout_p = config.block_size, config.dropout
         inner = self.n_heads * self.head_dim
@@ -45,7 +49,7 @@ class BlockRecurrentLayer(nn.Module):
         self.state_out = nn.Linear(2 * inner, d, bias=False)
         self.initial_state = nn.Parameter(torch.randn(s, d) * config.init_std)
         self.state_ids = nn.Parameter(torch.randn(s, d) * config.init_std)
-        self.gate_bias = nn.Parameter(torch.ones(d))  # sigmoid(1) = 0.73: lean towards keeping
+        self.gate_bias = nn.Parameter(torch.randn(d) * 0.1)  # meliad's "bias" gate: g near 0.5
         self.dropout = nn.Dropout(config.dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,20 +85,38 @@ class BlockRecurrentLayer(nn.Module):
         x = x + self.dropout(self.out(torch.cat([self_out, cross_out], -1)))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def start_state(self, batch: int, state: torch.Tensor | None = None,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The state a sequence starts from (B, S, D): the learned initial state, or `state` carried
+        from the previous sequence for the rows where `keep` (B,) bool is true (all when None)."""
+        initial = self.initial_state.expand(batch, -1, -1)
+        if state is None:
+            return initial
+        if keep is None:
+            return state
+        return torch.where(keep[:, None, None], state, initial)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None, state: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None, return_state: bool = False):
+        """x (B, L, D) -> (B, L, D); with `return_state`, also the state after the last block.
+        `memory`/`valid` are this layer's input over the window before x (see BlockSelfAttention),
+        `state`/`keep` the carried recurrent state (see `start_state`)."""
         batch, w = x.shape[0], self.block_size
         dropout = self.dropout_p if self.training else 0.0
         h = self.norm(x)
-        self_out = self.self_attn(h)                                                # (B, L, H Dh)
+        h_memory = None if memory is None else self.norm(memory)
+        self_out = self.self_attn(h, h_memory, valid)                               # (B, L, H Dh)
         token_q = to_blocks(self._heads(self.token_q(h)), w)                        # (B, nb, W, H, Dh)
         token_k, token_v = to_blocks(self._heads(self.token_kv(h).unflatten(-1, (2, -1))), w).unbind(3)
-        state = self.initial_state.expand(batch, -1, -1)                            # (B, S, D)
+        state = self.start_state(batch, state, keep)                                # (B, S, D)
         cross = []
         for k in range(token_q.shape[1]):  # the recurrence: block k reads the state left by k-1
             cross.append(self._read_state(state, token_q[:, k], dropout))           # (B, H, W, Dh)
             state = self._update_state(state, token_k[:, k], token_v[:, k], dropout)
         cross_out = heads_last(torch.stack(cross, 1).flatten(0, 1), batch)          # (B, L, H Dh)
-        return self._mix(x, self_out, cross_out)
+        out = self._mix(x, self_out, cross_out)
+        return (out, state) if return_state else out
 
     # ---- block-wise inference: the state is updated once per completed block
     def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
