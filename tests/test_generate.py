@@ -81,6 +81,14 @@ def test_bad_generation_requests():
         model.generate([[1]], 5, top_k=0)
     with pytest.raises(ValueError, match="vocab_size"):
         model.generate([[1, 999]], 5)
-    unstructured = _model("bst-sh-unstruct")
-    with pytest.raises(ValueError, match="trained for"):
-        unstructured.generate([[1] * 120], 20)
+    with pytest.raises(ValueError, match="finite"):
+        model.generate([[1]], 5, temperature=float("nan"))
+    with pytest.raises(ValueError, match="integers"):
+        model.generate([[1.7, 2]], 5)
+    with pytest.raises(ValueError, match="integers"):
+        model.generate(torch.tensor([[1.0, 2.0]]), 5)
+    unstructured = _model("bst-sh-unstruct")  # past its training length: allowed, with a warning,
+    with pytest.warns(UserWarning, match="trained for"):  # in generation as in the forward pass
+        assert len(unstructured.generate([[1] * 120], 20)[0]) == 140
+    with pytest.warns(UserWarning, match="trained for"):
+        unstructured(torch.ones(1, 140, dtype=torch.long))

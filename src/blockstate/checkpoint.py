@@ -187,7 +187,12 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, model_config: di
     if temp.exists():
         shutil.rmtree(temp)
     temp.mkdir()
-    _write_step_dir(temp, manifest, tensor_files, json_files, copies)
+    try:
+        _write_step_dir(temp, manifest, tensor_files, json_files, copies)
+    except OSError as e:  # e.g. a full disk: leave nothing behind; the previous checkpoint stands
+        shutil.rmtree(temp, ignore_errors=True)
+        raise CheckpointError(f"could not write the checkpoint of step {step} in {checkpoints}: "
+                              f"{e.strerror or e}; the previous checkpoint is intact") from None
     _install(checkpoints, temp, final)
     _prune(checkpoints, final.name, keep)
     return final
@@ -218,6 +223,46 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     _verify_files(step_dir, manifest["files"])
     return Checkpoint(path=step_dir, step=manifest["step"], model_config=manifest["model_config"],
                       train_state=manifest["train_state"], files=manifest["files"])
+
+
+def load_latest_intact(run_dir: Path | str, warn: Any = None) -> Checkpoint | None:
+    """The newest checkpoint of `run_dir` that loads and verifies: `latest`, or, when it is missing
+    or corrupt, the newest intact older step directory; `warn(message)` is told what was skipped.
+    None when the run has no step directory at all."""
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    if not checkpoints.is_dir():
+        return None
+    _finish_interrupted_install(checkpoints)
+    steps = sorted((d for d in checkpoints.iterdir() if _STEP_DIR.fullmatch(d.name) and d.is_dir()),
+                   key=lambda d: int(d.name.removeprefix("step-")), reverse=True)
+    try:
+        latest = latest_checkpoint(run_dir)
+    except CheckpointError:
+        latest = None
+    if latest is not None:
+        steps = [latest] + [d for d in steps if d != latest]
+    for step_dir in steps:
+        try:
+            return load_checkpoint(step_dir)
+        except CheckpointError as e:
+            if warn is not None:
+                warn(f"warning: skipping checkpoint {step_dir.name}: {e}")
+    return None
+
+
+def remove_temporary(run_dir: Path | str) -> None:
+    """Remove what interrupted saves left in run_dir/checkpoints (completing an interrupted install
+    first). Only for the one process that writes the run."""
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    if not checkpoints.is_dir():
+        return
+    _finish_interrupted_install(checkpoints)
+    for entry in checkpoints.iterdir():
+        if _STALE.fullmatch(entry.name) or _TEMP_DIR.fullmatch(entry.name):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -82,7 +82,7 @@ TRAIN_FLAGS = {
     "grad_accum": int, "lr": float, "warmup_steps": int, "schedule": str, "weight_decay": float,
     "grad_clip": float, "max_steps": int, "max_tokens": int, "max_time": str, "eval_every": int,
     "eval_batches": int, "save_every": int, "seed": int, "device": str, "cache_dir": str,
-    "sample_tokens": int,
+    "sample_tokens": int, "nonfinite": str,
 }
 
 
@@ -118,7 +118,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         fields["model_overrides"] = {**fields.get("model_overrides", {}),
                                      **dict(_parse_override(t) for t in args.set)}
     config = TrainConfig.from_dict(fields)
-    summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+                    allow_changed_data=args.allow_changed_data)
+    if summary.get("interrupted"):
+        print(f"blockstate: {summary['interrupted']}: stopped at step {summary['step']}; resume with "
+              f"`blockstate train --out {args.out} --resume`", file=sys.stderr)
+        return 143 if summary["interrupted"] == "SIGTERM" else 130
     if summary.get("validation") is None:  # not the main process
         return 0
     val = summary["validation"]
@@ -148,6 +153,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
         except ValueError:
             raise ValueError(f"--lengths {args.lengths!r}: expected integers like 512,1024,4096") from None
+    for flag, path in (("--output", args.output), ("--plot", args.plot)):
+        if path and Path(path).is_dir():
+            raise ValueError(f"{flag} {path} is a directory; give a file name")
     result = evaluate_checkpoint(args.checkpoint, args.data, lengths, split=args.split,
                                  max_tokens=args.max_tokens or None, device=args.device)
     if args.plot:
@@ -171,6 +179,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.prompt_file is None):
         raise ValueError("give exactly one of --prompt TEXT or --prompt-file FILE")
     if args.prompt_file is not None:
+        if Path(args.prompt_file).is_dir():
+            raise ValueError(f"--prompt-file {args.prompt_file} is a directory; give a text file")
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -350,8 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="corpus name (see `blockstate corpora`), directory, .jsonl or text file")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, tokenizer)")
     p.add_argument("--config", default=None, help="TOML (or YAML) file of training options")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="STEP_DIR",
+                   help="continue the run in --out exactly, from its newest intact checkpoint or "
+                        "from the given checkpoint step directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (only a directory holding nothing but a run's "
+                        "files; checked before anything is removed)")
+    p.add_argument("--allow-changed-data", action="store_true",
+                   help="resume even though the corpus changed since the run started")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="model config override, e.g. --set n_layers=4 (repeatable)")
     p.add_argument("--pack-documents", action="store_true",
@@ -483,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing files, directories, full disks, ...
         print(f"blockstate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

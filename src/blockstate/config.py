@@ -43,6 +43,34 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; allowed values: {', '.join(allowed)}")
 
 
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,),
+                                       "bool": (bool,), "None": (type(None),)}
+
+
+def check_value_type(name: str, value: Any, wanted: str) -> None:
+    """Raise ValueError unless `value` has the annotated type `wanted` (int, float, str, bool, None,
+    tuple[...] / list[...] / dict[...] and unions of them; bool is not accepted as a number) and,
+    if a float, is finite."""
+    import math
+
+    allowed: list[type] = []
+    for part in (p.strip() for p in wanted.split("|")):
+        base = part.split("[", 1)[0]
+        allowed += {"tuple": [tuple, list], "list": [list, tuple], "dict": [dict]}.get(
+            base, list(_TYPES.get(base, (object,))))
+    numeric = isinstance(value, bool) and bool not in allowed
+    if numeric or not isinstance(value, tuple(allowed)):
+        raise ValueError(f"{name}={value!r} is not valid; it must be of type {wanted}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} is not valid; it must be a finite number")
+
+
+def check_field_types(obj: Any) -> None:
+    """`check_value_type` for every field of the dataclass instance `obj`."""
+    for f in dataclasses.fields(obj):
+        check_value_type(f.name, getattr(obj, f.name), str(f.type))
+
+
 def _positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r} is not valid; it must be an integer >= 1")
@@ -167,6 +195,7 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
+        check_field_types(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "block_size", "max_seq_len",
                      "ssm_state_size", "num_context_states", "unstruct_hidden",
                      "unstruct_frequencies", "explicit_smooth", "rel_pos_buckets",
@@ -208,6 +237,8 @@ class ModelConfig:
                 f"{self.ssm_kernel!r} (states come in complex-conjugate pairs)")
         if not 0.0 < self.dt_min <= self.dt_max:
             raise ValueError(f"dt_min={self.dt_min}, dt_max={self.dt_max}: need 0 < dt_min <= dt_max")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError(f"norm_eps={self.norm_eps} and init_std={self.init_std} must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.unstruct_decay < 0:

@@ -21,6 +21,8 @@ context.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -92,26 +94,29 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def _token_ids(prompt: Sequence[int]) -> list[int]:
+    ids = []
+    for token in prompt:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise ValueError(f"prompt token ids must be integers, got {token!r} "
+                             f"({type(token).__name__})")
+        ids.append(int(token))
+    return ids
+
+
 def _check(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float,
            top_k: int | None, top_p: float | None) -> None:
-    config = model.config
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must contain at least one token")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 means greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be >= 1 (or None)")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (or None)")
-    uses_ssm = config.arch in ("bst", "gss-hybrid") and config.resolved_bst_layers
-    longest = max(len(p) for p in prompts) + max_new_tokens
-    if uses_ssm and config.ssm_kernel in ("unstruct", "explicit") and longest > config.max_seq_len:
-        raise ValueError(
-            f"prompt plus max_new_tokens is {longest} tokens, longer than the {config.max_seq_len} "
-            f"the {config.ssm_kernel!r} kernel was trained for; it does not extrapolate reliably. "
-            f"Shorten the prompt or use a structured kernel (s4, s4d)")
+    model.warn_past_training_length(max(len(p) for p in prompts) + max_new_tokens)
 
 
 @torch.no_grad()
@@ -124,8 +129,10 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]] | torch.Tensor, 
     prompts of equal length are generated as one batch. `on_token(row, token)` is called for
     every new token as it is produced (for streaming)."""
     if isinstance(prompts, torch.Tensor):
+        if prompts.dtype.is_floating_point or prompts.dtype.is_complex or prompts.dtype == torch.bool:
+            raise ValueError(f"prompt token ids must be integers, got a {prompts.dtype} tensor")
         prompts = prompts.tolist()
-    prompts = [list(map(int, p)) for p in prompts]
+    prompts = [_token_ids(p) for p in prompts]
     _check(model, prompts, max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()

@@ -4,6 +4,7 @@ layers, final norm and an output head tied to the embedding."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +133,19 @@ class BlockStateLM(nn.Module):
                 f"token ids must lie in [0, {self.config.vocab_size}) (vocab_size="
                 f"{self.config.vocab_size}); got values in [{low}, {high}]")
 
+    def warn_past_training_length(self, length: int) -> None:
+        """Warn when `length` tokens run an unstructured or explicit kernel past the training length
+        it is defined for (its filter then extrapolates; the forward pass, evaluation and generation
+        all allow it)."""
+        config = self.config
+        uses_ssm = config.arch in ("bst", "gss-hybrid") and config.resolved_bst_layers
+        if uses_ssm and config.ssm_kernel in ("unstruct", "explicit") and length > config.max_seq_len:
+            warnings.warn(
+                f"{length} tokens are longer than the {config.max_seq_len} the "
+                f"{config.ssm_kernel!r} kernel was trained for; its filter extrapolates beyond "
+                f"them and may not do so reliably (structured kernels s4/s4d are defined at any "
+                f"length)", UserWarning, stacklevel=3)
+
     def forward(self, tokens: torch.Tensor, memory: Memory | None = None,
                 keep: torch.Tensor | None = None, return_memory: bool = False):
         """Logits (B, L, V); with `return_memory` (segment-recurrent archs transformer-xl and brt
@@ -144,6 +158,7 @@ class BlockStateLM(nn.Module):
             raise ValueError(f"memory is carried by transformer-xl and brt only, not "
                              f"arch={config.arch!r}")
         batch, length = tokens.shape
+        self.warn_past_training_length(length)
         w, span = config.block_size, config.resolved_memory_length
         if return_memory and length % w:
             raise ValueError(f"carrying memory needs a length that is a multiple of block_size={w}; "

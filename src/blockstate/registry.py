@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import PAPER_BST_LAYERS, PAPER_DEPTH, ModelConfig, scale_bst_layers
+from .config import PAPER_BST_LAYERS, PAPER_DEPTH, ModelConfig, check_value_type, scale_bst_layers
 from .model import BlockStateLM
 
 # Architecture of each preset (paper Table 1 names: BST:<variant>:<kernel>).
@@ -97,6 +98,9 @@ def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfi
     if unknown:
         raise ValueError(f"unknown override(s) {unknown}; accepted: "
                          f"{', '.join(ModelConfig.field_names())}")
+    types = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
+    for key, value in overrides.items():  # before any of them is used below
+        check_value_type(key, value, types[key])
     preset = PRESETS[name]
     fields = {**SIZES[size], **preset, **PRESET_SIZE_OVERRIDES.get((name, size), {})}
     n_layers = overrides.get("n_layers", fields["n_layers"])

@@ -155,11 +155,17 @@ def _is_default(run: Run, scale: Scale) -> bool:
     return main == changed
 
 
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "=-_" else "_" for c in name)
+
+
 def run_dir(out: Path, run: Run, scale: Scale) -> Path:
+    # A corpus given as a path is named by its last component: joining the path itself would put
+    # the run inside the corpus (an absolute path replaces `out`).
+    corpus = _safe(Path(run.corpus).name or "corpus") if "/" in run.corpus else _safe(run.corpus)
     if run.group != "main" and _is_default(run, scale):
-        return out / "runs" / "main" / run.corpus / f"{ABLATION_MODEL}-s{run.seed}"
-    safe = "".join(c if c.isalnum() or c in "=-_" else "_" for c in run.label)
-    return out / "runs" / run.group / run.corpus / f"{safe}-s{run.seed}"
+        return out / "runs" / "main" / corpus / f"{ABLATION_MODEL}-s{run.seed}"
+    return out / "runs" / run.group / corpus / f"{_safe(run.label)}-s{run.seed}"
 
 
 def execute(run: Run, scale: Scale, out: Path, device: str, log: Callable[[str], None]) -> dict:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_latest_intact, remove_temporary, save_checkpoint
+from .config import check_field_types
 from .data import (
     BatchStream,
     PackedSequences,
@@ -40,11 +40,15 @@ from .data import (
 )
 from .model import Memory
 from .registry import SIZES, build_model, list_models, model_config
+from .rundir import MetricsLog, RunLock, check_clearable, clear_run, is_run_dir
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 TOKENIZERS = ("byte", "bpe", "unigram")
 # With only a time budget, the cosine horizon is estimated from the speed of these early steps.
 HORIZON_PROBE_STEPS = 5
+# A run stops after this many consecutive batches with a non-finite loss or gradient norm.
+MAX_SKIPPED_BATCHES = 10
+NONFINITE_POLICIES = ("skip", "stop")
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -92,18 +96,25 @@ class TrainConfig:
     compile: bool = False
     cache_dir: str | None = None        # tokenized corpora; default ~/.cache/blockstate
     sample_tokens: int = 200            # length of the sample printed at the end (0: none)
+    # On a non-finite loss or gradient norm: "skip" the batch (stop after MAX_SKIPPED_BATCHES in a
+    # row) or "stop" at once; either way the saved parameters stay finite.
+    nonfinite: str = "skip"
 
     def __post_init__(self) -> None:
         self.max_time = parse_duration(self.max_time)
         self.validate()
 
     def validate(self) -> None:
+        check_field_types(self)
         if self.model not in list_models():
             raise ValueError(f"model={self.model!r} is unknown; available: {', '.join(list_models())}")
         if self.size not in SIZES:
             raise ValueError(f"size={self.size!r} is unknown; available: {', '.join(SIZES)}")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer={self.tokenizer!r} is not valid; allowed: {', '.join(TOKENIZERS)}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={self.nonfinite!r} is not valid; allowed: "
+                             f"{', '.join(NONFINITE_POLICIES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -117,13 +128,35 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
         if self.max_time is not None and self.max_time <= 0:
             raise ValueError(f"max_time={self.max_time} must be positive")
+        if self.grad_clip <= 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be > 0 (a negative clip ascends the "
+                             f"gradient, 0 freezes training)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.sample_tokens < 0:
+            raise ValueError(f"sample_tokens={self.sample_tokens} must be >= 0")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len} must be >= 2 (a training sequence needs an "
+                             f"input and a next token)")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device={self.device!r} is not valid; use auto, cpu, cuda, cuda:N or mps")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by "
                              f"grad_accum={self.grad_accum}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError(f"need lr > 0 (got {self.lr}), 0 <= min_lr_ratio <= 1 (got "
                              f"{self.min_lr_ratio}) and warmup_steps >= 0 (got {self.warmup_steps})")
-        model_config(self.model, self.size, **self.model_overrides)  # validates the overrides
+        mconfig = model_config(self.model, self.size, **self.model_overrides)  # validates them
+        seq_len = self.seq_len or mconfig.max_seq_len
+        if mconfig.block_size > seq_len:
+            raise ValueError(f"block_size={mconfig.block_size} is longer than the training length "
+                             f"seq_len={seq_len}; choose block_size <= seq_len")
+        if mconfig.carries_memory and seq_len % mconfig.block_size:
+            raise ValueError(f"{mconfig.arch} carries memory between sequences: seq_len={seq_len} "
+                             f"must be a multiple of block_size={mconfig.block_size}")
 
     def has_budget(self) -> bool:
         return any(v is not None for v in (self.max_steps, self.max_tokens, self.max_time))
@@ -255,17 +288,30 @@ def iter_losses(model: nn.Module, dataset: PackedSequences, batch_size: int, max
         memory = None
         for _ in range(steps):
             inputs, targets, keep = stream.next_batch()
-            _, losses, memory = token_loss(model, inputs.to(device), targets.to(device), device,
-                                           memory=memory, keep=keep.to(device), return_memory=True)
-            yield targets, losses.cpu()
+            used = _scored_columns(targets, model.config.block_size)
+            _, losses, memory = token_loss(model, inputs[:, :used].to(device),
+                                           targets[:, :used].to(device), device, memory=memory,
+                                           keep=keep.to(device), return_memory=True)
+            yield targets, F.pad(losses.cpu(), (0, targets.shape[1] - used))
         return
     indices = np.arange(len(dataset)) if indices is None else indices
     for b, start in enumerate(range(0, len(indices), batch_size)):
         if max_batches is not None and b >= max_batches:
             break
         inputs, targets = dataset.batch(indices[start:start + batch_size].tolist())
-        _, losses, _ = token_loss(model, inputs.to(device), targets.to(device), device)
-        yield targets, losses.cpu()
+        used = _scored_columns(targets, model.config.block_size)
+        _, losses, _ = token_loss(model, inputs[:, :used].to(device), targets[:, :used].to(device),
+                                  device)
+        yield targets, F.pad(losses.cpu(), (0, targets.shape[1] - used))
+
+
+def _scored_columns(targets: torch.Tensor, block_size: int) -> int:
+    """Columns of a batch up to its last scored target, rounded up to whole blocks (at most all):
+    the padding after it cannot change earlier outputs (causality), so it is not computed, and
+    evaluation memory follows the tokens scored, not the window length."""
+    scored = (targets != -100).any(0).nonzero()
+    used = int(scored.max()) + 1 if len(scored) else 1
+    return min(targets.shape[1], -(-used // block_size) * block_size)
 
 
 @torch.no_grad()
@@ -291,10 +337,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BLOCKSTATE_CACHE", Path.home() / ".cache" / "blockstate"))
 
 
-def prepare_tokenizer(config: TrainConfig, corpus, out_dir: Path, is_main: bool) -> Tokenizer:
-    """The run's tokenizer, saved in out_dir/tokenizer (trained on the train split if needed)."""
+def prepare_tokenizer(config: TrainConfig, corpus, out_dir: Path, is_main: bool,
+                      resuming: bool = False) -> Tokenizer:
+    """The run's tokenizer, saved in out_dir/tokenizer: a resumed run's own; for a new run, the
+    one the config asks for (one left by an earlier attempt is reused only if it was trained with
+    the same settings on the same corpus)."""
     tok_dir = out_dir / "tokenizer"
-    if is_main and not (tok_dir / "tokenizer.json").exists():
+    if is_main and not (resuming and (tok_dir / "tokenizer.json").exists()):
         tokenizer = build_tokenizer(config.tokenizer, corpus=corpus, vocab_size=config.vocab_size,
                                     directory=tok_dir)
         tokenizer.save(tok_dir)
@@ -303,67 +352,63 @@ def prepare_tokenizer(config: TrainConfig, corpus, out_dir: Path, is_main: bool)
     return load_tokenizer(tok_dir)
 
 
-class MetricsLog:
-    """Append-only JSON Lines metrics (and TensorBoard scalars when tensorboard is installed)."""
-
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-        self.path, self.enabled, self.writer = path, enabled, None
-        if not enabled:
-            return
-        if resume_step is not None and path.exists():  # drop what was logged after the checkpoint
-            lines = [line for line in path.read_text().splitlines()
-                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in lines))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
-        except Exception:  # tensorboard is optional
-            self.writer = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            prefix = record.get("split", "train")
-            for key, value in record.items():
-                if isinstance(value, float) and key != "elapsed":
-                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
-          on_step: Callable[[int, dict[str, Any]], None] | None = None, quiet: bool = False
-          ) -> dict[str, Any]:
+def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = False,
+          overwrite: bool = False, on_step: Callable[[int, dict[str, Any]], None] | None = None,
+          quiet: bool = False, allow_changed_data: bool = False) -> dict[str, Any]:
     """Train according to `config`, writing checkpoints and metrics under `out_dir`.
 
-    `on_step(step, record)` is called after every optimizer step (e.g. for custom logging).
-    Returns a summary with the final validation metrics and throughput.
+    `resume`: True continues the run in `out_dir` from its newest intact checkpoint; a path
+    resumes from that checkpoint (a step directory). `overwrite` replaces a run in `out_dir` (only
+    a directory holding nothing but a run's files, and only after everything is validated). One
+    process writes a run directory at a time (a lock refuses a second). SIGINT/SIGTERM end the
+    run at the next step boundary with a checkpoint from which it resumes exactly; the summary's
+    "interrupted" then names the signal. `on_step(step, record)` is called after every optimizer
+    step (e.g. for custom logging). Returns a summary with the final validation metrics and
+    throughput.
     """
-    from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    existing = latest_checkpoint(out_dir) if out_dir.exists() else None
+    for flag, path in (("--out", out_dir), ("--cache-dir", config.cache_dir)):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise ValueError(f"{flag} {path} is a file, not a directory")
+    if not config.has_budget():
+        raise ValueError("no training budget: give --max-steps, --max-tokens or --max-time")
+    if Path(config.data).exists():  # store the absolute path, so a resume from elsewhere finds it
+        config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+    messages: list[str] = []  # warnings found before the logger exists
     checkpoint = None
     if resume:
-        if existing is None:
+        if resume is not True:  # a step directory (or another run) to resume from
+            checkpoint = load_checkpoint(resume)
+        elif out_dir.exists():
+            checkpoint = load_latest_intact(out_dir, messages.append)
+        if checkpoint is None and not (out_dir / "train_config.json").exists():
             raise ValueError(f"--resume: {out_dir} holds no checkpoint to resume from")
-        checkpoint = load_checkpoint(existing)
+    if checkpoint is not None:
         saved = TrainConfig.from_dict(checkpoint.train_state["train_config"])
         # Only the budget may change on resume; everything else comes from the run.
         budget = {k: getattr(config, k) for k in ("max_steps", "max_tokens", "max_time")}
         config = dataclasses.replace(saved, **{k: v for k, v in budget.items() if v is not None})
-    elif existing is not None or (out_dir / "train_config.json").exists():
-        if not overwrite:
+    elif resume:
+        messages.append(f"{out_dir} holds no checkpoint (the run stopped before its first); "
+                        f"starting it from step 0")
+        overwrite = True
+    elif out_dir.exists() and is_run_dir(out_dir) and not overwrite:
+        if (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir()):
             raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or "
                              f"--overwrite to start over")
-    if not config.has_budget():
-        raise ValueError("no training budget: give --max-steps, --max-tokens or --max-time")
+        previous, budget = _saved_train_config(out_dir), ("max_steps", "max_tokens", "max_time")
+        if previous is not None and {k: v for k, v in previous.items() if k not in budget} != {
+                k: v for k, v in config.to_dict().items() if k not in budget}:
+            raise ValueError(f"{out_dir} holds a run that stopped before its first checkpoint, with "
+                             f"other settings; pass --overwrite to replace it")
+        overwrite = True  # the same run, killed before its first checkpoint: start it again
 
+    # ---- validate everything before anything on disk changes
+    corpus = resolve_corpus(config.data)
+    local_data = Path(config.data)
+    if checkpoint is not None:
+        _check_same_data(out_dir, corpus, allow_changed_data)
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     ddp = Distributed.from_env(device)
     if ddp.world_size > 1 and config.device == "auto" and device.type == "cuda":
@@ -371,19 +416,61 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
     if config.batch_size % (ddp.world_size * config.grad_accum):
         raise ValueError(f"batch_size={config.batch_size} must be divisible by processes x grad_accum "
                          f"= {ddp.world_size} x {config.grad_accum}")
-    if overwrite and not resume and ddp.is_main and out_dir.exists():
-        shutil.rmtree(out_dir)
+    if overwrite and checkpoint is None and ddp.is_main:
+        check_clearable(out_dir, [local_data] if local_data.exists() else [])
+
+    lock = RunLock(out_dir)
+    if ddp.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
+        return _train(config, out_dir, checkpoint, overwrite, corpus, device, ddp, on_step, quiet,
+                      messages)
+    finally:
+        lock.release()
+
+
+def _saved_train_config(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out_dir / "train_config.json").read_text())["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_same_data(out_dir: Path, corpus, allow_changed_data: bool) -> None:
+    """Refuse to resume on a corpus whose fingerprint differs from the one the run started on."""
+    try:
+        recorded = json.loads((out_dir / "train_config.json").read_text())["corpus"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # nothing recorded (an older run): nothing to compare
+    if recorded != corpus.fingerprint() and not allow_changed_data:
+        raise ValueError(f"the corpus {corpus.name!r} changed since {out_dir} started (fingerprint "
+                         f"{corpus.fingerprint()} instead of {recorded}); resuming would train on "
+                         f"other data. Pass --allow-changed-data to resume anyway")
+
+
+def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corpus,
+           device: torch.device, ddp: Distributed, on_step, quiet: bool,
+           messages: list[str]) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    if overwrite and checkpoint is None and ddp.is_main:
+        clear_run(out_dir)
+    if ddp.is_main:
+        remove_temporary(out_dir)
     if dist.is_initialized():
         dist.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
+
     def log(message: str) -> None:
         if ddp.is_main and not quiet:
             tqdm.write(message, file=sys.stdout)
 
+    for message in messages:
+        log(message)
 
     # ---- data and tokenizer
-    corpus = resolve_corpus(config.data)
-    tokenizer = prepare_tokenizer(config, corpus, out_dir, ddp.is_main)
+    tokenizer = prepare_tokenizer(config, corpus, out_dir, ddp.is_main, checkpoint is not None)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     splits = {}
     for split in ("train", "validation"):
@@ -401,9 +488,6 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
     train_data = PackedSequences(splits["train"], seq_len, tokenizer.pad_id, config.pack_documents)
     val_data = PackedSequences(splits["validation"], seq_len, tokenizer.pad_id, config.pack_documents)
     xl = mconfig.carries_memory  # transformer-xl and brt carry memory from batch to batch
-    if xl and seq_len % mconfig.block_size:
-        raise ValueError(f"{mconfig.arch} carries memory between sequences: seq_len={seq_len} must be "
-                         f"a multiple of block_size={mconfig.block_size}")
     stream = (SegmentStream if xl else BatchStream)(train_data, config.batch_size, config.seed,
                                                     ddp.rank, ddp.world_size)
     memory = None  # the memory left by the previous batch (saved with checkpoints)
@@ -450,7 +534,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
                                               indent=2))
         log(f"{model.num_parameters():,} parameters; {len(train_data):,} training sequences of "
             f"{seq_len} tokens; {len(val_data):,} validation sequences")
-    metrics = MetricsLog(out_dir / "metrics.jsonl", step if checkpoint else None, ddp.is_main)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", step if checkpoint else None, ddp.is_main, log)
 
     def save() -> None:
         if not ddp.is_main:
@@ -458,6 +542,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
         train_state = {"step": step, "tokens": tokens_seen, "horizon": horizon,
                        "elapsed": elapsed_before + time.perf_counter() - start,
                        "data": stream.state_dict(), "train_config": config.to_dict()}
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            log(f"warning: step {step}: parameters are not finite; no checkpoint written (the "
+                f"previous one is kept)")
+            return
         # Carried memory is saved when this process holds all of it (one process).
         carried = memory.tensors() if memory is not None and ddp.world_size == 1 else None
         save_checkpoint(out_dir, step, model, mconfig.to_dict(), train_state, optimizer,
@@ -476,8 +564,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
     bar = tqdm(total=horizon, initial=step, disable=quiet or not ddp.is_main, unit="step",
                dynamic_ncols=True, file=sys.stderr)
     model.train()
+    skipped = 0  # consecutive batches skipped for a non-finite loss or gradient
+    stopper = _StopSignals().install()
     try:
-        while True:
+        while stopper.received is None:
             elapsed = elapsed_before + time.perf_counter() - start
             if ((config.max_steps is not None and step >= config.max_steps)
                     or (config.max_tokens is not None and tokens_seen >= config.max_tokens)
@@ -513,6 +603,21 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
             if dist.is_initialized():
                 dist.all_reduce(loss_sum)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            if not (math.isfinite(float(loss_sum)) and math.isfinite(float(grad_norm))):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                what = "loss" if not math.isfinite(float(loss_sum)) else "gradient norm"
+                metrics.write({"step": step, "skipped_batch": True, "reason": f"non-finite {what}"})
+                log(f"warning: step {step + 1}: non-finite {what}; batch skipped ({skipped} in a row)")
+                if config.nonfinite == "stop" or skipped >= MAX_SKIPPED_BATCHES:
+                    save()
+                    raise ValueError(
+                        f"training stopped at step {step}: non-finite {what} "
+                        f"({skipped} batch(es) in a row, nonfinite={config.nonfinite!r}); the run "
+                        f"is saved at step {step} with finite parameters. Lower --lr or check the "
+                        f"data")
+                continue
+            skipped = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -544,26 +649,70 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, overwr
                           f"ppl {last_val['perplexity']:.2f} bpb {last_val['bits_per_byte']:.3f}")
             if step % config.save_every == 0:
                 save()
-    except KeyboardInterrupt:
-        log(f"interrupted at step {step}; saving a checkpoint")
+    except KeyboardInterrupt:  # a second Ctrl-C during a step: the step is incomplete, so the
+        # newest checkpoint (not this state) is what a resume continues from
+        log(f"interrupted again during step {step + 1}; not saving the incomplete step "
+            f"(resume continues from the newest checkpoint)")
+        raise
     finally:
+        stopper.restore()
         bar.close()
     elapsed = elapsed_before + time.perf_counter() - start
     train_time = time.perf_counter() - start
-    if ddp.is_main and (last_val is None or last_val["step"] != step):
+    interrupted = stopper.received
+    if interrupted is not None:
+        log(f"{interrupted} received: saving a checkpoint at step {step} and stopping")
+    elif ddp.is_main and (last_val is None or last_val["step"] != step):
         last_val = validate()
     save()
     metrics.close()
+    sample = None
+    if ddp.is_main and interrupted is None:
+        sample = _sample(model, tokenizer, val_data, config, device)
     summary = {"step": step, "tokens": tokens_seen, "elapsed_s": elapsed,
                "unigram_perplexity": unigram_perplexity(
                    splits["train"].tokens, splits["validation"].tokens, tokenizer.vocab_size),
-               "sample": _sample(model, tokenizer, val_data, config, device) if ddp.is_main else None,
+               "sample": sample,
                "tokens_per_s": (tokens_seen - (checkpoint.train_state["tokens"] if checkpoint else 0))
                / max(1e-9, train_time),
-               "validation": last_val, "parameters": model.num_parameters(), "out": str(out_dir)}
+               "validation": last_val, "parameters": model.num_parameters(), "out": str(out_dir),
+               "interrupted": interrupted}
     if ddp.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM ask the training loop to stop at the next step boundary (`received` names
+    the signal); a second one of the same kind acts as usual (KeyboardInterrupt / termination).
+    Installed only in the main thread, where Python allows signal handlers."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> _StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def restore(self) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 def _sample(model: nn.Module, tokenizer: Tokenizer, val_data: PackedSequences, config: TrainConfig,

@@ -1,0 +1,159 @@
+"""The run directory of `blockstate train`: what belongs in it, an exclusive lock for its one
+writer, safe removal on `--overwrite`, and append-only metrics that survive a kill at any moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.jsonl"
+# Everything `train` (and `reproduce`, which evaluates into the run) writes in a run directory.
+RUN_ENTRIES = frozenset({"train_config.json", METRICS_FILE, "checkpoints", "tokenizer",
+                         "summary.json", "eval.json", "tensorboard", LOCK_FILE})
+
+
+class RunLock:
+    """An exclusive advisory lock on `run_dir/.lock`, held while the process lives (the OS releases
+    it when the process dies, however it dies). The file records the holder's PID."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform (Windows): nothing to hold
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"{self.path.parent} is in use by another process (PID {holder}); "
+                             f"wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "train_config.json").is_file() or (path / "checkpoints").is_dir()
+
+
+def check_clearable(run_dir: Path, keep_inside: list[Path]) -> None:
+    """Raise ValueError unless `run_dir` holds only what a run writes and none of `keep_inside`
+    (e.g. the training corpus) lies inside it; nothing is removed."""
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.exists():
+        return
+    foreign = sorted(entry.name for entry in run_dir.iterdir() if entry.name not in RUN_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(f"--overwrite: {run_dir} holds files a blockstate run does not write "
+                         f"({shown}); nothing was removed. Move them or choose another --out")
+    for path in keep_inside:
+        path = Path(path).resolve()
+        if path == run_dir or run_dir in path.parents:
+            raise ValueError(f"--overwrite: {path} lies inside the run directory {run_dir}; "
+                             f"nothing was removed. Keep data outside --out")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what a run wrote in `run_dir` (after `check_clearable`), keeping the lock file."""
+    import shutil
+
+    for entry in Path(run_dir).iterdir():
+        if entry.name in RUN_ENTRIES and entry.name != LOCK_FILE:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def read_metrics(path: Path, warn: Any = None) -> list[dict[str, Any]]:
+    """The records of a metrics file. A partial last line (a kill or a full disk mid-write) is
+    dropped with a warning; any other unreadable line raises ValueError naming file and line."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            last = number == len(lines) or (number == len(lines) - 1 and not lines[-1])
+            if last and not text.endswith("\n"):
+                if warn is not None:
+                    warn(f"warning: {path}: dropping its partial last line {number} ({e})")
+                continue
+            raise ValueError(f"{path}: line {number} is not a metrics record ({e})") from None
+        records.append(record)
+    return records
+
+
+class MetricsLog:
+    """Append-only JSON Lines metrics (and TensorBoard scalars when tensorboard is installed). Each
+    record is one `write` of one line. On resume the file is cut back to the checkpoint's step by
+    writing a new file and renaming it over the old one, so a kill never leaves it half-written."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool, warn: Any = None):
+        self.path, self.enabled, self.writer = path, enabled, None
+        if not enabled:
+            return
+        if resume_step is not None and path.exists():  # drop what was logged after the checkpoint
+            kept = [r for r in read_metrics(path, warn) if r.get("step", 0) <= resume_step]
+            temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            with temp.open("w", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+        elif path.exists():
+            read_metrics(path, warn)  # fail now, naming the file, rather than at the end
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.writer = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(record, allow_nan=False) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode("utf-8"))
+        finally:
+            os.close(fd)
+        if self.writer is not None:
+            prefix = record.get("split", "train")
+            for key, value in record.items():
+                if isinstance(value, float) and key != "elapsed":
+                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
