@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 CONTEXT_VARIANTS = ("sh", "mh", "mf")
-SSM_KERNELS = ("s4", "s4d", "unstruct", "explicit")
+SSM_KERNELS = ("s4", "s4d", "unstruct", "explicit", "ssd")
 S4D_INITS = ("lin", "inv")
 SELF_ATTENTION_MODES = ("block", "sliding", "full")
 SSM_METHODS = ("auto", "fft", "chunked")
@@ -97,7 +97,9 @@ class ModelConfig:
     # others are attention layers. None places them like the paper's (0, 6, 8) of 12, scaled.
     bst_layers: tuple[int, ...] | None = None
     context_variant: str = "sh"     # sh | mh | mf: how SSM outputs become context states
-    ssm_kernel: str = "s4"          # s4 (DPLR) | s4d (diagonal) | unstruct (implicit MLP) | explicit
+    # s4 (DPLR) | s4d (diagonal) | unstruct (implicit MLP) | explicit | ssd (selective: input-
+    # dependent, Mamba-2's state-space duality; see ssm/selective.py)
+    ssm_kernel: str = "s4"
     ssm_state_size: int = 16        # N
     num_context_states: int = 32    # S: MF context states
     # Block-Recurrent Transformer (arch "brt"): its number of recurrent states; None means one per
@@ -227,7 +229,10 @@ class ModelConfig:
         _choice("ssm_method", self.ssm_method, SSM_METHODS)
         _choice("context_norm", self.context_norm, CONTEXT_NORMS)
         _choice("context_activation", self.context_activation, CONTEXT_ACTIVATIONS)
-        if self.ssm_method == "chunked" and self.ssm_kernel not in ("s4", "s4d"):
+        if self.ssm_kernel == "ssd" and self.ssm_method == "fft":
+            raise ValueError("ssm_kernel='ssd' is input-dependent and has no kernel to FFT; use "
+                             "ssm_method='auto' or 'chunked'")
+        if self.ssm_method == "chunked" and self.ssm_kernel not in ("s4", "s4d", "ssd"):
             raise ValueError(
                 f"ssm_method='chunked' needs a structured kernel (s4 or s4d), not "
                 f"ssm_kernel={self.ssm_kernel!r}; use ssm_method='fft' or 'auto'")

@@ -143,8 +143,8 @@ class BlockStateLM(nn.Module):
             warnings.warn(
                 f"{length} tokens are longer than the {config.max_seq_len} the "
                 f"{config.ssm_kernel!r} kernel was trained for; its filter extrapolates beyond "
-                f"them and may not do so reliably (structured kernels s4/s4d are defined at any "
-                f"length)", UserWarning, stacklevel=3)
+                f"them and may not do so reliably (the s4, s4d and ssd kernels are defined at "
+                f"any length)", UserWarning, stacklevel=3)
 
     def forward(self, tokens: torch.Tensor, memory: Memory | None = None,
                 keep: torch.Tensor | None = None, return_memory: bool = False):

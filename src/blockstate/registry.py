@@ -20,6 +20,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bst-sh-unstruct": {"context_variant": "sh", "ssm_kernel": "unstruct"},
     "bst-mh-unstruct": {"context_variant": "mh", "ssm_kernel": "unstruct"},
     "bst-mf-unstruct": {"context_variant": "mf", "ssm_kernel": "unstruct"},
+    # Selective (input-dependent) context states: not in the paper (see ssm/selective.py).
+    "bst-sh-ssd": {"context_variant": "sh", "ssm_kernel": "ssd"},
+    "bst-mf-ssd": {"context_variant": "mf", "ssm_kernel": "ssd"},
     # Baselines (paper section 4). `bst_layers` of a baseline places its GSS or recurrent layers,
     # given for the paper's 12-layer depth and scaled to the size's depth.
     "transformer": {"self_attention": "full", "bst_layers": ()},

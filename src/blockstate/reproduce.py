@@ -348,8 +348,9 @@ def results_markdown(setup: dict, records: list[dict]) -> str:
             rows.append([model] + cells)
         lines += [f"## Length generalization on {corpus} (trained at {seq})", "",
                   "Test perplexity, mean over seeds, every length scoring the same tokens (windows "
-                  f"of {lengths[-1]} tokens cut into shorter windows; Transformer-XL instead reads "
-                  "whole documents in order with its memory carried, so its tokens differ). The last "
+                  f"of {lengths[-1]} tokens cut into shorter windows; Transformer-XL and BRT instead "
+                  "read whole documents in order with their memory carried, so their tokens differ "
+                  "and their rows compare neither across lengths nor with the others'). The last "
                   f"column is the change from 1x to {ratios[-1]}x: negative means the model uses the "
                   "longer context, positive that it degrades.", "",
                   markdown_table(["model"] + [f"{r}x = {n}" for r, n in zip(ratios, lengths, strict=True)]

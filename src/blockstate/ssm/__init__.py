@@ -11,10 +11,15 @@ from ..config import SSM_METHODS, ModelConfig
 from .chunked import ChunkOperators, chunk_end_states, chunk_operators, chunked_causal_conv, end_outputs
 from .conv import fft_causal_conv, kernel_spectrum, next_fast_len
 from .kernels import ExplicitKernel, ImplicitKernel, S4DKernel, S4Kernel, hippo_legs_nplr
+from .selective import SelectiveSSM, ssd_chunked
 
 
-def build_ssm(config: ModelConfig, channels: int, width: int) -> SSM:
-    """The SSM sublayer named by `config`: kernel, computation method and chunk size."""
+def build_ssm(config: ModelConfig, channels: int, width: int) -> SSM | SelectiveSSM:
+    """The SSM sublayer named by `config`: kernel, computation method and chunk size. "ssd" is the
+    selective (input-dependent) SSM, which has no fixed kernel and always runs chunked."""
+    if config.ssm_kernel == "ssd":
+        return SelectiveSSM(channels, width, config.ssm_state_size, config.dt_min, config.dt_max,
+                            config.ssm_chunk_size)
     return SSM(build_kernel(config, channels, width), config.ssm_method, config.ssm_chunk_size)
 
 
@@ -217,5 +222,6 @@ class BlockOperator:
 __all__ = [
     "SSM", "SSM_METHODS", "build_kernel", "build_ssm", "fft_causal_conv", "kernel_spectrum", "next_fast_len",
     "S4DKernel", "S4Kernel", "ImplicitKernel", "ExplicitKernel", "hippo_legs_nplr", "BlockOperator",
-    "ChunkOperators", "chunk_operators", "chunked_causal_conv", "structured",
+    "ChunkOperators", "chunk_operators", "chunked_causal_conv", "structured", "SelectiveSSM",
+    "ssd_chunked",
 ]

@@ -1,0 +1,263 @@
+"""A selective (input-dependent) state-space model for BST's context states, in the form of
+Mamba-2's state-space duality (Dao and Gu 2024), computed chunk by chunk in pure PyTorch.
+
+The SSM input u (B, L, P) passes a short causal depthwise convolution and a SiLU (as in Mamba),
+giving x. For each of C channels (1 for SH, H for MH, S for MF) and each of G heads of width
+P / G, with a scalar decay A < 0 per head, an input-dependent step dt_t > 0 per head and
+input-dependent B_t, C_t in R^N shared by the heads of a channel:
+
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T        (h_t: P/G x N per head)
+    y_t = h_t C_t + D x_t
+
+so what enters the state, and how long it stays, depend on the token (unlike S4/S4D, whose filter
+is the same whatever the input). The chunked algorithm: inside a chunk of T steps the outputs are
+an attention-like product (C_t . B_s) exp(sum of a over (s, t]) dt_s x_s, masked causally; each
+chunk's own contribution to the state at its end is one product; the states at chunk boundaries
+follow from a product with the (nc x nc) matrix of decays between chunks. All matrix products,
+memory O(L T), no loop over positions. State and arithmetic in float32.
+
+On CUDA with the optional `mamba-ssm` package installed, the fused Triton chunk scan of that
+package computes the same function (`use_fused`); elsewhere the PyTorch path does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONV_WIDTH = 4        # taps of the causal depthwise convolution before the SSM (Mamba's d_conv)
+SSD_HEAD_DIM = 16     # width of one SSD head (heads share B and C within a channel)
+
+
+def segment_sums(a: torch.Tensor) -> torch.Tensor:
+    """a (..., T) -> (..., T, T) with [t, s] = a[s+1] + ... + a[t] for s <= t, -inf above the
+    diagonal: the log decay from step s to step t."""
+    t = a.shape[-1]
+    cumulative = torch.cumsum(a, dim=-1)
+    sums = cumulative[..., :, None] - cumulative[..., None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=a.device).tril()
+    return sums.masked_fill(~causal, float("-inf"))
+
+
+def _chunks(chunk: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """(B, L, ...) -> (B, L / T, T, ...), padding L to a multiple of T with zeros (dt = 0 on the
+    padding: no decay and no input, so states are unchanged by it)."""
+    pad = -tensors[0].shape[1] % chunk
+    out = []
+    for t in tensors:
+        if pad:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        out.append(t.reshape(t.shape[0], t.shape[1] // chunk, chunk, *t.shape[2:]))
+    return out
+
+
+def _boundary_states(xdt: torch.Tensor, cumulative: torch.Tensor, b: torch.Tensor,
+                     initial_state: torch.Tensor | None) -> torch.Tensor:
+    """States at every chunk boundary (B, nc + 1, K, G, P, N): entry z is the state entering
+    chunk z (z = nc: after the last chunk). xdt (B, nc, T, K, G, P), cumulative log decays
+    (B, nc, K, G, T), b (B, nc, T, K, N)."""
+    to_end = torch.exp(cumulative[..., -1:] - cumulative)                     # (B, nc, K, G, T)
+    own = torch.einsum("bzskn,bzkgs,bzskgp->bzkgpn", b, to_end, xdt)          # (B, nc, K, G, P, N)
+    if initial_state is None:
+        initial_state = own.new_zeros(own[:, :1].shape)
+    else:
+        initial_state = initial_state.unsqueeze(1).to(own.dtype)
+    own = torch.cat([initial_state, own], dim=1)                              # (B, nc+1, K, G, P, N)
+    chunk_decay = F.pad(cumulative[..., -1], (0, 0, 0, 0, 1, 0))              # (B, nc+1, K, G)
+    between = torch.exp(segment_sums(chunk_decay.permute(0, 2, 3, 1)))       # (B, K, G, nc+1, nc+1)
+    return torch.einsum("bkgzy,bykgpn->bzkgpn", between, own)
+
+
+def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                c: torch.Tensor, chunk: int, initial_state: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan by chunks.
+
+    x (B, L, K, G, P), dt (B, L, K, G) > 0, a (K, G) < 0, b and c (B, L, K, N), with K independent
+    channels of G heads; initial_state (B, K, G, P, N) or None (zeros). Returns y (B, L, K, G, P)
+    without the D term and the state after the last step (B, K, G, P, N).
+    """
+    batch, length = x.shape[:2]
+    x, dt, b, c = _chunks(chunk, x, dt, b, c)
+    log_a = (dt * a).permute(0, 1, 3, 4, 2)                                   # (B, nc, K, G, T)
+    cumulative = torch.cumsum(log_a, dim=-1)                                  # (B, nc, K, G, T)
+    xdt = x * dt.unsqueeze(-1)                                                # (B, nc, T, K, G, P)
+    # inside each chunk: causal, decayed "attention" of C_t to B_s
+    decay = torch.exp(segment_sums(log_a))                                    # (B, nc, K, G, T, T)
+    scores = torch.einsum("bztkn,bzskn->bzkts", c, b)                         # (B, nc, K, T, T)
+    y = torch.einsum("bzkts,bzkgts,bzskgp->bztkgp", scores, decay, xdt)
+    # the state entering each chunk, decayed to each step, read by C_t
+    states = _boundary_states(xdt, cumulative, b, initial_state)
+    y = y + torch.einsum("bztkn,bzkgpn,bzkgt->bztkgp", c, states[:, :-1], torch.exp(cumulative))
+    return y.reshape(batch, -1, *y.shape[3:])[:, :length], states[:, -1]
+
+
+def ssd_block_ends(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   c: torch.Tensor, block: int) -> torch.Tensor:
+    """Outputs (without D) at the last step of every complete block of `block` steps,
+    (B, L // block, K, G, P): with chunks of one block, each is C_t read from a boundary state,
+    so the in-chunk products are never formed."""
+    nb = x.shape[1] // block
+    x, dt, b, c = _chunks(block, *(t[:, :nb * block] for t in (x, dt, b, c)))
+    cumulative = torch.cumsum((dt * a).permute(0, 1, 3, 4, 2), dim=-1)       # (B, nb, K, G, T)
+    states = _boundary_states(x * dt.unsqueeze(-1), cumulative, b, None)[:, 1:]
+    return torch.einsum("bzkn,bzkgpn->bzkgp", c[:, :, -1], states)
+
+
+def ssd_reference(x, dt, a, b, c, initial_state=None):
+    """The same recurrence step by step (for tests and as the definition)."""
+    batch, length, k, g, p = x.shape
+    n = b.shape[-1]
+    h = x.new_zeros(batch, k, g, p, n) if initial_state is None else initial_state.clone()
+    ys = []
+    for t in range(length):
+        h = torch.exp(dt[:, t] * a)[..., None, None] * h + torch.einsum(
+            "bkgp,bkn->bkgpn", x[:, t] * dt[:, t, ..., None], b[:, t])
+        ys.append(torch.einsum("bkgpn,bkn->bkgp", h, c[:, t]))
+    return torch.stack(ys, 1), h
+
+
+def _fused_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _precise(u: torch.Tensor) -> torch.Tensor:
+    """float64 inputs stay float64; everything else is computed in float32."""
+    return u if u.dtype == torch.float64 else u.float()
+
+
+class SelectiveParameters(nn.Module):
+    """The learned parts of a selective SSM: the input convolution, the projections to dt, B and C
+    and the decays. Named `kernel` in `SelectiveSSM` so that generic initializations and optimizer
+    groups treat it like the other SSM kernels."""
+
+    def __init__(self, channels: int, width: int, state_size: int, dt_min: float, dt_max: float):
+        super().__init__()
+        self.channels, self.width, self.state_size = channels, width, state_size
+        self.heads = width // SSD_HEAD_DIM if width % SSD_HEAD_DIM == 0 and width >= SSD_HEAD_DIM else 1
+        self.conv = nn.Conv1d(width, width, CONV_WIDTH, groups=width)
+        self.to_dt = nn.Linear(width, channels * self.heads)
+        self.to_bc = nn.Linear(width, 2 * channels * state_size, bias=False)
+        # dt starts log-uniform in [dt_min, dt_max] (softplus(bias) = dt), A in [1, 16] as Mamba-2
+        dt = torch.exp(torch.rand(channels * self.heads) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min))
+        with torch.no_grad():
+            self.to_dt.bias.copy_(dt + torch.log(-torch.expm1(-dt)))              # inverse softplus
+            self.to_dt.weight.mul_(0.1)
+        self.log_a = nn.Parameter(torch.log(torch.empty(channels, self.heads).uniform_(1, 16)))
+        for p in (self.to_dt.bias, self.log_a):
+            p._no_weight_decay = True  # type: ignore[attr-defined]
+
+
+class SelectiveSSM(nn.Module):
+    """Input-dependent SSM with the interface of `ssm.SSM`: u (B, L, P) -> y (B, L, C, P) in
+    float32, block-end outputs for MF, and exact block-wise inference with a constant-size state
+    (the last CONV_WIDTH - 1 inputs and the (C, G, P/G, N) SSM state)."""
+
+    def __init__(self, channels: int, width: int, state_size: int, dt_min: float, dt_max: float,
+                 chunk_size: int = 64):
+        super().__init__()
+        self.kernel = SelectiveParameters(channels, width, state_size, dt_min, dt_max)
+        self.chunk_size = chunk_size
+        self.D = nn.Parameter(torch.randn(channels, width))
+        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+        self.use_fused = True  # the mamba-ssm kernel on CUDA when installed
+
+    @property
+    def channels(self) -> int:
+        return self.kernel.channels
+
+    def _inputs(self, u: torch.Tensor, tail: torch.Tensor | None = None):
+        """x (B, L, K, G, P/G), dt (B, L, K, G), b and c (B, L, K, N) from u (B, L, P); `tail`
+        (B, CONV_WIDTH - 1, P) holds the inputs before u (zeros at the start)."""
+        k = self.kernel
+        batch, length, width = u.shape
+        dtype = u.dtype  # float32 (float64 for float64 inputs)
+        if tail is None:
+            tail = u.new_zeros(batch, CONV_WIDTH - 1, width)
+        padded = torch.cat([tail.to(dtype), u], 1).transpose(1, 2)               # (B, P, L + 3)
+        x = F.silu(F.conv1d(padded, k.conv.weight.to(dtype), k.conv.bias.to(dtype),
+                            groups=width)).transpose(1, 2)                        # (B, L, P)
+        dt = F.softplus(F.linear(x, k.to_dt.weight.to(dtype), k.to_dt.bias.to(dtype)))
+        dt = dt.view(batch, length, k.channels, k.heads)
+        b, c = F.linear(x, k.to_bc.weight.to(dtype)).view(
+            batch, length, 2, k.channels, k.state_size).unbind(2)
+        xs = x.view(batch, length, 1, k.heads, width // k.heads).expand(-1, -1, k.channels, -1, -1)
+        return x, xs, dt, b, c
+
+    def _decay(self, like: torch.Tensor) -> torch.Tensor:
+        return -torch.exp(self.kernel.log_a.to(like.dtype))
+
+    def _scan(self, xs, dt, b, c, initial_state=None):
+        a = self._decay(xs)
+        if self.use_fused and initial_state is None and _fused_available(xs.device):
+            return self._fused(xs, dt, a, b, c)
+        return ssd_chunked(xs, dt, a, b, c, self.chunk_size, initial_state)
+
+    def _fused(self, xs, dt, a, b, c):
+        """mamba-ssm's Triton chunk scan (CUDA only): channels folded into its heads, each
+        channel's B and C a group of its own."""
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        batch, length, k, g, p = xs.shape
+        y, final = mamba_chunk_scan_combined(
+            xs.reshape(batch, length, k * g, p).contiguous(), dt.reshape(batch, length, k * g),
+            a.reshape(k * g), b.contiguous(), c.contiguous(), chunk_size=self.chunk_size,
+            return_final_states=True)
+        return y.view(batch, length, k, g, p).float(), final.view(batch, k, g, p, -1).float()
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y (B, L, K, G, P/G) + D x -> (B, L, K, P)."""
+        y = y.flatten(-2)
+        return y + self.D.to(y.dtype) * x.unsqueeze(2)
+
+    @torch.compiler.disable
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            x, xs, dt, b, c = self._inputs(_precise(u))
+            y, _ = self._scan(xs, dt, b, c)
+            return self._output(y, x)
+
+    @torch.compiler.disable
+    def block_end_outputs(self, u: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Outputs at the last position of every complete block (B, L // W, C, P), equal to
+        `forward(u)[:, W-1::W]`, read from the states at block boundaries (what MF needs)."""
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            x, xs, dt, b, c = self._inputs(_precise(u))
+            y = ssd_block_ends(xs, dt, self._decay(xs), b, c, block_size)  # (B, nb, K, G, P)
+            return self._output(y, x[:, block_size - 1::block_size][:, :y.shape[1]])
+
+    # ---- block-wise inference
+    @torch.no_grad()
+    def block_state(self, batch: int, block_size: int, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> dict:
+        k = self.kernel
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return {"tail": torch.zeros(batch, CONV_WIDTH - 1, k.width, device=device, dtype=dtype),
+                "state": torch.zeros(batch, k.channels, k.heads, k.width // k.heads, k.state_size,
+                                     device=device, dtype=dtype)}
+
+    @torch.no_grad()
+    def forward_block(self, u: torch.Tensor, cache: dict) -> torch.Tensor:
+        """Outputs (B, n, C, P) at the first n positions of the current block from u (B, n, P)."""
+        x, xs, dt, b, c = self._inputs(u.to(cache["state"].dtype), cache["tail"])
+        y, _ = ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size, cache["state"])
+        return self._output(y, x)
+
+    @torch.no_grad()
+    def end_block(self, cache: dict, u: torch.Tensor) -> None:
+        """Fold a complete block of inputs u (B, W, P) into the state."""
+        u = u.to(cache["state"].dtype)
+        _, xs, dt, b, c = self._inputs(u, cache["tail"])
+        _, cache["state"] = ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size,
+                                        cache["state"])
+        cache["tail"] = torch.cat([cache["tail"], u], 1)[:, -(CONV_WIDTH - 1):]

@@ -1,0 +1,94 @@
+"""The selective SSM ("ssd" kernel): the chunked algorithm against the step-by-step recurrence,
+block-end outputs for MF, block-wise inference, and the optional fused CUDA kernel."""
+
+import pytest
+import torch
+
+from blockstate import ModelConfig, build_model
+from blockstate.ssm.selective import (
+    SelectiveSSM,
+    _fused_available,
+    ssd_block_ends,
+    ssd_chunked,
+    ssd_reference,
+)
+
+
+def _inputs(batch=2, length=37, k=3, g=2, p=4, n=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, k, g, p, generator=gen, dtype=torch.float64)
+    dt = torch.rand(batch, length, k, g, generator=gen, dtype=torch.float64) * 0.5
+    a = -torch.rand(k, g, generator=gen, dtype=torch.float64) * 3
+    b = torch.randn(batch, length, k, n, generator=gen, dtype=torch.float64)
+    c = torch.randn(batch, length, k, n, generator=gen, dtype=torch.float64)
+    return x, dt, a, b, c
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 8, 64])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_scan_equals_the_recurrence(chunk, with_state):
+    x, dt, a, b, c = _inputs()
+    h0 = torch.randn(2, 3, 2, 4, 5, dtype=torch.float64) if with_state else None
+    y_ref, h_ref = ssd_reference(x, dt, a, b, c, h0)
+    y, h = ssd_chunked(x, dt, a, b, c, chunk, h0)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-12)
+
+
+def test_chunked_scan_gradients_equal_the_recurrences():
+    inputs = [t.requires_grad_() for t in _inputs(length=20)]
+    y, _ = ssd_chunked(*inputs, chunk=8)
+    grads = torch.autograd.grad(y.square().sum(), inputs)
+    y_ref, _ = ssd_reference(*inputs)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), inputs)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
+def test_block_end_outputs_come_from_the_boundary_states():
+    x, dt, a, b, c = _inputs(length=40)
+    y, _ = ssd_reference(x, dt, a, b, c)
+    torch.testing.assert_close(ssd_block_ends(x, dt, a, b, c, 8), y[:, 7::8], rtol=0, atol=1e-12)
+    ssm = SelectiveSSM(4, 32, 8, 1e-3, 1e-1, chunk_size=16).double()
+    u = torch.randn(2, 50, 32, dtype=torch.float64)
+    torch.testing.assert_close(ssm.block_end_outputs(u, 10), ssm(u)[:, 9::10], rtol=0, atol=1e-12)
+
+
+def test_block_wise_inference_keeps_a_constant_state_and_equals_the_forward_pass():
+    ssm = SelectiveSSM(2, 32, 8, 1e-3, 1e-1, chunk_size=8).double()
+    u = torch.randn(1, 48, 32, dtype=torch.float64)
+    full = ssm(u)
+    cache = ssm.block_state(1, 16, u.device, torch.float64)
+    sizes = {k: v.shape for k, v in cache.items()}
+    outs = []
+    for start in range(0, 48, 16):
+        block = u[:, start:start + 16]
+        outs.append(ssm.forward_block(block[:, :5], cache))   # a partial block first
+        outs[-1] = ssm.forward_block(block, cache)
+        ssm.end_block(cache, block)
+        assert {k: v.shape for k, v in cache.items()} == sizes
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-12)
+
+
+def test_the_selective_ssm_depends_on_content_unlike_a_time_invariant_one():
+    """An LTI SSM is linear in its input; the selective one is not (its step and B/C follow it)."""
+    ssm = SelectiveSSM(1, 16, 8, 1e-3, 1e-1).double()
+    u1, u2 = torch.randn(2, 1, 32, 16, dtype=torch.float64)
+    assert (ssm(u1 + u2) - ssm(u1) - ssm(u2)).abs().max() > 1e-3
+
+
+def test_presets_and_configuration():
+    assert build_model("bst-sh-ssd", "tiny").config.ssm_kernel == "ssd"
+    assert build_model("bst-mf-ssd", "tiny").config.context_variant == "mf"
+    with pytest.raises(ValueError, match="no kernel to FFT"):
+        ModelConfig(ssm_kernel="ssd", ssm_method="fft")
+
+
+@pytest.mark.skipif(not _fused_available(torch.device("cuda")) if torch.cuda.is_available() else True,
+                    reason="needs CUDA and the mamba-ssm package")
+def test_fused_cuda_kernel_matches_the_pytorch_path():
+    ssm = SelectiveSSM(3, 64, 16, 1e-3, 1e-1, chunk_size=64).cuda()
+    u = torch.randn(2, 256, 64, device="cuda")
+    fused = ssm(u)
+    ssm.use_fused = False
+    torch.testing.assert_close(fused, ssm(u), rtol=1e-3, atol=1e-3)
