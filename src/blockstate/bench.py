@@ -46,7 +46,8 @@ from .ssm import SSM
 
 # ----------------------------------------------------------------------------- layers
 
-BST_LAYERS = tuple(f"bst-{v}-{k}" for v in ("sh", "mh", "mf") for k in ("s4", "s4d", "unstruct"))
+BST_LAYERS = (tuple(f"bst-{v}-{k}" for v in ("sh", "mh", "mf") for k in ("s4", "s4d", "unstruct"))
+              + ("bst-sh-ssd", "bst-mf-ssd"))
 FFT_REFERENCE_LAYERS = ("bst-sh-s4-fft", "bst-sh-s4d-fft")
 BASELINE_LAYERS = ("brt", "slide", "transformer-xl", "transformer", "gss")
 LAYERS = BST_LAYERS + FFT_REFERENCE_LAYERS + BASELINE_LAYERS
