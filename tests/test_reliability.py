@@ -94,7 +94,7 @@ def test_metrics_survive_a_kill_during_the_resume_rewrite(corpus, tmp_path, monk
 
     monkeypatch.setattr("blockstate.rundir.os.replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        train(_config(corpus, tmp_path, max_steps=6), run, resume=True, quiet=True)
+        train(_config(corpus, tmp_path, max_steps=6, save_every=2), run, resume=True, quiet=True)
     assert (run / "metrics.jsonl").read_text() == before  # untouched, never half-written
 
 
@@ -103,13 +103,13 @@ def test_partial_last_metrics_line_is_repaired_and_a_corrupt_one_named(corpus, t
     train(_config(corpus, tmp_path, max_steps=2, save_every=2), run, quiet=True)
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 3, "lo')  # a full disk or a kill mid-line
-    train(_config(corpus, tmp_path, max_steps=3), run, resume=True)
+    train(_config(corpus, tmp_path, max_steps=3, save_every=2), run, resume=True)
     assert "partial last line" in capsys.readouterr().out
     assert sorted(_losses(run)) == [1, 2, 3]
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(lines[:1] + ["garbage"] + lines[1:]) + "\n")
     with pytest.raises(ValueError, match="metrics.jsonl: line 2"):
-        train(_config(corpus, tmp_path, max_steps=4), run, resume=True, quiet=True)
+        train(_config(corpus, tmp_path, max_steps=4, save_every=2), run, resume=True, quiet=True)
 
 
 def test_a_full_disk_leaves_the_last_checkpoint_and_a_resumable_run(corpus, tmp_path, monkeypatch):
@@ -147,8 +147,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_
     assert "skipping checkpoint step-00000004" in out and "at step 2" in out
     assert _losses(run) == _losses(tmp_path / "a")  # steps 3-6 retrained exactly
     # --resume PATH: from an explicit step directory
-    train(_config(corpus, tmp_path, max_steps=6), run, resume=run / "checkpoints" / "step-00000004",
-          quiet=True)
+    train(config, run, resume=run / "checkpoints" / "step-00000004", quiet=True)
     assert _losses(run) == _losses(tmp_path / "a")
 
 
@@ -225,8 +224,9 @@ def test_resume_on_a_changed_corpus_is_refused_unless_allowed(tmp_path):
     train(_config(data, tmp_path, max_steps=1, save_every=1), run, quiet=True)
     (data / "new.txt").write_text("a document added after the run started\n" * 20)
     with pytest.raises(ValueError, match="changed since"):
-        train(_config(data, tmp_path, max_steps=2), run, resume=True, quiet=True)
-    train(_config(data, tmp_path, max_steps=2), run, resume=True, quiet=True, allow_changed_data=True)
+        train(_config(data, tmp_path, max_steps=2, save_every=1), run, resume=True, quiet=True)
+    train(_config(data, tmp_path, max_steps=2, save_every=1), run, resume=True, quiet=True,
+          allow_changed_data=True)
     saved = json.loads((run / "train_config.json").read_text())["train"]["data"]
     assert Path(saved).is_absolute()  # a resume from another working directory finds it
 
@@ -279,7 +279,7 @@ CASES = [
     (["--grad-clip", "0"], "grad_clip=0.0 must be > 0"),
     (["--weight-decay", "-1"], "weight_decay=-1.0 must be >= 0"),
     (["--set", "block_size=1000"], "block_size=1000 is longer than the training length"),
-    (["--nonfinite", "ignore"], "nonfinite='ignore' is not valid"),
+    (["--config", "TOML:nonfinite = \"ignore\""], "nonfinite='ignore' is not valid"),
     (["OUT_IS_FILE"], "is a file, not a directory"),
     (["--cache-dir", "FILE"], "--cache-dir"),
 ]
@@ -322,13 +322,43 @@ def test_eval_and_generate_errors_are_one_line(corpus, tmp_path, capsys):
 
 def test_evaluation_memory_follows_the_scored_tokens(corpus, tmp_path, capsys):
     """A length far beyond every document computes only the positions that hold tokens (the run
-    was killed at 24 GB before)."""
+    was killed at 24 GB before). `--data` defaults to the run's corpus."""
     run = tmp_path / "run"
     train(_config(corpus, tmp_path, max_steps=1), run, quiet=True)
-    assert main(["eval", str(run), "--data", str(corpus), "--lengths", "10000000", "--max-tokens",
-                 "2000", "--json"]) == 0
+    assert main(["eval", str(run), "--lengths", "10000000", "--max-tokens", "2000", "--json",
+                 "--cache-dir", str(tmp_path / "cache"), "--batch-tokens", "4096"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["lengths"]["10000000"]["tokens"] > 0
+
+
+def test_resume_refuses_changed_settings_unless_overridden(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--model", "bst-sh-s4", "--size", "tiny", "--data", str(corpus), "--out",
+            str(run), "--seq-len", "64", "--batch-size", "4", "--cache-dir", str(tmp_path / "c"),
+            "--quiet", "--sample-tokens", "0"]
+    assert main(argv + ["--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "2", "--lr", "5",
+                 "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size=4, lr=0.001" in err and "batch_size=2, lr=5.0" in err and "--override" in err
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "2", "--quiet"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "3", "--lr", "0.002",
+                 "--override", "--quiet"]) == 0
+    assert load_checkpoint(run).train_state["train_config"]["lr"] == 0.002
+
+
+def test_every_training_option_is_a_flag_with_help():
+    import dataclasses
+
+    from blockstate.cli import build_parser
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {a.dest: a for a in train_parser._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "model_overrides":
+            assert f.name in flags and flags[f.name].help, f.name
+    assert flags["schedule"].choices == ["cosine", "inverse_sqrt", "constant"]
+    assert "bst-sh-s4" in flags["model"].choices and "tiny" in flags["size"].choices
 
 
 def test_python_api_raises_value_errors():

@@ -76,14 +76,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# Flags of `blockstate train` that map one-to-one onto TrainConfig fields.
-TRAIN_FLAGS = {
-    "size": str, "tokenizer": str, "vocab_size": int, "seq_len": int, "batch_size": int,
-    "grad_accum": int, "lr": float, "warmup_steps": int, "schedule": str, "weight_decay": float,
-    "grad_clip": float, "max_steps": int, "max_tokens": int, "max_time": str, "eval_every": int,
-    "eval_batches": int, "save_every": int, "seed": int, "device": str, "cache_dir": str,
-    "sample_tokens": int, "nonfinite": str,
-}
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (but `model_overrides`, which is --set), with its type,
+    choices and help from the dataclass and `train.FIELD_HELP`. Every default is None, so that
+    the flags a user gave can be told from the config file's and the dataclass's values."""
+    import dataclasses
+
+    from .train import FIELD_CHOICES, FIELD_HELP, TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_overrides":
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split("|")[0].strip()
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{FIELD_HELP[f.name]} (default: {default})"
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        choices = FIELD_CHOICES[f.name]() if f.name in FIELD_CHOICES else None
+        convert = {"int": int, "float": float}.get(kind, str)
+        if f.name == "max_time":
+            convert = str  # a duration: 90s, 5m, 1.5h
+        p.add_argument(flag, type=convert, default=None, choices=choices, help=help_text)
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -98,28 +112,24 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from .train import TrainConfig, read_config_file, train
 
     fields: dict = {}
     if args.config:
         fields.update(read_config_file(args.config))
-    for name in ("model", "data"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    for name in TRAIN_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            fields[name] = value
-    if args.pack_documents:
-        fields["pack_documents"] = True
-    if args.compile:
-        fields["compile"] = True
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name != "model_overrides" and getattr(args, f.name) is not None}
+    fields.update(given)
     if args.set:
         fields["model_overrides"] = {**fields.get("model_overrides", {}),
                                      **dict(_parse_override(t) for t in args.set)}
     config = TrainConfig.from_dict(fields)
+    requested = set(fields)  # what the user asked for: flags, --set and the config file
     summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
-                    allow_changed_data=args.allow_changed_data)
+                    allow_changed_data=args.allow_changed_data, requested=requested,
+                    override=args.override)
     if summary.get("interrupted"):
         print(f"blockstate: {summary['interrupted']}: stopped at step {summary['step']}; resume with "
               f"`blockstate train --out {args.out} --resume`", file=sys.stderr)
@@ -156,8 +166,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for flag, path in (("--output", args.output), ("--plot", args.plot)):
         if path and Path(path).is_dir():
             raise ValueError(f"{flag} {path} is a directory; give a file name")
+    if args.batch_tokens < 1:
+        raise ValueError(f"--batch-tokens {args.batch_tokens} must be >= 1")
     result = evaluate_checkpoint(args.checkpoint, args.data, lengths, split=args.split,
-                                 max_tokens=args.max_tokens or None, device=args.device)
+                                 max_tokens=args.max_tokens or None, device=args.device,
+                                 batch_tokens=args.batch_tokens, cache_dir=args.cache_dir)
     if args.plot:
         plot_loss_by_position(result, args.plot)
     if args.output:
@@ -355,9 +368,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train a model on a corpus")
-    p.add_argument("--model", default=None, help=f"preset: {', '.join(list_models())}")
-    p.add_argument("--data", default=None,
-                   help="corpus name (see `blockstate corpora`), directory, .jsonl or text file")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, tokenizer)")
     p.add_argument("--config", default=None, help="TOML (or YAML) file of training options")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="STEP_DIR",
@@ -368,20 +378,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "files; checked before anything is removed)")
     p.add_argument("--allow-changed-data", action="store_true",
                    help="resume even though the corpus changed since the run started")
+    p.add_argument("--override", action="store_true",
+                   help="with --resume, apply settings that differ from the run's (otherwise "
+                        "refused; budgets may always change)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="model config override, e.g. --set n_layers=4 (repeatable)")
-    p.add_argument("--pack-documents", action="store_true",
-                   help="let a training sequence span the end of one document and the next")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    for name, kind in TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity, bits per byte, by length")
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
-    p.add_argument("--data", required=True, help="corpus name, directory, .jsonl or text file")
+    p.add_argument("--data", default=None,
+                   help="corpus name, directory, .jsonl or text file (default: the run's corpus)")
     p.add_argument("--lengths", default=None, help="comma-separated evaluation lengths")
+    p.add_argument("--cache-dir", default=None,
+                   help="directory of tokenized corpora (default ~/.cache/blockstate)")
+    p.add_argument("--batch-tokens", type=int, default=8192,
+                   help="tokens per evaluation batch (windows per batch = this / length, at least 1)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--max-tokens", type=int, default=200_000,
                    help="tokens evaluated per length, spread over the split (0: all)")

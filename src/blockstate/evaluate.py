@@ -118,7 +118,7 @@ def loss_by_block_range(pos_loss: torch.Tensor, pos_count: torch.Tensor, block_s
     return ranges
 
 
-def evaluate_checkpoint(path: str | Path, data: str, lengths: list[int] | None = None,
+def evaluate_checkpoint(path: str | Path, data: str | None = None, lengths: list[int] | None = None,
                         split: str = "test", max_tokens: int | None = 200_000,
                         batch_tokens: int = 8192, device: str = "auto",
                         cache_dir: str | Path | None = None) -> dict[str, Any]:
@@ -129,10 +129,15 @@ def evaluate_checkpoint(path: str | Path, data: str, lengths: list[int] | None =
     When every length divides the longest, all lengths score the same target tokens: windows of
     the longest length spread evenly over the split (about `max_tokens` tokens), each cut into
     windows of the shorter lengths, so differences between lengths come from the context alone
-    (`aligned` in the result). Otherwise each length takes its own evenly spread windows. A model
+    (`aligned` in the result). Otherwise each length takes its own evenly spread windows. `data`
+    defaults to the corpus the run was trained on. A model
     that carries memory across windows (Transformer-XL) reads whole documents in order instead."""
     dev = resolve_device(device)
     model, tokenizer, checkpoint = load_model_and_tokenizer(path, dev)
+    if data is None:  # the corpus the run trained on
+        data = checkpoint.train_state.get("train_config", {}).get("data")
+        if data is None:
+            raise ValueError(f"{path} does not record its training corpus; pass --data")
     train_len = checkpoint.train_state.get("train_config", {}).get("seq_len") or model.config.max_seq_len
     lengths = lengths or [train_len]
     for length in lengths:

@@ -194,7 +194,9 @@ def execute(run: Run, scale: Scale, out: Path, device: str, log: Callable[[str],
         summary = json.loads((directory / "summary.json").read_text())
     else:
         log(f"train {run.key} ({'resuming' if resume else 'new'})")
-        summary = train(config, directory, resume=resume, overwrite=not resume, quiet=True)
+        # a resumed run continues with its own settings (only the budget is taken from the scale)
+        summary = train(config, directory, resume=resume, overwrite=not resume, quiet=True,
+                        requested=set())
     t0 = time.perf_counter()
     result = evaluate_checkpoint(directory, run.corpus, eval_lengths(scale.seq_len), split="test",
                                  max_tokens=scale.eval_tokens, device=device)

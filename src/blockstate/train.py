@@ -173,6 +173,48 @@ class TrainConfig:
         return cls(**data)
 
 
+# Help text of every TrainConfig field: the command-line flags of `blockstate train` are built
+# from the dataclass and these texts (see `cli.add_train_flags`), so every field is settable.
+FIELD_HELP: dict[str, str] = {
+    "model": "model preset (see `blockstate models`)",
+    "size": "model size",
+    "model_overrides": "model config overrides (the command line's --set FIELD=VALUE)",
+    "data": "corpus name (see `blockstate corpora`), hf:NAME, directory, .jsonl or text file",
+    "tokenizer": "byte, or a SentencePiece bpe/unigram tokenizer trained on the train split",
+    "vocab_size": "SentencePiece vocabulary size (the byte tokenizer has 259)",
+    "seq_len": "training length L (default: the model's max_seq_len)",
+    "pack_documents": "let a training sequence span the end of one document and the next",
+    "batch_size": "sequences per optimizer step, over all processes",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "final learning rate of the cosine schedule, relative to --lr",
+    "warmup_steps": "steps of linear warmup",
+    "schedule": "learning-rate schedule after warmup",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the gradient norm to this value (> 0)",
+    "max_steps": "budget: optimizer steps",
+    "max_tokens": "budget: training tokens",
+    "max_time": "budget: wall-clock time, e.g. 90s, 5m, 1.5h",
+    "eval_every": "validate every N steps",
+    "eval_batches": "validation batches per evaluation",
+    "save_every": "checkpoint every N steps",
+    "log_every": "write a metrics line every N steps",
+    "seed": "random seed (model initialization, data order, dropout)",
+    "device": "auto, cpu, cuda, cuda:N or mps",
+    "compile": "torch.compile the model",
+    "cache_dir": "directory of tokenized corpora (default ~/.cache/blockstate)",
+    "sample_tokens": "length of the sample printed at the end (0: none)",
+    "nonfinite": "on a non-finite loss or gradient: skip the batch or stop the run",
+}
+FIELD_CHOICES: dict[str, Callable[[], list[str]]] = {
+    "model": list_models, "size": lambda: list(SIZES), "tokenizer": lambda: list(TOKENIZERS),
+    "schedule": lambda: list(SCHEDULES), "nonfinite": lambda: list(NONFINITE_POLICIES),
+}
+BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A TOML (or, with PyYAML installed, YAML) file of TrainConfig fields."""
     path = Path(path)
@@ -354,7 +396,8 @@ def prepare_tokenizer(config: TrainConfig, corpus, out_dir: Path, is_main: bool,
 
 def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = False,
           overwrite: bool = False, on_step: Callable[[int, dict[str, Any]], None] | None = None,
-          quiet: bool = False, allow_changed_data: bool = False) -> dict[str, Any]:
+          quiet: bool = False, allow_changed_data: bool = False, requested: set[str] | None = None,
+          override: bool = False) -> dict[str, Any]:
     """Train according to `config`, writing checkpoints and metrics under `out_dir`.
 
     `resume`: True continues the run in `out_dir` from its newest intact checkpoint; a path
@@ -362,7 +405,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
     a directory holding nothing but a run's files, and only after everything is validated). One
     process writes a run directory at a time (a lock refuses a second). SIGINT/SIGTERM end the
     run at the next step boundary with a checkpoint from which it resumes exactly; the summary's
-    "interrupted" then names the signal. `on_step(step, record)` is called after every optimizer
+    "interrupted" then names the signal. On resume, settings of `config` other than the budget
+    that differ from the run's (among the fields in `requested`, all when None) are refused
+    unless `override`, which applies them. `on_step(step, record)` is called after every optimizer
     step (e.g. for custom logging). Returns a summary with the final validation metrics and
     throughput.
     """
@@ -386,9 +431,19 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
             raise ValueError(f"--resume: {out_dir} holds no checkpoint to resume from")
     if checkpoint is not None:
         saved = TrainConfig.from_dict(checkpoint.train_state["train_config"])
-        # Only the budget may change on resume; everything else comes from the run.
-        budget = {k: getattr(config, k) for k in ("max_steps", "max_tokens", "max_time")}
-        config = dataclasses.replace(saved, **{k: v for k, v in budget.items() if v is not None})
+        names = requested if requested is not None else {f.name for f in dataclasses.fields(config)}
+        changed = sorted(name for name in names - set(BUDGET_FIELDS)
+                         if getattr(config, name) != getattr(saved, name))
+        if changed and not override:
+            was = ", ".join(f"{name}={getattr(saved, name)!r}" for name in changed)
+            now = ", ".join(f"{name}={getattr(config, name)!r}" for name in changed)
+            raise ValueError(f"--resume: the run was trained with {was}; this request has {now}. "
+                             f"Only budgets change on resume unless you pass --override")
+        budget = {k: getattr(config, k) for k in BUDGET_FIELDS}
+        config = dataclasses.replace(saved, **{k: v for k, v in budget.items() if v is not None},
+                                     **{name: getattr(config, name) for name in changed})
+        if changed:
+            messages.append(f"resuming with changed settings: {', '.join(changed)}")
     elif resume:
         messages.append(f"{out_dir} holds no checkpoint (the run stopped before its first); "
                         f"starting it from step 0")

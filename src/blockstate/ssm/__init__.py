@@ -10,6 +10,7 @@ from torch import nn
 from ..config import SSM_METHODS, ModelConfig
 from .chunked import ChunkOperators, chunk_end_states, chunk_operators, chunked_causal_conv, end_outputs
 from .conv import fft_causal_conv, kernel_spectrum, next_fast_len
+from .eager import eager
 from .kernels import ExplicitKernel, ImplicitKernel, S4DKernel, S4Kernel, hippo_legs_nplr
 from .selective import SelectiveSSM, ssd_chunked
 
@@ -100,7 +101,7 @@ class SSM(nn.Module):
     def _skip(self, y: torch.Tensor, u_t: torch.Tensor) -> torch.Tensor:
         return y + self.D.to(y.dtype).unsqueeze(-1) * u_t.unsqueeze(1).to(y.dtype)
 
-    @torch.compiler.disable  # complex/FFT code stays eager: inductor does not generate it
+    @eager  # complex/FFT code stays eager: inductor does not generate it
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u (B, L, H) -> y (B, L, C, H) in float32 (float64 for float64 inputs)."""
         length = u.shape[1]
@@ -117,7 +118,7 @@ class SSM(nn.Module):
             y = self._skip(y, u_t)
         return y.permute(0, 3, 1, 2)                                             # (B, L, C, H)
 
-    @torch.compiler.disable
+    @eager
     def block_end_outputs(self, u: torch.Tensor, block_size: int) -> torch.Tensor:
         """Outputs at the last position of every block, u (B, L, H) -> (B, L / W, C, H), equal to
         `forward(u)[:, W-1::W]`. The chunked path computes only these positions (states at chunk

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .eager import eager
+
 CONV_WIDTH = 4        # taps of the causal depthwise convolution before the SSM (Mamba's d_conv)
 SSD_HEAD_DIM = 16     # width of one SSD head (heads share B and C within a channel)
 
@@ -220,14 +222,14 @@ class SelectiveSSM(nn.Module):
         y = y.flatten(-2)
         return y + self.D.to(y.dtype) * x.unsqueeze(2)
 
-    @torch.compiler.disable
+    @eager
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=u.device.type, enabled=False):
             x, xs, dt, b, c = self._inputs(_precise(u))
             y, _ = self._scan(xs, dt, b, c)
             return self._output(y, x)
 
-    @torch.compiler.disable
+    @eager
     def block_end_outputs(self, u: torch.Tensor, block_size: int) -> torch.Tensor:
         """Outputs at the last position of every complete block (B, L // W, C, P), equal to
         `forward(u)[:, W-1::W]`, read from the states at block boundaries (what MF needs)."""
