@@ -2,9 +2,9 @@
 Mamba-2's state-space duality (Dao and Gu 2024), computed chunk by chunk in pure PyTorch.
 
 The SSM input u (B, L, P) is RMS-normalized and passes a short causal depthwise convolution and a
-SiLU (as in Mamba), giving x. For each of C channels (1 for SH, H for MH, S for MF) and each of G heads of width
-P / G, with a scalar decay A < 0 per head, an input-dependent step dt_t > 0 per head and
-input-dependent B_t, C_t in R^N shared by the heads of a channel:
+SiLU (as in Mamba), giving x. For each of C channels (1 for SH, H for MH, S for MF) and each of its
+G heads of width P / G, with a scalar decay A < 0 per head, an input-dependent step dt_t > 0 per
+head and input-dependent B_t, C_t in R^N shared by the heads of a channel:
 
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T        (h_t: P/G x N per head)
     y_t = h_t C_t + D x_t
