@@ -62,7 +62,7 @@ def aligned_windows(dataset: PackedSequences, outer: PackedSequences, outer_indi
 @torch.no_grad()
 def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths: np.ndarray,
                     max_tokens: int | None, batch_tokens: int, device: torch.device,
-                    indices: np.ndarray | None = None) -> dict[str, Any]:
+                    indices: np.ndarray | None = None, carry: bool = True) -> dict[str, Any]:
     """Metrics over the windows `indices` of `dataset` (default: windows spread evenly, about
     max_tokens tokens), and the loss by position."""
     seq_len = dataset.seq_len
@@ -70,13 +70,14 @@ def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths:
     indices = spread_windows(dataset, max_tokens) if indices is None else indices
     take = len(indices)
     batch = max(1, batch_tokens // seq_len)
-    if carries_memory(model):  # whole documents in order, memory carried: lanes of windows
+    if carries_memory(model) and carry:  # whole documents in order, memory carried: lanes
         batch = max(1, min(batch, n))
     lengths = torch.as_tensor(byte_lengths, dtype=torch.float64)
     pos_loss = torch.zeros(seq_len, dtype=torch.float64)
     pos_count = torch.zeros(seq_len, dtype=torch.float64)
     nll, n_bytes, sequences = 0.0, 0.0, 0
-    for targets, losses in iter_losses(model, dataset, batch, math.ceil(take / batch), device, indices):
+    for targets, losses in iter_losses(model, dataset, batch, math.ceil(take / batch), device, indices,
+                                       carry=carry):
         losses = losses.double()
         valid = targets != -100
         pos_loss += (losses * valid).sum(0)
@@ -147,14 +148,17 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, lengths: list
     tokens = tokenize_split(corpus, tokenizer, split, Path(cache_dir) if cache_dir else default_cache_dir())
     byte_lengths = tokenizer.token_byte_lengths()
     longest = PackedSequences(tokens, max(lengths), tokenizer.pad_id)
-    aligned = not carries_memory(model) and all(longest.seq_len % n == 0 for n in lengths)
+    # a segment-recurrent model trained with carried memory is scored the same way
+    carry = carries_memory(model) and checkpoint.train_state.get("train_config", {}).get(
+        "carry_memory", True)
+    aligned = not carry and all(longest.seq_len % n == 0 for n in lengths)
     outer_indices = spread_windows(longest, max_tokens)
     per_length = {}
     for length in lengths:
         dataset = longest if length == longest.seq_len else PackedSequences(tokens, length, tokenizer.pad_id)
         indices = aligned_windows(dataset, longest, outer_indices) if aligned else None
         per_length[str(length)] = evaluate_length(model, dataset, byte_lengths, max_tokens,
-                                                  batch_tokens, dev, indices)
+                                                  batch_tokens, dev, indices, carry)
     main = per_length[str(train_len)] if str(train_len) in per_length else per_length[str(lengths[0])]
     return {"checkpoint": str(checkpoint.path), "step": checkpoint.step, "data": data, "split": split,
             "training_length": train_len, "perplexity": main["perplexity"],

@@ -99,6 +99,10 @@ class TrainConfig:
     # On a non-finite loss or gradient norm: "skip" the batch (stop after MAX_SKIPPED_BATCHES in a
     # row) or "stop" at once; either way the saved parameters stay finite.
     nonfinite: str = "skip"
+    # Segment-recurrent models (transformer-xl, brt) carry memory from one training sequence to the
+    # next of the same document, reading lanes of consecutive windows; false trains (and evaluates)
+    # them on shuffled windows without memory, like every other model.
+    carry_memory: bool = True
 
     def __post_init__(self) -> None:
         self.max_time = parse_duration(self.max_time)
@@ -207,6 +211,8 @@ FIELD_HELP: dict[str, str] = {
     "cache_dir": "directory of tokenized corpora (default ~/.cache/blockstate)",
     "sample_tokens": "length of the sample printed at the end (0: none)",
     "nonfinite": "on a non-finite loss or gradient: skip the batch or stop the run",
+    "carry_memory": "transformer-xl/brt: carry memory across consecutive windows of a document "
+                    "(else shuffled windows without memory)",
 }
 FIELD_CHOICES: dict[str, Callable[[], list[str]]] = {
     "model": list_models, "size": lambda: list(SIZES), "tokenizer": lambda: list(TOKENIZERS),
@@ -318,11 +324,12 @@ def carries_memory(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def iter_losses(model: nn.Module, dataset: PackedSequences, batch_size: int, max_batches: int | None,
-                device: torch.device, indices: np.ndarray | None = None):
+                device: torch.device, indices: np.ndarray | None = None, carry: bool = True):
     """Yield (targets, per-token losses) for batches of `dataset`'s windows: `indices` in order
     (default all). A model that carries memory instead reads lanes of consecutive windows of whole
-    documents, in corpus order, with its memory carried from batch to batch."""
-    if carries_memory(model):
+    documents, in corpus order, with its memory carried from batch to batch (unless `carry` is
+    false: then it reads windows like every other model)."""
+    if carries_memory(model) and carry:
         stream = SegmentStream(dataset, batch_size, seed=0, shuffle=False)
         steps = stream.batches_per_epoch
         if max_batches is not None:
@@ -358,13 +365,14 @@ def _scored_columns(targets: torch.Tensor, block_size: int) -> int:
 
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, dataset: PackedSequences, tokenizer: Tokenizer,
-                     batch_size: int, max_batches: int | None, device: torch.device) -> dict[str, float]:
+                     batch_size: int, max_batches: int | None, device: torch.device,
+                     carry: bool = True) -> dict[str, float]:
     """Loss, perplexity and bits per byte over the first windows of `dataset`, in order."""
     was_training = model.training
     model.eval()
     byte_lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
     nll, count, n_bytes = 0.0, 0, 0.0
-    for targets, losses in iter_losses(model, dataset, batch_size, max_batches, device):
+    for targets, losses in iter_losses(model, dataset, batch_size, max_batches, device, carry=carry):
         valid = targets != -100
         nll += float(losses[valid].double().sum())
         count += int(valid.sum())
@@ -542,7 +550,8 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     seq_len = config.seq_len or mconfig.max_seq_len
     train_data = PackedSequences(splits["train"], seq_len, tokenizer.pad_id, config.pack_documents)
     val_data = PackedSequences(splits["validation"], seq_len, tokenizer.pad_id, config.pack_documents)
-    xl = mconfig.carries_memory  # transformer-xl and brt carry memory from batch to batch
+    # transformer-xl and brt carry memory from batch to batch (unless told not to)
+    xl = mconfig.carries_memory and config.carry_memory
     stream = (SegmentStream if xl else BatchStream)(train_data, config.batch_size, config.seed,
                                                     ddp.rank, ddp.world_size)
     memory = None  # the memory left by the previous batch (saved with checkpoints)
@@ -607,7 +616,8 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                         tokenizer_dir=out_dir / "tokenizer", memory=carried)
 
     def validate() -> dict[str, Any]:
-        result = evaluate_batches(model, val_data, tokenizer, micro, config.eval_batches, device)
+        result = evaluate_batches(model, val_data, tokenizer, micro, config.eval_batches, device,
+                                  carry=xl)
         result["step"] = step
         metrics.write({"split": "validation", **result})
         return result
