@@ -70,9 +70,10 @@ def test_overwrite_never_removes_foreign_files_or_the_corpus(corpus, tmp_path):
     with pytest.raises(ValueError, match="corpus"):
         train(_config(corpus, tmp_path, data="no-such-corpus"), run, overwrite=True, quiet=True)
     assert load_checkpoint(run).step == 1
-    # a directory holding only a run is replaced
+    # a run is replaced; a file of the user's inside it (an evaluation plot) is kept
+    (run / "loss.png").write_bytes(b"plot")
     train(_config(corpus, tmp_path, max_steps=2), run, overwrite=True, quiet=True)
-    assert load_checkpoint(run).step == 2
+    assert load_checkpoint(run).step == 2 and (run / "loss.png").read_bytes() == b"plot"
 
 
 def test_a_second_writer_is_refused_with_the_holders_pid(corpus, tmp_path):

@@ -374,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out exactly, from its newest intact checkpoint or "
                         "from the given checkpoint step directory")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out (only a directory holding nothing but a run's "
-                        "files; checked before anything is removed)")
+                   help="replace the run in --out (removes only a run's own files, after "
+                        "everything is checked)")
     p.add_argument("--allow-changed-data", action="store_true",
                    help="resume even though the corpus changed since the run started")
     p.add_argument("--override", action="store_true",

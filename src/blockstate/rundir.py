@@ -59,13 +59,14 @@ def is_run_dir(path: Path) -> bool:
 
 
 def check_clearable(run_dir: Path, keep_inside: list[Path]) -> None:
-    """Raise ValueError unless `run_dir` holds only what a run writes and none of `keep_inside`
-    (e.g. the training corpus) lies inside it; nothing is removed."""
+    """Raise ValueError unless `run_dir` may be cleared for a new run: it is a run (other files in
+    it, such as a plot, are then kept by `clear_run`), or holds nothing but what a run writes; and
+    none of `keep_inside` (e.g. the training corpus) lies inside it. Nothing is removed."""
     run_dir = Path(run_dir).resolve()
     if not run_dir.exists():
         return
     foreign = sorted(entry.name for entry in run_dir.iterdir() if entry.name not in RUN_ENTRIES)
-    if foreign:
+    if foreign and not is_run_dir(run_dir):
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise ValueError(f"--overwrite: {run_dir} holds files a blockstate run does not write "
                          f"({shown}); nothing was removed. Move them or choose another --out")
@@ -77,7 +78,8 @@ def check_clearable(run_dir: Path, keep_inside: list[Path]) -> None:
 
 
 def clear_run(run_dir: Path) -> None:
-    """Remove what a run wrote in `run_dir` (after `check_clearable`), keeping the lock file."""
+    """Remove what a run wrote in `run_dir` (after `check_clearable`), keeping the lock file and
+    every other file."""
     import shutil
 
     for entry in Path(run_dir).iterdir():
