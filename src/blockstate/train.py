@@ -409,8 +409,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
     """Train according to `config`, writing checkpoints and metrics under `out_dir`.
 
     `resume`: True continues the run in `out_dir` from its newest intact checkpoint; a path
-    resumes from that checkpoint (a step directory). `overwrite` replaces a run in `out_dir` (only
-    a directory holding nothing but a run's files, and only after everything is validated). One
+    resumes from that checkpoint (a step directory). `overwrite` replaces a run in `out_dir`
+    (removing only the run's own files, and only after everything is validated). One
     process writes a run directory at a time (a lock refuses a second). SIGINT/SIGTERM end the
     run at the next step boundary with a checkpoint from which it resumes exactly; the summary's
     "interrupted" then names the signal. On resume, settings of `config` other than the budget
