@@ -257,12 +257,7 @@ def remove_temporary(run_dir: Path | str) -> None:
     if not checkpoints.is_dir():
         return
     _finish_interrupted_install(checkpoints)
-    for entry in checkpoints.iterdir():
-        if _STALE.fullmatch(entry.name) or _TEMP_DIR.fullmatch(entry.name):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+    _remove_stale(checkpoints, lenient=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -329,12 +324,18 @@ def _prune(checkpoints: Path, latest: str, keep: int) -> None:
                     key=lambda d: int(d.name.removeprefix("step-")), reverse=True)
     for stale in others[keep - 1:]:
         _discard(stale)
+    _remove_stale(checkpoints)
+
+
+def _remove_stale(checkpoints: Path, lenient: bool = False) -> None:
+    """Remove the temporary and half-discarded entries interrupted saves leave behind (with
+    `lenient`, an entry that cannot be removed is left in place)."""
     for entry in checkpoints.iterdir():
         if _STALE.fullmatch(entry.name):
             if entry.is_dir():
-                shutil.rmtree(entry)
+                shutil.rmtree(entry, ignore_errors=lenient)
             else:
-                entry.unlink()
+                entry.unlink(missing_ok=lenient)
 
 
 def _discard(directory: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +52,6 @@ def check_value_type(name: str, value: Any, wanted: str) -> None:
     """Raise ValueError unless `value` has the annotated type `wanted` (int, float, str, bool, None,
     tuple[...] / list[...] / dict[...] and unions of them; bool is not accepted as a number) and,
     if a float, is finite."""
-    import math
-
     allowed: list[type] = []
     for part in (p.strip() for p in wanted.split("|")):
         base = part.split("[", 1)[0]

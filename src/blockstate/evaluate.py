@@ -135,11 +135,12 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, lengths: list
     that carries memory across windows (Transformer-XL) reads whole documents in order instead."""
     dev = resolve_device(device)
     model, tokenizer, checkpoint = load_model_and_tokenizer(path, dev)
+    trained = checkpoint.train_state.get("train_config", {})
     if data is None:  # the corpus the run trained on
-        data = checkpoint.train_state.get("train_config", {}).get("data")
+        data = trained.get("data")
         if data is None:
             raise ValueError(f"{path} does not record its training corpus; pass --data")
-    train_len = checkpoint.train_state.get("train_config", {}).get("seq_len") or model.config.max_seq_len
+    train_len = trained.get("seq_len") or model.config.max_seq_len
     lengths = lengths or [train_len]
     for length in lengths:
         if length < 1:
@@ -149,8 +150,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, lengths: list
     byte_lengths = tokenizer.token_byte_lengths()
     longest = PackedSequences(tokens, max(lengths), tokenizer.pad_id)
     # a segment-recurrent model trained with carried memory is scored the same way
-    carry = carries_memory(model) and checkpoint.train_state.get("train_config", {}).get(
-        "carry_memory", True)
+    carry = carries_memory(model) and trained.get("carry_memory", True)
     aligned = not carry and all(longest.seq_len % n == 0 for n in lengths)
     outer_indices = spread_windows(longest, max_tokens)
     per_length = {}

@@ -12,7 +12,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -460,9 +462,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
         if (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir()):
             raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or "
                              f"--overwrite to start over")
-        previous, budget = _saved_train_config(out_dir), ("max_steps", "max_tokens", "max_time")
-        if previous is not None and {k: v for k, v in previous.items() if k not in budget} != {
-                k: v for k, v in config.to_dict().items() if k not in budget}:
+        previous = (_run_record(out_dir) or {}).get("train")
+        if previous is not None and {k: v for k, v in previous.items() if k not in BUDGET_FIELDS} != {
+                k: v for k, v in config.to_dict().items() if k not in BUDGET_FIELDS}:
             raise ValueError(f"{out_dir} holds a run that stopped before its first checkpoint, with "
                              f"other settings; pass --overwrite to replace it")
         overwrite = True  # the same run, killed before its first checkpoint: start it again
@@ -493,18 +495,20 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
         lock.release()
 
 
-def _saved_train_config(out_dir: Path) -> dict[str, Any] | None:
+def _run_record(out_dir: Path) -> dict[str, Any] | None:
+    """The run's resolved train_config.json, or None when it is absent or unreadable."""
     try:
-        return json.loads((out_dir / "train_config.json").read_text())["train"]
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads((out_dir / "train_config.json").read_text())
+    except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def _check_same_data(out_dir: Path, corpus, allow_changed_data: bool) -> None:
     """Refuse to resume on a corpus whose fingerprint differs from the one the run started on."""
-    try:
-        recorded = json.loads((out_dir / "train_config.json").read_text())["corpus"]["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+    corpus_record = (_run_record(out_dir) or {}).get("corpus")
+    recorded = corpus_record.get("fingerprint") if isinstance(corpus_record, dict) else None
+    if recorded is None:
         return  # nothing recorded (an older run): nothing to compare
     if recorded != corpus.fingerprint() and not allow_changed_data:
         raise ValueError(f"the corpus {corpus.name!r} changed since {out_dir} started (fingerprint "
@@ -668,10 +672,11 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
             if dist.is_initialized():
                 dist.all_reduce(loss_sum)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if not (math.isfinite(float(loss_sum)) and math.isfinite(float(grad_norm))):
+            finite_loss = math.isfinite(float(loss_sum))
+            if not (finite_loss and math.isfinite(float(grad_norm))):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-                what = "loss" if not math.isfinite(float(loss_sum)) else "gradient norm"
+                what = "loss" if not finite_loss else "gradient norm"
                 metrics.write({"step": step, "skipped_batch": True, "reason": f"non-finite {what}"})
                 log(f"warning: step {step + 1}: non-finite {what}; batch skipped ({skipped} in a row)")
                 if config.nonfinite == "stop" or skipped >= MAX_SKIPPED_BATCHES:
@@ -757,9 +762,6 @@ class _StopSignals:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> _StopSignals:
-        import signal
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return self
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -767,14 +769,10 @@ class _StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        import signal
-
         self.received = signal.Signals(signum).name
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def restore(self) -> None:
-        import signal
-
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
