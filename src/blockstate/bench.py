@@ -188,8 +188,8 @@ def measure_layer(name: str, config: ModelConfig, batch: int, device: torch.devi
     layer = build_layer(name, config).to(device)
     x = torch.randn(batch, config.max_seq_len, config.d_model, device=device)
     memory = None
-    if name == "transformer-xl":  # the previous segment's last 4W positions as memory
-        memory = torch.randn(batch, 4 * config.block_size, config.d_model, device=device)
+    if name == "transformer-xl":  # the previous segment's last positions, as many as it attends to
+        memory = torch.randn(batch, layer.self_attn.memory_length, config.d_model, device=device)
     call = torch.compile(layer) if compile_layer else layer
 
     def run(inp):

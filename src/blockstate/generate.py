@@ -129,9 +129,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]] | torch.Tensor, 
     prompts of equal length are generated as one batch. `on_token(row, token)` is called for
     every new token as it is produced (for streaming)."""
     if isinstance(prompts, torch.Tensor):
-        if prompts.dtype.is_floating_point or prompts.dtype.is_complex or prompts.dtype == torch.bool:
-            raise ValueError(f"prompt token ids must be integers, got a {prompts.dtype} tensor")
-        prompts = prompts.tolist()
+        prompts = prompts.tolist()  # float or bool entries are refused by _token_ids
     prompts = [_token_ids(p) for p in prompts]
     _check(model, prompts, max_new_tokens, temperature, top_k, top_p)
     was_training = model.training

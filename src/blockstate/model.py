@@ -30,10 +30,6 @@ class Memory:
     valid: torch.Tensor                 # (B, M) bool
     states: dict[int, torch.Tensor]     # layer index -> (B, S, D)
 
-    @property
-    def batch_size(self) -> int:
-        return self.valid.shape[0]
-
     def rows(self, index: slice | torch.Tensor) -> Memory:
         return Memory([t[index] for t in self.inputs], self.valid[index],
                       {i: t[index] for i, t in self.states.items()})
