@@ -187,6 +187,35 @@ def test_sigterm_to_the_cli_exits_143_with_a_resumable_checkpoint(corpus, tmp_pa
     assert step >= 1 and f"stopped at step {step};" in err
 
 
+def test_sigint_to_the_cli_resumes_exactly(corpus, tmp_path):
+    """Ctrl-C sent to a `blockstate train` process at some step: it exits 130, and resuming
+    reproduces the loss curve of an uninterrupted run bitwise (all runs in subprocesses, one
+    thread each, so that their arithmetic is the same)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(run, *extra):
+        return [sys.executable, "-m", "blockstate", "train", "--model", "bst-sh-s4", "--size", "tiny",
+                "--data", str(corpus), "--out", str(run), "--seq-len", "64", "--batch-size", "4",
+                "--max-steps", "40", "--log-every", "1", "--eval-every", "1000",
+                "--sample-tokens", "0", "--cache-dir", str(tmp_path / "cache"), "--quiet", *extra]
+
+    subprocess.run(command(tmp_path / "a"), cwd=ROOT, env=env, check=True, capture_output=True)
+    run = tmp_path / "b"
+    process = subprocess.Popen(command(run), cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_losses(run)) < 3:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    stopped = load_checkpoint(run).step
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert stopped < 40  # interrupted before the end
+    subprocess.run([sys.executable, "-m", "blockstate", "train", "--out", str(run), "--resume",
+                    "--max-steps", "40", "--quiet"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    assert _losses(run) == _losses(tmp_path / "a")
+
+
 def test_a_leftover_tokenizer_is_not_reused_by_a_run_that_asks_for_another(corpus, tmp_path):
     run = tmp_path / "run"
 
