@@ -2,43 +2,98 @@ import pytest
 import torch
 
 from blockstate import build_model, list_models
-from blockstate.generate import feed, start
 
 from reference import greedy_by_full_forward
 
 MODELS = list_models()
 W = 16
+CONSTANT_STATE = [n for n in MODELS if n.endswith(("-s4", "-s4d", "-ssd"))]
 
 
 def _model(name, **overrides):
     torch.manual_seed(0)
-    return build_model(name, "tiny", **overrides).eval()
+    # init_std 0.1 instead of 0.02: at 0.02 a 1% change of an SSM's or recurrent state's
+    # parameters moves the logits by less than the 1e-4 tolerance (the context path starts weak),
+    # at 0.1 by 4e-3 to 4e-2, so a wrong cache cannot pass.
+    return build_model(name, "tiny", init_std=0.1, **overrides).eval()
+
+
+def _prefill_and_step(model, tokens, prompt_len):
+    cache = model.allocate_inference_cache(tokens.shape[0])
+    got = [model.prefill(tokens[:, :prompt_len], cache)]
+    got += [model.step(tokens[:, t], cache).unsqueeze(1) for t in range(prompt_len, tokens.shape[1])]
+    assert cache.position == tokens.shape[1]
+    return torch.cat(got, dim=1), cache
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("prompt_len", [W + 5, 2 * W, 5 * W + 3])  # mid-block, boundary, many blocks
+@pytest.mark.parametrize("prompt_len", [1, W + 5, 2 * W, 3 * W + 7])  # mid-block, boundary, long
 def test_prefill_then_steps_equal_the_parallel_forward(name, prompt_len):
-    overrides = {"self_attention": "sliding"} if name.startswith("bst-mf") else {}
-    model = _model(name, **overrides)
-    tokens = torch.randint(0, 256, (2, prompt_len + 2 * W - 3))
-    full = model(tokens)
-    state = start(model, 2)
-    got = [feed(model, state, tokens[:, :prompt_len])]
-    for t in range(prompt_len, tokens.shape[1]):
-        got.append(feed(model, state, tokens[:, t:t + 1]))
-    assert (torch.cat(got, dim=1) - full).abs().max() <= 1e-4
+    model = _model(name)
+    tokens = torch.randint(0, 256, (3, prompt_len + 3 * W + 2))   # steps cross 3 block boundaries
+    got, _ = _prefill_and_step(model, tokens, prompt_len)
+    torch.testing.assert_close(got, model(tokens), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mh-s4d", "bst-mf-s4"])
-def test_normalized_unactivated_context_generates_like_the_parallel_forward(name):
-    variant, kernel = name.split("-")[1:]
-    model = build_model("bst-sh-s4", "tiny", context_variant=variant, ssm_kernel=kernel,
-                        context_norm="rms", context_activation="none").eval()
-    tokens = torch.randint(0, 256, (2, 3 * W + 5))
-    state = start(model, 2)
-    got = [feed(model, state, tokens[:, :W + 3])]
-    got += [feed(model, state, tokens[:, t:t + 1]) for t in range(W + 3, tokens.shape[1])]
-    assert (torch.cat(got, dim=1) - model(tokens)).abs().max() <= 1e-4
+@pytest.mark.parametrize("overrides", [
+    {"context_variant": "mf", "self_attention": "sliding"},
+    {"context_variant": "sh", "context_norm": "rms", "context_activation": "none"},
+    {"context_variant": "mh", "ssm_kernel": "s4d", "context_norm": "rms"},
+    {"context_variant": "mf", "ssm_kernel": "s4", "context_norm": "rms", "context_activation": "none"},
+    {"context_variant": "sh", "ssm_method": "fft"},
+])
+def test_other_context_settings_step_like_the_parallel_forward(overrides):
+    model = _model("bst-sh-s4", **overrides)
+    tokens = torch.randint(0, 256, (2, 5 * W + 3))
+    got, _ = _prefill_and_step(model, tokens, W + 3)
+    torch.testing.assert_close(got, model(tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONSTANT_STATE)
+def test_inference_state_does_not_grow_with_the_context(name):
+    model = _model(name)
+    sizes = set()
+    for prompt_len in (W + 3, 7 * W + 1):
+        _, cache = _prefill_and_step(model, torch.randint(0, 256, (1, prompt_len + W)), prompt_len)
+        sizes.add(cache.nbytes())
+    assert len(sizes) == 1
+    _, short = _prefill_and_step(_model("transformer"), torch.randint(0, 256, (1, 2 * W)), W)
+    _, long = _prefill_and_step(_model("transformer"), torch.randint(0, 256, (1, 20 * W)), W)
+    assert long.nbytes() > short.nbytes()   # full attention's keys/values do grow
+
+
+def test_prefill_into_a_used_cache_continues_the_sequence():
+    model = _model("bst-sh-s4")
+    tokens = torch.randint(0, 256, (2, 4 * W + 3))
+    cache = model.allocate_inference_cache(2)
+    first = model.prefill(tokens[:, :W + 2], cache)
+    rest = model.prefill(tokens[:, W + 2:], cache)
+    torch.testing.assert_close(torch.cat([first, rest], 1), model(tokens), atol=1e-4, rtol=0)
+
+
+def test_selected_rows_continue_like_their_source_rows():
+    model = _model("bst-mf-s4")
+    tokens = torch.randint(0, 256, (2, 2 * W + 5))
+    cache = model.allocate_inference_cache(2)
+    model.prefill(tokens[:, :W + 7], cache)
+    picked = cache.select([1, 1, 0])
+    for t in range(W + 7, tokens.shape[1]):
+        a = model.step(tokens[:, t], cache)
+        b = model.step(tokens[[1, 1, 0], t], picked)
+        torch.testing.assert_close(b, a[[1, 1, 0]], atol=1e-5, rtol=0)
+
+
+def test_bad_cache_use_is_refused():
+    model = _model("bst-sh-s4")
+    cache = model.allocate_inference_cache(2)
+    with pytest.raises(ValueError, match="rows"):
+        model.prefill(torch.zeros(3, 4, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="allocate_inference_cache"):
+        model.step(torch.zeros(2, dtype=torch.long), _model("slide").allocate_inference_cache(2))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model.step(torch.tensor([1, 999]), cache)
+    with pytest.raises(ValueError, match="batch"):
+        model.allocate_inference_cache(0)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -49,14 +104,16 @@ def test_greedy_generation_equals_greedy_full_forward(name):
     assert out == greedy_by_full_forward(model, prompt, 2 * W)
 
 
-def test_batched_prompts_of_different_lengths_match_single_generation():
-    model = _model("bst-sh-s4")
-    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, W, 5, 2 * W + 1)]
+@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mf-s4", "gss-hybrid", "brt"])
+def test_batched_prompts_of_different_lengths_match_single_generation(name):
+    model = _model(name)
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, W, 5, 2 * W + 1, 1)]
     batched = model.generate(prompts, 10, temperature=0)
-    assert [len(p) for p in batched] == [15, W + 10, 15, 2 * W + 11]
+    assert [len(p) for p in batched] == [15, W + 10, 15, 2 * W + 11, 11]
     for prompt, out in zip(prompts, batched, strict=True):
         assert out[:len(prompt)] == prompt
         assert out == model.generate([prompt], 10, temperature=0)[0]
+        assert out == greedy_by_full_forward(model, prompt, 10)
 
 
 def test_sampling_is_seeded_and_stops():

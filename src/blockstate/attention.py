@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import KVCache
 from .config import ModelConfig
 
 
@@ -91,10 +92,18 @@ class QKNorm(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k (..., H, Dh) with heads on the second-to-last axis."""
+        return self.queries(q), self.keys(k)
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """q (..., H, Dh), heads on the second-to-last axis."""
         if not self.enabled:
-            return q / math.sqrt(self.head_dim), k
+            return q / math.sqrt(self.head_dim)
         scale = self.log_scale.exp().to(q.dtype).unsqueeze(-1)                       # (H, 1)
-        return F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
+        return F.normalize(q, dim=-1) * scale
+
+    def keys(self, k: torch.Tensor) -> torch.Tensor:
+        """k (..., Dh), any layout of the other axes."""
+        return F.normalize(k, dim=-1) if self.enabled else k
 
 
 def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -244,6 +253,63 @@ class BlockSelfAttention(nn.Module):
         if self.mode == "sliding":
             k, v = k[:, :, -self.memory_length:], v[:, :, -self.memory_length:]
         cache["k"], cache["v"] = k, v
+
+    # ---- inference (blockstate.cache): the keys/values the next query may see are cached
+    def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """An empty cache sized for the window (full attention: grown as needed)."""
+        w = self.block_size
+        capacity = {"block": w, "sliding": self.memory_length + w, "full": 8 * w}[self.mode]
+        return KVCache.empty(batch, self.n_heads, self.head_dim, capacity, device, dtype)
+
+    def _step_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h (B, n, D) -> q, k, v (B, H, n, Dh), queries scaled and keys normalized."""
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(dim=2)
+        q, k = self.qk_norm(q, k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _step_bias(self, n: int, n_keys: int, device: torch.device) -> torch.Tensor:
+        """Bias (H, n, n_keys) for queries at the last n of n_keys positions. Windowed modes have
+        few distinct shapes, cached by `_mask`; full attention's key count grows with the context,
+        so its bias is computed afresh (caching every length would keep O(L^2) indices)."""
+        if self.mode != "full":
+            return self._mask(n, n_keys, device)
+        query_pos = torch.arange(n_keys - n, n_keys, device=device)
+        key_pos = torch.arange(n_keys, device=device)
+        future = query_pos[:, None] < key_pos[None, :]
+        return self.rel_bias(query_pos, key_pos).masked_fill(future, float("-inf"))
+
+    def extend(self, h: torch.Tensor, cache: KVCache, offset: int) -> torch.Tensor:
+        """Attention outputs (B, n, H * Dh) of n new positions h (B, n, D) (normalized layer
+        input) at in-block offsets offset..offset+n-1 of one block, over what `cache` holds;
+        the new keys/values are added, and the cache is trimmed to the window when the block
+        completes."""
+        batch, n, _ = h.shape
+        q, k, v = self._step_qkv(h)
+        keys, values = cache.append(k, v)                                          # (B, H, Lk, Dh)
+        out = attend(q, keys, values, self._step_bias(n, keys.shape[2], h.device))  # (B, H, n, Dh)
+        if offset + n == self.block_size:
+            cache.keep_last(0 if self.mode == "block" else
+                            self.memory_length if self.mode == "sliding" else cache.length)
+        return out.transpose(1, 2).reshape(batch, n, -1)
+
+    def prefill(self, h: torch.Tensor, length: int, cache: KVCache) -> torch.Tensor:
+        """`forward(h)` for h (B, L', D), L' a multiple of W of which the first `length` positions
+        are real (the rest padding), leaving in the empty `cache` what the position after them
+        sees. Full attention runs block by block over the growing cache (one block's queries at a
+        time instead of an L x L bias); the windowed modes run `forward` and cache the window."""
+        w = self.block_size
+        if self.mode == "full":
+            outs = [self.extend(h[:, s:min(s + w, length)], cache, 0) for s in range(0, length, w)]
+            out = torch.cat(outs, dim=1)
+            return F.pad(out, (0, 0, 0, h.shape[1] - length))
+        out = self.forward(h)
+        start = length // w * w
+        if self.mode == "sliding":
+            start = max(0, start - self.memory_length)
+        if start < length:
+            _, k, v = self._step_qkv(h[:, start:length])
+            cache.append(k, v)
+        return out
 
 
 class MLP(nn.Module):

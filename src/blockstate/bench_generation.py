@@ -1,131 +1,239 @@
-"""Generation benchmark: per-token decoding time and inference-state memory against context length.
+"""Generation benchmark (`blockstate bench generation`): time per decoded token, tokens/s and
+inference-state size against context length, for every preset, batch 1 and batch 8.
 
-    python -m blockstate.bench_generation --size small --lengths 1024,4096,16384,65536 \\
-        --out docs/benchmarks/generation.json --plot docs/benchmarks/generation.png
+    blockstate bench generation --size small --lengths 1024,4096,16384,65536 --batches 1,8 \\
+        --out docs/benchmarks/generation
 
-For every model and context length C: prefill a random prompt of C tokens (block by block), then
-decode `--new-tokens` tokens one at a time. Reported: median seconds per decoded token, prefill
-tokens/s, and the bytes held by the inference state after the prefill (all cached tensors: keys and
-values, SSM states, histories), which is the memory that can grow with the context.
+For every model and context length C: one random prompt of C tokens is prefilled (timed: prefill
+tokens/s), its cache is copied to each batch size (`InferenceCache.select`: the rows then hold the
+same context, which does not change the work of a step), and `--new-tokens` one-token steps are
+timed after a few warm-up steps. Reported per batch: the median step time (ms per step, each step
+decoding one token per row), tokens/s from the mean step time (so the steps that complete a block,
+which cost more for MF and BRT, are counted), and the bytes of the cache (`InferenceCache.nbytes`:
+keys/values, states, histories and per-model step operators). Ratios: against the same model's
+block-recompute path when it is measured (`--old-path`, batch 1; see below) and against `slide`'s
+step at the same context and batch. Outputs `<out>.json` (after every measurement), `<out>.md` and
+`<out>.png`.
+
+`--old-path` also measures the block-recompute generation that preceded the one-token step (each
+new token recomputed the current block's positions through every layer; it was removed after this
+comparison, so the flag exists only in the commit that recorded it).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .generate import feed, start
-from .registry import build_model
-
-MODELS = ("bst-sh-s4", "bst-mf-s4", "bst-sh-unstruct", "transformer", "slide", "brt")
+WARMUP_STEPS = 4
 
 
-def state_bytes(obj) -> int:
-    """Bytes of every tensor reachable from a cache (dicts, lists, block operators)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(state_bytes(v) for v in obj)
-    if hasattr(obj, "__dict__"):
-        return sum(state_bytes(v) for v in vars(obj).values())
-    return 0
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(model, cache, tokens: torch.Tensor, count: int, device: torch.device) -> list[float]:
+    times = []
+    for i in range(WARMUP_STEPS + count):
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = model.step(tokens, cache)
+        tokens = logits.argmax(-1)
+        _sync(device)
+        if i >= WARMUP_STEPS:
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 @torch.no_grad()
-def measure(name: str, size: str, context: int, new_tokens: int, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    # The unstructured kernel refuses to generate past its training length; for timing only,
-    # define it up to the longest context measured.
-    overrides = {"max_seq_len": max(context + new_tokens, 1024)} if "unstruct" in name else {}
-    model = build_model(name, size, vocab_size=256, **overrides).eval()
-    prompt = torch.randint(0, 256, (1, context))
-    state = start(model, 1)
+def _time_old_path(model, prompt: torch.Tensor, count: int, device: torch.device) -> dict:
+    from .generate import feed, start
+
+    state = start(model, prompt.shape[0])
     t0 = time.perf_counter()
-    logits = feed(model, state, prompt)[:, -1]
+    tokens = feed(model, state, prompt)[:, -1].argmax(-1, keepdim=True)
     prefill_s = time.perf_counter() - t0
-    memory = state_bytes(state.caches)
     times = []
-    for _ in range(new_tokens):
-        token = logits.argmax(-1, keepdim=True)
+    for i in range(WARMUP_STEPS + count):
+        _sync(device)
         t0 = time.perf_counter()
-        logits = feed(model, state, token)[:, -1]
-        times.append(time.perf_counter() - t0)
-    return {"model": name, "size": size, "context": context, "prefill_s": prefill_s,
-            "prefill_tokens_per_s": context / prefill_s, "median_token_s": statistics.median(times),
-            "tokens_per_s": 1 / statistics.median(times), "state_bytes": memory,
-            "parameters": model.num_parameters()}
+        tokens = feed(model, state, tokens)[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        if i >= WARMUP_STEPS:
+            times.append(time.perf_counter() - t0)
+    return {"median_step_s": statistics.median(times), "mean_step_s": statistics.mean(times),
+            "prefill_tokens_per_s": prompt.shape[1] / prefill_s}
 
 
-def plot(results: list[dict], path: str | Path) -> None:
+def measure(name: str, size: str, context: int, batches: list[int], new_tokens: int,
+            old_path: bool, device: torch.device, seed: int = 0) -> dict:
+    from .registry import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name, size, vocab_size=256).to(device).eval()
+    prompt = torch.randint(0, 256, (1, context), device=device)
+    with warnings.catch_warnings():  # unstructured kernels past their training length: timing only
+        warnings.simplefilter("ignore", UserWarning)
+        cache = model.allocate_inference_cache(1)
+        _sync(device)
+        t0 = time.perf_counter()
+        first = model.prefill(prompt, cache)[:, -1].argmax(-1)
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+        result = {"model": name, "size": size, "context": context, "parameters":
+                  model.num_parameters(), "prefill_s": prefill_s,
+                  "prefill_tokens_per_s": context / prefill_s, "batches": {}}
+        for batch in batches:
+            rows = cache.select([0] * batch)
+            state_bytes = rows.nbytes()
+            times = _time_steps(model, rows, first.repeat(batch), new_tokens, device)
+            result["batches"][str(batch)] = {
+                "median_step_s": statistics.median(times), "mean_step_s": statistics.mean(times),
+                "tokens_per_s": batch / statistics.mean(times), "state_bytes": state_bytes}
+        if old_path:
+            result["old_path"] = _time_old_path(model, prompt, new_tokens, device)
+    return result
+
+
+def run_generation(out: Path | None, presets: list[str], size: str, lengths: list[int],
+                   batches: list[int], new_tokens: int, old_path: bool = False,
+                   max_context_full_attention: int = 16384, device: str = "cpu",
+                   command: str = "", log: Callable[[str], None] = print) -> dict:
+    from .bench import machine_info
+
+    dev = torch.device(device)
+    report = {"kind": "generation", "command": command, "machine": machine_info(dev),
+              "size": size, "batches": batches, "new_tokens": new_tokens,
+              "warmup_steps": WARMUP_STEPS, "results": [], "skipped": []}
+    for name in presets:
+        for context in lengths:
+            if name == "transformer" and context > max_context_full_attention:
+                report["skipped"].append({"model": name, "context": context,
+                                          "why": "full attention's prefill is quadratic"})
+                continue
+            r = measure(name, size, context, batches, new_tokens, old_path, dev)
+            r["load_average"] = os.getloadavg()
+            report["results"].append(r)
+            one = r["batches"][str(batches[0])]
+            old = r.get("old_path")
+            log(f"  {name} @ {context}: {one['median_step_s'] * 1e3:.2f} ms/step at batch "
+                f"{batches[0]}" + (f", old path {old['median_step_s'] * 1e3:.2f} ms" if old else ""))
+            if out is not None:
+                write_outputs(out, report, plot=False)
+    if out is not None:
+        write_outputs(out, report, plot=True)
+    return report
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}" if seconds < 0.1 else f"{seconds * 1e3:.0f}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def markdown(report: dict) -> str:
+    from .bench import markdown_table
+
+    info, batches = report["machine"], report["batches"]
+    results = report["results"]
+    slide = {(r["context"], b): r["batches"][b]["median_step_s"]
+             for r in results if r["model"] == "slide" for b in r["batches"]}
+    header = ["model", "context"]
+    for b in batches:
+        header += [f"ms/step b{b}", f"tok/s b{b}", f"vs slide b{b}"]
+    header += [f"state MiB b{batches[0]}", "prefill tok/s"]
+    has_old = any("old_path" in r for r in results)
+    if has_old:
+        header += ["old path ms/token", "old / new"]
+    rows = []
+    for r in results:
+        row = [r["model"], f"{r['context']:,}"]
+        for b in map(str, batches):
+            m = r["batches"][b]
+            ref = slide.get((r["context"], b))
+            row += [_ms(m["median_step_s"]), f"{m['tokens_per_s']:.0f}",
+                    f"{m['median_step_s'] / ref:.2f}" if ref else "-"]
+        row += [_mib(r["batches"][str(batches[0])]["state_bytes"]), f"{r['prefill_tokens_per_s']:.0f}"]
+        if has_old:
+            old = r.get("old_path")
+            new = r["batches"][str(batches[0])]["median_step_s"] if str(batches[0]) == "1" else None
+            row += ["-", "-"] if old is None else [
+                _ms(old["median_step_s"]), f"{old['median_step_s'] / new:.1f}" if new else "-"]
+        rows.append(row)
+    flat = []
+    for name in dict.fromkeys(r["model"] for r in results):
+        steps = [r["batches"][str(batches[0])]["median_step_s"] for r in results if r["model"] == name]
+        sizes = [r["batches"][str(batches[0])]["state_bytes"] for r in results if r["model"] == name]
+        if len(steps) > 1:
+            flat.append([name, f"{max(steps) / min(steps):.2f}", f"{max(sizes) / min(sizes):.2f}"])
+    parts = [
+        "# Generation benchmark", "",
+        f"Command: `{report['command']}`", "",
+        f"Machine: {info['cpu']} ({info['cpus']} CPUs, {info['threads']} torch threads), torch "
+        f"{info['torch']}, Python {info['python']}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}.", "",
+        f"Size `{report['size']}`, byte vocabulary (256), greedy decoding; {report['new_tokens']} "
+        f"timed steps after {report['warmup_steps']} warm-up steps. ms/step: median time of one "
+        "step (one token for every row); tok/s: tokens per second from the mean step time; "
+        "vs slide: ms/step over slide's at the same context and batch; state: bytes of the "
+        "inference cache after the prefill.", "",
+        markdown_table(header, rows), "",
+        "Spread over the context lengths (batch " + str(batches[0]) + "): largest over smallest",
+        "", markdown_table(["model", "ms/step max / min", "state max / min"], flat),
+    ]
+    if report["skipped"]:
+        parts += ["", "Skipped: " + "; ".join(f"{s['model']} at {s['context']:,} ({s['why']})"
+                                              for s in report["skipped"])]
+    return "\n".join(parts) + "\n"
+
+
+def plot_generation(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in dict.fromkeys(r["model"] for r in results):
-        rows = [r for r in results if r["model"] == name]
-        ax_t.plot([r["context"] for r in rows], [r["median_token_s"] * 1e3 for r in rows], "o-", label=name)
-        ax_m.plot([r["context"] for r in rows], [r["state_bytes"] / 2**20 for r in rows], "o-", label=name)
-    for ax, label in ((ax_t, "ms per generated token"), (ax_m, "inference state (MiB)")):
+    batch = str(report["batches"][0])
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r["model"] for r in report["results"]):
+        rows = [r for r in report["results"] if r["model"] == name]
+        contexts = [r["context"] for r in rows]
+        ax_t.plot(contexts, [r["batches"][batch]["median_step_s"] * 1e3 for r in rows], "o-",
+                  label=name)
+        ax_m.plot(contexts, [r["batches"][batch]["state_bytes"] / 2**20 for r in rows], "o-",
+                  label=name)
+    for ax, label in ((ax_t, f"ms per step (batch {batch})"), (ax_m, "inference cache (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    ax_t.legend(fontsize=8)
+    ax_t.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(path: str | Path, results: list[dict], argv: list[str] | None) -> None:
-    report = {"results": results, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "python": platform.python_version(), "machine": platform.machine(),
-              "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-              "command": " ".join(["python -m blockstate.bench_generation"]
-                                  + (argv if argv is not None else sys.argv[1:]))}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2))
+def write_outputs(out: Path, report: dict, plot: bool = True) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out.with_suffix(".json"))
+    out.with_suffix(".md").write_text(markdown(report))
+    if plot and report["results"]:
+        try:
+            plot_generation(report, out.with_suffix(".png"))
+        except ImportError:
+            pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--size", default="small")
-    parser.add_argument("--lengths", default="1024,4096,16384,65536")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--max-context-full-attention", type=int, default=16384,
-                        help="skip longer contexts for the quadratic transformer")
-    parser.add_argument("--out", default=None, help="JSON file for the results")
-    parser.add_argument("--plot", default=None, help="PNG file (needs matplotlib)")
-    args = parser.parse_args(argv)
-    results = []
-    print("| model | context | ms/token | tokens/s | prefill tok/s | state MiB |\n|---|---|---|---|---|---|")
-    for name in args.models.split(","):
-        for context in (int(x) for x in args.lengths.split(",")):
-            if name == "transformer" and context > args.max_context_full_attention:
-                continue
-            r = measure(name, args.size, context, args.new_tokens)
-            results.append(r)
-            print(f"| {name} | {context} | {r['median_token_s'] * 1e3:.1f} | {r['tokens_per_s']:.1f} | "
-                  f"{r['prefill_tokens_per_s']:.0f} | {r['state_bytes'] / 2**20:.2f} |", flush=True)
-            if args.out:  # after every measurement, so an interrupted run keeps what it measured
-                write_report(args.out, results, argv)
-    if args.plot:
-        plot(results, args.plot)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["measure", "run_generation", "markdown", "write_outputs"]

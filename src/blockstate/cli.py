@@ -257,13 +257,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else None
     command = "blockstate bench " + " ".join(args.argv)
-    if args.suite == "models":
+    if args.suite in ("models", "generation"):
         presets = args.models.split(",") if args.models else list_models()
         unknown = sorted(set(presets) - set(list_models()))
         if unknown:
             raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(list_models())}")
-        bench.run_models(out, presets, args.size, args.batch, args.length, args.steps, args.device,
-                         command)
+        if args.suite == "models":
+            bench.run_models(out, presets, args.size, args.batch, args.length, args.steps,
+                             args.device, command)
+            return 0
+        from .bench_generation import run_generation
+
+        lengths = args.lengths if args.lengths_given else "1024,4096,16384,65536"
+        run_generation(out, presets, args.size, _int_list(lengths, "--lengths"),
+                       _int_list(args.batches, "--batches"), args.new_tokens,
+                       old_path=args.old_path, device=args.device, command=command)
         return 0
     widths = []
     for item in args.widths.split(","):
@@ -422,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_corpora)
 
-    p = sub.add_parser("bench", help="layer and model speed/memory benchmarks against the baselines")
-    p.add_argument("suite", choices=["layers", "models"])
+    p = sub.add_parser("bench", help="layer, model and generation speed/memory benchmarks against "
+                                     "the baselines")
+    p.add_argument("suite", choices=["layers", "models", "generation"])
     p.add_argument("--out", default=None,
                    help="output path without suffix: writes OUT.json, OUT.md and (layers) OUT.png")
     p.add_argument("--device", default="cpu")
@@ -432,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size (default: 1 for layers, 4 for models)")
     p.add_argument("--widths", default="512:16,256:4",
                    help="layers: WIDTH:HEADS list (default: the paper's 512:16 and this CPU's 256:4)")
-    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
+    p.add_argument("--lengths", default=None,
+                   help="layers: sequence lengths (default 1024,2048,...,65536); generation: "
+                        "context lengths (default 1024,4096,16384,65536)")
     p.add_argument("--layers", default="all", help="layers: comma-separated names or 'all'")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=3, help="layers: timed repeats after a warm-up")
@@ -446,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="small", choices=list(SIZES), help="models: size")
     p.add_argument("--length", type=int, default=1024, help="models: sequence length")
     p.add_argument("--steps", type=int, default=3, help="models: timed steps after a warm-up")
+    p.add_argument("--batches", default="1,8", help="generation: batch sizes")
+    p.add_argument("--new-tokens", type=int, default=64,
+                   help="generation: timed one-token steps per measurement")
+    p.add_argument("--old-path", action="store_true",
+                   help="generation: also time the block-recompute path (batch 1)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("reproduce", help="train and evaluate the model zoo, ablations and length "
@@ -505,8 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
-    if getattr(args, "command", None) == "bench" and args.batch is None:
-        args.batch = 4 if args.suite == "models" else 1
+    if getattr(args, "command", None) == "bench":
+        if args.batch is None:
+            args.batch = 4 if args.suite == "models" else 1
+        args.lengths_given = args.lengths is not None
+        if args.lengths is None:
+            args.lengths = "1024,2048,4096,8192,16384,32768,65536"
     for name in ("batch", "steps"):
         if getattr(args, name, 1) < 1:
             print(f"blockstate: error: --{name} must be >= 1", file=sys.stderr)

@@ -125,38 +125,55 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]] | torch.Tensor, 
              seed: int = 0, stop: Sequence[int] = (),
              on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Each prompt followed by up to `max_new_tokens` sampled tokens (greedy when temperature is
-    0), stopping a row after any token in `stop` (which is kept). Prompts may differ in length;
-    prompts of equal length are generated as one batch. `on_token(row, token)` is called for
-    every new token as it is produced (for streaming)."""
+    0), stopping a row after any token in `stop` (which is kept). `on_token(row, token)` is called
+    for every new token as it is produced (for streaming).
+
+    All rows run as one batch through the model's inference cache: the shortest prompt's length is
+    prefilled in parallel, then every row advances one position per step, longer prompts feeding
+    their own next token until they end (so every row's logits are exactly its own forward
+    pass's)."""
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()  # float or bool entries are refused by _token_ids
     prompts = [_token_ids(p) for p in prompts]
     _check(model, prompts, max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
+    try:
+        return _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                         set(stop), on_token)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, on_token):
     device = model.embedding.weight.device
     generator = torch.Generator().manual_seed(seed)
-    stop_ids = set(stop)
     results: list[list[int]] = [list(p) for p in prompts]
-    by_length: dict[int, list[int]] = {}
-    for row, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(row)
-    for rows in by_length.values():
-        state = start(model, len(rows))
-        tokens = torch.tensor([prompts[r] for r in rows], dtype=torch.long, device=device)
-        logits = feed(model, state, tokens)[:, -1]                                # (B, V)
-        done = [False] * len(rows)
-        for step in range(max_new_tokens):
-            next_tokens = _sample(logits, temperature, top_k, top_p, generator)   # (B,)
-            for i, (row, token) in enumerate(zip(rows, next_tokens.tolist(), strict=True)):
-                if done[i]:
-                    continue
-                results[row].append(token)
-                if on_token is not None:
-                    on_token(row, token)
-                done[i] = token in stop_ids
-            if all(done) or step == max_new_tokens - 1:
-                break
-            logits = feed(model, state, next_tokens.to(device).unsqueeze(1))[:, -1]
-    model.train(was_training)
+    if max_new_tokens == 0:
+        return results
+    lengths = [len(p) for p in prompts]
+    shortest, longest = min(lengths), max(lengths)
+    cache = model.allocate_inference_cache(len(prompts))
+    tokens = torch.tensor([p[:shortest] for p in prompts], dtype=torch.long, device=device)
+    logits = model.prefill(tokens, cache)[:, -1]                                   # (B, V)
+    produced = [0] * len(prompts)
+    done = [False] * len(prompts)
+    for position in range(shortest, longest + max_new_tokens):
+        sampled = _sample(logits, temperature, top_k, top_p, generator).tolist()   # (B,)
+        step_tokens = []
+        for row, token in enumerate(sampled):
+            if position < lengths[row]:  # still inside its prompt
+                step_tokens.append(prompts[row][position])
+                continue
+            step_tokens.append(token)
+            if done[row] or produced[row] == max_new_tokens:
+                continue
+            results[row].append(token)
+            produced[row] += 1
+            if on_token is not None:
+                on_token(row, token)
+            done[row] = token in stop_ids
+        if all(d or n == max_new_tokens for d, n in zip(done, produced, strict=True)):
+            break
+        logits = model.step(torch.tensor(step_tokens, device=device), cache)
     return results

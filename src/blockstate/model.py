@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import InferenceCache
 from .config import ModelConfig
 from .layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer, XLLayer
 from .layers.bst import ContextStates
@@ -110,6 +111,62 @@ class BlockStateLM(nn.Module):
 
         return generate(self, prompt_tokens, max_new_tokens, temperature, top_k, top_p, seed, stop,
                         on_token)
+
+    # ---- inference: `allocate_inference_cache`, then `prefill` once and `step` per position
+    def allocate_inference_cache(self, batch: int) -> InferenceCache:
+        """An empty cache for `batch` rows (see `blockstate.cache`)."""
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        weight = self.embedding.weight
+        return InferenceCache([layer.allocate_cache(batch, weight.device, weight.dtype)
+                               for layer in self.layers], batch, 0, self.config.block_size)
+
+    def _check_cache(self, cache: InferenceCache, tokens: torch.Tensor) -> None:
+        if (not isinstance(cache, InferenceCache) or len(cache.layers) != len(self.layers)
+                or not all(isinstance(c, layer.cache_type)
+                           for c, layer in zip(cache.layers, self.layers, strict=True))):
+            raise ValueError("cache must be an InferenceCache from this model's "
+                             "allocate_inference_cache")
+        if tokens.shape[0] != cache.batch:
+            raise ValueError(f"tokens have {tokens.shape[0]} rows but the cache was allocated for "
+                             f"{cache.batch}")
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(x), self.embedding.weight.to(x.dtype))
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """Logits (B, T, V) of tokens (B, T), equal to `forward`'s, leaving in `cache` what the
+        next position needs. On an empty cache the prompt runs in parallel (the forward pass on
+        whole blocks, with each layer's state read off at the prompt's end); into a cache that
+        already holds positions, the tokens are fed by `step`."""
+        self.check_tokens(tokens)
+        self._check_cache(cache, tokens)
+        length = tokens.shape[1]
+        self.warn_past_training_length(cache.position + length)
+        if cache.position:
+            return torch.stack([self.step(tokens[:, t], cache) for t in range(length)], dim=1)
+        w = self.config.block_size
+        x = self.embedding(F.pad(tokens, (0, -length % w)))                          # (B, L', D)
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x = layer.prefill(x, length, layer_cache)
+        cache.position = length
+        return self._logits(x[:, :length])
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """Logits (B, V) of one more token per row, tokens (B,) or (B, 1), equal to those the
+        forward pass gives at that position; the work does not depend on the position (except
+        for full attention's growing keys and unstructured kernels' history)."""
+        tokens = tokens.reshape(-1, 1) if isinstance(tokens, torch.Tensor) else tokens
+        self.check_tokens(tokens)
+        self._check_cache(cache, tokens)
+        offset = cache.position % self.config.block_size
+        x = self.embedding(tokens)                                                  # (B, 1, D)
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x = layer.step(x, layer_cache, offset)
+        cache.position += 1
+        return self._logits(x[:, 0])
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..attention import MLP, BlockSelfAttention
+from ..cache import KVCache
 from ..config import ModelConfig
 
 
@@ -28,6 +29,8 @@ class BlockAttentionLayer(nn.Module):
     Self-attention is block-only or sliding-window according to `config.self_attention`.
     Input length must be a multiple of `config.block_size` (the model pads).
     """
+
+    cache_type = KVCache
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -44,9 +47,25 @@ class BlockAttentionLayer(nn.Module):
         """`memory` (B, M, D): this layer's input over the M positions before x, `valid` (B, M)
         the ones of the row's current document (segment-recurrent baselines)."""
         h_memory = None if memory is None else self.attn_norm(memory)
-        x = x + self.dropout(self.out(self.self_attn(self.attn_norm(x), h_memory, valid)))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return self._tail(x, self.self_attn(self.attn_norm(x), h_memory, valid))
 
+
+    # ---- inference (blockstate.cache)
+    def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        return self.self_attn.allocate_cache(batch, device, dtype)
+
+    def prefill(self, x: torch.Tensor, length: int, cache: KVCache) -> torch.Tensor:
+        """`forward(x)` for x (B, L', D) whose first `length` positions are real, filling the
+        empty `cache` for the position after them."""
+        return self._tail(x, self.self_attn.prefill(self.attn_norm(x), length, cache))
+
+    def step(self, x: torch.Tensor, cache: KVCache, offset: int) -> torch.Tensor:
+        """Outputs (B, 1, D) of one new position x (B, 1, D) at in-block `offset`."""
+        return self._tail(x, self.self_attn.extend(self.attn_norm(x), cache, offset))
+
+    def _tail(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.out(attended))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
     # ---- block-wise inference (see BlockSelfAttention.forward_block)
     def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:

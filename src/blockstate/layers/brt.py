@@ -24,10 +24,13 @@ import torch
 from torch import nn
 
 from ..attention import MLP, BlockSelfAttention, QKNorm, attend, heads_last, to_blocks
+from ..cache import BRTCache
 from ..config import ModelConfig
 
 
 class BlockRecurrentLayer(nn.Module):
+    cache_type = BRTCache
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, s = config.d_model, config.resolved_recurrent_states
@@ -102,21 +105,60 @@ class BlockRecurrentLayer(nn.Module):
         """x (B, L, D) -> (B, L, D); with `return_state`, also the state after the last block.
         `memory`/`valid` are this layer's input over the window before x (see BlockSelfAttention),
         `state`/`keep` the carried recurrent state (see `start_state`)."""
-        batch, w = x.shape[0], self.block_size
-        dropout = self.dropout_p if self.training else 0.0
         h = self.norm(x)
         h_memory = None if memory is None else self.norm(memory)
         self_out = self.self_attn(h, h_memory, valid)                               # (B, L, H Dh)
+        out, states = self._recur(x, h, self_out, self.start_state(x.shape[0], state, keep))
+        return (out, states[-1]) if return_state else out
+
+    def _recur(self, x: torch.Tensor, h: torch.Tensor, self_out: torch.Tensor,
+               state: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The layer's output, and the state after each block, walking the blocks from `state`."""
+        batch, w = x.shape[0], self.block_size
+        dropout = self.dropout_p if self.training else 0.0
         token_q = to_blocks(self._heads(self.token_q(h)), w)                        # (B, nb, W, H, Dh)
         token_k, token_v = to_blocks(self._heads(self.token_kv(h).unflatten(-1, (2, -1))), w).unbind(3)
-        state = self.start_state(batch, state, keep)                                # (B, S, D)
-        cross = []
+        cross, states = [], []
         for k in range(token_q.shape[1]):  # the recurrence: block k reads the state left by k-1
             cross.append(self._read_state(state, token_q[:, k], dropout))           # (B, H, W, Dh)
             state = self._update_state(state, token_k[:, k], token_v[:, k], dropout)
+            states.append(state)
         cross_out = heads_last(torch.stack(cross, 1).flatten(0, 1), batch)          # (B, L, H Dh)
-        out = self._mix(x, self_out, cross_out)
-        return (out, state) if return_state else out
+        return self._mix(x, self_out, cross_out), states
+
+    # ---- inference (blockstate.cache)
+    def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> BRTCache:
+        tokens = torch.zeros(batch, self.block_size, self.n_heads, self.head_dim, device=device,
+                             dtype=dtype)
+        return BRTCache(self.self_attn.allocate_cache(batch, device, dtype),
+                        self.start_state(batch).to(dtype).clone(), tokens, tokens.clone())
+
+    def prefill(self, x: torch.Tensor, length: int, cache: BRTCache) -> torch.Tensor:
+        """`forward(x)` from the initial state for x (B, L', D) whose first `length` positions
+        are real, filling the empty `cache` for the position after them: the state after the
+        complete blocks, and the token keys/values of the incomplete one."""
+        h = self.norm(x)
+        self_out = self.self_attn.prefill(h, length, cache.attention)
+        out, states = self._recur(x, h, self_out, cache.state)
+        complete, part = divmod(length, self.block_size)
+        if complete:
+            cache.state = states[complete - 1]
+        if part:
+            k, v = self._heads(self.token_kv(h[:, length - part:length]).unflatten(-1, (2, -1))).unbind(2)
+            cache.token_k[:, :part], cache.token_v[:, :part] = k, v
+        return out
+
+    def step(self, x: torch.Tensor, cache: BRTCache, offset: int) -> torch.Tensor:
+        """Outputs (B, 1, D) of one new position x (B, 1, D) at in-block `offset`; the state is
+        updated when the block completes."""
+        h = self.norm(x)
+        self_out = self.self_attn.extend(h, cache.attention, offset)
+        cross = self._read_state(cache.state, self._heads(self.token_q(h)), 0.0)     # (B, H, 1, Dh)
+        k, v = self._heads(self.token_kv(h).unflatten(-1, (2, -1))).unbind(2)       # (B, 1, H, Dh)
+        cache.token_k[:, offset], cache.token_v[:, offset] = k[:, 0], v[:, 0]
+        if offset == self.block_size - 1:
+            cache.state = self._update_state(cache.state, cache.token_k, cache.token_v, 0.0)
+        return self._mix(x, self_out, cross.transpose(1, 2).flatten(2))
 
     # ---- block-wise inference: the state is updated once per completed block
     def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import MLP, BlockSelfAttention, QKNorm, attend, heads_first, heads_last, to_blocks
+from ..cache import BSTCache, KVCache, SSMCache
 from ..config import ModelConfig
 from ..ssm import build_ssm
 
@@ -73,14 +74,18 @@ class ContextStates(nn.Module):
         """SSM outputs (..., Hs) -> normalized, activated outputs in the layer's dtype."""
         return self.norm(self.activation(y.to(dtype)))
 
-    def _position_kv(self, y: torch.Tensor, w: int) -> torch.Tensor:
-        """SH/MH: SSM outputs y (B, L, C, Hs) -> keys/values (B, L / w, w, 2, H, Dh)."""
+    def sh_kv_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """SH: kv(lift(y)) as one map from the SSM width, (W_kv W_lift) y + W_kv b_lift, which
+        costs Hs x 2HDh per token instead of Hs x D + D x 2HDh: (weight (2 H Dh, Hs), bias)."""
+        return self.kv.weight @ self.lift.weight, self.kv.weight @ self.lift.bias
+
+    def _position_kv(self, y: torch.Tensor, w: int,
+                     sh_map: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """SH/MH: SSM outputs y (B, L, C, Hs) -> keys/values (B, L / w, w, 2, H, Dh). `sh_map`:
+        SH's composed map when already computed (`sh_kv_map`)."""
         heads, d = self.n_heads, self.head_dim
         if self.variant == "sh":
-            # kv(lift(y)) as one map from the SSM width: (W_kv W_lift) y + W_kv b_lift costs
-            # Hs x 2HDh per token instead of Hs x D + D x 2HDh.
-            weight = self.kv.weight @ self.lift.weight                             # (2 H Dh, Hs)
-            kv = F.linear(y[:, :, 0], weight, self.kv.weight @ self.lift.bias)     # (B, L, 2 H Dh)
+            kv = F.linear(y[:, :, 0], *(sh_map or self.sh_kv_map()))               # (B, L, 2 H Dh)
             return to_blocks(kv, w).unflatten(-1, (2, heads, d))
         kv = torch.einsum("blhc,hcd->blhd", y, self.kv_weight.to(y.dtype))         # (B, L, H, 2 Dh)
         return to_blocks(kv, w).unflatten(-1, (2, d)).transpose(3, 4)
@@ -94,14 +99,74 @@ class ContextStates(nn.Module):
         return kv.unflatten(-1, (2, self.n_heads, self.head_dim))                  # (B, nb, S, 2, H, Dh)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v, _, _ = self._forward(h)
+        return k, v
+
+    def _forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(keys, values, SSM input u, context outputs: at every position for SH/MH, at every
+        block end (B, nb, S, Hs) for MF)."""
         u = self.down(h)
         if self.variant == "mf":  # only the outputs at block ends are needed
-            last = self.ssm.block_end_outputs(u, self.block_size)[:, :-1]            # (B, nb-1, S, Hs)
-            kv = self._summary_kv(self._context_outputs(last, h.dtype), h.shape[0], h.dtype)
+            ends = self._context_outputs(self.ssm.block_end_outputs(u, self.block_size), h.dtype)
+            kv = self._summary_kv(ends[:, :-1], h.shape[0], h.dtype)                 # (B, nb, S, ...)
         else:
-            kv = self._position_kv(self._context_outputs(self.ssm(u), h.dtype), self.block_size)
+            ends = self._context_outputs(self.ssm(u), h.dtype)
+            kv = self._position_kv(ends, self.block_size)
         k, v = kv.unbind(dim=3)
+        return k, v, u, ends
+
+    # ---- inference (blockstate.cache)
+    def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype
+                       ) -> tuple[SSMCache, KVCache | None]:
+        """The SSM cache, and for SH/MH the cache of the current block's context keys/values."""
+        ssm = self.ssm.allocate_cache(batch, device, dtype)
+        if self.variant == "mf":
+            return ssm, None
+        return ssm, KVCache.empty(batch, self.n_heads, self.head_dim, self.block_size, device, dtype)
+
+    @torch.no_grad()
+    def inference_constants(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What a step would otherwise recompute from the parameters: SH's composed map."""
+        return self.sh_kv_map() if self.variant == "sh" else None
+
+    def _summary_step(self, outputs: torch.Tensor | None, batch: int, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MF keys/values (B, H, S, Dh) of the block after one whose last context outputs are
+        `outputs` (B, S, Hs) (None: the first block, which reads the initial context)."""
+        last = None if outputs is None else outputs.unsqueeze(1)
+        k, v = self._summary_kv(last, batch, dtype)[:, -1].unbind(dim=2)            # (B, S, H, Dh)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def prefill(self, h: torch.Tensor, length: int, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward(h)` for h (B, L', D) whose first `length` positions are real, filling the
+        layer's cache (a `BSTCache`) for the position after them."""
+        k, v, u, ends = self._forward(h)
+        self.ssm.prefill_cache(u[:, :length], cache.ssm)
+        w, complete = self.block_size, length // self.block_size
+        if self.variant == "mf":
+            outputs = ends[:, complete - 1] if complete else None
+            cache.summary = self._summary_step(outputs, h.shape[0], h.dtype)
+        elif length % w:
+            part = slice(0, length % w)
+            cache.context.append(k[:, complete, part].transpose(1, 2), v[:, complete, part].transpose(1, 2))
         return k, v
+
+    def step(self, h: torch.Tensor, cache, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance by one position h (B, 1, D) at in-block `offset`; the context keys/values
+        (B, H, T, Dh) its query sees."""
+        last = offset == self.block_size - 1
+        y = self.ssm.step(self.down(h[:, 0]), cache.ssm, output=self.variant != "mf" or last)
+        if self.variant == "mf":
+            k, v = cache.summary
+            if last:  # the outputs at this block's end summarize it for the next block
+                cache.summary = self._summary_step(self._context_outputs(y, h.dtype), h.shape[0],
+                                                   h.dtype)
+            return k, v
+        outputs = self._context_outputs(y.unsqueeze(1), h.dtype)
+        k, v = self._position_kv(outputs, 1, cache.sh_map)[:, 0].unbind(2)
+        if offset == 0:
+            cache.context.keep_last(0)
+        return cache.context.append(k.transpose(1, 2), v.transpose(1, 2))
 
     # ---- block-wise inference
     def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -129,6 +194,8 @@ class ContextStates(nn.Module):
 class BSTLayer(nn.Module):
     """Pre-norm BST layer: x + Proj([SelfAttn(h); CrossAttn(h, context)]), then x + MLP(Norm(x)),
     with h = Norm(x). Input length must be a multiple of `config.block_size`."""
+
+    cache_type = BSTCache
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -161,9 +228,34 @@ class BSTLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.attn_norm(x)
-        mixed = torch.cat([self.self_attn(h), self.cross_attention(h, *self.context(h))], dim=-1)
-        x = x + self.dropout(self.out(mixed))                                      # (B, L, D)
+        return self._mix(x, self.self_attn(h), self.cross_attention(h, *self.context(h)))
+
+    def _mix(self, x: torch.Tensor, self_out: torch.Tensor, cross_out: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.out(torch.cat([self_out, cross_out], dim=-1)))   # (B, L, D)
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+    # ---- inference (blockstate.cache)
+    def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> BSTCache:
+        ssm, context = self.context.allocate_cache(batch, device, dtype)
+        return BSTCache(self.self_attn.allocate_cache(batch, device, dtype), ssm, context,
+                        sh_map=self.context.inference_constants())
+
+    def prefill(self, x: torch.Tensor, length: int, cache: BSTCache) -> torch.Tensor:
+        """`forward(x)` for x (B, L', D) whose first `length` positions are real, filling the
+        empty `cache` for the position after them."""
+        h = self.attn_norm(x)
+        k, v = self.context.prefill(h, length, cache)
+        return self._mix(x, self.self_attn.prefill(h, length, cache.attention),
+                         self.cross_attention(h, k, v))
+
+    def step(self, x: torch.Tensor, cache: BSTCache, offset: int) -> torch.Tensor:
+        """Outputs (B, 1, D) of one new position x (B, 1, D) at in-block `offset`."""
+        h = self.attn_norm(x)
+        k, v = self.context.step(h, cache, offset)                                 # (B, H, T, Dh)
+        q = self.cross_qk_norm.queries(self.cross_q(h).unflatten(-1, (self.n_heads, self.head_dim)))
+        cross = attend(q.transpose(1, 2), self.cross_qk_norm.keys(k), v)           # (B, H, 1, Dh)
+        return self._mix(x, self.self_attn.extend(h, cache.attention, offset),
+                         cross.transpose(1, 2).flatten(2))
 
     # ---- block-wise inference (see BlockSelfAttention.forward_block)
     def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:

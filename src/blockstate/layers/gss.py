@@ -13,11 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache import GSSCache
 from ..config import ModelConfig
 from ..ssm import build_ssm
 
 
 class GSSLayer(nn.Module):
+    cache_type = GSSCache
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, width, expanded = config.d_model, config.ssm_width, config.gss_expansion * config.d_model
@@ -39,6 +42,22 @@ class GSSLayer(nn.Module):
         v = F.gelu(self.to_v(h))                                                    # (B, L, F)
         y = self.ssm(u)[:, :, 0].to(u.dtype)                                        # (B, L, D/4)
         return self._gate(x, y, v)
+
+    # ---- inference (blockstate.cache)
+    def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> GSSCache:
+        return GSSCache(self.ssm.allocate_cache(batch, device, dtype))
+
+    def prefill(self, x: torch.Tensor, length: int, cache: GSSCache) -> torch.Tensor:
+        h = self.norm(x)
+        u, v = F.gelu(self.to_u(h)), F.gelu(self.to_v(h))
+        self.ssm.prefill_cache(u[:, :length], cache.ssm)
+        return self._gate(x, self.ssm(u)[:, :, 0].to(u.dtype), v)
+
+    def step(self, x: torch.Tensor, cache: GSSCache, offset: int) -> torch.Tensor:
+        h = self.norm(x)
+        u, v = F.gelu(self.to_u(h)), F.gelu(self.to_v(h))                          # (B, 1, .)
+        y = self.ssm.step(u[:, 0], cache.ssm)[:, 0].to(u.dtype)                    # (B, D/4)
+        return self._gate(x, y.unsqueeze(1), v)
 
     # ---- block-wise inference: the SSM's past enters through the block carry
     def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..cache import ConvSSMCache, RecurrentSSMCache
 from ..config import SSM_METHODS, ModelConfig
 from .chunked import ChunkOperators, chunk_end_states, chunk_operators, chunked_causal_conv, end_outputs
 from .conv import fft_causal_conv, kernel_spectrum, next_fast_len
@@ -184,6 +186,76 @@ class SSM(nn.Module):
         else:
             cache["history"] = torch.cat([cache["history"], u.to(cache["history"].dtype)], -1)
         cache["carry"] = None
+
+
+    # ---- inference (blockstate.cache): one position at a time
+    @torch.no_grad()
+    def allocate_cache(self, batch: int, device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> RecurrentSSMCache | ConvSSMCache:
+        """Structured kernels: a zero state with the one-step operators of the discretized
+        system (the chunk operators of a chunk of one step). Unstructured kernels: an empty input
+        history and the kernel's taps, grown as the history grows."""
+        if structured(self.kernel):
+            ops = chunk_operators(self.kernel, 1)
+            state = ops.inp.new_zeros(batch, *ops.inp.shape[:3]).to(device)
+            return RecurrentSSMCache(state, ops.decay, ops.inp[..., 0], ops.readout)
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        history = torch.zeros(batch, self.kernel.width, 0, device=device, dtype=dtype)
+        return ConvSSMCache(history, history.new_zeros(self.kernel.channels, self.kernel.width, 0))
+
+    def _grow(self, cache: ConvSSMCache, length: int) -> None:
+        capacity = cache.history.shape[-1]
+        if length <= capacity:
+            return
+        capacity = max(length, 2 * capacity, 256)
+        history = cache.history.new_zeros(*cache.history.shape[:2], capacity)
+        history[..., :cache.length] = cache.history[..., :cache.length]
+        cache.history = history
+        cache.taps = self.kernel(capacity).to(history.dtype).flip(-1)              # (C, H, cap)
+
+    @torch.no_grad()
+    def prefill_cache(self, u: torch.Tensor, cache: RecurrentSSMCache | ConvSSMCache) -> None:
+        """Fill an empty cache with the inputs u (B, T, H) of the first T positions: the state
+        after them (by the chunked path's chunk-end states, the inputs zero-padded in front,
+        which leaves a zero state unchanged), or the history."""
+        u_t = u.transpose(1, 2)                                                    # (B, H, T)
+        if isinstance(cache, ConvSSMCache):
+            self._grow(cache, u_t.shape[-1])
+            cache.history[..., :u_t.shape[-1]] = u_t.to(cache.history.dtype)
+            cache.length = u_t.shape[-1]
+            return
+        chunk = self.chunk_size
+        ops = self._operators(chunk)
+        u_t = F.pad(u_t.to(ops.taps.dtype), (-u_t.shape[-1] % chunk, 0))
+        cache.state = chunk_end_states(u_t, ops)[..., -1, :].to(cache.state.dtype)
+
+    @torch.no_grad()
+    def step(self, u: torch.Tensor, cache: RecurrentSSMCache | ConvSSMCache,
+             output: bool = True) -> torch.Tensor | None:
+        """Advance by one position of inputs u (B, H); its outputs (B, C, H) (float32), or None
+        when `output` is false (MF needs outputs only at block ends)."""
+        if isinstance(cache, ConvSSMCache):
+            self._grow(cache, cache.length + 1)
+            cache.history[..., cache.length] = u.to(cache.history.dtype)
+            cache.length += 1
+            if not output:
+                return None
+            n, capacity = cache.length, cache.history.shape[-1]
+            y = torch.einsum("chj,bhj->bch", cache.taps[..., capacity - n:],
+                             cache.history[..., :n])
+        else:
+            state = cache.state
+            u_in = u.to(cache.inp.real.dtype)[:, None, :, None]                   # (B, 1, H, 1)
+            if cache.decay.dim() == 3:
+                state = cache.decay * state + cache.inp * u_in
+            else:
+                state = (cache.decay @ state.unsqueeze(-1)).squeeze(-1) + cache.inp * u_in
+            cache.state = state
+            if not output:
+                return None
+            y = (cache.readout * state).sum(-1)
+            y = y.real if y.is_complex() else y
+        return y + self.D.to(y.dtype) * u.to(y.dtype).unsqueeze(1)
 
 
 class BlockOperator:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache import SelectiveSSMCache
 from .eager import eager
 
 CONV_WIDTH = 4        # taps of the causal depthwise convolution before the SSM (Mamba's d_conv)
@@ -273,3 +274,40 @@ class SelectiveSSM(nn.Module):
         _, cache["state"] = ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size,
                                         cache["state"])
         cache["tail"] = torch.cat([cache["tail"], u], 1)[:, -(CONV_WIDTH - 1):]
+
+    # ---- inference (blockstate.cache): one position at a time
+    @torch.no_grad()
+    def allocate_cache(self, batch: int, device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> SelectiveSSMCache:
+        k = self.kernel
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return SelectiveSSMCache(
+            torch.zeros(batch, k.channels, k.heads, k.width // k.heads, k.state_size, device=device,
+                        dtype=dtype),
+            torch.zeros(batch, CONV_WIDTH - 1, k.width, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def prefill_cache(self, u: torch.Tensor, cache: SelectiveSSMCache) -> None:
+        """Fill an empty cache with the inputs u (B, T, P) of the first T positions."""
+        u = u.to(cache.state.dtype)
+        _, xs, dt, b, c = self._inputs(u)
+        _, cache.state = ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size)
+        cache.tail = torch.cat([cache.tail, u], 1)[:, -(CONV_WIDTH - 1):]
+
+    @torch.no_grad()
+    def step(self, u: torch.Tensor, cache: SelectiveSSMCache, output: bool = True
+             ) -> torch.Tensor | None:
+        """Advance by one position of inputs u (B, P): h = exp(dt a) h + dt x B^T, y = h C + D x;
+        returns y (B, C, P), or None when `output` is false."""
+        u = u.to(cache.state.dtype).unsqueeze(1)                                   # (B, 1, P)
+        x, xs, dt, b, c = self._inputs(u, cache.tail)
+        dt, b = dt[:, 0], b[:, 0]                                                  # (B, K, G), (B, K, N)
+        decay = torch.exp(dt * self._decay(dt))[..., None, None]
+        cache.state = decay * cache.state + torch.einsum(
+            "bkgp,bkn->bkgpn", xs[:, 0] * dt[..., None], b)
+        cache.tail = torch.cat([cache.tail[:, 1:], u], 1)
+        if not output:
+            return None
+        y = torch.einsum("bkgpn,bkn->bkgp", cache.state, c[:, 0])
+        return self._output(y.unsqueeze(1), x)[:, 0]
+
