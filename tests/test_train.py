@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import blockstate
 from blockstate.cli import main
 from blockstate.train import TrainConfig, learning_rate, parse_duration, train
 
@@ -247,6 +248,12 @@ def test_generate_cli_streams_from_a_checkpoint(corpus, tmp_path, capsys):
     assert out.startswith("document 7\n") and len(out) > len("document 7\n")
     assert "empty" in _cli_error(["generate", str(tmp_path / "run"), "--prompt", ""], capsys)
     assert "exactly one" in _cli_error(["generate", str(tmp_path / "run")], capsys)
+    # the same greedy continuation through the Python loading API
+    model, tokenizer = blockstate.load(tmp_path / "run")
+    ids = model.generate([tokenizer.encode("document 7\n")], 12, temperature=0)[0]
+    assert out.startswith(tokenizer.decode(ids)) and len(ids) > len(tokenizer.encode("document 7\n"))
+    steps = sorted(p for p in (tmp_path / "run").glob("checkpoints/step-*") if p.is_dir())
+    assert not model.training and blockstate.load(steps[-1])[0].config == model.config
 
 
 def test_loss_by_block_range_doubles_from_one_block():

@@ -7,16 +7,15 @@ from .registry import build_model, list_models, list_sizes, model_config
 __version__ = "0.1.0"
 
 
-def load_run(path, device="cpu"):
-    """(model in eval mode, tokenizer, checkpoint) of a trained run: a run directory (its newest
-    checkpoint) or a checkpoint step directory. Weights are read from safetensors; nothing is
-    unpickled."""
-    from .evaluate import load_model_and_tokenizer
+def load(path, device="cpu"):
+    """(model in eval mode, tokenizer) of a trained run: a run directory (its newest intact
+    checkpoint) or a checkpoint step directory; see `blockstate.loading`."""
+    from .loading import load as _load
 
-    return load_model_and_tokenizer(path, device)
+    return _load(path, device)
 
 
 __all__ = [
-    "BlockStateLM", "ModelConfig", "build_model", "list_models", "list_sizes", "load_run",
+    "BlockStateLM", "ModelConfig", "build_model", "list_models", "list_sizes", "load",
     "model_config", "__version__",
 ]

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 WARMUP_STEPS = 4
+ROUNDS = 3  # timed rounds per measurement, interleaved across batch sizes and paths
 
 
 def _sync(device: torch.device) -> None:
@@ -40,41 +41,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(model, cache, tokens: torch.Tensor, count: int, device: torch.device) -> list[float]:
+def _timed(step: Callable[[], None], count: int, device: torch.device) -> list[float]:
     times = []
-    for i in range(WARMUP_STEPS + count):
+    for _ in range(count):
         _sync(device)
         t0 = time.perf_counter()
-        logits = model.step(tokens, cache)
-        tokens = logits.argmax(-1)
+        step()
         _sync(device)
-        if i >= WARMUP_STEPS:
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     return times
 
 
-@torch.no_grad()
-def _time_old_path(model, prompt: torch.Tensor, count: int, device: torch.device) -> dict:
-    from .generate import feed, start
+class _Decoder:
+    """Greedy one-token steps through a model's inference cache."""
 
-    state = start(model, prompt.shape[0])
-    t0 = time.perf_counter()
-    tokens = feed(model, state, prompt)[:, -1].argmax(-1, keepdim=True)
-    prefill_s = time.perf_counter() - t0
-    times = []
-    for i in range(WARMUP_STEPS + count):
-        _sync(device)
+    def __init__(self, model, cache, first: torch.Tensor):
+        self.model, self.cache, self.tokens = model, cache, first
+
+    def __call__(self) -> None:
+        self.tokens = self.model.step(self.tokens, self.cache).argmax(-1)
+
+
+class _OldDecoder:
+    """Greedy steps of the block-recompute path (`generate.feed`), batch 1."""
+
+    def __init__(self, model, prompt: torch.Tensor):
+        from .generate import feed, start
+
+        self.feed, self.model = feed, model
+        self.state = start(model, prompt.shape[0])
         t0 = time.perf_counter()
-        tokens = feed(model, state, tokens)[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
-        if i >= WARMUP_STEPS:
-            times.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            self.tokens = feed(model, self.state, prompt)[:, -1].argmax(-1, keepdim=True)
+        self.prefill_s = time.perf_counter() - t0
+
+    def __call__(self) -> None:
+        with torch.no_grad():
+            self.tokens = self.feed(self.model, self.state, self.tokens)[:, -1].argmax(-1, keepdim=True)
+
+
+def _summary(times: list[float], batch: int) -> dict:
     return {"median_step_s": statistics.median(times), "mean_step_s": statistics.mean(times),
-            "prefill_tokens_per_s": prompt.shape[1] / prefill_s}
+            "tokens_per_s": batch / statistics.mean(times), "steps": len(times)}
 
 
 def measure(name: str, size: str, context: int, batches: list[int], new_tokens: int,
             old_path: bool, device: torch.device, seed: int = 0) -> dict:
+    """One model at one context length: prefill, then ROUNDS rounds of new_tokens / ROUNDS
+    timed steps for every batch size (and the old path), interleaved so that a burst of load on
+    the machine hits all of them alike."""
     from .registry import build_model
 
     torch.manual_seed(seed)
@@ -88,18 +103,24 @@ def measure(name: str, size: str, context: int, batches: list[int], new_tokens: 
         first = model.prefill(prompt, cache)[:, -1].argmax(-1)
         _sync(device)
         prefill_s = time.perf_counter() - t0
-        result = {"model": name, "size": size, "context": context, "parameters":
-                  model.num_parameters(), "prefill_s": prefill_s,
-                  "prefill_tokens_per_s": context / prefill_s, "batches": {}}
-        for batch in batches:
-            rows = cache.select([0] * batch)
-            state_bytes = rows.nbytes()
-            times = _time_steps(model, rows, first.repeat(batch), new_tokens, device)
-            result["batches"][str(batch)] = {
-                "median_step_s": statistics.median(times), "mean_step_s": statistics.mean(times),
-                "tokens_per_s": batch / statistics.mean(times), "state_bytes": state_bytes}
+        decoders = {str(b): _Decoder(model, cache.select([0] * b), first.repeat(b)) for b in batches}
+        sizes = {b: d.cache.nbytes() for b, d in decoders.items()}
         if old_path:
-            result["old_path"] = _time_old_path(model, prompt, new_tokens, device)
+            decoders["old"] = _OldDecoder(model, prompt)
+        times: dict[str, list[float]] = {key: [] for key in decoders}
+        per_round = max(1, new_tokens // ROUNDS)
+        for decoder in decoders.values():
+            _timed(decoder, WARMUP_STEPS, device)
+        for _ in range(ROUNDS):
+            for key, decoder in decoders.items():
+                times[key] += _timed(decoder, per_round, device)
+    result = {"model": name, "size": size, "context": context, "parameters": model.num_parameters(),
+              "prefill_s": prefill_s, "prefill_tokens_per_s": context / prefill_s,
+              "batches": {b: {**_summary(times[b], int(b)), "state_bytes": sizes[b]}
+                          for b in map(str, batches)}}
+    if old_path:
+        result["old_path"] = {**_summary(times["old"], 1),
+                              "prefill_tokens_per_s": context / decoders["old"].prefill_s}
     return result
 
 
@@ -112,15 +133,16 @@ def run_generation(out: Path | None, presets: list[str], size: str, lengths: lis
     dev = torch.device(device)
     report = {"kind": "generation", "command": command, "machine": machine_info(dev),
               "size": size, "batches": batches, "new_tokens": new_tokens,
-              "warmup_steps": WARMUP_STEPS, "results": [], "skipped": []}
+              "warmup_steps": WARMUP_STEPS, "rounds": ROUNDS, "results": [], "skipped": []}
     for name in presets:
         for context in lengths:
             if name == "transformer" and context > max_context_full_attention:
                 report["skipped"].append({"model": name, "context": context,
                                           "why": "full attention's prefill is quadratic"})
                 continue
+            load = os.getloadavg()
             r = measure(name, size, context, batches, new_tokens, old_path, dev)
-            r["load_average"] = os.getloadavg()
+            r["load_average_before"] = load
             report["results"].append(r)
             one = r["batches"][str(batches[0])]
             old = r.get("old_path")
@@ -183,7 +205,8 @@ def markdown(report: dict) -> str:
         f"{info['torch']}, Python {info['python']}; load average at start "
         f"{', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}.", "",
         f"Size `{report['size']}`, byte vocabulary (256), greedy decoding; {report['new_tokens']} "
-        f"timed steps after {report['warmup_steps']} warm-up steps. ms/step: median time of one "
+        f"timed steps per measurement after {report['warmup_steps']} warm-up steps, in "
+        f"{report['rounds']} rounds interleaved across batch sizes and paths. ms/step: median time of one "
         "step (one token for every row); tok/s: tokens per second from the mean step time; "
         "vs slide: ms/step over slide's at the same context and batch; state: bytes of the "
         "inference cache after the prefill.", "",

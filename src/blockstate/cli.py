@@ -186,7 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .evaluate import load_model_and_tokenizer
+    from .loading import load
     from .train import resolve_device
 
     if (args.prompt is None) == (args.prompt_file is None):
@@ -200,7 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
     else:
         prompt = args.prompt
-    model, tokenizer, _ = load_model_and_tokenizer(args.checkpoint, resolve_device(args.device))
+    model, tokenizer = load(args.checkpoint, resolve_device(args.device))
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty")

@@ -14,29 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import ModelConfig
-from .data import PackedSequences, load_tokenizer, resolve_corpus, tokenize_split
+from .data import PackedSequences, resolve_corpus, tokenize_split
+from .loading import load_with_checkpoint
 from .model import BlockStateLM
 from .train import carries_memory, default_cache_dir, iter_losses, resolve_device
 
 POSITION_BINS = 64
-
-
-def load_model_and_tokenizer(path: str | Path, device: torch.device | str = "cpu"):
-    """(model in eval mode, tokenizer, checkpoint) from a run dir or checkpoint dir."""
-    checkpoint = load_checkpoint(path)
-    if checkpoint.tokenizer_dir is None:
-        raise CheckpointError(f"checkpoint {checkpoint.path} carries no tokenizer")
-    tokenizer = load_tokenizer(checkpoint.tokenizer_dir)
-    config = ModelConfig.from_dict(checkpoint.model_config)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise CheckpointError(
-            f"tokenizer mismatch in {checkpoint.path}: the tokenizer has {tokenizer.vocab_size} "
-            f"tokens but the model was built for vocab_size={config.vocab_size}")
-    model = BlockStateLM(config)
-    checkpoint.load_model(model)
-    return model.to(device).eval(), tokenizer, checkpoint
 
 
 def spread_windows(dataset: PackedSequences, max_tokens: int | None) -> np.ndarray:
@@ -134,7 +117,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, lengths: list
     defaults to the corpus the run was trained on. A model
     that carries memory across windows (Transformer-XL) reads whole documents in order instead."""
     dev = resolve_device(device)
-    model, tokenizer, checkpoint = load_model_and_tokenizer(path, dev)
+    model, tokenizer, checkpoint = load_with_checkpoint(path, dev)
     trained = checkpoint.train_state.get("train_config", {})
     if data is None:  # the corpus the run trained on
         data = trained.get("data")

@@ -1,0 +1,46 @@
+"""Loading a trained model: `blockstate.load(run_dir_or_checkpoint)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .config import ModelConfig
+from .model import BlockStateLM
+
+
+def load_with_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
+    """(model in eval mode, tokenizer, checkpoint) from a run directory (its newest intact
+    checkpoint) or a checkpoint step directory. Weights are read from safetensors; nothing is
+    unpickled."""
+    from .data import load_tokenizer
+
+    checkpoint: Checkpoint = load_checkpoint(path)
+    if checkpoint.tokenizer_dir is None:
+        raise CheckpointError(f"checkpoint {checkpoint.path} carries no tokenizer")
+    tokenizer = load_tokenizer(checkpoint.tokenizer_dir)
+    config = ModelConfig.from_dict(checkpoint.model_config)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(
+            f"tokenizer mismatch in {checkpoint.path}: the tokenizer has {tokenizer.vocab_size} "
+            f"tokens but the model was built for vocab_size={config.vocab_size}")
+    model = BlockStateLM(config)
+    checkpoint.load_model(model)
+    return model.to(device).eval(), tokenizer, checkpoint
+
+
+def load(path: str | Path, device: torch.device | str = "cpu"):
+    """(model in eval mode, tokenizer) of a trained run: a run directory (its newest intact
+    checkpoint) or a checkpoint step directory.
+
+        model, tokenizer = blockstate.load("runs/my-run")
+        ids = model.generate([tokenizer.encode("def ")], 50, temperature=0)[0]
+        print(tokenizer.decode(ids))
+    """
+    model, tokenizer, _ = load_with_checkpoint(path, device)
+    return model, tokenizer
+
+
+__all__ = ["load", "load_with_checkpoint"]
