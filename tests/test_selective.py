@@ -54,20 +54,16 @@ def test_block_end_outputs_come_from_the_boundary_states():
     torch.testing.assert_close(ssm.block_end_outputs(u, 10), ssm(u)[:, 9::10], rtol=0, atol=1e-12)
 
 
-def test_block_wise_inference_keeps_a_constant_state_and_equals_the_forward_pass():
+def test_one_token_steps_keep_a_constant_state_and_equal_the_forward_pass():
     ssm = SelectiveSSM(2, 32, 8, 1e-3, 1e-1, chunk_size=8).double()
-    u = torch.randn(1, 48, 32, dtype=torch.float64)
+    u = torch.randn(2, 48, 32, dtype=torch.float64)
     full = ssm(u)
-    cache = ssm.block_state(1, 16, u.device, torch.float64)
-    sizes = {k: v.shape for k, v in cache.items()}
-    outs = []
-    for start in range(0, 48, 16):
-        block = u[:, start:start + 16]
-        outs.append(ssm.forward_block(block[:, :5], cache))   # a partial block first
-        outs[-1] = ssm.forward_block(block, cache)
-        ssm.end_block(cache, block)
-        assert {k: v.shape for k, v in cache.items()} == sizes
-    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-12)
+    cache = ssm.allocate_cache(2, u.device, torch.float64)
+    ssm.prefill_cache(u[:, :13], cache)                 # a prompt that is not a chunk multiple
+    shapes = (cache.state.shape, cache.tail.shape)
+    steps = [ssm.step(u[:, t], cache) for t in range(13, 48)]
+    assert (cache.state.shape, cache.tail.shape) == shapes
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 13:], rtol=0, atol=1e-12)
 
 
 def test_the_selective_ssm_depends_on_content_unlike_a_time_invariant_one():

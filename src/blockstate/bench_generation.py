@@ -11,13 +11,14 @@ timed after a few warm-up steps. Reported per batch: the median step time (ms pe
 decoding one token per row), tokens/s from the mean step time (so the steps that complete a block,
 which cost more for MF and BRT, are counted), and the bytes of the cache (`InferenceCache.nbytes`:
 keys/values, states, histories and per-model step operators). Ratios: against the same model's
-block-recompute path when it is measured (`--old-path`, batch 1; see below) and against `slide`'s
+block-recompute path where the report holds it (batch 1; see below) and against `slide`'s
 step at the same context and batch. Outputs `<out>.json` (after every measurement), `<out>.md` and
 `<out>.png`.
 
-`--old-path` also measures the block-recompute generation that preceded the one-token step (each
-new token recomputed the current block's positions through every layer; it was removed after this
-comparison, so the flag exists only in the commit that recorded it).
+The block-recompute generation that preceded the one-token step (each new token recomputed the
+current block's positions through every layer) was measured beside it once, with `--old-path` in
+the commit that introduced this benchmark, and then removed; docs/benchmarks/generation.md keeps
+that comparison. A report that holds such measurements still renders them.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class _Decoder:
 
 
 class _OldDecoder:
-    """Greedy steps of the block-recompute path (`generate.feed`), batch 1."""
+    """Greedy steps of the block-recompute path (`generate.feed`), which recomputes the current
+    block's positions for every new token (measured with --old-path; removed after this run)."""
 
     def __init__(self, model, prompt: torch.Tensor):
         from .generate import feed, start
@@ -85,71 +87,103 @@ def _summary(times: list[float], batch: int) -> dict:
             "tokens_per_s": batch / statistics.mean(times), "steps": len(times)}
 
 
-def measure(name: str, size: str, context: int, batches: list[int], new_tokens: int,
-            old_path: bool, device: torch.device, seed: int = 0) -> dict:
-    """One model at one context length: prefill, then ROUNDS rounds of new_tokens / ROUNDS
-    timed steps for every batch size (and the old path), interleaved so that a burst of load on
-    the machine hits all of them alike."""
+def _prefilled(name: str, size: str, lengths: list[int], batches: list[int],
+               device: torch.device, seed: int = 0, old_path: bool = False) -> tuple[dict, dict]:
+    """A model's decoders for every (context, batch), each from a prefill of a random prompt of
+    that context length, and per context its parameters, prefill time and cache sizes."""
     from .registry import build_model
 
     torch.manual_seed(seed)
     model = build_model(name, size, vocab_size=256).to(device).eval()
-    prompt = torch.randint(0, 256, (1, context), device=device)
-    with warnings.catch_warnings():  # unstructured kernels past their training length: timing only
-        warnings.simplefilter("ignore", UserWarning)
+    decoders, info = {}, {}
+    for context in lengths:
+        prompt = torch.randint(0, 256, (1, context), device=device)
         cache = model.allocate_inference_cache(1)
         _sync(device)
         t0 = time.perf_counter()
         first = model.prefill(prompt, cache)[:, -1].argmax(-1)
         _sync(device)
         prefill_s = time.perf_counter() - t0
-        decoders = {str(b): _Decoder(model, cache.select([0] * b), first.repeat(b)) for b in batches}
-        sizes = {b: d.cache.nbytes() for b, d in decoders.items()}
+        info[context] = {"prefill_s": prefill_s, "prefill_tokens_per_s": context / prefill_s,
+                         "parameters": model.num_parameters(), "state_bytes": {}}
+        for b in batches:
+            decoders[context, b] = _Decoder(model, cache.select([0] * b), first.repeat(b))
+            info[context]["state_bytes"][b] = decoders[context, b].cache.nbytes()
         if old_path:
-            decoders["old"] = _OldDecoder(model, prompt)
-        times: dict[str, list[float]] = {key: [] for key in decoders}
+            decoders[context, "old"] = _OldDecoder(model, prompt)
+            info[context]["old_prefill_tokens_per_s"] = context / decoders[context, "old"].prefill_s
+    return decoders, info
+
+
+def measure(name: str, size: str, lengths: list[int], batches: list[int], new_tokens: int,
+            device: torch.device, reference: dict | None = None, old_path: bool = False
+            ) -> list[dict]:
+    """One model at every context length and batch size: after the prefills and a few warm-up
+    steps, ROUNDS rounds of new_tokens / ROUNDS timed steps for every (context, batch), each
+    followed by the same number of steps of the `reference` model's decoder at the same context
+    and batch (slide's), so that load on the machine hits all of them and the ratios alike."""
+    with warnings.catch_warnings():  # unstructured kernels past their training length: timing only
+        warnings.simplefilter("ignore", UserWarning)
+        decoders, info = _prefilled(name, size, lengths, batches, device, old_path=old_path)
+        reference = {k: v for k, v in (reference or {}).items() if k in decoders}
+        times = {key: [] for key in decoders}
+        ref_times = {key: [] for key in reference}
         per_round = max(1, new_tokens // ROUNDS)
-        for decoder in decoders.values():
+        for decoder in [*decoders.values(), *reference.values()]:
             _timed(decoder, WARMUP_STEPS, device)
         for _ in range(ROUNDS):
             for key, decoder in decoders.items():
                 times[key] += _timed(decoder, per_round, device)
-    result = {"model": name, "size": size, "context": context, "parameters": model.num_parameters(),
-              "prefill_s": prefill_s, "prefill_tokens_per_s": context / prefill_s,
-              "batches": {b: {**_summary(times[b], int(b)), "state_bytes": sizes[b]}
-                          for b in map(str, batches)}}
-    if old_path:
-        result["old_path"] = {**_summary(times["old"], 1),
-                              "prefill_tokens_per_s": context / decoders["old"].prefill_s}
-    return result
+                if key in reference:
+                    ref_times[key] += _timed(reference[key], per_round, device)
+    results = []
+    for context in lengths:
+        if (context, batches[0]) not in decoders:
+            continue
+        r = {"model": name, "size": size, "context": context, "batches": {},
+             **{k: v for k, v in info[context].items() if k != "state_bytes"}}
+        for b in batches:
+            r["batches"][str(b)] = {**_summary(times[context, b], b),
+                                    "state_bytes": info[context]["state_bytes"][b]}
+            if (context, b) in ref_times:
+                r["batches"][str(b)]["slide_median_step_s"] = statistics.median(ref_times[context, b])
+        if (context, "old") in times:
+            r["old_path"] = {**_summary(times[context, "old"], 1),
+                             "prefill_tokens_per_s": r.pop("old_prefill_tokens_per_s")}
+        results.append(r)
+    return results
 
 
 def run_generation(out: Path | None, presets: list[str], size: str, lengths: list[int],
-                   batches: list[int], new_tokens: int, old_path: bool = False,
-                   max_context_full_attention: int = 16384, device: str = "cpu",
-                   command: str = "", log: Callable[[str], None] = print) -> dict:
+                   batches: list[int], new_tokens: int, max_context_full_attention: int = 16384,
+                   device: str = "cpu", command: str = "", log: Callable[[str], None] = print,
+                   old_path: bool = False) -> dict:
     from .bench import machine_info
 
     dev = torch.device(device)
     report = {"kind": "generation", "command": command, "machine": machine_info(dev),
               "size": size, "batches": batches, "new_tokens": new_tokens,
               "warmup_steps": WARMUP_STEPS, "rounds": ROUNDS, "results": [], "skipped": []}
+    reference = None
+    if "slide" in presets:  # interleaved beside every other model
+        reference, _ = _prefilled("slide", size, lengths, batches, dev)
     for name in presets:
-        for context in lengths:
-            if name == "transformer" and context > max_context_full_attention:
-                report["skipped"].append({"model": name, "context": context,
-                                          "why": "full attention's prefill is quadratic"})
-                continue
-            load = os.getloadavg()
-            r = measure(name, size, context, batches, new_tokens, old_path, dev)
+        use = lengths
+        if name == "transformer":
+            use = [n for n in lengths if n <= max_context_full_attention]
+            report["skipped"] += [{"model": name, "context": n,
+                                   "why": "full attention's prefill is quadratic"}
+                                  for n in lengths if n > max_context_full_attention]
+        load = os.getloadavg()
+        for r in measure(name, size, use, batches, new_tokens, dev,
+                         None if name == "slide" else reference, old_path=old_path):
             r["load_average_before"] = load
             report["results"].append(r)
             one = r["batches"][str(batches[0])]
-            old = r.get("old_path")
-            log(f"  {name} @ {context}: {one['median_step_s'] * 1e3:.2f} ms/step at batch "
-                f"{batches[0]}" + (f", old path {old['median_step_s'] * 1e3:.2f} ms" if old else ""))
-            if out is not None:
-                write_outputs(out, report, plot=False)
+            log(f"  {name} @ {r['context']}: {one['median_step_s'] * 1e3:.2f} ms/step at batch "
+                f"{batches[0]}")
+        if out is not None:
+            write_outputs(out, report, plot=False)
     if out is not None:
         write_outputs(out, report, plot=True)
     return report
@@ -182,7 +216,7 @@ def markdown(report: dict) -> str:
         row = [r["model"], f"{r['context']:,}"]
         for b in map(str, batches):
             m = r["batches"][b]
-            ref = slide.get((r["context"], b))
+            ref = m.get("slide_median_step_s", slide.get((r["context"], b)))
             row += [_ms(m["median_step_s"]), f"{m['tokens_per_s']:.0f}",
                     f"{m['median_step_s'] / ref:.2f}" if ref else "-"]
         row += [_mib(r["batches"][str(batches[0])]["state_bytes"]), f"{r['prefill_tokens_per_s']:.0f}"]

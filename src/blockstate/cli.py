@@ -271,7 +271,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         lengths = args.lengths if args.lengths_given else "1024,4096,16384,65536"
         run_generation(out, presets, args.size, _int_list(lengths, "--lengths"),
                        _int_list(args.batches, "--batches"), args.new_tokens,
-                       old_path=args.old_path, device=args.device, command=command)
+                       device=args.device, command=command, old_path=args.old_path)
         return 0
     widths = []
     for item in args.widths.split(","):

@@ -187,17 +187,19 @@ class BlockStateLM(nn.Module):
                 f"{self.config.vocab_size}); got values in [{low}, {high}]")
 
     def warn_past_training_length(self, length: int) -> None:
-        """Warn when `length` tokens run an unstructured or explicit kernel past the training length
-        it is defined for (its filter then extrapolates; the forward pass, evaluation and generation
-        all allow it)."""
-        config = self.config
-        uses_ssm = config.arch in ("bst", "gss-hybrid") and config.resolved_bst_layers
-        if uses_ssm and config.ssm_kernel in ("unstruct", "explicit") and length > config.max_seq_len:
-            warnings.warn(
-                f"{length} tokens are longer than the {config.max_seq_len} the "
-                f"{config.ssm_kernel!r} kernel was trained for; its filter extrapolates beyond "
-                f"them and may not do so reliably (the s4, s4d and ssd kernels are defined at "
-                f"any length)", UserWarning, stacklevel=3)
+        """Warn when `length` tokens run an SSM kernel past the length it is defined for (its
+        `max_length`: the training length of unstructured and explicit filters, which then
+        extrapolate; None for state-space kernels). The forward pass, evaluation and generation
+        all allow it."""
+        limits = {(type(m).__name__, m.max_length) for m in self.modules()
+                  if getattr(m, "max_length", None) is not None}
+        for name, limit in sorted(limits):
+            if length > limit:
+                warnings.warn(
+                    f"{length} tokens are longer than the {limit} the {name} of ssm_kernel="
+                    f"{self.config.ssm_kernel!r} was trained for; its filter extrapolates beyond "
+                    f"them and may not do so reliably (the s4, s4d and ssd kernels are defined at "
+                    f"any length)", UserWarning, stacklevel=3)
 
     def forward(self, tokens: torch.Tensor, memory: Memory | None = None,
                 keep: torch.Tensor | None = None, return_memory: bool = False):

@@ -56,6 +56,8 @@ class S4DKernel(nn.Module):
     C as in S4D. Kernel K[l] = 2 Re(sum_n C_n dB_n dA_n^l).
     """
 
+    max_length = None  # defined at any length (a state-space system)
+
     def __init__(self, channels: int, width: int, state_size: int = 16, init: str = "inv",
                  dt_min: float = 1e-3, dt_max: float = 1e-1):
         super().__init__()
@@ -133,6 +135,8 @@ class S4Kernel(nn.Module):
     enough for moderate N (the paper uses N = 16). States are kept as N/2 conjugate pairs so that
     the system, and hence the kernel, is real.
     """
+
+    max_length = None  # defined at any length (a state-space system)
 
     def __init__(self, channels: int, width: int, state_size: int = 16,
                  dt_min: float = 1e-3, dt_max: float = 1e-1):
@@ -227,6 +231,11 @@ class ImplicitKernel(nn.Module):
     (its sine features repeat), which is why unstructured kernels degrade on longer sequences.
     """
 
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the filter was trained for; beyond it, it extrapolates."""
+        return self.train_length
+
     def __init__(self, channels: int, width: int, train_length: int, hidden: int = 64,
                  frequencies: int = 8, decay: float = 2.0):
         super().__init__()
@@ -260,6 +269,11 @@ class ExplicitKernel(nn.Module):
     """A learned kernel of `train_length` taps, regularized by squash (soft-threshold by lambda)
     and smooth (average pooling of width p), as in Fu et al. 2023. Taps beyond the training
     length are zero."""
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the filter was trained for; beyond it, it extrapolates."""
+        return self.train_length
 
     def __init__(self, channels: int, width: int, train_length: int, squash: float = 1e-3,
                  smooth: int = 3, decay: float = 2.0):
