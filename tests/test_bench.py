@@ -76,3 +76,22 @@ def test_models_benchmark(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     assert [r["model"] for r in data["results"]] == ["bst-sh-s4", "slide"]
     assert "| bst-sh-s4 |" in out.with_suffix(".md").read_text()
+
+
+def test_generation_benchmark(tmp_path):
+    out = tmp_path / "generation"
+    assert main(["bench", "generation", "--models", "bst-sh-s4,slide,transformer", "--size", "tiny",
+                 "--lengths", "32,160", "--batches", "1,2", "--new-tokens", "3", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = {(r["model"], r["context"]): r for r in data["results"]}
+    assert set(rows) == {(m, c) for m in ("bst-sh-s4", "slide", "transformer") for c in (32, 160)}
+    b1, b2 = rows["bst-sh-s4", 160]["batches"]["1"], rows["bst-sh-s4", 160]["batches"]["2"]
+    assert b1["steps"] == 3 and "slide_median_step_s" in b1
+    assert b1["state_bytes"] < b2["state_bytes"] < 2 * b1["state_bytes"]  # step operators are shared
+    # full attention's cache grows with the context, the S4 model's does not
+    size = {key: r["batches"]["1"]["state_bytes"] for key, r in rows.items()}
+    assert size["transformer", 160] > size["transformer", 32]
+    assert size["bst-sh-s4", 160] == size["bst-sh-s4", 32]
+    text = out.with_suffix(".md").read_text()
+    assert "| bst-sh-s4 | 160 |" in text and "vs slide b2" in text
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -92,6 +92,8 @@ def test_bad_cache_use_is_refused():
         model.step(torch.zeros(2, dtype=torch.long), _model("slide").allocate_inference_cache(2))
     with pytest.raises(ValueError, match="vocab_size"):
         model.step(torch.tensor([1, 999]), cache)
+    with pytest.raises(ValueError, match="one token per row"):
+        model.step(torch.zeros(2, 3, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="batch"):
         model.allocate_inference_cache(0)
 

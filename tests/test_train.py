@@ -254,6 +254,13 @@ def test_generate_cli_streams_from_a_checkpoint(corpus, tmp_path, capsys):
     assert out.startswith(tokenizer.decode(ids)) and len(ids) > len(tokenizer.encode("document 7\n"))
     steps = sorted(p for p in (tmp_path / "run").glob("checkpoints/step-*") if p.is_dir())
     assert not model.training and blockstate.load(steps[-1])[0].config == model.config
+    # exported in the Hugging Face layout, it loads and generates the same
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    exported, exported_tokenizer = blockstate.load(tmp_path / "hf")
+    assert exported.generate([tokenizer.encode("document 7\n")], 12, temperature=0)[0] == ids
+    assert exported_tokenizer.fingerprint() == tokenizer.fingerprint()
+    assert "not an empty directory" in _cli_error(["export", str(tmp_path / "run"),
+                                                    str(tmp_path / "hf")], capsys)
 
 
 def test_loss_by_block_range_doubles_from_one_block():

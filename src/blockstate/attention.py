@@ -227,33 +227,6 @@ class BlockSelfAttention(nn.Module):
                      dropout)
         return heads_last(out, batch)
 
-
-    # ---- block-wise inference: keys/values of earlier blocks are cached, the current block's
-    # positions are recomputed at every step (at most W of them).
-    def forward_block(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        """x (B, n, D): the current block's first n positions -> (B, n, H * Dh). `cache` holds
-        the keys/values of the previous k blocks (sliding) or of all earlier blocks (full)."""
-        batch, n, _ = x.shape
-        q, k, v = self._keys_values(x, n)                                           # (B, 1, n, H, Dh)
-        past_k, past_v = cache.get("k"), cache.get("v")
-        if past_k is not None:
-            k = torch.cat([past_k, k], dim=2)
-            v = torch.cat([past_v, v], dim=2)
-        n_keys = k.shape[2]
-        out = attend(heads_first(q), heads_first(k), heads_first(v), self._mask(n, n_keys, x.device))
-        return heads_last(out, batch)
-
-    def end_block(self, x: torch.Tensor, cache: dict) -> None:
-        """Remember the keys/values of a complete block x (B, W, D) as the mode requires."""
-        if self.mode == "block":
-            return
-        _, k, v = self._keys_values(x, x.shape[1])                                  # (B, 1, W, H, Dh)
-        if "k" in cache:
-            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-        if self.mode == "sliding":
-            k, v = k[:, :, -self.memory_length:], v[:, :, -self.memory_length:]
-        cache["k"], cache["v"] = k, v
-
     # ---- inference (blockstate.cache): the keys/values the next query may see are cached
     def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         """An empty cache sized for the window (full attention: grown as needed)."""

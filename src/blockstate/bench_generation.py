@@ -16,9 +16,9 @@ step at the same context and batch. Outputs `<out>.json` (after every measuremen
 `<out>.png`.
 
 The block-recompute generation that preceded the one-token step (each new token recomputed the
-current block's positions through every layer) was measured beside it once, with `--old-path` in
-the commit that introduced this benchmark, and then removed; docs/benchmarks/generation.md keeps
-that comparison. A report that holds such measurements still renders them.
+current block's positions through every layer) was measured beside it once, with `--old-path` at
+commit 527bd9c, and then removed; docs/benchmarks/generation.md keeps that comparison, and a report
+that holds such measurements still renders them.
 """
 
 from __future__ import annotations
@@ -63,32 +63,13 @@ class _Decoder:
         self.tokens = self.model.step(self.tokens, self.cache).argmax(-1)
 
 
-class _OldDecoder:
-    """Greedy steps of the block-recompute path (`generate.feed`), which recomputes the current
-    block's positions for every new token (measured with --old-path; removed after this run)."""
-
-    def __init__(self, model, prompt: torch.Tensor):
-        from .generate import feed, start
-
-        self.feed, self.model = feed, model
-        self.state = start(model, prompt.shape[0])
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            self.tokens = feed(model, self.state, prompt)[:, -1].argmax(-1, keepdim=True)
-        self.prefill_s = time.perf_counter() - t0
-
-    def __call__(self) -> None:
-        with torch.no_grad():
-            self.tokens = self.feed(self.model, self.state, self.tokens)[:, -1].argmax(-1, keepdim=True)
-
-
 def _summary(times: list[float], batch: int) -> dict:
     return {"median_step_s": statistics.median(times), "mean_step_s": statistics.mean(times),
             "tokens_per_s": batch / statistics.mean(times), "steps": len(times)}
 
 
 def _prefilled(name: str, size: str, lengths: list[int], batches: list[int],
-               device: torch.device, seed: int = 0, old_path: bool = False) -> tuple[dict, dict]:
+               device: torch.device, seed: int = 0) -> tuple[dict, dict]:
     """A model's decoders for every (context, batch), each from a prefill of a random prompt of
     that context length, and per context its parameters, prefill time and cache sizes."""
     from .registry import build_model
@@ -109,22 +90,18 @@ def _prefilled(name: str, size: str, lengths: list[int], batches: list[int],
         for b in batches:
             decoders[context, b] = _Decoder(model, cache.select([0] * b), first.repeat(b))
             info[context]["state_bytes"][b] = decoders[context, b].cache.nbytes()
-        if old_path:
-            decoders[context, "old"] = _OldDecoder(model, prompt)
-            info[context]["old_prefill_tokens_per_s"] = context / decoders[context, "old"].prefill_s
     return decoders, info
 
 
 def measure(name: str, size: str, lengths: list[int], batches: list[int], new_tokens: int,
-            device: torch.device, reference: dict | None = None, old_path: bool = False
-            ) -> list[dict]:
+            device: torch.device, reference: dict | None = None) -> list[dict]:
     """One model at every context length and batch size: after the prefills and a few warm-up
     steps, ROUNDS rounds of new_tokens / ROUNDS timed steps for every (context, batch), each
     followed by the same number of steps of the `reference` model's decoder at the same context
     and batch (slide's), so that load on the machine hits all of them and the ratios alike."""
     with warnings.catch_warnings():  # unstructured kernels past their training length: timing only
         warnings.simplefilter("ignore", UserWarning)
-        decoders, info = _prefilled(name, size, lengths, batches, device, old_path=old_path)
+        decoders, info = _prefilled(name, size, lengths, batches, device)
         reference = {k: v for k, v in (reference or {}).items() if k in decoders}
         times = {key: [] for key in decoders}
         ref_times = {key: [] for key in reference}
@@ -147,17 +124,14 @@ def measure(name: str, size: str, lengths: list[int], batches: list[int], new_to
                                     "state_bytes": info[context]["state_bytes"][b]}
             if (context, b) in ref_times:
                 r["batches"][str(b)]["slide_median_step_s"] = statistics.median(ref_times[context, b])
-        if (context, "old") in times:
-            r["old_path"] = {**_summary(times[context, "old"], 1),
-                             "prefill_tokens_per_s": r.pop("old_prefill_tokens_per_s")}
         results.append(r)
     return results
 
 
 def run_generation(out: Path | None, presets: list[str], size: str, lengths: list[int],
                    batches: list[int], new_tokens: int, max_context_full_attention: int = 16384,
-                   device: str = "cpu", command: str = "", log: Callable[[str], None] = print,
-                   old_path: bool = False) -> dict:
+                   device: str = "cpu", command: str = "", log: Callable[[str], None] = print
+                   ) -> dict:
     from .bench import machine_info
 
     dev = torch.device(device)
@@ -176,7 +150,7 @@ def run_generation(out: Path | None, presets: list[str], size: str, lengths: lis
                                   for n in lengths if n > max_context_full_attention]
         load = os.getloadavg()
         for r in measure(name, size, use, batches, new_tokens, dev,
-                         None if name == "slide" else reference, old_path=old_path):
+                         None if name == "slide" else reference):
             r["load_average_before"] = load
             report["results"].append(r)
             one = r["batches"][str(batches[0])]

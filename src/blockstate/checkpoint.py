@@ -72,21 +72,8 @@ class Checkpoint:
 
     def load_model(self, model: nn.Module) -> None:
         """Load the weights strictly: every key present in both with the same shape."""
-        state = self.model_state()
-        expected = model.state_dict()
-        misfit = f"checkpoint {self.path} does not fit this {type(model).__name__}"
-        hint = "build the model from Checkpoint.model_config"
-        missing = [key for key in expected if key not in state]
-        unexpected = [key for key in state if key not in expected]
-        if missing or unexpected:
-            raise CheckpointError(f"{misfit}: missing keys {_preview(missing)}, unexpected keys "
-                                  f"{_preview(unexpected)}; {hint}")
-        for key, value in expected.items():
-            if value.shape != state[key].shape:
-                raise CheckpointError(
-                    f"{misfit}: {key} has shape {tuple(state[key].shape)} in the checkpoint but "
-                    f"{tuple(value.shape)} in the model; {hint}")
-        model.load_state_dict(state)
+        load_weights_strictly(model, self.model_state(), f"checkpoint {self.path}",
+                              "build the model from Checkpoint.model_config")
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Restore the optimizer's state; its parameter groups must match the saved ones in size."""
@@ -148,6 +135,25 @@ class Checkpoint:
 
     def _text(self, name: str, what: str) -> str:
         return self._require(name, what).read_text(encoding="utf-8")
+
+
+def load_weights_strictly(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                          hint: str) -> None:
+    """model.load_state_dict(state) when every key is present in both with the same shape; else a
+    CheckpointError naming `source`, the misfit and the `hint`."""
+    expected = model.state_dict()
+    misfit = f"{source} does not fit this {type(model).__name__}"
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{misfit}: missing keys {_preview(missing)}, unexpected keys "
+                              f"{_preview(unexpected)}; {hint}")
+    for key, value in expected.items():
+        if value.shape != state[key].shape:
+            raise CheckpointError(
+                f"{misfit}: {key} has shape {tuple(state[key].shape)} in the checkpoint but "
+                f"{tuple(value.shape)} in the model; {hint}")
+    model.load_state_dict(state)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, model_config: dict, train_state: dict,
@@ -531,4 +537,4 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "CheckpointError", "latest_checkpoint",
-           "load_checkpoint", "save_checkpoint"]
+           "load_checkpoint", "load_weights_strictly", "save_checkpoint"]

@@ -1,5 +1,5 @@
-"""Command-line interface: `blockstate train | eval | generate | corpora | models | bench | reproduce |
-tasks | demo`."""
+"""Command-line interface: `blockstate train | eval | generate | export | corpora | models | bench |
+reproduce | tasks | demo`."""
 
 from __future__ import annotations
 
@@ -201,6 +201,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt = args.prompt
     model, tokenizer = load(args.checkpoint, resolve_device(args.device))
+    if tokenizer is None:
+        raise ValueError(f"{args.checkpoint} was saved without a tokenizer; generate from Python "
+                         "with token ids instead")
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty")
@@ -221,6 +224,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model.generate([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=stop, on_token=stream)
     sys.stdout.write(tokenizer.decode(new)[shown:] + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .loading import load_with_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty directory; choose a new one")
+    model, tokenizer, checkpoint = load_with_checkpoint(args.run)
+    model.save_pretrained(out, tokenizer)
+    print(f"{checkpoint.path} (step {checkpoint.step}) -> {out}: config.json, model.safetensors, "
+          f"tokenizer/ ({model.num_parameters():,} parameters)")
     return 0
 
 
@@ -271,7 +287,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         lengths = args.lengths if args.lengths_given else "1024,4096,16384,65536"
         run_generation(out, presets, args.size, _int_list(lengths, "--lengths"),
                        _int_list(args.batches, "--batches"), args.new_tokens,
-                       device=args.device, command=command, old_path=args.old_path)
+                       device=args.device, command=command)
         return 0
     widths = []
     for item in args.widths.split(","):
@@ -413,8 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="PNG of loss by position (needs matplotlib)")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("export", help="write a run's model and tokenizer as a self-contained "
+                                      "directory (Hugging Face layout: config.json, "
+                                      "model.safetensors, tokenizer/)")
+    p.add_argument("run", help="run directory or checkpoint directory")
+    p.add_argument("out", help="new (or empty) output directory")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("generate", help="generate text from a checkpoint, streamed as produced")
-    p.add_argument("checkpoint", help="run directory or checkpoint directory")
+    p.add_argument("checkpoint", help="run directory, checkpoint directory or exported model "
+                                      "directory")
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompt-file", default=None)
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -460,8 +484,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,8", help="generation: batch sizes")
     p.add_argument("--new-tokens", type=int, default=64,
                    help="generation: timed one-token steps per measurement")
-    p.add_argument("--old-path", action="store_true",
-                   help="generation: also time the block-recompute path (batch 1)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("reproduce", help="train and evaluate the model zoo, ablations and length "

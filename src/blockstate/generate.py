@@ -1,22 +1,10 @@
-"""Generation by block-wise recurrent inference, equal to the parallel forward pass.
+"""Sampling from a model: `generate(model, prompts, max_new_tokens, ...)`.
 
-Every layer type exposes `block_cache` (allocate), `forward_block` (outputs for the first n
-positions of the current block, given what earlier blocks left in the cache) and `end_block`
-(fold a completed block into the cache). What a cache holds per layer type:
-
-- attention layers: keys/values of the previous block (sliding window, Transformer-XL) or of all
-  earlier blocks (full attention, growing); block-only attention keeps nothing;
-- S4/S4D SSMs: their recurrent state (N per channel), advanced once per block by an exact
-  block operator (matrix powers of the discretized system), entering a block through a carry;
-- unstructured kernels: the whole input history (they have no finite state), turned into the
-  block's carry by one FFT convolution per block;
-- MF context states: the SSM outputs at the end of the previous block;
-- Block-Recurrent layers: their recurrent state, updated at block boundaries.
-
-A prompt is prefilled block by block, each block in parallel; each new token then recomputes the
-current block's positions (at most W) through all layers, so the work per token is bounded by W
-and, for all but full attention and unstructured kernels, the memory does not grow with the
-context.
+Generation uses only the model's inference entry points (`allocate_inference_cache`, `prefill`,
+`step`; see `blockstate.cache` for what each layer keeps): the prompt is prefilled in parallel and
+every new token is one step through every layer, whose cost does not grow with the context for the
+S4, S4D and selective SSMs, sliding-window and block attention, MF summaries and Block-Recurrent
+states (full attention's keys/values and unstructured kernels' input history do grow).
 """
 
 from __future__ import annotations
@@ -24,56 +12,9 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-
-@dataclass
-class InferenceState:
-    """Per-layer caches and the tokens of the current, incomplete block (B, n)."""
-
-    caches: list[dict]
-    block_tokens: torch.Tensor
-
-
-def start(model: nn.Module, batch: int) -> InferenceState:
-    weight = model.embedding.weight
-    caches = [layer.block_cache(batch, weight.device, weight.dtype) for layer in model.layers]
-    return InferenceState(caches, torch.zeros(batch, 0, dtype=torch.long, device=weight.device))
-
-
-def _run_block(model: nn.Module, state: InferenceState) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    x = model.embedding(state.block_tokens)                                       # (B, n, D)
-    inputs = []
-    for layer, cache in zip(model.layers, state.caches, strict=True):
-        inputs.append(x)
-        x = layer.forward_block(x, cache)
-    logits = F.linear(model.norm(x), model.embedding.weight.to(x.dtype))           # (B, n, V)
-    return logits, inputs
-
-
-@torch.no_grad()
-def feed(model: nn.Module, state: InferenceState, tokens: torch.Tensor) -> torch.Tensor:
-    """Advance `state` by `tokens` (B, T) and return their logits (B, T, V): whole blocks at once,
-    the trailing partial block recomputed whenever it grows."""
-    model.check_tokens(tokens)
-    w = model.config.block_size
-    out, i = [], 0
-    while i < tokens.shape[1]:
-        before = state.block_tokens.shape[1]
-        take = min(w - before, tokens.shape[1] - i)
-        state.block_tokens = torch.cat([state.block_tokens, tokens[:, i:i + take]], dim=1)
-        i += take
-        logits, inputs = _run_block(model, state)
-        out.append(logits[:, before:])
-        if state.block_tokens.shape[1] == w:
-            for layer, cache, x in zip(model.layers, state.caches, inputs, strict=True):
-                layer.end_block(x, cache)
-            state.block_tokens = state.block_tokens[:, :0]
-    return torch.cat(out, dim=1)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -146,7 +87,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]] | torch.Tensor, 
 
 
 def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, on_token):
-    device = model.embedding.weight.device
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     results: list[list[int]] = [list(p) for p in prompts]
     if max_new_tokens == 0:

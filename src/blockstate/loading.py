@@ -33,12 +33,17 @@ def load_with_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
 
 def load(path: str | Path, device: torch.device | str = "cpu"):
     """(model in eval mode, tokenizer) of a trained run: a run directory (its newest intact
-    checkpoint) or a checkpoint step directory.
+    checkpoint), a checkpoint step directory, or a directory written by `save_pretrained` /
+    `blockstate export` (its tokenizer is None when it was saved without one).
 
         model, tokenizer = blockstate.load("runs/my-run")
         ids = model.generate([tokenizer.encode("def ")], 50, temperature=0)[0]
         print(tokenizer.decode(ids))
     """
+    from .pretrained import is_pretrained_dir, load_pretrained, load_pretrained_tokenizer
+
+    if is_pretrained_dir(path):
+        return load_pretrained(path, device), load_pretrained_tokenizer(path)
     model, tokenizer, _ = load_with_checkpoint(path, device)
     return model, tokenizer
 

@@ -158,7 +158,11 @@ class BlockStateLM(nn.Module):
         """Logits (B, V) of one more token per row, tokens (B,) or (B, 1), equal to those the
         forward pass gives at that position; the work does not depend on the position (except
         for full attention's growing keys and unstructured kernels' history)."""
-        tokens = tokens.reshape(-1, 1) if isinstance(tokens, torch.Tensor) else tokens
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() > 2 or (tokens.dim() == 2 and tokens.shape[1] != 1):
+                raise ValueError(f"step takes one token per row, shape (B,) or (B, 1); got "
+                                 f"{tuple(tokens.shape)} (use prefill for several positions)")
+            tokens = tokens.reshape(-1, 1)
         self.check_tokens(tokens)
         self._check_cache(cache, tokens)
         offset = cache.position % self.config.block_size
@@ -167,6 +171,19 @@ class BlockStateLM(nn.Module):
             x = layer.step(x, layer_cache, offset)
         cache.position += 1
         return self._logits(x[:, 0])
+
+    def save_pretrained(self, directory, tokenizer=None):
+        """Write the model (and `tokenizer`) in the Hugging Face layout; see `blockstate.pretrained`."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory, device: torch.device | str = "cpu") -> BlockStateLM:
+        """A model written by `save_pretrained`, in eval mode (its tokenizer: `blockstate.load`)."""
+        from .pretrained import load_pretrained
+
+        return load_pretrained(directory, device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

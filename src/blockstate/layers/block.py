@@ -67,17 +67,6 @@ class BlockAttentionLayer(nn.Module):
         x = x + self.dropout(self.out(attended))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
-    # ---- block-wise inference (see BlockSelfAttention.forward_block)
-    def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-        return {}
-
-    def forward_block(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        x = x + self.out(self.self_attn.forward_block(self.attn_norm(x), cache))
-        return x + self.mlp(self.mlp_norm(x))
-
-    def end_block(self, x: torch.Tensor, cache: dict) -> None:
-        self.self_attn.end_block(self.attn_norm(x), cache)
-
 
 class XLLayer(BlockAttentionLayer):
     """Transformer-XL layer (Dai et al. 2019): every query attends to its own block and the M =

@@ -159,19 +159,3 @@ class BlockRecurrentLayer(nn.Module):
         if offset == self.block_size - 1:
             cache.state = self._update_state(cache.state, cache.token_k, cache.token_v, 0.0)
         return self._mix(x, self_out, cross.transpose(1, 2).flatten(2))
-
-    # ---- block-wise inference: the state is updated once per completed block
-    def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-        return {"attn": {}, "state": self.initial_state.to(dtype).expand(batch, -1, -1)}
-
-    def forward_block(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        h = self.norm(x)
-        cross = self._read_state(cache["state"], self._heads(self.token_q(h)), 0.0)  # (B, H, n, Dh)
-        return self._mix(x, self.self_attn.forward_block(h, cache["attn"]),
-                         heads_last(cross, x.shape[0]))
-
-    def end_block(self, x: torch.Tensor, cache: dict) -> None:
-        h = self.norm(x)
-        self.self_attn.end_block(h, cache["attn"])
-        token_k, token_v = self._heads(self.token_kv(h).unflatten(-1, (2, -1))).unbind(2)
-        cache["state"] = self._update_state(cache["state"], token_k, token_v, 0.0)

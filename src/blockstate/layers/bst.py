@@ -168,28 +168,6 @@ class ContextStates(nn.Module):
             cache.context.keep_last(0)
         return cache.context.append(k.transpose(1, 2), v.transpose(1, 2))
 
-    # ---- block-wise inference
-    def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-        return {"ssm": self.ssm.block_state(batch, self.block_size, device, dtype), "last": None}
-
-    def _block_outputs(self, h: torch.Tensor, cache: dict) -> torch.Tensor:
-        return self._context_outputs(self.ssm.forward_block(self.down(h), cache["ssm"]), h.dtype)
-
-    def forward_block(self, h: torch.Tensor, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values (B, 1, T, H, Dh) of the current block from its first n positions h."""
-        if self.variant == "mf":
-            last = None if cache["last"] is None else cache["last"].unsqueeze(1)
-            kv = self._summary_kv(last, h.shape[0], h.dtype)[:, -1:]
-        else:
-            kv = self._position_kv(self._block_outputs(h, cache), h.shape[1])
-        k, v = kv.unbind(dim=3)
-        return k, v
-
-    def end_block(self, h: torch.Tensor, cache: dict) -> None:
-        if self.variant == "mf":
-            cache["last"] = self._block_outputs(h, cache)[:, -1]                    # (B, S, Hs)
-        self.ssm.end_block(cache["ssm"], self.down(h))
-
 
 class BSTLayer(nn.Module):
     """Pre-norm BST layer: x + Proj([SelfAttn(h); CrossAttn(h, context)]), then x + MLP(Norm(x)),
@@ -256,20 +234,3 @@ class BSTLayer(nn.Module):
         cross = attend(q.transpose(1, 2), self.cross_qk_norm.keys(k), v)           # (B, H, 1, Dh)
         return self._mix(x, self.self_attn.extend(h, cache.attention, offset),
                          cross.transpose(1, 2).flatten(2))
-
-    # ---- block-wise inference (see BlockSelfAttention.forward_block)
-    def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-        return {"attn": {}, "context": self.context.block_cache(batch, device, dtype)}
-
-    def forward_block(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        h = self.attn_norm(x)
-        k, v = self.context.forward_block(h, cache["context"])
-        mixed = torch.cat([self.self_attn.forward_block(h, cache["attn"]),
-                           self.cross_attention(h, k, v)], dim=-1)
-        x = x + self.out(mixed)
-        return x + self.mlp(self.mlp_norm(x))
-
-    def end_block(self, x: torch.Tensor, cache: dict) -> None:
-        h = self.attn_norm(x)
-        self.self_attn.end_block(h, cache["attn"])
-        self.context.end_block(h, cache["context"])

@@ -58,16 +58,3 @@ class GSSLayer(nn.Module):
         u, v = F.gelu(self.to_u(h)), F.gelu(self.to_v(h))                          # (B, 1, .)
         y = self.ssm.step(u[:, 0], cache.ssm)[:, 0].to(u.dtype)                    # (B, D/4)
         return self._gate(x, y.unsqueeze(1), v)
-
-    # ---- block-wise inference: the SSM's past enters through the block carry
-    def block_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-        return self.ssm.block_state(batch, self.block_size, device, dtype)
-
-    def forward_block(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        h = self.norm(x)
-        u, v = F.gelu(self.to_u(h)), F.gelu(self.to_v(h))
-        y = self.ssm.forward_block(u, cache)[:, :, 0].to(u.dtype)
-        return self._gate(x, y, v)
-
-    def end_block(self, x: torch.Tensor, cache: dict) -> None:
-        self.ssm.end_block(cache, F.gelu(self.to_u(self.norm(x))))

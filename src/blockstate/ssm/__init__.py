@@ -138,56 +138,6 @@ class SSM(nn.Module):
             y = self._skip(end_outputs(states, ops), u_t[..., block_size - 1::block_size])
         return y.permute(0, 3, 1, 2)                                             # (B, nb, C, H)
 
-    # ---- block-wise inference (generation): the past enters a block only through its carry
-    @torch.no_grad()
-    def block_state(self, batch: int, block_size: int, device: torch.device,
-                    dtype: torch.dtype = torch.float32) -> dict:
-        """The state before the first block, with the kernel of one block computed once.
-        Structured kernels keep a (B, C, H, N) recurrent state; unstructured kernels have none
-        and keep the whole input history instead."""
-        cache = {"block_size": block_size, "kernel": self.kernel(block_size), "carry": None}
-        if structured(self.kernel):
-            op = BlockOperator(self.kernel, block_size)
-            cache.update(op=op, state=op.initial_state(batch))
-        else:
-            cache["history"] = torch.zeros(batch, self.kernel.width, 0, device=device, dtype=dtype)
-        return cache
-
-    def _carry(self, cache: dict) -> torch.Tensor:
-        """(B, C, H, W): what the tokens before the current block add to its outputs."""
-        w = cache["block_size"]
-        if "op" in cache:
-            return cache["op"].carry(cache["state"])
-        history = cache["history"]                                                 # (B, H, T0)
-        t0 = history.shape[-1]
-        if t0 == 0:
-            return history.new_zeros(history.shape[0], self.kernel.channels, self.kernel.width, w)
-        padded = torch.nn.functional.pad(history, (0, w))
-        return fft_causal_conv(padded, self.kernel(t0 + w))[..., t0:]              # one FFT per block
-
-    @torch.no_grad()
-    def forward_block(self, u: torch.Tensor, cache: dict) -> torch.Tensor:
-        """Outputs (B, n, C, H) at the first n positions of the current block from its inputs
-        u (B, n, H), equal to those of the parallel forward over the whole sequence."""
-        if cache["carry"] is None:  # once per block
-            cache["carry"] = self._carry(cache)
-        n = u.shape[1]
-        u_t = u.transpose(1, 2)                                                    # (B, H, n)
-        y = fft_causal_conv(u_t, cache["kernel"][..., :n])                         # (B, C, H, n)
-        y = self._skip(y, u_t) + cache["carry"][..., :n]
-        return y.permute(0, 3, 1, 2)
-
-    @torch.no_grad()
-    def end_block(self, cache: dict, u: torch.Tensor) -> None:
-        """Fold a complete block of inputs u (B, W, H) into the state."""
-        u = u.transpose(1, 2)
-        if "op" in cache:
-            cache["state"] = cache["op"].advance(cache["state"], u)
-        else:
-            cache["history"] = torch.cat([cache["history"], u.to(cache["history"].dtype)], -1)
-        cache["carry"] = None
-
-
     # ---- inference (blockstate.cache): one position at a time
     @torch.no_grad()
     def allocate_cache(self, batch: int, device: torch.device,
@@ -260,43 +210,9 @@ class SSM(nn.Module):
         return y + self.D.to(y.dtype) * u.to(y.dtype).unsqueeze(1)
 
 
-class BlockOperator:
-    """Exact block-to-block recurrence of a structured SSM (S4 or S4D) for blocks of W steps: the
-    chunk matrices of `ssm.chunked` with one chunk per block (inference only).
-
-    With the state s after the tokens before a block, the block's in-block step t gets
-    Re(out[t] s) from the past ("carry"), and after the whole block the state becomes
-    decay s + sum_j inp[:, j] u_j.
-    """
-
-    def __init__(self, kernel: nn.Module, block_size: int):
-        with torch.no_grad():
-            self.ops = chunk_operators(kernel, block_size)
-        self.block_size = block_size
-
-    def initial_state(self, batch: int) -> torch.Tensor:
-        """Zero state (B, C, H, N): complex for S4D, real coordinates for S4."""
-        inp = self.ops.inp
-        return inp.new_zeros(batch, *inp.shape[:3])
-
-    def carry(self, state: torch.Tensor) -> torch.Tensor:
-        """state (B, C, H, N) -> contribution (B, C, H, W) to the next block's outputs."""
-        out = torch.einsum("chtn,bchn->bcht", self.ops.out, state)
-        return out.real if out.is_complex() else out
-
-    def advance(self, state: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """state after one more block of inputs u (B, H, W)."""
-        decay, inp = self.ops.decay, self.ops.inp
-        if decay.dim() == 3:
-            state = decay * state
-        else:
-            state = torch.einsum("chnm,bchm->bchn", decay, state)
-        return state + torch.einsum("chnw,bhw->bchn", inp, u.to(inp.dtype))
-
-
 __all__ = [
     "SSM", "SSM_METHODS", "build_kernel", "build_ssm", "fft_causal_conv", "kernel_spectrum", "next_fast_len",
-    "S4DKernel", "S4Kernel", "ImplicitKernel", "ExplicitKernel", "hippo_legs_nplr", "BlockOperator",
+    "S4DKernel", "S4Kernel", "ImplicitKernel", "ExplicitKernel", "hippo_legs_nplr",
     "ChunkOperators", "chunk_operators", "chunked_causal_conv", "structured", "SelectiveSSM",
     "ssd_chunked",
 ]

@@ -147,6 +147,8 @@ class SelectiveParameters(nn.Module):
     and the decays. Named `kernel` in `SelectiveSSM` so that generic initializations and optimizer
     groups treat it like the other SSM kernels."""
 
+    max_length = None  # defined at any length (a state-space system)
+
     def __init__(self, channels: int, width: int, state_size: int, dt_min: float, dt_max: float):
         super().__init__()
         self.channels, self.width, self.state_size = channels, width, state_size
@@ -249,32 +251,6 @@ class SelectiveSSM(nn.Module):
             y = ssd_block_ends(xs, dt, self._decay(xs), b, c, block_size)  # (B, nb, K, G, P)
             return self._output(y, x[:, block_size - 1::block_size][:, :y.shape[1]])
 
-    # ---- block-wise inference
-    @torch.no_grad()
-    def block_state(self, batch: int, block_size: int, device: torch.device,
-                    dtype: torch.dtype = torch.float32) -> dict:
-        k = self.kernel
-        dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        return {"tail": torch.zeros(batch, CONV_WIDTH - 1, k.width, device=device, dtype=dtype),
-                "state": torch.zeros(batch, k.channels, k.heads, k.width // k.heads, k.state_size,
-                                     device=device, dtype=dtype)}
-
-    @torch.no_grad()
-    def forward_block(self, u: torch.Tensor, cache: dict) -> torch.Tensor:
-        """Outputs (B, n, C, P) at the first n positions of the current block from u (B, n, P)."""
-        x, xs, dt, b, c = self._inputs(u.to(cache["state"].dtype), cache["tail"])
-        y, _ = ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size, cache["state"])
-        return self._output(y, x)
-
-    @torch.no_grad()
-    def end_block(self, cache: dict, u: torch.Tensor) -> None:
-        """Fold a complete block of inputs u (B, W, P) into the state."""
-        u = u.to(cache["state"].dtype)
-        _, xs, dt, b, c = self._inputs(u, cache["tail"])
-        _, cache["state"] = ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size,
-                                        cache["state"])
-        cache["tail"] = torch.cat([cache["tail"], u], 1)[:, -(CONV_WIDTH - 1):]
-
     # ---- inference (blockstate.cache): one position at a time
     @torch.no_grad()
     def allocate_cache(self, batch: int, device: torch.device,
@@ -310,4 +286,3 @@ class SelectiveSSM(nn.Module):
             return None
         y = torch.einsum("bkgpn,bkn->bkgp", cache.state, c[:, 0])
         return self._output(y.unsqueeze(1), x)[:, 0]
-

@@ -1,0 +1,43 @@
+"""The optional Hugging Face `transformers` integration (blockstate.hf)."""
+
+import pytest
+import torch
+
+import blockstate
+from blockstate import build_model
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+import blockstate.hf  # noqa: E402,F401  (registers the Auto classes)
+
+
+@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mf-s4", "brt"])
+def test_auto_model_gives_blockstate_logits_loss_and_greedy_tokens(name, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(name, "tiny", init_std=0.1).eval()     # logits of O(1): distinct tokens
+    model.save_pretrained(tmp_path / "m")
+    assert AutoConfig.from_pretrained(tmp_path / "m").to_model_config() == model.config
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert isinstance(hf, blockstate.hf.BlockStateForCausalLM)
+    tokens = torch.randint(0, 256, (2, 37))
+    out = hf(tokens, labels=tokens)
+    torch.testing.assert_close(out.logits, model(tokens), rtol=0, atol=1e-6)
+    expected = torch.nn.functional.cross_entropy(model(tokens)[:, :-1].flatten(0, 1),
+                                                 tokens[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected)
+    greedy = hf.generate(tokens, max_new_tokens=12, do_sample=False)
+    assert greedy.tolist() == model.generate(tokens, 12, temperature=0)
+    # transformers' own save (weights under "model.") loads back into blockstate
+    hf.save_pretrained(tmp_path / "hf")
+    again, _ = blockstate.load(tmp_path / "hf")
+    assert torch.equal(again(tokens), model(tokens))
+
+
+def test_padding_masks_are_refused(tmp_path):
+    build_model("bst-sh-s4", "tiny").save_pretrained(tmp_path / "m")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tokens = torch.ones(2, 5, dtype=torch.long)
+    hf(tokens, attention_mask=torch.ones(2, 5))                  # masks nothing: fine
+    with pytest.raises(ValueError, match="padding"):
+        hf(tokens, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
