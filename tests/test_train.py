@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -128,6 +129,26 @@ def test_eval_json_by_length(corpus, tmp_path, capsys):
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert result["aligned"]  # 32 and 64 divide 256: every length scores the same tokens
     assert len({m["tokens"] for m in result["lengths"].values()}) == 1
+
+
+def test_precision_and_activation_checkpointing_options(corpus, tmp_path, capsys):
+    """bf16 autocast trains on the CPU too; activation checkpointing does not change the run;
+    evaluation can be forced to float32."""
+    plain = train(_config(corpus, tmp_path, max_steps=3, model_overrides={"block_size": 16}),
+                  tmp_path / "plain", quiet=True)
+    checkpointed = train(_config(corpus, tmp_path, max_steps=3, activation_checkpointing=True,
+                                 model_overrides={"block_size": 16}), tmp_path / "ckpt", quiet=True)
+    assert _losses(tmp_path / "ckpt") == pytest.approx(_losses(tmp_path / "plain"), abs=1e-5)
+    assert checkpointed["validation"]["loss"] == pytest.approx(plain["validation"]["loss"], abs=1e-5)
+    bf16 = train(_config(corpus, tmp_path, max_steps=3, precision="bf16"), tmp_path / "bf16",
+                 quiet=True)
+    assert math.isfinite(bf16["validation"]["loss"])
+    assert bf16["validation"]["loss"] != pytest.approx(plain["validation"]["loss"], abs=1e-6)
+    assert main(["eval", str(tmp_path / "bf16"), "--precision", "fp32", "--max-tokens", "500",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "fp32"
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        _config(corpus, tmp_path, precision="fp8")
 
 
 @pytest.mark.parametrize("max_tokens", [None, 300])

@@ -170,7 +170,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-tokens {args.batch_tokens} must be >= 1")
     result = evaluate_checkpoint(args.checkpoint, args.data, lengths, split=args.split,
                                  max_tokens=args.max_tokens or None, device=args.device,
-                                 batch_tokens=args.batch_tokens, cache_dir=args.cache_dir)
+                                 batch_tokens=args.batch_tokens, cache_dir=args.cache_dir,
+                                 precision=args.precision)
     if args.plot:
         plot_loss_by_position(result, args.plot)
     if args.output:
@@ -427,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     p.add_argument("--plot", default=None, help="PNG of loss by position (needs matplotlib)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="autocast of the forward pass: auto (bf16 on CUDA, fp32 elsewhere), fp32 "
+                        "or bf16")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a run's model and tokenizer as a self-contained "

@@ -45,7 +45,8 @@ def aligned_windows(dataset: PackedSequences, outer: PackedSequences, outer_indi
 @torch.no_grad()
 def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths: np.ndarray,
                     max_tokens: int | None, batch_tokens: int, device: torch.device,
-                    indices: np.ndarray | None = None, carry: bool = True) -> dict[str, Any]:
+                    indices: np.ndarray | None = None, carry: bool = True,
+                    precision: str = "auto") -> dict[str, Any]:
     """Metrics over the windows `indices` of `dataset` (default: windows spread evenly, about
     max_tokens tokens), and the loss by position."""
     seq_len = dataset.seq_len
@@ -60,7 +61,7 @@ def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths:
     pos_count = torch.zeros(seq_len, dtype=torch.float64)
     nll, n_bytes, sequences = 0.0, 0.0, 0
     for targets, losses in iter_losses(model, dataset, batch, math.ceil(take / batch), device, indices,
-                                       carry=carry):
+                                       carry=carry, precision=precision):
         losses = losses.double()
         valid = targets != -100
         pos_loss += (losses * valid).sum(0)
@@ -105,7 +106,8 @@ def loss_by_block_range(pos_loss: torch.Tensor, pos_count: torch.Tensor, block_s
 def evaluate_checkpoint(path: str | Path, data: str | None = None, lengths: list[int] | None = None,
                         split: str = "test", max_tokens: int | None = 200_000,
                         batch_tokens: int = 8192, device: str = "auto",
-                        cache_dir: str | Path | None = None) -> dict[str, Any]:
+                        cache_dir: str | Path | None = None, precision: str = "auto"
+                        ) -> dict[str, Any]:
     """Evaluate the checkpoint at `path` on `split` of corpus `data` at each of `lengths`
     (default: the training length). Top-level metrics are those at the training length when it
     is among `lengths`, else at the first length.
@@ -141,12 +143,12 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, lengths: list
         dataset = longest if length == longest.seq_len else PackedSequences(tokens, length, tokenizer.pad_id)
         indices = aligned_windows(dataset, longest, outer_indices) if aligned else None
         per_length[str(length)] = evaluate_length(model, dataset, byte_lengths, max_tokens,
-                                                  batch_tokens, dev, indices, carry)
+                                                  batch_tokens, dev, indices, carry, precision)
     main = per_length[str(train_len)] if str(train_len) in per_length else per_length[str(lengths[0])]
     return {"checkpoint": str(checkpoint.path), "step": checkpoint.step, "data": data, "split": split,
             "training_length": train_len, "perplexity": main["perplexity"],
             "bits_per_byte": main["bits_per_byte"], "loss": main["loss"], "tokens": main["tokens"],
-            "aligned": aligned, "lengths": per_length}
+            "aligned": aligned, "precision": precision, "lengths": per_length}
 
 
 def plot_loss_by_position(result: dict[str, Any], path: str | Path) -> Path:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .cache import InferenceCache
@@ -83,7 +84,15 @@ class BlockStateLM(nn.Module):
                 special(config) if i in placed else BlockAttentionLayer(config)
                 for i in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        # Recompute each layer's activations in the backward pass instead of storing them (less
+        # memory, about one more forward pass of compute); training only.
+        self.activation_checkpointing = False
         self.reset_parameters()
+
+    def _layer(self, layer: nn.Module, *args, **kwargs):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, **kwargs)
+        return layer(*args, **kwargs)
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for embeddings and projections; residual output projections scaled
@@ -247,7 +256,7 @@ class BlockStateLM(nn.Module):
         new_inputs, new_states = [], {}
         for i, layer in enumerate(self.layers):
             if not config.carries_memory:
-                x = layer(x)
+                x = self._layer(layer, x)
                 continue
             before = None if memory is None else memory.inputs[i]                  # (B, M, D)
             if return_memory:
@@ -255,10 +264,10 @@ class BlockStateLM(nn.Module):
                 new_inputs.append(torch.cat([past, x], 1)[:, -span:].detach())
             if isinstance(layer, BlockRecurrentLayer):
                 state = None if memory is None else memory.states[i]
-                x, state = layer(x, before, valid, state, keep, return_state=True)
+                x, state = self._layer(layer, x, before, valid, state, keep, return_state=True)
                 new_states[i] = state.detach()
             else:
-                x = layer(x, before, valid)
+                x = self._layer(layer, x, before, valid)
         x = self.norm(x[:, :length])                                              # (B, L, D)
         logits = F.linear(x, self.embedding.weight.to(x.dtype))                   # (B, L, V)
         if not return_memory:

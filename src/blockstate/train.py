@@ -51,6 +51,7 @@ HORIZON_PROBE_STEPS = 5
 # A run stops after this many consecutive batches with a non-finite loss or gradient norm.
 MAX_SKIPPED_BATCHES = 10
 NONFINITE_POLICIES = ("skip", "stop")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -96,6 +97,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     compile: bool = False
+    # Mixed precision of the forward pass: "auto" is bfloat16 autocast on CUDA and float32 elsewhere.
+    precision: str = "auto"
+    activation_checkpointing: bool = False
     cache_dir: str | None = None        # tokenized corpora; default ~/.cache/blockstate
     sample_tokens: int = 200            # length of the sample printed at the end (0: none)
     # On a non-finite loss or gradient norm: "skip" the batch (stop after MAX_SKIPPED_BATCHES in a
@@ -121,6 +125,9 @@ class TrainConfig:
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={self.nonfinite!r} is not valid; allowed: "
                              f"{', '.join(NONFINITE_POLICIES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not valid; allowed: "
+                             f"{', '.join(PRECISIONS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -210,6 +217,9 @@ FIELD_HELP: dict[str, str] = {
     "seed": "random seed (model initialization, data order, dropout)",
     "device": "auto, cpu, cuda, cuda:N or mps",
     "compile": "torch.compile the model",
+    "precision": "autocast of the forward pass: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16",
+    "activation_checkpointing": "recompute each layer's activations in the backward pass "
+                                "(less memory, about a third more compute)",
     "cache_dir": "directory of tokenized corpora (default ~/.cache/blockstate)",
     "sample_tokens": "length of the sample printed at the end (0: none)",
     "nonfinite": "on a non-finite loss or gradient: skip the batch or stop the run",
@@ -219,6 +229,7 @@ FIELD_HELP: dict[str, str] = {
 FIELD_CHOICES: dict[str, Callable[[], list[str]]] = {
     "model": list_models, "size": lambda: list(SIZES), "tokenizer": lambda: list(TOKENIZERS),
     "schedule": lambda: list(SCHEDULES), "nonfinite": lambda: list(NONFINITE_POLICIES),
+    "precision": lambda: list(PRECISIONS),
 }
 BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
 
@@ -308,11 +319,21 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `precision` on `device` (None: float32, no autocast)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not valid; allowed: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16}[precision]
+
+
 def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
-               **forward: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+               precision: str = "auto", **forward: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """Summed next-token cross-entropy (nats) over non-ignored targets, the per-token losses, and
     the memory the model returns when called with `return_memory=True` (else None)."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    dtype = autocast_dtype(precision, device)
+    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         out = model(inputs, **forward)
     logits, memory = out if isinstance(out, tuple) else (out, None)
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
@@ -326,7 +347,8 @@ def carries_memory(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def iter_losses(model: nn.Module, dataset: PackedSequences, batch_size: int, max_batches: int | None,
-                device: torch.device, indices: np.ndarray | None = None, carry: bool = True):
+                device: torch.device, indices: np.ndarray | None = None, carry: bool = True,
+                precision: str = "auto"):
     """Yield (targets, per-token losses) for batches of `dataset`'s windows: `indices` in order
     (default all). A model that carries memory instead reads lanes of consecutive windows of whole
     documents, in corpus order, with its memory carried from batch to batch (unless `carry` is
@@ -341,7 +363,8 @@ def iter_losses(model: nn.Module, dataset: PackedSequences, batch_size: int, max
             inputs, targets, keep = stream.next_batch()
             used = _scored_columns(targets, model.config.block_size)
             _, losses, memory = token_loss(model, inputs[:, :used].to(device),
-                                           targets[:, :used].to(device), device, memory=memory,
+                                           targets[:, :used].to(device), device,
+                                           precision=precision, memory=memory,
                                            keep=keep.to(device), return_memory=True)
             yield targets, F.pad(losses.cpu(), (0, targets.shape[1] - used))
         return
@@ -352,7 +375,7 @@ def iter_losses(model: nn.Module, dataset: PackedSequences, batch_size: int, max
         inputs, targets = dataset.batch(indices[start:start + batch_size].tolist())
         used = _scored_columns(targets, model.config.block_size)
         _, losses, _ = token_loss(model, inputs[:, :used].to(device), targets[:, :used].to(device),
-                                  device)
+                                  device, precision=precision)
         yield targets, F.pad(losses.cpu(), (0, targets.shape[1] - used))
 
 
@@ -368,13 +391,14 @@ def _scored_columns(targets: torch.Tensor, block_size: int) -> int:
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, dataset: PackedSequences, tokenizer: Tokenizer,
                      batch_size: int, max_batches: int | None, device: torch.device,
-                     carry: bool = True) -> dict[str, float]:
+                     carry: bool = True, precision: str = "auto") -> dict[str, float]:
     """Loss, perplexity and bits per byte over the first windows of `dataset`, in order."""
     was_training = model.training
     model.eval()
     byte_lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
     nll, count, n_bytes = 0.0, 0, 0.0
-    for targets, losses in iter_losses(model, dataset, batch_size, max_batches, device, carry=carry):
+    for targets, losses in iter_losses(model, dataset, batch_size, max_batches, device, carry=carry,
+                                       precision=precision):
         valid = targets != -100
         nll += float(losses[valid].double().sum())
         count += int(valid.sum())
@@ -586,6 +610,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                 log("warning: the checkpoint holds no carried memory; the first batch after resuming "
                     "starts without it")
         log(f"resumed from {checkpoint.path} at step {step}")
+    model.activation_checkpointing = config.activation_checkpointing
     train_model: nn.Module = model
     if config.compile:
         train_model = torch.compile(model)
@@ -621,7 +646,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
 
     def validate() -> dict[str, Any]:
         result = evaluate_batches(model, val_data, tokenizer, micro, config.eval_batches, device,
-                                  carry=xl)
+                                  carry=xl, precision=config.precision)
         result["step"] = step
         metrics.write({"split": "validation", **result})
         return result
@@ -662,7 +687,8 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                 last = m == config.grad_accum - 1
                 sync = train_model.no_sync() if (ddp.world_size > 1 and not last) else nullcontext()
                 with sync:
-                    total, _, new_memory = token_loss(train_model, x, y, device, **forward)
+                    total, _, new_memory = token_loss(train_model, x, y, device,
+                                                      precision=config.precision, **forward)
                     memories.append(new_memory)
                     # mean over the global batch's tokens; DDP averages over processes
                     (total * ddp.world_size / count.item()).backward()
