@@ -137,36 +137,52 @@ class ContextStates(nn.Module):
         k, v = self._summary_kv(last, batch, dtype)[:, -1].unbind(dim=2)            # (B, S, H, Dh)
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def prefill(self, h: torch.Tensor, length: int, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(self, h: torch.Tensor, length: int, cache, key_norm=None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward(h)` for h (B, L', D) whose first `length` positions are real, filling the
-        layer's cache (a `BSTCache`) for the position after them."""
+        layer's cache (a `BSTCache`) for the position after them; cached keys pass `key_norm`
+        (see `step`)."""
+        key_norm = key_norm or (lambda k: k)
         k, v, u, ends = self._forward(h)
         self.ssm.prefill_cache(u[:, :length], cache.ssm)
         w, complete = self.block_size, length // self.block_size
         if self.variant == "mf":
             outputs = ends[:, complete - 1] if complete else None
-            cache.summary = self._summary_step(outputs, h.shape[0], h.dtype)
+            k_next, v_next = self._summary_step(outputs, h.shape[0], h.dtype)
+            cache.summary = key_norm(k_next), v_next
         elif length % w:
             part = slice(0, length % w)
-            cache.context.append(k[:, complete, part].transpose(1, 2), v[:, complete, part].transpose(1, 2))
+            cache.context.append(key_norm(k[:, complete, part].transpose(1, 2)),
+                                 v[:, complete, part].transpose(1, 2))
         return k, v
 
-    def step(self, h: torch.Tensor, cache, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, h: torch.Tensor, cache, offset: int, key_norm=None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance by one position h (B, 1, D) at in-block `offset`; the context keys/values
-        (B, H, T, Dh) its query sees."""
-        last = offset == self.block_size - 1
+        (B, H, T, Dh) its query sees. `key_norm` (the cross-attention's key normalization) is
+        applied once, when a key enters the cache."""
+        key_norm = key_norm or (lambda k: k)
+        batch, last = h.shape[0], offset == self.block_size - 1
         y = self.ssm.step(self.down(h[:, 0]), cache.ssm, output=self.variant != "mf" or last)
         if self.variant == "mf":
+            if cache.summary is None:
+                k, v = self._summary_step(None, batch, h.dtype)
+                cache.summary = key_norm(k), v
             k, v = cache.summary
             if last:  # the outputs at this block's end summarize it for the next block
-                cache.summary = self._summary_step(self._context_outputs(y, h.dtype), h.shape[0],
-                                                   h.dtype)
+                k_next, v_next = self._summary_step(self._context_outputs(y, h.dtype), batch, h.dtype)
+                cache.summary = key_norm(k_next), v_next
             return k, v
-        outputs = self._context_outputs(y.unsqueeze(1), h.dtype)
-        k, v = self._position_kv(outputs, 1, cache.sh_map)[:, 0].unbind(2)
+        outputs = self._context_outputs(y, h.dtype)                                # (B, C, Hs)
+        if self.variant == "sh":
+            kv = F.linear(outputs[:, 0], *cache.sh_map)                            # (B, 2 H Dh)
+            k, v = kv.view(batch, 2, self.n_heads, 1, self.head_dim).unbind(1)     # (B, H, 1, Dh)
+        else:
+            k, v = self._position_kv(outputs.unsqueeze(1), 1)[:, 0, 0].unbind(1)   # (B, H, Dh)
+            k, v = k.unsqueeze(2), v.unsqueeze(2)
         if offset == 0:
             cache.context.keep_last(0)
-        return cache.context.append(k.transpose(1, 2), v.transpose(1, 2))
+        return cache.context.append(key_norm(k), v)
 
 
 class BSTLayer(nn.Module):
@@ -222,15 +238,15 @@ class BSTLayer(nn.Module):
         """`forward(x)` for x (B, L', D) whose first `length` positions are real, filling the
         empty `cache` for the position after them."""
         h = self.attn_norm(x)
-        k, v = self.context.prefill(h, length, cache)
+        k, v = self.context.prefill(h, length, cache, self.cross_qk_norm.keys)
         return self._mix(x, self.self_attn.prefill(h, length, cache.attention),
                          self.cross_attention(h, k, v))
 
     def step(self, x: torch.Tensor, cache: BSTCache, offset: int) -> torch.Tensor:
         """Outputs (B, 1, D) of one new position x (B, 1, D) at in-block `offset`."""
         h = self.attn_norm(x)
-        k, v = self.context.step(h, cache, offset)                                 # (B, H, T, Dh)
+        k, v = self.context.step(h, cache, offset, self.cross_qk_norm.keys)        # (B, H, T, Dh)
         q = self.cross_qk_norm.queries(self.cross_q(h).unflatten(-1, (self.n_heads, self.head_dim)))
-        cross = attend(q.transpose(1, 2), self.cross_qk_norm.keys(k), v)           # (B, H, 1, Dh)
+        cross = attend(q.transpose(1, 2), k, v)                                    # (B, H, 1, Dh)
         return self._mix(x, self.self_attn.extend(h, cache.attention, offset),
                          cross.transpose(1, 2).flatten(2))
