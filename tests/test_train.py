@@ -151,6 +151,45 @@ def test_precision_and_activation_checkpointing_options(corpus, tmp_path, capsys
         _config(corpus, tmp_path, precision="fp8")
 
 
+def test_metrics_sinks(corpus, tmp_path, monkeypatch):
+    """--log-to: none writes metrics.jsonl only; wandb gets the run config and every float metric
+    (a stand-in module records the calls); a sink that is not installed is named with its pip
+    command; unknown sinks are refused."""
+    import sys
+    import types
+
+    train(_config(corpus, tmp_path, max_steps=2, log_to="none"), tmp_path / "none", quiet=True)
+    assert not (tmp_path / "none" / "tensorboard").exists()
+    calls = {"log": []}
+
+    class FakeRun:
+        url = None
+
+        def log(self, scalars, step):
+            calls["log"].append((step, scalars))
+
+        def finish(self):
+            calls["finish"] = True
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    train(_config(corpus, tmp_path, max_steps=2, log_to="wandb", eval_every=2),
+          tmp_path / "wb", quiet=True)
+    assert calls["init"]["name"] == "wb" and calls["init"]["config"]["train"]["max_steps"] == 2
+    assert [step for step, _ in calls["log"]][:2] == [1, 2] and calls["finish"]
+    assert "train/loss" in calls["log"][0][1]
+    assert any("validation/loss" in scalars for _, scalars in calls["log"])
+    monkeypatch.setitem(sys.modules, "wandb", None)                 # not installed
+    with pytest.raises(ValueError, match="pip install wandb"):
+        train(_config(corpus, tmp_path, max_steps=1, log_to="wandb"), tmp_path / "wb2", quiet=True)
+    assert not (tmp_path / "wb2").exists()                          # refused before any file
+    with pytest.raises(ValueError, match="log_to='mlflow'"):
+        _config(corpus, tmp_path, log_to="mlflow")
+
+
 @pytest.mark.parametrize("max_tokens", [None, 300])
 def test_aligned_windows_score_the_same_targets(max_tokens):
     import numpy as np

@@ -116,15 +116,55 @@ def read_metrics(path: Path, warn: Any = None) -> list[dict[str, Any]]:
     return records
 
 
-class MetricsLog:
-    """Append-only JSON Lines metrics (and TensorBoard scalars when tensorboard is installed). Each
-    record is one `write` of one line. On resume the file is cut back to the checkpoint's step by
-    writing a new file and renaming it over the old one, so a kill never leaves it half-written."""
+METRIC_SINKS = ("auto", "none", "tensorboard", "wandb")
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool, warn: Any = None):
-        self.path, self.enabled, self.writer = path, enabled, None
+
+def _tensorboard_writer(directory: Path, required: bool, notice: Any):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # torch's TensorBoard support needs the tensorboard package
+        if required:
+            raise ValueError("--log-to tensorboard needs the tensorboard package: pip install "
+                             "tensorboard") from None
+        notice("TensorBoard is not installed (pip install tensorboard): metrics go to "
+               "metrics.jsonl only")
+        return None
+    notice(f"TensorBoard scalars: tensorboard --logdir {directory}")
+    return SummaryWriter(str(directory))
+
+
+def check_metric_sinks(sinks: tuple[str, ...]) -> None:
+    """Raise ValueError, naming the pip command, for a requested sink that is not installed
+    (before a run directory is created)."""
+    if "tensorboard" in sinks:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except Exception:
+            raise ValueError("--log-to tensorboard needs the tensorboard package: pip install "
+                             "tensorboard") from None
+    if "wandb" in sinks:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("--log-to wandb needs the wandb package: pip install wandb") from None
+
+
+class MetricsLog:
+    """Append-only JSON Lines metrics, plus the `sinks` asked for: "auto" (TensorBoard when it is
+    installed, with a notice either way), "none", "tensorboard", "wandb" (Weights & Biases; its
+    WANDB_* environment variables apply, e.g. WANDB_MODE=offline). Each record is one `write` of
+    one line. On resume the file is cut back to the checkpoint's step by writing a new file and
+    renaming it over the old one, so a kill never leaves it half-written."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool, warn: Any = None,
+                 sinks: tuple[str, ...] = ("auto",), run_config: dict | None = None):
+        self.path, self.enabled, self.writer, self.wandb_run = path, enabled, None, None
+        unknown = sorted(set(sinks) - set(METRIC_SINKS))
+        if unknown:
+            raise ValueError(f"unknown metrics sink(s) {unknown}; allowed: {', '.join(METRIC_SINKS)}")
         if not enabled:
             return
+        notice = warn or (lambda message: None)
         if resume_step is not None and path.exists():  # drop what was logged after the checkpoint
             kept = [r for r in read_metrics(path, warn) if r.get("step", 0) <= resume_step]
             temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -135,11 +175,18 @@ class MetricsLog:
             os.replace(temp, path)
         elif path.exists():
             read_metrics(path, warn)  # fail now, naming the file, rather than at the end
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
-        except Exception:  # tensorboard is optional
-            self.writer = None
+        if "tensorboard" in sinks or "auto" in sinks:
+            self.writer = _tensorboard_writer(path.parent / "tensorboard", "tensorboard" in sinks,
+                                              notice)
+        if "wandb" in sinks:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("--log-to wandb needs the wandb package: pip install wandb") from None
+            self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "blockstate"),
+                                        name=path.parent.name, config=run_config or {},
+                                        resume="allow", dir=str(path.parent))
+            notice(f"Weights & Biases run: {getattr(self.wandb_run, 'url', None) or 'offline'}")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -150,12 +197,17 @@ class MetricsLog:
             os.write(fd, line.encode("utf-8"))
         finally:
             os.close(fd)
+        prefix = record.get("split", "train")
+        scalars = {f"{prefix}/{key}": value for key, value in record.items()
+                   if isinstance(value, float) and key != "elapsed"}
         if self.writer is not None:
-            prefix = record.get("split", "train")
-            for key, value in record.items():
-                if isinstance(value, float) and key != "elapsed":
-                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, record["step"])
+        if self.wandb_run is not None and scalars:
+            self.wandb_run.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

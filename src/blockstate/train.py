@@ -42,7 +42,15 @@ from .data import (
 )
 from .model import Memory
 from .registry import SIZES, build_model, list_models, model_config
-from .rundir import MetricsLog, RunLock, check_clearable, clear_run, is_run_dir
+from .rundir import (
+    METRIC_SINKS,
+    MetricsLog,
+    RunLock,
+    check_clearable,
+    check_metric_sinks,
+    clear_run,
+    is_run_dir,
+)
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 TOKENIZERS = ("byte", "bpe", "unigram")
@@ -100,6 +108,8 @@ class TrainConfig:
     # Mixed precision of the forward pass: "auto" is bfloat16 autocast on CUDA and float32 elsewhere.
     precision: str = "auto"
     activation_checkpointing: bool = False
+    # Where metrics go besides metrics.jsonl: comma-separated auto | none | tensorboard | wandb
+    log_to: str = "auto"
     cache_dir: str | None = None        # tokenized corpora; default ~/.cache/blockstate
     sample_tokens: int = 200            # length of the sample printed at the end (0: none)
     # On a non-finite loss or gradient norm: "skip" the batch (stop after MAX_SKIPPED_BATCHES in a
@@ -125,6 +135,10 @@ class TrainConfig:
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={self.nonfinite!r} is not valid; allowed: "
                              f"{', '.join(NONFINITE_POLICIES)}")
+        sinks = [x for x in self.log_to.split(",") if x]
+        if not sinks or set(sinks) - set(METRIC_SINKS):
+            raise ValueError(f"log_to={self.log_to!r} is not valid; give a comma-separated list of "
+                             f"{', '.join(METRIC_SINKS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not valid; allowed: "
                              f"{', '.join(PRECISIONS)}")
@@ -218,6 +232,8 @@ FIELD_HELP: dict[str, str] = {
     "device": "auto, cpu, cuda, cuda:N or mps",
     "compile": "torch.compile the model",
     "precision": "autocast of the forward pass: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16",
+    "log_to": "metrics besides metrics.jsonl, comma-separated: auto (TensorBoard when installed), "
+              "none, tensorboard, wandb (WANDB_* environment variables apply)",
     "activation_checkpointing": "recompute each layer's activations in the backward pass "
                                 "(less memory, about a third more compute)",
     "cache_dir": "directory of tokenized corpora (default ~/.cache/blockstate)",
@@ -452,6 +468,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
             raise ValueError(f"{flag} {path} is a file, not a directory")
     if not config.has_budget():
         raise ValueError("no training budget: give --max-steps, --max-tokens or --max-time")
+    check_metric_sinks(tuple(config.log_to.split(",")))
     if Path(config.data).exists():  # store the absolute path, so a resume from elsewhere finds it
         config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
     messages: list[str] = []  # warnings found before the logger exists
@@ -627,7 +644,9 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                                               indent=2))
         log(f"{model.num_parameters():,} parameters; {len(train_data):,} training sequences of "
             f"{seq_len} tokens; {len(val_data):,} validation sequences")
-    metrics = MetricsLog(out_dir / "metrics.jsonl", step if checkpoint else None, ddp.is_main, log)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", step if checkpoint else None, ddp.is_main, log,
+                         sinks=tuple(x for x in config.log_to.split(",") if x),
+                         run_config=resolved)
 
     def save() -> None:
         if not ddp.is_main:
