@@ -75,6 +75,10 @@ def test_models_benchmark(tmp_path):
                  "--batch", "2", "--steps", "1", "--out", str(out)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert [r["model"] for r in data["results"]] == ["bst-sh-s4", "slide"]
+    for r in data["results"]:  # a training step is about 6 FLOPs per parameter and token
+        assert 5 < r["flops_per_token"] / r["parameters"] < 8
+        assert 0 < r["mfu"] == pytest.approx(r["achieved_gflops"]
+                                             / data["machine_limits"]["matmul_peak_gflops"])
     assert "| bst-sh-s4 |" in out.with_suffix(".md").read_text()
 
 

@@ -340,8 +340,10 @@ def run_models(out: Path | None, presets: list[str], size: str, batch: int, seq_
     from .registry import build_model
 
     dev = torch.device(device)
+    width = build_model(presets[0], size).config.d_model if presets else 256
+    limits = measure_machine(dev, width, [], torch.float32)
     report = {"kind": "models", "command": command, "machine": machine_info(dev), "size": size,
-              "batch": batch, "seq_len": seq_len, "results": []}
+              "batch": batch, "seq_len": seq_len, "machine_limits": limits, "results": []}
     for name in presets:
         torch.manual_seed(0)
         model = build_model(name, size).to(dev)
@@ -357,6 +359,9 @@ def run_models(out: Path | None, presets: list[str], size: str, batch: int, seq_
             optimizer.step()
 
         step()  # warm-up
+        with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
+            step()  # the operations of one training step, counted
+        flops = counter.get_total_flops()
         times = []
         for _ in range(steps):
             _sync(dev)
@@ -366,9 +371,13 @@ def run_models(out: Path | None, presets: list[str], size: str, batch: int, seq_
             times.append(time.perf_counter() - t0)
         seconds = statistics.median(times)
         r = {"model": name, "parameters": model.num_parameters(), "step_seconds": seconds,
-             "all_seconds": times, "tokens_per_s": batch * seq_len / seconds}
+             "all_seconds": times, "tokens_per_s": batch * seq_len / seconds,
+             "step_flops": flops, "flops_per_token": flops / (batch * seq_len),
+             "achieved_gflops": flops / seconds / 1e9,
+             "mfu": flops / seconds / 1e9 / limits["matmul_peak_gflops"]}
         report["results"].append(r)
-        log(f"  {name}: {r['tokens_per_s']:.0f} tokens/s ({r['parameters'] / 1e6:.2f}M parameters)")
+        log(f"  {name}: {r['tokens_per_s']:.0f} tokens/s ({r['parameters'] / 1e6:.2f}M parameters, "
+            f"{r['mfu']:.1%} of the measured matmul peak)")
         if out is not None:
             write_outputs(out, report, plot=False)
     if out is not None:
@@ -464,7 +473,9 @@ def layers_markdown(report: dict, reference_length: int = 8192) -> str:
 def models_markdown(report: dict) -> str:
     info = report["machine"]
     rows = [[r["model"], f"{r['parameters'] / 1e6:.2f}M", f"{r['step_seconds']:.2f}",
-             f"{r['tokens_per_s']:.0f}"] for r in report["results"]]
+             f"{r['tokens_per_s']:.0f}",
+             f"{r['flops_per_token'] / 1e6:.1f}" if "flops_per_token" in r else "-",
+             f"{r['mfu']:.1%}" if "mfu" in r else "-"] for r in report["results"]]
     by_name = {r["model"]: r for r in report["results"]}
     for row, r in zip(rows, report["results"], strict=True):
         for ref in ("brt", "slide"):
@@ -475,8 +486,13 @@ def models_markdown(report: dict) -> str:
         f"torch {info['torch']}, load average at start "
         f"{', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}. Size {report['size']}, batch "
         f"{report['batch']} x {report['seq_len']} tokens; forward, backward and AdamW step; median "
-        f"step after a warm-up.", "",
-        markdown_table(["model", "parameters", "step s", "tokens/s", "vs brt", "vs slide"], rows), ""])
+        f"step after a warm-up. MFLOP/token: the operations of one step counted by "
+        f"`torch.utils.flop_counter` (FFTs and CPU attention included), per token; MFU: the achieved "
+        f"FLOP rate over the machine's measured matmul peak "
+        f"({report.get('machine_limits', {}).get('matmul_peak_gflops', float('nan')):.0f} GFLOP/s "
+        f"float32 in the same run).", "",
+        markdown_table(["model", "parameters", "step s", "tokens/s", "MFLOP/token", "MFU", "vs brt",
+                        "vs slide"], rows), ""])
 
 
 def plot_layers(report: dict, path: Path) -> None:
