@@ -151,3 +151,22 @@ def test_bad_generation_requests():
         assert len(unstructured.generate([[1] * 120], 20)[0]) == 140
     with pytest.warns(UserWarning, match="trained for"):
         unstructured(torch.ones(1, 140, dtype=torch.long))
+
+
+def test_top_k_keeps_exactly_k_and_top_p_the_smallest_nucleus():
+    from blockstate.generate import filter_logits
+
+    probs = torch.tensor([[0.05, 0.5, 0.1, 0.3, 0.05]])
+    logits = probs.log()
+    kept = lambda out: set(torch.isfinite(out[0]).nonzero().flatten().tolist())  # noqa: E731
+    assert kept(filter_logits(logits, 2, None)) == {1, 3}
+    assert kept(filter_logits(logits, 3, None)) == {1, 2, 3}
+    assert kept(filter_logits(logits, None, 0.5)) == {1}            # 0.5 reaches 0.5
+    assert kept(filter_logits(logits, None, 0.6)) == {1, 3}         # 0.5 < 0.6 <= 0.8
+    assert kept(filter_logits(logits, None, 0.85)) == {1, 2, 3}
+    assert kept(filter_logits(logits, 2, 0.3)) == {1}
+    assert kept(filter_logits(logits, None, None)) == {0, 1, 2, 3, 4}
+    # and sampling draws only from what is kept
+    model = _model("bst-sh-s4")
+    outs = model.generate([[1, 2, 3]] * 6, 30, temperature=2.0, top_k=1, seed=3)
+    assert outs == model.generate([[1, 2, 3]] * 6, 30, temperature=0)

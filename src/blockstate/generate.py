@@ -23,16 +23,22 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
     logits = logits.float().cpu()
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Logits (B, V) with -inf outside the top_k most likely tokens and outside the smallest set of
+    most likely tokens whose probability reaches top_p (nucleus); None disables a filter."""
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p   # keep the smallest set >= top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p   # the mass before a token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return logits
 
 
 def _token_ids(prompt: Sequence[int]) -> list[int]:
