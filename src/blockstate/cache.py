@@ -27,7 +27,7 @@ States are kept in float32 (float64 for float64 models) whatever the model's dty
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -176,7 +176,6 @@ class InferenceCache:
     layers: list[LayerCache]
     batch: int
     position: int = 0
-    block_size: int = field(default=0, repr=False)
 
     def nbytes(self) -> int:
         """Bytes held (keys/values, states, histories and per-model step operators)."""
@@ -186,8 +185,7 @@ class InferenceCache:
         """A cache of the given batch rows (reordered or repeated, e.g. for beam search or to
         continue one prompt several ways)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return InferenceCache(select_rows(self.layers, rows), len(rows), self.position,
-                              self.block_size)
+        return InferenceCache(select_rows(self.layers, rows), len(rows), self.position)
 
 
 __all__ = [

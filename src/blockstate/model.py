@@ -128,7 +128,7 @@ class BlockStateLM(nn.Module):
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
         weight = self.embedding.weight
         return InferenceCache([layer.allocate_cache(batch, weight.device, weight.dtype)
-                               for layer in self.layers], batch, 0, self.config.block_size)
+                               for layer in self.layers], batch)
 
     def _check_cache(self, cache: InferenceCache, tokens: torch.Tensor) -> None:
         if (not isinstance(cache, InferenceCache) or len(cache.layers) != len(self.layers)
