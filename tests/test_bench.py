@@ -99,3 +99,11 @@ def test_generation_benchmark(tmp_path):
     text = out.with_suffix(".md").read_text()
     assert "| bst-sh-s4 | 160 |" in text and "vs slide b2" in text
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_import_benchmark_reports_against_torch(tmp_path):
+    report = bench.run_imports(tmp_path / "imports", repeats=1, log=lambda _: None,
+                               imports={"torch": "import math", "blockstate": "import json"})
+    assert set(report["median"]) == {"python", "torch", "blockstate"}
+    assert report["blockstate_over_torch_s"] == report["median"]["blockstate"] - report["median"]["torch"]
+    assert "| blockstate | `import json` |" in (tmp_path / "imports.md").read_text()

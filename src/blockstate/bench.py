@@ -385,6 +385,48 @@ def run_models(out: Path | None, presets: list[str], size: str, batch: int, seq_
     return report
 
 
+# ----------------------------------------------------------------------------- import time
+
+IMPORTS = {"torch": "import torch", "blockstate": "import blockstate",
+           "blockstate + model": "import blockstate; blockstate.build_model('bst-sh-s4', 'tiny')",
+           "blockstate.cli": "import blockstate.cli"}
+
+
+def run_imports(out: Path | None, repeats: int = 7, command: str = "",
+                log: Callable[[str], None] = print, imports: dict[str, str] | None = None) -> dict:
+    """Wall time of a fresh interpreter running each statement of IMPORTS (median of `repeats`
+    runs, interleaved), against `python -c pass`; the cost of importing blockstate is the
+    difference to importing torch."""
+    import subprocess
+
+    statements = {"python": "pass", **(IMPORTS if imports is None else imports)}
+    times: dict[str, list[float]] = {name: [] for name in statements}
+    for _ in range(repeats):
+        for name, statement in statements.items():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", statement], check=True)
+            times[name].append(time.perf_counter() - t0)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    report = {"kind": "imports", "command": command, "machine": machine_info(torch.device("cpu")),
+              "repeats": repeats, "statements": statements, "seconds": times, "median": medians,
+              "blockstate_over_torch_s": medians["blockstate"] - medians["torch"]}
+    for name, seconds in medians.items():
+        log(f"  {name}: {seconds:.3f} s")
+    if out is not None:
+        write_outputs(out, report, plot=False)
+    return report
+
+
+def imports_markdown(report: dict) -> str:
+    rows = [[name, f"`{report['statements'][name]}`", f"{seconds:.3f}",
+             f"{seconds - report['median']['torch']:+.3f}"] for name, seconds in report["median"].items()]
+    return "\n".join([
+        "# Import time", "", f"Command: `{report['command']}`", "",
+        f"A fresh interpreter per run, median of {report['repeats']} interleaved runs; load average "
+        f"at start {', '.join(f'{x:.2f}' for x in report['machine']['load_average_at_start'])}.", "",
+        markdown_table(["what", "statement", "seconds", "vs import torch"], rows), ""])
+
+
 # ----------------------------------------------------------------------------- reporting
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -527,7 +569,8 @@ def write_outputs(out: Path, report: dict, plot: bool) -> None:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out.with_suffix(".json"))
-    text = layers_markdown(report) if report["kind"] == "layers" else models_markdown(report)
+    text = {"layers": layers_markdown, "models": models_markdown,
+            "imports": imports_markdown}[report["kind"]](report)
     out.with_suffix(".md").write_text(text)
     if plot and report["kind"] == "layers" and report["results"]:
         try:

@@ -274,6 +274,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else None
     command = "blockstate bench " + " ".join(args.argv)
+    if args.suite == "imports":
+        bench.run_imports(out, repeats=args.repeats if args.repeats_given else 7, command=command)
+        return 0
     if args.suite in ("models", "generation"):
         presets = args.models.split(",") if args.models else list_models()
         unknown = sorted(set(presets) - set(list_models()))
@@ -460,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="layer, model and generation speed/memory benchmarks against "
                                      "the baselines")
-    p.add_argument("suite", choices=["layers", "models", "generation"])
+    p.add_argument("suite", choices=["layers", "models", "generation", "imports"])
     p.add_argument("--out", default=None,
                    help="output path without suffix: writes OUT.json, OUT.md and (layers) OUT.png")
     p.add_argument("--device", default="cpu")
@@ -474,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "context lengths (default 1024,4096,16384,65536)")
     p.add_argument("--layers", default="all", help="layers: comma-separated names or 'all'")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=3, help="layers: timed repeats after a warm-up")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="layers: timed repeats after a warm-up (default 3); imports: interpreter "
+                        "runs per statement (default 7)")
     p.add_argument("--budget", type=float, default=20.0,
                    help="layers: stop repeating a measurement after this many seconds")
     p.add_argument("--max-seconds", type=float, default=30.0,
@@ -551,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch is None:
             args.batch = 4 if args.suite == "models" else 1
         args.lengths_given = args.lengths is not None
+        args.repeats_given = args.repeats is not None
+        if args.repeats is None:
+            args.repeats = 3
         if args.lengths is None:
             args.lengths = "1024,2048,4096,8192,16384,32768,65536"
     for name in ("batch", "steps"):
