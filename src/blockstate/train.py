@@ -110,6 +110,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # Where metrics go besides metrics.jsonl: comma-separated auto | none | tensorboard | wandb
     log_to: str = "auto"
+    # Peak FLOP/s (in TFLOP/s) of one device for the MFU of the progress line and metrics; None
+    # uses the data-sheet peak of known GPUs (PEAK_TFLOPS) and shows no MFU elsewhere.
+    peak_tflops: float | None = None
     cache_dir: str | None = None        # tokenized corpora; default ~/.cache/blockstate
     sample_tokens: int = 200            # length of the sample printed at the end (0: none)
     # On a non-finite loss or gradient norm: "skip" the batch (stop after MAX_SKIPPED_BATCHES in a
@@ -149,6 +152,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops={self.peak_tflops!r} must be > 0")
         for name in ("max_steps", "max_tokens", "seq_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -232,6 +237,8 @@ FIELD_HELP: dict[str, str] = {
     "device": "auto, cpu, cuda, cuda:N or mps",
     "compile": "torch.compile the model",
     "precision": "autocast of the forward pass: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16",
+    "peak_tflops": "peak TFLOP/s of one device, for the MFU shown in the progress line "
+                   "(default: known GPUs' data-sheet peak; none on CPU)",
     "log_to": "metrics besides metrics.jsonl, comma-separated: auto (TensorBoard when installed), "
               "none, tensorboard, wandb (WANDB_* environment variables apply)",
     "activation_checkpointing": "recompute each layer's activations in the backward pass "
@@ -333,6 +340,24 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} requested but CUDA is not available; use --device cpu")
     return device
+
+
+# Dense data-sheet peaks, TFLOP/s per device: (bf16 tensor cores, fp32).
+PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5)}
+
+
+def device_peak_flops(device: torch.device, precision: str, given_tflops: float | None) -> float | None:
+    """Peak FLOP/s of one `device` at `precision`: `given_tflops` when set, else the data-sheet
+    peak of a known GPU, else None (no MFU is shown)."""
+    if given_tflops is not None:
+        return given_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, fp32) in PEAK_TFLOPS.items():
+        if key in name:
+            return (bf16 if autocast_dtype(precision, device) is not None else fp32) * 1e12
+    return None
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -628,6 +653,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                     "starts without it")
         log(f"resumed from {checkpoint.path} at step {step}")
     model.activation_checkpointing = config.activation_checkpointing
+    peak_flops = device_peak_flops(device, config.precision, config.peak_tflops)
     train_model: nn.Module = model
     if config.compile:
         train_model = torch.compile(model)
@@ -751,11 +777,17 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
             record = {"step": step, "tokens": tokens_seen, "loss": loss, "lr": lr,
                       "grad_norm": float(grad_norm), "tokens_per_s": int(count.item()) / step_time,
                       "elapsed": elapsed_before + time.perf_counter() - start}
+            shown = {}
+            if peak_flops is not None:  # 6 FLOPs per parameter and token, over all processes
+                record["mfu"] = (6.0 * model.num_parameters() * record["tokens_per_s"]
+                                 / (peak_flops * ddp.world_size))
+                shown["mfu"] = f"{record['mfu']:.1%}"
             if step % config.log_every == 0 or step == 1:
                 metrics.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.1f}",
-                            tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}", refresh=False)
+                            tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}", **shown,
+                            refresh=False)
             if on_step is not None:
                 on_step(step, record)
             if step % config.eval_every == 0 and ddp.is_main:
