@@ -236,9 +236,8 @@ class BlockSelfAttention(nn.Module):
 
     def _step_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h (B, n, D) -> q, k, v (B, H, n, Dh), queries scaled and keys normalized."""
-        q, k, v = self.qkv(h).unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(dim=2)
-        q, k = self.qk_norm(q, k)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v = self._keys_values(h, h.shape[1])                                # (B, 1, n, H, Dh)
+        return q[:, 0].transpose(1, 2), k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2)
 
     def _step_bias(self, n: int, n_keys: int, device: torch.device) -> torch.Tensor:
         """Bias (H, n, n_keys) for queries at the last n of n_keys positions. Windowed modes have
@@ -260,9 +259,8 @@ class BlockSelfAttention(nn.Module):
         q, k, v = self._step_qkv(h)
         keys, values = cache.append(k, v)                                          # (B, H, Lk, Dh)
         out = attend(q, keys, values, self._step_bias(n, keys.shape[2], h.device))  # (B, H, n, Dh)
-        if offset + n == self.block_size:
-            cache.keep_last(0 if self.mode == "block" else
-                            self.memory_length if self.mode == "sliding" else cache.length)
+        if offset + n == self.block_size and self.mode != "full":  # full attention keeps all
+            cache.keep_last(self.memory_length if self.mode == "sliding" else 0)
         return out.transpose(1, 2).reshape(batch, n, -1)
 
     def prefill(self, h: torch.Tensor, length: int, cache: KVCache) -> torch.Tensor:

@@ -152,7 +152,7 @@ class PeakMemory:
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def measure_call(fn: Callable[[], None], device: torch.device, repeats: int, budget_s: float,
@@ -564,17 +564,24 @@ def plot_layers(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out: Path, report: dict, plot: bool) -> None:
+def write_outputs(out: Path, report: dict, plot: bool,
+                  render: Callable[[dict], str] | None = None,
+                  draw: Callable[[dict, Path], None] | None = None) -> None:
+    """Write `<out>.json` (atomically), `<out>.md` from `render(report)` and, with `plot`, the
+    plot `draw(report, <out>.png)` (skipped without matplotlib). Both default by report kind."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out.with_suffix(".json"))
-    text = {"layers": layers_markdown, "models": models_markdown,
-            "imports": imports_markdown}[report["kind"]](report)
-    out.with_suffix(".md").write_text(text)
-    if plot and report["kind"] == "layers" and report["results"]:
+    if render is None:
+        render = {"layers": layers_markdown, "models": models_markdown,
+                  "imports": imports_markdown}[report["kind"]]
+    out.with_suffix(".md").write_text(render(report))
+    if draw is None and report["kind"] == "layers":
+        draw = plot_layers
+    if plot and draw is not None and report["results"]:
         try:
-            plot_layers(report, out.with_suffix(".png"))
+            draw(report, out.with_suffix(".png"))
         except ImportError:
             pass
 

@@ -23,7 +23,6 @@ that holds such measurements still renders them.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -33,13 +32,11 @@ from pathlib import Path
 
 import torch
 
+from .bench import _sync, machine_info, markdown_table
+from .bench import write_outputs as _write_outputs
+
 WARMUP_STEPS = 4
 ROUNDS = 3  # timed rounds per measurement, interleaved across batch sizes and paths
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _timed(step: Callable[[], None], count: int, device: torch.device) -> list[float]:
@@ -132,8 +129,6 @@ def run_generation(out: Path | None, presets: list[str], size: str, lengths: lis
                    batches: list[int], new_tokens: int, max_context_full_attention: int = 16384,
                    device: str = "cpu", command: str = "", log: Callable[[str], None] = print
                    ) -> dict:
-    from .bench import machine_info
-
     dev = torch.device(device)
     report = {"kind": "generation", "command": command, "machine": machine_info(dev),
               "size": size, "batches": batches, "new_tokens": new_tokens,
@@ -172,8 +167,6 @@ def _mib(n: int) -> str:
 
 
 def markdown(report: dict) -> str:
-    from .bench import markdown_table
-
     info, batches = report["machine"], report["batches"]
     results = report["results"]
     slide = {(r["context"], b): r["batches"][b]["median_step_s"]
@@ -255,16 +248,7 @@ def plot_generation(report: dict, path: Path) -> None:
 
 
 def write_outputs(out: Path, report: dict, plot: bool = True) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out.with_suffix(".json"))
-    out.with_suffix(".md").write_text(markdown(report))
-    if plot and report["results"]:
-        try:
-            plot_generation(report, out.with_suffix(".png"))
-        except ImportError:
-            pass
+    _write_outputs(out, report, plot, markdown, plot_generation)
 
 
 __all__ = ["measure", "run_generation", "markdown", "write_outputs"]

@@ -87,6 +87,10 @@ class BlockStateLM(nn.Module):
         # Recompute each layer's activations in the backward pass instead of storing them (less
         # memory, about one more forward pass of compute); training only.
         self.activation_checkpointing = False
+        # (kernel class, max_length) of the SSM kernels defined only up to a length, found once
+        # here rather than by walking the modules at every forward pass.
+        self._length_limits = sorted({(type(m).__name__, m.max_length) for m in self.modules()
+                                      if getattr(m, "max_length", None) is not None})
         self.reset_parameters()
 
     def _layer(self, layer: nn.Module, *args, **kwargs):
@@ -217,9 +221,7 @@ class BlockStateLM(nn.Module):
         `max_length`: the training length of unstructured and explicit filters, which then
         extrapolate; None for state-space kernels). The forward pass, evaluation and generation
         all allow it."""
-        limits = {(type(m).__name__, m.max_length) for m in self.modules()
-                  if getattr(m, "max_length", None) is not None}
-        for name, limit in sorted(limits):
+        for name, limit in self._length_limits:
             if length > limit:
                 warnings.warn(
                     f"{length} tokens are longer than the {limit} the {name} of ssm_kernel="

@@ -119,34 +119,29 @@ def read_metrics(path: Path, warn: Any = None) -> list[dict[str, Any]]:
 METRIC_SINKS = ("auto", "none", "tensorboard", "wandb")
 
 
-def _tensorboard_writer(directory: Path, required: bool, notice: Any):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # torch's TensorBoard support needs the tensorboard package
-        if required:
-            raise ValueError("--log-to tensorboard needs the tensorboard package: pip install "
-                             "tensorboard") from None
-        notice("TensorBoard is not installed (pip install tensorboard): metrics go to "
-               "metrics.jsonl only")
-        return None
-    notice(f"TensorBoard scalars: tensorboard --logdir {directory}")
-    return SummaryWriter(str(directory))
-
-
 def check_metric_sinks(sinks: tuple[str, ...]) -> None:
-    """Raise ValueError, naming the pip command, for a requested sink that is not installed
-    (before a run directory is created)."""
-    if "tensorboard" in sinks:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except Exception:
-            raise ValueError("--log-to tensorboard needs the tensorboard package: pip install "
-                             "tensorboard") from None
+    """Raise ValueError for an unknown sink, or, naming the pip command, for a requested sink that
+    is not installed (train calls this before a run directory is created)."""
+    unknown = sorted(set(sinks) - set(METRIC_SINKS))
+    if unknown:
+        raise ValueError(f"unknown metrics sink(s) {unknown}; allowed: {', '.join(METRIC_SINKS)}")
+    if "tensorboard" in sinks and _summary_writer() is None:
+        raise ValueError("--log-to tensorboard needs the tensorboard package: pip install "
+                         "tensorboard")
     if "wandb" in sinks:
         try:
             import wandb  # noqa: F401
         except ImportError:
             raise ValueError("--log-to wandb needs the wandb package: pip install wandb") from None
+
+
+def _summary_writer():
+    """torch's TensorBoard SummaryWriter class, or None when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # torch's TensorBoard support needs the tensorboard package
+        return None
+    return SummaryWriter
 
 
 class MetricsLog:
@@ -159,9 +154,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None, enabled: bool, warn: Any = None,
                  sinks: tuple[str, ...] = ("auto",), run_config: dict | None = None):
         self.path, self.enabled, self.writer, self.wandb_run = path, enabled, None, None
-        unknown = sorted(set(sinks) - set(METRIC_SINKS))
-        if unknown:
-            raise ValueError(f"unknown metrics sink(s) {unknown}; allowed: {', '.join(METRIC_SINKS)}")
+        check_metric_sinks(sinks)
         if not enabled:
             return
         notice = warn or (lambda message: None)
@@ -176,13 +169,17 @@ class MetricsLog:
         elif path.exists():
             read_metrics(path, warn)  # fail now, naming the file, rather than at the end
         if "tensorboard" in sinks or "auto" in sinks:
-            self.writer = _tensorboard_writer(path.parent / "tensorboard", "tensorboard" in sinks,
-                                              notice)
+            writer = _summary_writer()
+            directory = path.parent / "tensorboard"
+            if writer is None:  # only "auto" gets here: check_metric_sinks refused "tensorboard"
+                notice("TensorBoard is not installed (pip install tensorboard): metrics go to "
+                       "metrics.jsonl only")
+            else:
+                notice(f"TensorBoard scalars: tensorboard --logdir {directory}")
+                self.writer = writer(str(directory))
         if "wandb" in sinks:
-            try:
-                import wandb
-            except ImportError:
-                raise ValueError("--log-to wandb needs the wandb package: pip install wandb") from None
+            import wandb
+
             self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "blockstate"),
                                         name=path.parent.name, config=run_config or {},
                                         resume="allow", dir=str(path.parent))

@@ -58,6 +58,11 @@ class BlockRecurrentLayer(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.n_heads, self.head_dim))
 
+    def _token_keys_values(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (B, L, H, Dh) the state reads from the tokens h (B, L, D)."""
+        k, v = self._heads(self.token_kv(h).unflatten(-1, (2, -1))).unbind(2)
+        return k, v
+
     def _state_keys(self, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sn = self.state_norm(state) + self.state_ids                                # (B, S, D)
         state_k, state_v = self._heads(self.state_kv(sn).unflatten(-1, (2, -1))).unbind(2)
@@ -117,7 +122,7 @@ class BlockRecurrentLayer(nn.Module):
         batch, w = x.shape[0], self.block_size
         dropout = self.dropout_p if self.training else 0.0
         token_q = to_blocks(self._heads(self.token_q(h)), w)                        # (B, nb, W, H, Dh)
-        token_k, token_v = to_blocks(self._heads(self.token_kv(h).unflatten(-1, (2, -1))), w).unbind(3)
+        token_k, token_v = (to_blocks(t, w) for t in self._token_keys_values(h))    # (B, nb, W, H, Dh)
         cross, states = [], []
         for k in range(token_q.shape[1]):  # the recurrence: block k reads the state left by k-1
             cross.append(self._read_state(state, token_q[:, k], dropout))           # (B, H, W, Dh)
@@ -144,7 +149,7 @@ class BlockRecurrentLayer(nn.Module):
         if complete:
             cache.state = states[complete - 1]
         if part:
-            k, v = self._heads(self.token_kv(h[:, length - part:length]).unflatten(-1, (2, -1))).unbind(2)
+            k, v = self._token_keys_values(h[:, length - part:length])
             cache.token_k[:, :part], cache.token_v[:, :part] = k, v
         return out
 
@@ -154,7 +159,7 @@ class BlockRecurrentLayer(nn.Module):
         h = self.norm(x)
         self_out = self.self_attn.extend(h, cache.attention, offset)
         cross = self._read_state(cache.state, self._heads(self.token_q(h)), 0.0)     # (B, H, 1, Dh)
-        k, v = self._heads(self.token_kv(h).unflatten(-1, (2, -1))).unbind(2)       # (B, 1, H, Dh)
+        k, v = self._token_keys_values(h)                                           # (B, 1, H, Dh)
         cache.token_k[:, offset], cache.token_v[:, offset] = k[:, 0], v[:, 0]
         if offset == self.block_size - 1:
             cache.state = self._update_state(cache.state, cache.token_k, cache.token_v, 0.0)

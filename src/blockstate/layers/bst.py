@@ -174,12 +174,8 @@ class ContextStates(nn.Module):
                 cache.summary = key_norm(k_next), v_next
             return k, v
         outputs = self._context_outputs(y, h.dtype)                                # (B, C, Hs)
-        if self.variant == "sh":
-            kv = F.linear(outputs[:, 0], *cache.sh_map)                            # (B, 2 H Dh)
-            k, v = kv.view(batch, 2, self.n_heads, 1, self.head_dim).unbind(1)     # (B, H, 1, Dh)
-        else:
-            k, v = self._position_kv(outputs.unsqueeze(1), 1)[:, 0, 0].unbind(1)   # (B, H, Dh)
-            k, v = k.unsqueeze(2), v.unsqueeze(2)
+        kv = self._position_kv(outputs.unsqueeze(1), 1, cache.sh_map)[:, 0, 0]     # (B, 2, H, Dh)
+        k, v = kv.unsqueeze(3).unbind(1)                                           # (B, H, 1, Dh)
         if offset == 0:
             cache.context.keep_last(0)
         return cache.context.append(key_norm(k), v)

@@ -36,10 +36,13 @@ class GSSLayer(nn.Module):
     def _gate(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return x + self.dropout(self.out(self.from_y(y) * v))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SSM input U (B, L, D/4) and the gate V (B, L, F) of x."""
         h = self.norm(x)
-        u = F.gelu(self.to_u(h))                                                    # (B, L, D/4)
-        v = F.gelu(self.to_v(h))                                                    # (B, L, F)
+        return F.gelu(self.to_u(h)), F.gelu(self.to_v(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self._branches(x)
         y = self.ssm(u)[:, :, 0].to(u.dtype)                                        # (B, L, D/4)
         return self._gate(x, y, v)
 
@@ -48,13 +51,11 @@ class GSSLayer(nn.Module):
         return GSSCache(self.ssm.allocate_cache(batch, device, dtype))
 
     def prefill(self, x: torch.Tensor, length: int, cache: GSSCache) -> torch.Tensor:
-        h = self.norm(x)
-        u, v = F.gelu(self.to_u(h)), F.gelu(self.to_v(h))
+        u, v = self._branches(x)
         self.ssm.prefill_cache(u[:, :length], cache.ssm)
         return self._gate(x, self.ssm(u)[:, :, 0].to(u.dtype), v)
 
     def step(self, x: torch.Tensor, cache: GSSCache, offset: int) -> torch.Tensor:
-        h = self.norm(x)
-        u, v = F.gelu(self.to_u(h)), F.gelu(self.to_v(h))                          # (B, 1, .)
+        u, v = self._branches(x)                                                   # (B, 1, .)
         y = self.ssm.step(u[:, 0], cache.ssm)[:, 0].to(u.dtype)                    # (B, D/4)
         return self._gate(x, y.unsqueeze(1), v)
