@@ -52,3 +52,29 @@ def test_qk_norm_off_uses_standard_scaling():
     attn = BlockSelfAttention(config).double()
     x = torch.randn(1, 8, 16, dtype=torch.float64)
     torch.testing.assert_close(attn(x), _reference_self_attention(attn, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 2, 8, 16)])
+def test_attend_with_learned_bias_equals_sdpa(shape):
+    """A bias that needs a gradient takes attend's own softmax path on CPU: its values and the
+    gradients of q, k, v and the bias equal scaled_dot_product_attention's."""
+    import torch.nn.functional as F
+
+    from blockstate.attention import attend
+
+    n, h, lq, lk = shape
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(n, h, length, 4, requires_grad=True) for length in (lq, lk, lk))
+    bias = torch.randn(h, lq, lk, requires_grad=True)
+    future = torch.ones(lq, lk, dtype=torch.bool).triu(lk - lq + 1)
+    weights = torch.randn(n, h, lq, 4)
+    outputs, grads = [], []
+    for fn in (lambda m: attend(q, k, v, m),
+               lambda m: F.scaled_dot_product_attention(q, k, v, attn_mask=m[None], scale=1.0)):
+        mask = bias.masked_fill(future, float("-inf"))
+        out = fn(mask)
+        outputs.append(out)
+        grads.append(torch.autograd.grad((out * weights).sum(), (q, k, v, bias)))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -47,6 +47,25 @@ def test_parse_duration_and_schedule():
     assert learning_rate(0, config, 110) == pytest.approx(0.1)
     assert learning_rate(10, config, 110) == pytest.approx(1.0)
     assert learning_rate(109, config, 110) == pytest.approx(0.1, abs=1e-3)
+    # budgeted by time only: the cosine follows the fraction of the time after warmup spent
+    timed = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_time=60)
+    assert learning_rate(5, timed, None, None) == pytest.approx(0.6)
+    assert learning_rate(500, timed, None, 0.0) == pytest.approx(1.0)
+    assert learning_rate(500, timed, None, 0.5) == pytest.approx(0.55)
+    assert learning_rate(500, timed, None, 1.3) == pytest.approx(0.1)
+
+
+def test_time_budget_ends_at_the_final_learning_rate(corpus, tmp_path):
+    """A run with only a time budget reaches (close to) its final learning rate at its end, not
+    before: the schedule runs on time, whatever the speed of the steps."""
+    train(_config(corpus, tmp_path, max_time=4.0, lr=1e-3, min_lr_ratio=0.1), tmp_path / "run",
+          quiet=True)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in lines if "lr" in r]
+    assert len(lrs) > 20
+    assert lrs[-1] < 0.2e-3                       # at the end: near the floor of 1e-4
+    assert lrs[len(lrs) // 2] > 0.3e-3            # half way: well above it
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[3:], lrs[4:], strict=False))  # decays
 
 
 def test_training_reduces_loss_and_writes_a_run(corpus, tmp_path):

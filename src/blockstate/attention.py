@@ -76,6 +76,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         # The CPU flash kernel takes only 4-d masks; with a 2-d or 3-d one SDPA silently falls back
         # to the unfused math path (about 4x slower at W=128).
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        if mask.requires_grad and q.device.type == "cpu":
+            # A learned bias needs its gradient, which no fused CPU kernel gives: SDPA then takes
+            # its math path, whose guards against fully masked rows cost about as much as the
+            # attention itself (1.5-2x slower forward + backward at W = 64-128). Every query
+            # sees at least its own position, so plain softmax attention is exact here.
+            weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) + mask, dim=-1)
+            return torch.matmul(F.dropout(weights, dropout) if dropout else weights, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
 
 
