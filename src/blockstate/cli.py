@@ -137,7 +137,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.get("validation") is None:  # not the main process
         return 0
     val = summary["validation"]
+    shape = summary["shape"]
     rows = [
+        ("model", f"{config.model}, {summary['parameters'] / 1e6:.2f}M parameters: width "
+                  f"{shape['d_model']} x {shape['n_layers']} layers, W={shape['block_size']}, "
+                  f"L={shape['seq_len']}; batch {shape['batch_size']}, lr {shape['lr']:g}"),
         ("steps / tokens", f"{summary['step']:,} / {summary['tokens']:,}"),
         ("training time", f"{summary['elapsed_s'] / 60:.1f} min"),
         ("training tokens/s", f"{summary['tokens_per_s']:,.0f}"),
@@ -276,6 +280,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     command = "blockstate bench " + " ".join(args.argv)
     if args.suite == "imports":
         bench.run_imports(out, repeats=args.repeats if args.repeats_given else 7, command=command)
+        return 0
+    if args.suite == "quality":
+        from .bench_quality import run_quality
+
+        corpora = [c for c in args.data.split(",") if c]
+        if not corpora or args.minutes <= 0:
+            raise ValueError("quality: give --data with at least one corpus and --minutes > 0")
+        run_quality(out, corpora, args.minutes, Path(args.runs_dir), eval_tokens=args.eval_tokens,
+                    cache_dir=args.cache_dir, overwrite=args.overwrite, command=command)
         return 0
     if args.suite in ("models", "generation"):
         presets = args.models.split(",") if args.models else list_models()
@@ -463,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="layer, model and generation speed/memory benchmarks against "
                                      "the baselines")
-    p.add_argument("suite", choices=["layers", "models", "generation", "imports"])
+    p.add_argument("suite", choices=["layers", "models", "generation", "imports", "quality"])
     p.add_argument("--out", default=None,
                    help="output path without suffix: writes OUT.json, OUT.md and (layers) OUT.png")
     p.add_argument("--device", default="cpu")
@@ -493,6 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,8", help="generation: batch sizes")
     p.add_argument("--new-tokens", type=int, default=64,
                    help="generation: timed one-token steps per measurement")
+    p.add_argument("--data", default="python-stdlib,books",
+                   help="quality: comma-separated corpora (default: python-stdlib,books)")
+    p.add_argument("--minutes", type=float, default=5.0,
+                   help="quality: training minutes of each model on each corpus")
+    p.add_argument("--runs-dir", default="runs/bench-quality",
+                   help="quality: where the trained runs go (finished ones are reused)")
+    p.add_argument("--eval-tokens", type=int, default=200_000,
+                   help="quality: test-split bytes scored per corpus")
+    p.add_argument("--cache-dir", default=None, help="quality: tokenized corpora")
+    p.add_argument("--overwrite", action="store_true",
+                   help="quality: train again runs that already finished")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("reproduce", help="train and evaluate the model zoo, ablations and length "

@@ -202,7 +202,9 @@ class BlockStateLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
-        """Raise ValueError unless `tokens` is an integer tensor (B, L), L >= 1, within the vocab."""
+        """Raise ValueError unless `tokens` is an integer tensor (B, L), L >= 1, within the vocab.
+        The range is not checked for training steps on an accelerator, where reading it back
+        would stall every step (`blockstate.train` checks each tokenized split once instead)."""
         if not isinstance(tokens, torch.Tensor):
             raise ValueError(f"tokens must be a torch.Tensor of shape (B, L), got {type(tokens)}")
         if tokens.dim() != 2 or tokens.shape[1] < 1 or tokens.shape[0] < 1:
@@ -210,6 +212,8 @@ class BlockStateLM(nn.Module):
                              f"{tuple(tokens.shape)}")
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
             raise ValueError(f"tokens must be an integer tensor (torch.long), got {tokens.dtype}")
+        if tokens.device.type != "cpu" and self.training and torch.is_grad_enabled():
+            return
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .budget import PLANNED_FIELDS, explicit_fields, plan_for_budget
 from .checkpoint import load_checkpoint, load_latest_intact, remove_temporary, save_checkpoint
 from .config import check_field_types
 from .data import (
@@ -76,7 +77,8 @@ class TrainConfig:
     `size` with `model_overrides` applied; `vocab_size` of the model follows the tokenizer."""
 
     model: str = "bst-sh-s4"
-    size: str = "small"
+    # "auto": sized for the time or token budget (blockstate.budget); tiny/small/base/large as set
+    size: str = "auto"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: str = "python-stdlib"
     tokenizer: str = "byte"             # byte | bpe | unigram (SentencePiece, trained on train split)
@@ -129,8 +131,8 @@ class TrainConfig:
         check_field_types(self)
         if self.model not in list_models():
             raise ValueError(f"model={self.model!r} is unknown; available: {', '.join(list_models())}")
-        if self.size not in SIZES:
-            raise ValueError(f"size={self.size!r} is unknown; available: {', '.join(SIZES)}")
+        if self.size not in ("auto", *SIZES):
+            raise ValueError(f"size={self.size!r} is unknown; available: auto, {', '.join(SIZES)}")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer={self.tokenizer!r} is not valid; allowed: {', '.join(TOKENIZERS)}")
         if self.nonfinite not in NONFINITE_POLICIES:
@@ -179,7 +181,9 @@ class TrainConfig:
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError(f"need lr > 0 (got {self.lr}), 0 <= min_lr_ratio <= 1 (got "
                              f"{self.min_lr_ratio}) and warmup_steps >= 0 (got {self.warmup_steps})")
-        mconfig = model_config(self.model, self.size, **self.model_overrides)  # validates them
+        # validates the overrides ("auto" plans on top of the small size's fields)
+        mconfig = model_config(self.model, "small" if self.size == "auto" else self.size,
+                               **self.model_overrides)
         seq_len = self.seq_len or mconfig.max_seq_len
         if mconfig.block_size > seq_len:
             raise ValueError(f"block_size={mconfig.block_size} is longer than the training length "
@@ -207,7 +211,8 @@ class TrainConfig:
 # from the dataclass and these texts (see `cli.add_train_flags`), so every field is settable.
 FIELD_HELP: dict[str, str] = {
     "model": "model preset (see `blockstate models`)",
-    "size": "model size",
+    "size": "model size; auto sizes width, depth, lengths, batch and lr for a --max-time or "
+            "--max-tokens budget from throughput measured on this machine (small without one)",
     "model_overrides": "model config overrides (the command line's --set FIELD=VALUE)",
     "data": "corpus name (see `blockstate corpora`), hf:NAME, directory, .jsonl or text file",
     "tokenizer": "byte, or a SentencePiece bpe/unigram tokenizer trained on the train split",
@@ -248,7 +253,7 @@ FIELD_HELP: dict[str, str] = {
                     "(else shuffled windows without memory)",
 }
 FIELD_CHOICES: dict[str, Callable[[], list[str]]] = {
-    "model": list_models, "size": lambda: list(SIZES), "tokenizer": lambda: list(TOKENIZERS),
+    "model": list_models, "size": lambda: ["auto", *SIZES], "tokenizer": lambda: list(TOKENIZERS),
     "schedule": lambda: list(SCHEDULES), "nonfinite": lambda: list(NONFINITE_POLICIES),
     "precision": lambda: list(PRECISIONS),
 }
@@ -516,6 +521,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
     if checkpoint is not None:
         saved = TrainConfig.from_dict(checkpoint.train_state["train_config"])
         names = requested if requested is not None else {f.name for f in dataclasses.fields(config)}
+        if config.size == "auto" and checkpoint.train_state.get("plan") is not None:
+            # the run's size was planned: what the plan chose is not a change
+            names = set(names) - (set(PLANNED_FIELDS) - explicit_fields(config, requested))
         changed = sorted(name for name in names - set(BUDGET_FIELDS)
                          if getattr(config, name) != getattr(saved, name))
         if changed and not override:
@@ -536,7 +544,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
         if (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir()):
             raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or "
                              f"--overwrite to start over")
-        previous = (_run_record(out_dir) or {}).get("train")
+        record = _run_record(out_dir) or {}
+        previous = record.get("requested_train", record.get("train"))
         if previous is not None and {k: v for k, v in previous.items() if k not in BUDGET_FIELDS} != {
                 k: v for k, v in config.to_dict().items() if k not in BUDGET_FIELDS}:
             raise ValueError(f"{out_dir} holds a run that stopped before its first checkpoint, with "
@@ -564,7 +573,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
         lock.acquire()
     try:
         return _train(config, out_dir, checkpoint, overwrite, corpus, device, ddp, on_step, quiet,
-                      messages)
+                      messages, explicit_fields(config, requested))
     finally:
         lock.release()
 
@@ -592,7 +601,7 @@ def _check_same_data(out_dir: Path, corpus, allow_changed_data: bool) -> None:
 
 def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corpus,
            device: torch.device, ddp: Distributed, on_step, quiet: bool,
-           messages: list[str]) -> dict[str, Any]:
+           messages: list[str], explicit: set[str]) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     if overwrite and checkpoint is None and ddp.is_main:
@@ -621,8 +630,20 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
             dist.barrier()
         if not ddp.is_main:
             splits[split] = tokenize_split(corpus, tokenizer, split, cache_dir)
+        ids = splits[split].tokens
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= tokenizer.vocab_size):
+            raise ValueError(f"the {split} split's cached token ids leave [0, "
+                             f"{tokenizer.vocab_size}); remove the stale cache in {cache_dir}")
 
-    # ---- model
+    # ---- model: size "auto" is planned for the budget here (a resumed run keeps its plan)
+    requested_config, plan = config, (checkpoint.train_state.get("plan") if checkpoint else None)
+    if checkpoint is None and config.size == "auto":
+        decision = [None]
+        if ddp.is_main:
+            decision = [plan_for_budget(config, explicit, tokenizer.vocab_size, device, log)]
+        if dist.is_initialized():  # every process trains what the main process measured
+            dist.broadcast_object_list(decision, src=0)
+        config, plan = decision[0]
     overrides = {**config.model_overrides, "vocab_size": tokenizer.vocab_size}
     mconfig = model_config(config.model, config.size, **overrides)
     seq_len = config.seq_len or mconfig.max_seq_len
@@ -678,10 +699,12 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     resolved = {"train": config.to_dict(), "model": mconfig.to_dict(), "seq_len": seq_len,
                 "tokenizer": tokenizer.kind, "processes": ddp.world_size, "device": str(device),
                 "parameters": model.num_parameters(), "corpus": corpus.metadata()}
+    if plan is not None:
+        resolved.update(plan=plan, requested_train=requested_config.to_dict())
     if ddp.is_main:
         (out_dir / "train_config.json").write_text(json.dumps(resolved, indent=2))
-        log("resolved config:\n" + json.dumps({k: v for k, v in resolved.items() if k != "corpus"},
-                                              indent=2))
+        shown = {k: v for k, v in resolved.items() if k not in ("corpus", "plan", "requested_train")}
+        log("resolved config:\n" + json.dumps(shown, indent=2))
         log(f"{model.num_parameters():,} parameters; {len(train_data):,} training sequences of "
             f"{seq_len} tokens; {len(val_data):,} validation sequences")
     metrics = MetricsLog(out_dir / "metrics.jsonl", step if checkpoint else None, ddp.is_main, log,
@@ -692,7 +715,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         if not ddp.is_main:
             return
         train_state = {"step": step, "tokens": tokens_seen, "horizon": horizon,
-                       "warmup_end": warmup_end,
+                       "warmup_end": warmup_end, "plan": plan,
                        "elapsed": elapsed_before + time.perf_counter() - start,
                        "data": stream.state_dict(), "train_config": config.to_dict()}
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
@@ -838,6 +861,9 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                "tokens_per_s": (tokens_seen - (checkpoint.train_state["tokens"] if checkpoint else 0))
                / max(1e-9, train_time),
                "validation": last_val, "parameters": model.num_parameters(), "out": str(out_dir),
+               "shape": {"d_model": mconfig.d_model, "n_layers": mconfig.n_layers,
+                         "block_size": mconfig.block_size, "seq_len": seq_len,
+                         "batch_size": config.batch_size, "lr": config.lr},
                "interrupted": interrupted}
     if ddp.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,165 @@
+"""`blockstate bench quality`: the README's main job against nanoGPT's CPU recipe, equal minutes.
+
+For each corpus, one after the other in this process (same threads): the main job (`bst-sh-s4`,
+size "auto" planned for the time budget, every other setting at its default) and the `transformer`
+preset configured as nanoGPT's published CPU recipe (4 layers, 4 heads, width 128, context 64,
+batch 12, lr 1e-3 decaying to 1e-4, warmup 100, beta2 0.99, weight decay 0.1, clip 1.0), each
+trained for the same minutes on the same training split with the byte tokenizer. Both are then
+scored on the same bytes of the test split: windows of the longer training length spread over the
+split, and the shorter-context model on windows that tile them, each at its own training length.
+The report is held-out bits per byte. Finished runs are kept (the benchmark resumes where it
+stopped); pass --overwrite to train them again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .bench import machine_info, markdown_table, measure_machine, write_outputs
+
+# nanoGPT's CPU recipe (README "I only have a macbook"): train_shakespeare_char with these flags.
+NANOGPT_CPU: dict[str, Any] = {
+    "model": "transformer", "size": "small", "seq_len": 64, "batch_size": 12, "lr": 1e-3,
+    "min_lr_ratio": 0.1, "warmup_steps": 100, "beta2": 0.99, "weight_decay": 0.1, "grad_clip": 1.0,
+    "model_overrides": {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 512,
+                        "block_size": 64, "max_seq_len": 64},
+}
+# The README quick start's main job: everything else at its default (size "auto").
+MAIN_JOB: dict[str, Any] = {"model": "bst-sh-s4"}
+# Each entry's run directory name (under --runs-dir/CORPUS), label and training fields.
+ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "main": ("main job (bst-sh-s4, size auto)", MAIN_JOB),
+    "nanogpt-cpu": ("nanoGPT CPU recipe (transformer)", NANOGPT_CPU),
+}
+
+
+def _train_entry(name: str, fields: dict[str, Any], corpus: str, seconds: float, run_dir: Path,
+                 cache_dir: str | None, overwrite: bool) -> dict[str, Any]:
+    from .train import TrainConfig, train
+
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists() and not overwrite:
+        return json.loads(summary_path.read_text())
+    config = TrainConfig(data=corpus, max_time=seconds, cache_dir=cache_dir, **fields)
+    print(f"{corpus}: training {name} for {seconds:.0f} s -> {run_dir}", flush=True)
+    return train(config, run_dir, overwrite=True, quiet=True)
+
+
+def _score_same_bytes(run_dirs: list[Path], corpus: str, eval_tokens: int, cache_dir: str | None,
+                      batch_tokens: int = 8192) -> list[dict[str, Any]]:
+    """Test-split loss of each run on the same bytes (see the module docstring)."""
+    from .data import PackedSequences, resolve_corpus, tokenize_split
+    from .evaluate import aligned_windows, evaluate_length, spread_windows
+    from .loading import load
+    from .train import default_cache_dir
+
+    loaded = [load(d) for d in run_dirs]
+    lengths = [json.loads((d / "train_config.json").read_text())["seq_len"] for d in run_dirs]
+    tokenizer = loaded[0][1]
+    if any(t.kind != "byte" for _, t in loaded):
+        raise ValueError("the runs must use the byte tokenizer, so that tiled windows hold the same "
+                         "bytes")
+    tokens = tokenize_split(resolve_corpus(corpus), tokenizer, "test",
+                            Path(cache_dir) if cache_dir else default_cache_dir())
+    longest = max(lengths)
+    if any(longest % n for n in lengths):
+        raise ValueError(f"training lengths {lengths} do not divide the longest; windows of one "
+                         f"would not tile the other's")
+    outer = PackedSequences(tokens, longest, tokenizer.pad_id)
+    outer_indices = spread_windows(outer, eval_tokens)
+    byte_lengths = np.asarray(tokenizer.token_byte_lengths(), dtype=np.float64)
+    results = []
+    for (model, _), length in zip(loaded, lengths, strict=True):
+        dataset = outer if length == longest else PackedSequences(tokens, length, tokenizer.pad_id)
+        indices = outer_indices if length == longest else aligned_windows(dataset, outer,
+                                                                          outer_indices)
+        result = evaluate_length(model, dataset, byte_lengths, None, batch_tokens,
+                                 torch.device("cpu"), indices, carry=False)
+        results.append({"length": length, "loss": result["loss"], "tokens": result["tokens"],
+                        "bits_per_byte": result["bits_per_byte"]})
+    return results
+
+
+def run_quality(out: Path | None, corpora: list[str], minutes: float, runs_dir: Path,
+                eval_tokens: int = 200_000, cache_dir: str | None = None, overwrite: bool = False,
+                command: str = "") -> dict[str, Any]:
+    """Train and score every entry on every corpus; write `out`.{json,md} after each corpus."""
+    report: dict[str, Any] = {"kind": "quality", "command": command, "minutes": minutes,
+                              "threads": torch.get_num_threads(), "eval_tokens": eval_tokens,
+                              "machine": machine_info(torch.device("cpu")), "results": []}
+    # the machine's float32 matmul rate at these threads: the denominator of MFU
+    peak = measure_machine(torch.device("cpu"), 128, [], torch.float32)["matmul_peak_gflops"]
+    report["matmul_peak_gflops"] = peak
+    for corpus in corpora:
+        run_dirs, summaries = [], []
+        for slug, (name, fields) in ENTRIES.items():
+            run_dir = runs_dir / corpus / slug
+            started = time.perf_counter()
+            summary = _train_entry(name, fields, corpus, minutes * 60, run_dir, cache_dir, overwrite)
+            summary.setdefault("wall_s", time.perf_counter() - started)
+            run_dirs.append(run_dir)
+            summaries.append(summary)
+        scores = _score_same_bytes(run_dirs, corpus, eval_tokens, cache_dir)
+        for (slug, (name, _)), run_dir, summary, score in zip(ENTRIES.items(), run_dirs,
+                                                              summaries, scores, strict=True):
+            record = json.loads((run_dir / "train_config.json").read_text())
+            report["results"].append({
+                "corpus": corpus, "entry": name, "slug": slug, "run": str(run_dir),
+                "parameters": summary["parameters"], "steps": summary["step"],
+                "tokens": summary["tokens"], "train_seconds": summary["elapsed_s"],
+                "tokens_per_s": summary["tokens_per_s"], "seq_len": record["seq_len"],
+                # 6 FLOPs per parameter and token over the measured matmul rate
+                "mfu": 6 * summary["parameters"] * summary["tokens_per_s"] / (peak * 1e9),
+                "model": {k: record["model"][k] for k in ("d_model", "n_layers", "n_heads",
+                                                          "block_size", "bst_layers")},
+                "batch_size": record["train"]["batch_size"], "lr": record["train"]["lr"],
+                "test": score, "sample": summary.get("sample")})
+        print(quality_markdown(report), flush=True)
+        if out is not None:
+            write_outputs(out, report, plot=False, render=quality_markdown)
+    return report
+
+
+def quality_markdown(report: dict[str, Any]) -> str:
+    rows = []
+    for r in report["results"]:
+        m = r["model"]
+        rows.append([r["corpus"], r["entry"], f"{r['parameters'] / 1e6:.2f}M",
+                     f"{m['d_model']} x {m['n_layers']}, W={m['block_size']}, L={r['seq_len']}",
+                     f"{r['batch_size']} / {r['lr']:g}", f"{r['steps']:,}",
+                     f"{r['tokens'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.0%}",
+                     f"**{r['test']['bits_per_byte']:.3f}**"])
+    lines = ["# Quality in equal minutes: the main job against nanoGPT's CPU recipe", "",
+             f"`{report['command']}`: {report['minutes']:g} minutes of training each, one after "
+             f"the other, {report['threads']} torch thread(s); held-out bits per byte on the "
+             f"same ~{report['eval_tokens']:,} bytes of each corpus's test split (lower is "
+             f"better). Machine: {report['machine'].get('cpu', '?')}.", "",
+             markdown_table(["corpus", "model", "parameters", "shape", "batch / lr", "steps",
+                             "tokens", "tokens/s", "MFU", "test bits/byte"], rows),
+             "", f"MFU: 6 FLOPs per parameter and training token over the measured float32 matmul "
+                 f"rate at these threads ({report['matmul_peak_gflops']:.0f} GFLOP/s, a 2048 x "
+                 f"2048 product).", ""]
+    by_corpus: dict[str, list[dict[str, Any]]] = {}
+    for r in report["results"]:
+        by_corpus.setdefault(r["corpus"], []).append(r)
+    for corpus, results in by_corpus.items():
+        if len(results) == 2:
+            a, b = (r["test"]["bits_per_byte"] for r in results)
+            lines.append(f"- {corpus}: main job {a:.3f} vs nanoGPT recipe {b:.3f} bits per byte "
+                         f"({'better' if a < b else 'worse'} by {abs(a - b):.3f}, "
+                         f"{abs(a - b) / b:.1%}).")
+    for r in report["results"]:
+        if r.get("sample") and r["slug"] == "main":
+            lines += ["", f"Sample of the main job on {r['corpus']} (prompt, then the model's "
+                          f"continuation):", "", "```", r["sample"]["prompt"] + "│"
+                      + r["sample"]["continuation"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["ENTRIES", "MAIN_JOB", "NANOGPT_CPU", "quality_markdown", "run_quality"]

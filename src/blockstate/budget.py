@@ -1,0 +1,208 @@
+"""Budget-aware training defaults: `size="auto"` (the default) sizes the model for its budget.
+
+Given a time budget (or a token budget) and no explicit size, `plan_for_budget` picks the model's
+width, depth, block and training length, the batch and the learning rate from a ladder of shapes:
+the largest shape that still sees `TOKENS_PER_PARAMETER` training tokens per parameter in the
+budget. For a time budget, each rung's throughput is measured on this machine (a few optimizer
+steps on random tokens, at most `PROBE_SHARE` of the budget, deducted from it), so the choice
+follows the hardware; for a token budget, the parameter count alone decides. Any field the user
+gave explicitly is kept (the plan fills in the others), and with a step budget or none, "auto" is
+the `small` size. `docs/benchmarks/README.md` ("Sizing the main job") has the measurements behind the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Training fields the plan may choose (each only when the user did not give it).
+PLANNED_FIELDS = ("size", "model_overrides", "seq_len", "batch_size", "lr", "warmup_steps", "beta2")
+
+# Training tokens per parameter the plan asks of a budget. At 5 minutes on a 2-core CPU
+# (docs/benchmarks/README.md, "Sizing the main job") the best of widths 48-192 (width 64) saw 18
+# tokens per parameter, the next larger 6 and the next smaller 36, both worse by 0.04 bits per
+# byte; 15 picks the best there. Compute-optimal rules fitted at far larger scales say about 20.
+TOKENS_PER_PARAMETER = 15.0
+# Share of a time budget that measuring throughput may use (it is deducted from the budget).
+PROBE_SHARE = 0.05
+# Share of the remaining time expected to go to optimizer steps (validation and checkpoint
+# pauses take the rest).
+STEP_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One rung of the ladder: model width/depth/heads, block W, training length L, sequences
+    per step, peak learning rate and, for BST presets, the BST layers (None: the default
+    placement, scaled to the depth)."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    block_size: int
+    seq_len: int
+    batch_size: int
+    lr: float
+    bst_layers: tuple[int, ...] | None = None
+
+    def overrides(self, preset: str = "bst-sh-s4") -> dict[str, Any]:
+        from .registry import PRESETS
+
+        out: dict[str, Any] = {"d_model": self.d_model, "n_layers": self.n_layers,
+                               "n_heads": self.n_heads, "block_size": self.block_size,
+                               "max_seq_len": self.seq_len}
+        own_placement = "bst_layers" in PRESETS[preset] or "arch" in PRESETS[preset]
+        if self.bst_layers is not None and not own_placement:  # baselines place their own layers
+            out["bst_layers"] = self.bst_layers
+        return out
+
+
+# Small to large. Measured at 5 minutes on a 2-core CPU (docs/benchmarks/README.md): many small
+# optimizer steps beat fewer large ones (768 tokens per step at the small end), one BST layer
+# (the first) in a 4-layer model, W = 32 with L = 4W, and a peak learning rate of 2-3e-3. The
+# larger rungs follow the usual scaling (wider, deeper, longer, larger batches, lower rates) and
+# end at the `small` size; they were not tuned.
+SHAPES = (
+    Shape(48, 4, 4, 32, 128, 6, 3e-3, (0,)),
+    Shape(64, 4, 4, 32, 128, 6, 3e-3, (0,)),
+    Shape(96, 4, 4, 32, 128, 6, 3e-3, (0,)),
+    Shape(128, 4, 4, 32, 128, 6, 2e-3, (0,)),
+    Shape(192, 4, 4, 64, 256, 4, 2e-3, (0,)),
+    Shape(256, 6, 4, 64, 512, 4, 1.5e-3),
+    Shape(384, 6, 6, 128, 1024, 4, 1e-3),
+    Shape(512, 8, 8, 128, 1024, 8, 6e-4),
+    Shape(768, 12, 12, 256, 2048, 8, 4e-4),
+)
+
+
+def explicit_fields(config: Any, requested: set[str] | None) -> set[str]:
+    """The fields the user gave: `requested` when known (the command line), else those whose
+    value differs from the dataclass default (the Python API)."""
+    if requested is not None:
+        return set(requested)
+    return {f.name for f in dataclasses.fields(config)
+            if f.default is not dataclasses.MISSING and getattr(config, f.name) != f.default
+            or f.default is dataclasses.MISSING and getattr(config, f.name)}
+
+
+def _shape_config(config: Any, shape: Shape, explicit: set[str]) -> Any:
+    """`config` with `shape` filled into every field the user did not give."""
+    changes: dict[str, Any] = {"size": "small"}
+    overrides = shape.overrides(config.model)
+    if "seq_len" in explicit and config.seq_len is not None:
+        overrides["max_seq_len"] = config.seq_len
+        overrides["block_size"] = min(shape.block_size, config.seq_len)
+    else:
+        changes["seq_len"] = shape.seq_len
+    changes["model_overrides"] = {**overrides, **config.model_overrides}
+    for name in ("batch_size", "lr"):
+        if name not in explicit:
+            changes[name] = getattr(shape, name)
+    if "beta2" not in explicit:
+        changes["beta2"] = 0.99  # small batches: a shorter second-moment memory
+    return dataclasses.replace(config, **changes)
+
+
+def measure_tokens_per_second(config: Any, vocab_size: int, device: torch.device,
+                              steps: int = 2) -> tuple[float, int]:
+    """Training tokens per second of `config`'s model (one warm-up step, then `steps` timed
+    optimizer steps on random tokens) and its parameter count."""
+    from .registry import build_model
+    from .train import parameter_groups
+
+    model = build_model(config.model, config.size, **{**config.model_overrides,
+                                                      "vocab_size": vocab_size}).to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=1e-9,
+                                  fused=device.type in ("cpu", "cuda"))
+    seq_len = config.seq_len
+    micro = config.batch_size // config.grad_accum
+    tokens = torch.randint(0, vocab_size, (micro, seq_len + 1), device=device)
+
+    def step() -> None:
+        for _ in range(config.grad_accum):
+            logits = model(tokens[:, :-1])
+            F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - start) / steps
+    return config.batch_size * seq_len / seconds, model.num_parameters()
+
+
+def plan_for_budget(config: Any, explicit: set[str], vocab_size: int, device: torch.device,
+                    log: Callable[[str], None] = print,
+                    measure: Callable[..., tuple[float, int]] = measure_tokens_per_second,
+                    ) -> tuple[Any, dict[str, Any] | None]:
+    """Resolve `size="auto"`: the config to train and a record of the choice (None when nothing
+    was planned). See the module docstring for the rule."""
+    if config.size != "auto":
+        return config, None
+    if config.max_time is None and config.max_tokens is None:
+        log("size auto: no time or token budget to size the model for; using size small")
+        return dataclasses.replace(config, size="small"), {"rule": "no budget", "size": "small"}
+    from .registry import count_parameters
+
+    rows, chosen = [], None
+    if config.max_time is None:  # a token budget: parameters alone decide
+        for shape in SHAPES:
+            candidate = _shape_config(config, shape, explicit)
+            params = count_parameters(candidate.model, "small",
+                                      **{**candidate.model_overrides, "vocab_size": vocab_size})
+            rows.append({"shape": dataclasses.asdict(shape), "parameters": params,
+                         "tokens": config.max_tokens})
+            if chosen is None or config.max_tokens >= TOKENS_PER_PARAMETER * params:
+                chosen, pick = candidate, rows[-1]
+            if config.max_tokens < TOKENS_PER_PARAMETER * params:
+                break
+        spent = 0.0
+    else:
+        start = time.perf_counter()
+        for shape in SHAPES:
+            candidate = _shape_config(config, shape, explicit)
+            tokens_per_s, params = measure(candidate, vocab_size, device)
+            spent = time.perf_counter() - start
+            tokens = tokens_per_s * STEP_SHARE * max(0.0, config.max_time - spent)
+            rows.append({"shape": dataclasses.asdict(shape), "parameters": params,
+                         "tokens_per_s": tokens_per_s, "tokens": tokens})
+            fits = tokens >= TOKENS_PER_PARAMETER * params
+            if chosen is None or fits:
+                chosen, pick = candidate, rows[-1]
+            if not fits or spent > PROBE_SHARE * config.max_time:
+                break
+        spent = time.perf_counter() - start
+        chosen = dataclasses.replace(chosen, max_time=max(1.0, config.max_time - spent))
+    steps = pick["tokens"] / (chosen.batch_size * chosen.seq_len)
+    if "warmup_steps" not in explicit:  # about 5% of the expected steps
+        chosen = dataclasses.replace(chosen, warmup_steps=int(min(200, max(10, steps // 20))))
+    record = {"rule": f"largest shape with >= {TOKENS_PER_PARAMETER:g} training tokens per "
+                      f"parameter in the budget", "tokens_per_parameter": TOKENS_PER_PARAMETER,
+              "probe_seconds": round(spent, 2), "candidates": rows,
+              "chosen": {name: getattr(chosen, name) for name in PLANNED_FIELDS}}
+    what = "measured" if config.max_time is not None else "counted"
+    log(f"size auto: {', '.join(_describe(r) for r in rows)} ({what} in {spent:.1f} s); chose "
+        f"width {chosen.model_overrides['d_model']}, {chosen.model_overrides['n_layers']} layers, "
+        f"W={chosen.model_overrides['block_size']}, L={chosen.seq_len}, batch {chosen.batch_size}, "
+        f"lr {chosen.lr:g}: the largest expected to see >= {TOKENS_PER_PARAMETER:g} tokens per "
+        f"parameter (about {pick['tokens'] / pick['parameters']:.1f} here). Give --size or any of "
+        f"these flags to choose yourself")
+    return chosen, record
+
+
+def _describe(row: dict[str, Any]) -> str:
+    text = f"width {row['shape']['d_model']}: {row['parameters'] / 1e6:.2f}M parameters"
+    if "tokens_per_s" in row:
+        text += f" at {row['tokens_per_s']:,.0f} tokens/s"
+    return text

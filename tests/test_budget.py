@@ -1,0 +1,111 @@
+"""Budget-aware defaults (`size="auto"`, blockstate.budget)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockstate.budget import SHAPES, TOKENS_PER_PARAMETER, explicit_fields, plan_for_budget
+from blockstate.registry import count_parameters
+from blockstate.train import TrainConfig, train
+
+CPU = torch.device("cpu")
+
+
+def _params(config) -> int:
+    return count_parameters(config.model, "small", **{**config.model_overrides, "vocab_size": 259})
+
+
+def test_time_budget_picks_the_largest_shape_that_sees_enough_tokens():
+    """With a fake throughput of 1e5 tokens/s and 300 s, about 2.7e7 tokens: the plan takes the
+    largest rung with >= TOKENS_PER_PARAMETER tokens per parameter, and stops probing there."""
+    probed = []
+
+    def measure(config, vocab_size, device):
+        probed.append(config.model_overrides["d_model"])
+        return 1e5, _params(config)
+
+    config = TrainConfig(max_time=300)
+    planned, record = plan_for_budget(config, explicit_fields(config, None), 259, CPU,
+                                      log=lambda m: None, measure=measure)
+    budget_tokens = 1e5 * 0.9 * 300
+    fitting = [s.d_model for s in SHAPES
+               if budget_tokens >= TOKENS_PER_PARAMETER * _params(
+                   TrainConfig(size="small", model_overrides=s.overrides()))]
+    assert planned.model_overrides["d_model"] == max(fitting)
+    assert probed == [s.d_model for s in SHAPES][:len(fitting) + 1]  # one rung past the choice
+    assert planned.size == "small" and planned.max_time <= 300
+    assert planned.beta2 == 0.99 and planned.seq_len == planned.model_overrides["max_seq_len"]
+    assert record["chosen"]["batch_size"] == planned.batch_size
+    assert 10 <= planned.warmup_steps <= 200
+
+
+def test_plan_keeps_what_the_user_gave_and_token_budgets_count_parameters():
+    config = TrainConfig(max_tokens=10_000_000, lr=5e-4, batch_size=2,
+                         model_overrides={"n_layers": 3})
+    planned, _ = plan_for_budget(config, explicit_fields(config, None), 259, CPU, log=lambda m: None,
+                                 measure=lambda *a: pytest.fail("a token budget measures nothing"))
+    assert planned.lr == 5e-4 and planned.batch_size == 2
+    assert planned.model_overrides["n_layers"] == 3
+    assert _params(planned) * TOKENS_PER_PARAMETER <= 10_000_000
+    # nothing to plan for: the small size; an explicit size: no plan at all
+    small, record = plan_for_budget(TrainConfig(max_steps=5), set(), 259, CPU, log=lambda m: None)
+    assert small.size == "small" and record["rule"] == "no budget"
+    same, record = plan_for_budget(TrainConfig(size="tiny", max_time=60), {"size"}, 259, CPU)
+    assert same.size == "tiny" and record is None
+    # the command line says what was given, whatever the values
+    assert explicit_fields(TrainConfig(), {"lr"}) == {"lr"}
+
+
+def test_quick_start_command_sizes_its_model_records_the_plan_and_resumes(tmp_path, capsys):
+    """The README's main job (no --size: auto) on a small corpus with a 6-second budget."""
+    from blockstate.cli import main
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(40):
+        (root / f"doc{i:02d}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "bst-sh-s4", "--data", str(root), "--out", str(run),
+                 "--max-time", "6s", "--overwrite", "--eval-batches", "1", "--sample-tokens", "30",
+                 "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "sample" in printed
+    record = json.loads((run / "train_config.json").read_text())
+    assert record["plan"]["chosen"]["size"] == "small"
+    assert record["requested_train"]["size"] == "auto"
+    assert record["model"]["d_model"] == record["plan"]["chosen"]["model_overrides"]["d_model"]
+    assert record["model"]["bst_layers"] == [0]          # still a BST, with context states
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] > 0
+    # the same request resumes the planned run (what the plan chose is not a change)
+    more = train(TrainConfig(data=str(root), max_time=8.0, eval_batches=1, sample_tokens=30,
+                             cache_dir=str(tmp_path / "cache")), run, resume=True, quiet=True)
+    assert more["step"] > summary["step"]
+    assert Path(more["out"]) == run
+
+
+def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkeypatch):
+    """`blockstate bench quality` end to end at a few seconds per model: both runs are scored on
+    the same test bytes (equal token counts with the byte tokenizer), and the report renders."""
+    from blockstate import bench_quality
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(120):
+        (root / f"doc{i:03d}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 30)
+    nano = {**bench_quality.NANOGPT_CPU, "sample_tokens": 20, "eval_batches": 1}
+    monkeypatch.setattr(bench_quality, "ENTRIES", {
+        "main": ("main job", {**bench_quality.MAIN_JOB, "sample_tokens": 20, "eval_batches": 1}),
+        "nanogpt-cpu": ("nanoGPT CPU recipe", nano)})
+    report = bench_quality.run_quality(tmp_path / "quality", [str(root)], minutes=0.05,
+                                       runs_dir=tmp_path / "runs", eval_tokens=4096,
+                                       cache_dir=str(tmp_path / "cache"), command="test")
+    main, baseline = report["results"]
+    assert main["test"]["tokens"] == baseline["test"]["tokens"] > 500
+    assert main["seq_len"] % baseline["seq_len"] == 0
+    assert baseline["model"]["d_model"] == 128 and baseline["batch_size"] == 12
+    text = (tmp_path / "quality.md").read_text()
+    assert "nanoGPT CPU recipe" in text and "bits per byte" in text
+    assert json.loads((tmp_path / "quality.json").read_text())["kind"] == "quality"
