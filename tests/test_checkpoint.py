@@ -145,14 +145,14 @@ def test_resave_of_same_step_replaces_it(tmp_path):
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     model, optimizer, scheduler = make_training()
     save(tmp_path, 1, model, optimizer=optimizer)
-    fsync_file = ckpt._fsync_file
+    fsync_file = ckpt.fsync_file
 
     def dies_on_optimizer_json(path):
         if path.name == "optimizer.json":
             raise KeyboardInterrupt("killed")
         fsync_file(path)
 
-    monkeypatch.setattr(ckpt, "_fsync_file", dies_on_optimizer_json)
+    monkeypatch.setattr(ckpt, "fsync_file", dies_on_optimizer_json)
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, 2, model, optimizer=optimizer)
     monkeypatch.undo()
@@ -297,3 +297,23 @@ def test_missing_optimizer_and_bad_arguments(tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer_dir"):
         save_checkpoint(tmp_path, 2, model, {}, {}, tokenizer_dir=tmp_path / "absent")
     assert step_dirs(tmp_path) == ["step-00000001"]  # nothing was written by the rejected saves
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    """The one atomic-write helper: bytes, text or a writer function; a writer that fails leaves
+    the previous file intact and no temporary behind."""
+    from blockstate.fileio import atomic_write
+
+    target = tmp_path / "data.json"
+    atomic_write(target, "old")
+    atomic_write(target, b"new", durable=True)
+    assert target.read_text() == "new"
+
+    def broken(path):
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]

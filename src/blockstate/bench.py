@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from .config import ModelConfig
+from .fileio import atomic_write
 from .layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer, XLLayer
 from .ssm import SSM
 
@@ -570,13 +571,11 @@ def write_outputs(out: Path, report: dict, plot: bool,
     """Write `<out>.json` (atomically), `<out>.md` from `render(report)` and, with `plot`, the
     plot `draw(report, <out>.png)` (skipped without matplotlib). Both default by report kind."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out.with_suffix(".json"))
+    atomic_write(out.with_suffix(".json"), json.dumps(report, indent=1))
     if render is None:
         render = {"layers": layers_markdown, "models": models_markdown,
                   "imports": imports_markdown}[report["kind"]]
-    out.with_suffix(".md").write_text(render(report))
+    atomic_write(out.with_suffix(".md"), render(report))
     if draw is None and report["kind"] == "layers":
         draw = plot_layers
     if plot and draw is not None and report["results"]:

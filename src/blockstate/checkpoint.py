@@ -33,6 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .fileio import atomic_write, fsync_dir, fsync_file
+
 FORMAT = "blockstate-checkpoint"
 FORMAT_VERSION = 1
 
@@ -49,7 +51,7 @@ TOKENIZER_DIR = "tokenizer"
 
 _STEP_DIR = re.compile(r"step-\d{8,}")
 _TEMP_DIR = re.compile(r"\.(step-\d{8,})\.tmp-\d+")          # group 1: the step dir it becomes
-_STALE = re.compile(r"\.step-\d{8,}\.(tmp|old)-\d+|\.latest\.tmp-\d+")
+_STALE = re.compile(r"\.step-\d{8,}\.(tmp|old)-\d+|\.latest\.\d+\.tmp")  # + atomic_write's for latest
 
 
 class CheckpointError(ValueError):
@@ -296,12 +298,12 @@ def _write_step_dir(directory: Path, manifest: dict[str, Any], tensor_files: dic
         shutil.copyfile(source, directory / name)
     files = {}
     for name in [*tensor_files, *json_files, *copies]:
-        _fsync_file(directory / name)
+        fsync_file(directory / name)
         files[name] = _sha256(directory / name)
     (directory / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2), encoding="utf-8")
-    _fsync_file(directory / MANIFEST)
+    fsync_file(directory / MANIFEST)
     for subdir in sorted({(directory / name).parent for name in files}, reverse=True):
-        _fsync_dir(subdir)
+        fsync_dir(subdir)
 
 
 def _install(checkpoints: Path, temp: Path, final: Path) -> None:
@@ -311,7 +313,7 @@ def _install(checkpoints: Path, temp: Path, final: Path) -> None:
         _write_latest(checkpoints, temp.name)  # `latest` may name the `final` about to be replaced
         _discard(final)
     os.rename(temp, final)
-    _fsync_dir(checkpoints)
+    fsync_dir(checkpoints)
     _write_latest(checkpoints, final.name)
 
 
@@ -354,11 +356,7 @@ def _discard(directory: Path) -> None:
 
 
 def _write_latest(checkpoints: Path, name: str) -> None:
-    temp = checkpoints / f".{LATEST}.tmp-{os.getpid()}"
-    temp.write_text(name + "\n", encoding="utf-8")
-    _fsync_file(temp)
-    os.replace(temp, checkpoints / LATEST)
-    _fsync_dir(checkpoints)
+    atomic_write(checkpoints / LATEST, name + "\n", durable=True)
 
 
 def _read_latest(checkpoints: Path) -> str | None:
@@ -370,19 +368,6 @@ def _read_latest(checkpoints: Path) -> str | None:
         raise CheckpointError(f"{path} names {name!r}, which is not a checkpoint directory name "
                               f"(step-NNNNNNNN); delete {path} or write a step directory's name in it")
     return name
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- state -> tensors and JSON

@@ -15,7 +15,6 @@ directory)` reads it back, `blockstate.load(directory)` returns model and tokeni
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_weights_strictly
 from .config import ModelConfig
+from .fileio import atomic_write
 
 MODEL_TYPE = "blockstate"
 ARCHITECTURE = "BlockStateForCausalLM"
@@ -34,15 +34,6 @@ TOKENIZER_DIR = "tokenizer"
 def is_pretrained_dir(path: str | Path) -> bool:
     path = Path(path)
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
-
-
-def _atomic_write(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def save_pretrained(model, directory: str | Path, tokenizer=None) -> Path:
@@ -60,7 +51,7 @@ def save_pretrained(model, directory: str | Path, tokenizer=None) -> Path:
                          f"for vocab_size={model.config.vocab_size}")
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_FILE,
+    atomic_write(directory / WEIGHTS_FILE,
                   lambda path: save_file(state, str(path), metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER_DIR)
@@ -68,7 +59,7 @@ def save_pretrained(model, directory: str | Path, tokenizer=None) -> Path:
     config = {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], "torch_dtype": dtype,
               "blockstate_version": __version__, **model.config.to_dict()}
     text = json.dumps(config, indent=2) + "\n"
-    _atomic_write(directory / CONFIG_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+    atomic_write(directory / CONFIG_FILE, text)
     return directory
 
 

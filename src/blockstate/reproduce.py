@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .bench import machine_info, markdown_table
+from .fileio import atomic_write
 from .registry import PRESETS, matched_mlp_width
 
 # The paper's 7 BST presets; the selective ones (not in the paper) run only when asked for.
@@ -208,7 +209,7 @@ def execute(run: Run, scale: Scale, out: Path, device: str, log: Callable[[str],
               "test": {length: {k: m[k] for k in ("perplexity", "bits_per_byte", "loss", "tokens",
                                                   "loss_by_block_range")}
                        for length, m in result["lengths"].items()}}
-    eval_path.write_text(json.dumps(record, indent=2))
+    atomic_write(eval_path, json.dumps(record, indent=2))
     best = record["test"][str(scale.seq_len)]
     log(f"  {run.key}: test ppl {best['perplexity']:.3f}, {best['bits_per_byte']:.3f} bits/byte, "
         f"{summary['parameters'] / 1e6:.2f}M parameters, {summary['elapsed_s']:.0f} s")
@@ -240,7 +241,7 @@ def reproduce(scale_name: str, corpora: list[str], out: str | Path, device: str 
     runs = plan(scale, corpora, models, ablations)
     setup = {"scale": scale_name, "settings": dataclasses.asdict(scale), "corpora": corpora,
              "command": command, "machine": _machine(), "runs": len(runs)}
-    (out / "setup.json").write_text(json.dumps(setup, indent=2))
+    atomic_write(out / "setup.json", json.dumps(setup, indent=2))
     records = []
     start = time.perf_counter()
     for i, run in enumerate(runs, 1):
@@ -467,8 +468,8 @@ def plot_length_generalization(setup: dict, records: list[dict], path: Path) -> 
 
 
 def write_results(out: Path, setup: dict, records: list[dict]) -> None:
-    (out / "results.json").write_text(json.dumps({"setup": setup, "records": records}, indent=1))
-    (out / "results.md").write_text(results_markdown(setup, records))
+    atomic_write(out / "results.json", json.dumps({"setup": setup, "records": records}, indent=1))
+    atomic_write(out / "results.md", results_markdown(setup, records))
     try:
         plot_length_generalization(setup, records, out / "length_generalization.png")
     except ImportError:

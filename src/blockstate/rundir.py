@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write
+
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
 # Everything `train` (and `reproduce`, which evaluates into the run) writes in a run directory.
@@ -160,12 +162,7 @@ class MetricsLog:
         notice = warn or (lambda message: None)
         if resume_step is not None and path.exists():  # drop what was logged after the checkpoint
             kept = [r for r in read_metrics(path, warn) if r.get("step", 0) <= resume_step]
-            temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            with temp.open("w", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in kept))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, path)
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept), durable=True)
         elif path.exists():
             read_metrics(path, warn)  # fail now, naming the file, rather than at the end
         if "tensorboard" in sinks or "auto" in sinks:

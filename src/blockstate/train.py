@@ -41,6 +41,7 @@ from .data import (
     resolve_corpus,
     tokenize_split,
 )
+from .fileio import atomic_write
 from .model import Memory
 from .registry import SIZES, build_model, list_models, model_config
 from .rundir import (
@@ -702,7 +703,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     if plan is not None:
         resolved.update(plan=plan, requested_train=requested_config.to_dict())
     if ddp.is_main:
-        (out_dir / "train_config.json").write_text(json.dumps(resolved, indent=2))
+        atomic_write(out_dir / "train_config.json", json.dumps(resolved, indent=2))
         shown = {k: v for k, v in resolved.items() if k not in ("corpus", "plan", "requested_train")}
         log("resolved config:\n" + json.dumps(shown, indent=2))
         log(f"{model.num_parameters():,} parameters; {len(train_data):,} training sequences of "
@@ -866,7 +867,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                          "batch_size": config.batch_size, "lr": config.lr},
                "interrupted": interrupted}
     if ddp.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

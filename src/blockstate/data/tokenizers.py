@@ -12,7 +12,6 @@ import abc
 import hashlib
 import io
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from ..fileio import atomic_write
 from .corpora import Corpus, CorpusError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -95,9 +95,7 @@ class Tokenizer(abc.ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, content in self._files().items():
-            temporary = directory / f".{name}.{os.getpid()}.tmp"
-            temporary.write_bytes(content)
-            os.replace(temporary, directory / name)
+            atomic_write(directory / name, content)
 
     def fingerprint(self) -> str:
         """sha256 hex of the files `save` writes."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench import markdown_table
+from ..fileio import atomic_write
 from ..registry import PRESETS
 
 
@@ -138,7 +139,7 @@ def write_report(out: str | Path, command: str = "") -> Path:
     text = report_markdown(summary)
     if command:
         text = f"Command: `{command}`\n\n" + text
-    (out / "report.md").write_text(text)
-    (out / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write(out / "report.md", text)
+    atomic_write(out / "report.json", json.dumps(summary, indent=1) + "\n")
     plot(summary, out / "report.png")
     return out / "report.md"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..evaluate import block_ranges
+from ..fileio import atomic_write
 from ..registry import PRESETS, build_model, matched_mlp_width
 from ..train import parameter_groups
 from .generators import IGNORE, make_task, score
@@ -177,9 +177,7 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
 def write_json(path: Path, data: Any) -> None:
     """Write `data` as JSON atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 def run_all(runs: list[Run], settings: Settings, out: str | Path,
