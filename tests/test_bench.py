@@ -107,3 +107,14 @@ def test_import_benchmark_reports_against_torch(tmp_path):
     assert set(report["median"]) == {"python", "torch", "blockstate"}
     assert report["blockstate_over_torch_s"] == report["median"]["blockstate"] - report["median"]["torch"]
     assert "| blockstate | `import json` |" in (tmp_path / "imports.md").read_text()
+
+
+def test_counted_flops_equal_a_hand_count():
+    """The slide layer at width 32 (2 heads of 16, MLP 128), W = 16, L = 128, counted by hand:
+    per token 2 x (32 x 96 + 32 x 32 + 2 x 32 x 128) = 24,576 for the projections and the MLP;
+    attention scores and values, 2 x 2 x 32 x keys, over 16 keys in block 0 and 32 (the block
+    and the previous one) elsewhere: (16 x 2,048 + 112 x 4,096) / 128 = 3,840 per token."""
+    config = bench.layer_config(32, 2, 128, block=16, state=4, context_states=4)
+    result = bench.measure_layer("slide", config, 1, torch.device("cpu"), torch.float32, 1, 0.5,
+                                 ("forward",))
+    assert result["forward"]["flops"] == 128 * (24_576 + 3_840)

@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_reports_parameters_and_throughput(capsys):
     assert main(["demo", "--size", "tiny", "--steps", "2", "--batch", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["parameters"] > 0 and report["tokens_per_s"] > 0
+    from blockstate.registry import count_parameters
+
+    assert report["parameters"] == count_parameters("bst-sh-s4", "tiny") == 153_224
+    assert 0 < report["tokens_per_s"] < float("inf")
     assert report["length"] == 128 and report["batch"] == 2
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -140,9 +141,12 @@ def test_eval_json_by_length(corpus, tmp_path, capsys):
                  "--json", "--plot", str(tmp_path / "loss.png")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["lengths"]) == {"32", "64", "256"}
-    for key in ("perplexity", "bits_per_byte", "tokens"):
-        assert result[key] > 0
-        assert all(m[key] > 0 for m in result["lengths"].values())
+    for m in [result, *result["lengths"].values()]:
+        # perplexity is exp(loss); with the byte tokenizer no scored token is longer than a byte,
+        # so bits per byte are at least loss / ln 2; two steps leave the loss near uniform's
+        assert m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-9)
+        assert m["bits_per_byte"] >= m["loss"] / math.log(2) - 1e-9
+        assert 0.5 * math.log(259) < m["loss"] < 1.5 * math.log(259)
     assert result["perplexity"] == result["lengths"]["64"]["perplexity"]  # the training length
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert result["aligned"]  # 32 and 64 divide 256: every length scores the same tokens

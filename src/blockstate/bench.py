@@ -585,10 +585,6 @@ def write_outputs(out: Path, report: dict, plot: bool,
             pass
 
 
-def command_line() -> str:
-    return "blockstate " + " ".join(sys.argv[1:])
-
-
 __all__ = ["LAYERS", "build_layer", "flop_formulas", "layer_config", "measure_layer",
            "measure_machine", "run_layers", "run_models", "layers_markdown", "models_markdown",
            "markdown_table", "write_outputs"]
