@@ -109,3 +109,18 @@ def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkey
     text = (tmp_path / "quality.md").read_text()
     assert "nanoGPT CPU recipe" in text and "bits per byte" in text
     assert json.loads((tmp_path / "quality.json").read_text())["kind"] == "quality"
+
+
+def test_resuming_with_size_auto_keeps_the_runs_own_size(tmp_path):
+    """`size="auto"` (the default) asks for no particular size: resuming a run trained at an
+    explicit size continues it at that size instead of refusing the request as a change."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(30):
+        (root / f"doc{i:02d}.txt").write_text(f"line {i}\n" * 40)
+    fields = dict(data=str(root), seq_len=64, batch_size=2, eval_batches=1, sample_tokens=0,
+                  cache_dir=str(tmp_path / "cache"), model_overrides={"block_size": 16})
+    train(TrainConfig(size="tiny", max_steps=2, **fields), tmp_path / "run", quiet=True)
+    more = train(TrainConfig(max_steps=3, **fields), tmp_path / "run", resume=True, quiet=True)
+    assert more["step"] == 3 and more["parameters"] == count_parameters(
+        "bst-sh-s4", "tiny", block_size=16, vocab_size=259)

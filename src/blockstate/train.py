@@ -522,9 +522,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
     if checkpoint is not None:
         saved = TrainConfig.from_dict(checkpoint.train_state["train_config"])
         names = requested if requested is not None else {f.name for f in dataclasses.fields(config)}
-        if config.size == "auto" and checkpoint.train_state.get("plan") is not None:
-            # the run's size was planned: what the plan chose is not a change
-            names = set(names) - (set(PLANNED_FIELDS) - explicit_fields(config, requested))
+        if config.size == "auto":  # "auto" asks for no particular size: the run keeps its own
+            names = set(names) - {"size"}
+            if checkpoint.train_state.get("plan") is not None:  # nor is what its plan chose a change
+                names -= set(PLANNED_FIELDS) - explicit_fields(config, requested)
         changed = sorted(name for name in names - set(BUDGET_FIELDS)
                          if getattr(config, name) != getattr(saved, name))
         if changed and not override:
