@@ -86,3 +86,26 @@ def test_unknown_names_list_the_alternatives():
         ModelConfig.from_dict({"d_model": 64, "colour": "red"})
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelConfig.from_json("{")
+
+
+def test_ssm_width_divisor_sets_the_width_the_ssm_runs_on():
+    """The SSM runs on a down-projection of width D / ssm_width_divisor: by default D/4 for SH
+    and MH and D/8 for MF (the paper's choices); an explicit divisor overrides both, and the
+    model still maps tokens to logits and stays causal."""
+    import torch
+
+    for name, default in (("bst-sh-s4", 4), ("bst-mh-s4", 4), ("bst-mf-s4", 8)):
+        assert model_config(name, "tiny").ssm_width == 64 // default
+        model = build_model(name, "tiny", ssm_width_divisor=2)
+        context = model.layers[0].context
+        assert context.down.out_features == 32 and context.ssm.kernel.width == 32
+    torch.manual_seed(0)
+    model = build_model("bst-sh-s4", "tiny", ssm_width_divisor=16).double().eval()
+    assert model.layers[0].context.down.out_features == 4
+    tokens = torch.randint(0, 256, (1, 48))
+    changed = tokens.clone()
+    changed[0, 30] = (changed[0, 30] + 1) % 256
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert a.shape == (1, 48, 256)
+    assert (a[0, :30] - b[0, :30]).abs().max() < 1e-10 < (a[0, 30:] - b[0, 30:]).abs().max()
