@@ -14,7 +14,6 @@ stopped); pass --overwrite to train them again.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +53,8 @@ def _train_entry(name: str, fields: dict[str, Any], corpus: str, seconds: float,
 def _score_same_bytes(run_dirs: list[Path], corpus: str, eval_tokens: int, cache_dir: str | None,
                       batch_tokens: int = 8192) -> list[dict[str, Any]]:
     """Test-split loss of each run on the same bytes (see the module docstring)."""
-    from .data import PackedSequences, resolve_corpus, tokenize_split
-    from .evaluate import aligned_windows, evaluate_length, spread_windows
+    from .data import resolve_corpus, tokenize_split
+    from .evaluate import evaluate_length, tiled_windows
     from .loading import load
     from .train import default_cache_dir
 
@@ -67,18 +66,14 @@ def _score_same_bytes(run_dirs: list[Path], corpus: str, eval_tokens: int, cache
                          "bytes")
     tokens = tokenize_split(resolve_corpus(corpus), tokenizer, "test",
                             Path(cache_dir) if cache_dir else default_cache_dir())
-    longest = max(lengths)
-    if any(longest % n for n in lengths):
+    if any(max(lengths) % n for n in lengths):
         raise ValueError(f"training lengths {lengths} do not divide the longest; windows of one "
                          f"would not tile the other's")
-    outer = PackedSequences(tokens, longest, tokenizer.pad_id)
-    outer_indices = spread_windows(outer, eval_tokens)
+    windows = tiled_windows(tokens, sorted(set(lengths)), tokenizer.pad_id, eval_tokens)
     byte_lengths = np.asarray(tokenizer.token_byte_lengths(), dtype=np.float64)
     results = []
     for (model, _), length in zip(loaded, lengths, strict=True):
-        dataset = outer if length == longest else PackedSequences(tokens, length, tokenizer.pad_id)
-        indices = outer_indices if length == longest else aligned_windows(dataset, outer,
-                                                                          outer_indices)
+        dataset, indices = windows[length]
         result = evaluate_length(model, dataset, byte_lengths, None, batch_tokens,
                                  torch.device("cpu"), indices, carry=False)
         results.append({"length": length, "loss": result["loss"], "tokens": result["tokens"],
@@ -100,9 +95,7 @@ def run_quality(out: Path | None, corpora: list[str], minutes: float, runs_dir: 
         run_dirs, summaries = [], []
         for slug, (name, fields) in ENTRIES.items():
             run_dir = runs_dir / corpus / slug
-            started = time.perf_counter()
             summary = _train_entry(name, fields, corpus, minutes * 60, run_dir, cache_dir, overwrite)
-            summary.setdefault("wall_s", time.perf_counter() - started)
             run_dirs.append(run_dir)
             summaries.append(summary)
         scores = _score_same_bytes(run_dirs, corpus, eval_tokens, cache_dir)

@@ -86,9 +86,12 @@ def explicit_fields(config: Any, requested: set[str] | None) -> set[str]:
     value differs from the dataclass default (the Python API)."""
     if requested is not None:
         return set(requested)
-    return {f.name for f in dataclasses.fields(config)
-            if f.default is not dataclasses.MISSING and getattr(config, f.name) != f.default
-            or f.default is dataclasses.MISSING and getattr(config, f.name)}
+    given = set()
+    for f in dataclasses.fields(config):
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if getattr(config, f.name) != default:
+            given.add(f.name)
+    return given
 
 
 def _shape_config(config: Any, shape: Shape, explicit: set[str]) -> Any:
@@ -114,12 +117,11 @@ def measure_tokens_per_second(config: Any, vocab_size: int, device: torch.device
     """Training tokens per second of `config`'s model (one warm-up step, then `steps` timed
     optimizer steps on random tokens) and its parameter count."""
     from .registry import build_model
-    from .train import parameter_groups
+    from .train import build_optimizer
 
     model = build_model(config.model, config.size, **{**config.model_overrides,
                                                       "vocab_size": vocab_size}).to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=1e-9,
-                                  fused=device.type in ("cpu", "cuda"))
+    optimizer = build_optimizer(model, config, device)  # the run's own optimizer, timed with it
     seq_len = config.seq_len
     micro = config.batch_size // config.grad_accum
     tokens = torch.randint(0, vocab_size, (micro, seq_len + 1), device=device)

@@ -42,6 +42,20 @@ def aligned_windows(dataset: PackedSequences, outer: PackedSequences, outer_indi
     return index[dataset.ends[index] == np.repeat(ends, hi - lo)]  # not the next document's
 
 
+def tiled_windows(tokens, lengths: list[int], pad_id: int, max_tokens: int | None
+                  ) -> dict[int, tuple[PackedSequences, np.ndarray]]:
+    """For each of `lengths` (each dividing the longest), the packing of `tokens` at that length
+    and the indices of its windows that tile about `max_tokens` tokens of windows of the longest
+    length spread over `tokens`: every length then scores the same targets."""
+    longest = PackedSequences(tokens, max(lengths), pad_id)
+    outer_indices = spread_windows(longest, max_tokens)
+    tiled = {}
+    for length in lengths:
+        dataset = longest if length == longest.seq_len else PackedSequences(tokens, length, pad_id)
+        tiled[length] = (dataset, aligned_windows(dataset, longest, outer_indices))
+    return tiled
+
+
 @torch.no_grad()
 def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths: np.ndarray,
                     max_tokens: int | None, batch_tokens: int, device: torch.device,
@@ -133,15 +147,16 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, lengths: list
     corpus = resolve_corpus(data)
     tokens = tokenize_split(corpus, tokenizer, split, Path(cache_dir) if cache_dir else default_cache_dir())
     byte_lengths = tokenizer.token_byte_lengths()
-    longest = PackedSequences(tokens, max(lengths), tokenizer.pad_id)
     # a segment-recurrent model trained with carried memory is scored the same way
     carry = carries_memory(model) and trained.get("carry_memory", True)
-    aligned = not carry and all(longest.seq_len % n == 0 for n in lengths)
-    outer_indices = spread_windows(longest, max_tokens)
+    aligned = not carry and all(max(lengths) % n == 0 for n in lengths)
+    if aligned:
+        windows = tiled_windows(tokens, lengths, tokenizer.pad_id, max_tokens)
+    else:  # each length's own windows, spread over the split
+        windows = {n: (PackedSequences(tokens, n, tokenizer.pad_id), None) for n in lengths}
     per_length = {}
     for length in lengths:
-        dataset = longest if length == longest.seq_len else PackedSequences(tokens, length, tokenizer.pad_id)
-        indices = aligned_windows(dataset, longest, outer_indices) if aligned else None
+        dataset, indices = windows[length]
         per_length[str(length)] = evaluate_length(model, dataset, byte_lengths, max_tokens,
                                                   batch_tokens, dev, indices, carry, precision)
     main = per_length[str(train_len)] if str(train_len) in per_length else per_length[str(lengths[0])]
