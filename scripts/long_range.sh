@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The long-range suite behind docs/results/long_range.md. Every command is resumable (finished runs
 # are skipped), so re-running after an interruption continues where it stopped. The queues can run
-# side by side on a 2-core machine (`bash scripts/long_range.sh 0`, `... 1`, `... 2`; each process
+# side by side on a 2-core machine (`bash scripts/long_range.sh 0`, `... 1`, ...; each process
 # uses one thread), or one after the other with no argument.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,10 +63,40 @@ queue2() {
     "${MQ[@]}" --param num_pairs=8,32 --models bst-sh-s4,slide --out "$OUT/mqar"
 }
 
+queue3() {
+    # Why BST misses MQAR with the pairs 4+ blocks back, one factor at a time (bst-sh-s4, 2 seeds):
+    # depth (4 layers, BST at 0, 2, 3), normalized context states, a full-width SSM with N = 64, and
+    # the SSM's learning rate; then a 3x longer run with N = 64.
+    MQAR=("${BS[@]}" --steps 1000 --lr 1e-3 --batch-size 64 --task mqar --param num_pairs=4
+          --param gap=64 --param seq_len=96)
+    "${MQAR[@]}" --models bst-sh-s4 --set context_norm=rms --out "$OUT/mqar"
+    "${MQAR[@]}" --models bst-sh-s4 --set ssm_state_size=64 --set ssm_width_divisor=1 --out "$OUT/mqar"
+    "${MQAR[@]}" --models bst-sh-s4 --ssm-lr-scale 3 --out "$OUT/mqar"
+    "${MQAR[@]}" --models bst-sh-s4 --set n_layers=4 --out "$OUT/mqar"
+    LONG=("${BS[@]}" --steps 3000 --lr 1e-3 --batch-size 64 --task mqar --param num_pairs=4
+          --param gap=64 --param seq_len=96 --seeds 0)
+    "${LONG[@]}" --models bst-sh-s4 --set ssm_state_size=64 --label "N=64, 3000 steps" \
+        --out "$OUT/mqar_3000"
+    "${LONG[@]}" --models transformer --out "$OUT/mqar_3000"
+}
+
+queue4() {
+    # MF with normalized context states on books (the copying task's best MF setting), 2 seeds at
+    # the section 7 budget, evaluated on the same test windows as the main runs.
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/lm_setting.py --model bst-mf-s4 --set context_norm=rms \
+        --corpus books --seeds 0,1 --max-tokens 4800000 --out runs/long-range-lm
+    # MQAR: 16 and 64 pairs, and the second seed of 8 and 32 (queries at every distance to 8W).
+    MQ=("${BS[@]}" --steps 1000 --lr 1e-3 --batch-size 64 --task mqar --param gap=0)
+    "${MQ[@]}" --param seq_len=128 --param num_pairs=8,16,32 --models bst-sh-s4,slide --out "$OUT/mqar"
+    "${MQ[@]}" --param seq_len=256 --param num_pairs=64 --models bst-sh-s4,slide --out "$OUT/mqar"
+}
+
 case "$QUEUE" in
     0) queue0 ;;
     1) queue1 ;;
     2) queue2 ;;
-    all) queue0; queue1; queue2 ;;
-    *) echo "usage: $0 [0|1|2]" >&2; exit 2 ;;
+    3) queue3 ;;
+    4) queue4 ;;
+    all) queue0; queue1; queue2; queue3; queue4 ;;
+    *) echo "usage: $0 [0|1|2|3|4]" >&2; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from blockstate.attention import BlockSelfAttention, relative_position_bucket
+from blockstate.attention import BlockSelfAttention, QKNorm, relative_position_bucket
 from blockstate.config import ModelConfig
 
 from reference import naive_attention
@@ -78,3 +78,24 @@ def test_attend_with_learned_bias_equals_sdpa(shape):
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
     for a, b in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_qk_norm_keys_are_unit_vectors_like_f_normalize(dtype):
+    norm = QKNorm(n_heads=2, head_dim=8, enabled=True)
+    k = torch.randn(3, 5, 2, 8).to(dtype)
+    k[0, 0, 0] = 0  # a zero vector (an empty memory slot) stays zero, with a finite gradient
+    k.requires_grad_()
+    out = norm.keys(k)
+    out.float().sum().backward()
+    # (float16 cannot hold that gradient's 1/1e-12 at a zero vector, as with F.normalize)
+    assert torch.isfinite(k.grad[1:]).all() and (dtype == torch.float16 or torch.isfinite(k.grad).all())
+    out = out.detach()
+    assert out.dtype == dtype and torch.isfinite(out).all() and (out[0, 0, 0] == 0).all()
+    k = k.detach()
+    tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6
+    # (F.normalize itself gives NaN for a zero vector in float16)
+    torch.testing.assert_close(out[1:], torch.nn.functional.normalize(k, dim=-1)[1:], rtol=tol, atol=tol)
+    q = norm.queries(k)
+    torch.testing.assert_close(q.norm(dim=-1).float()[1:],
+                               norm.log_scale.exp().detach().expand(2, 5, 2), rtol=tol, atol=tol)

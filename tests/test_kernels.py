@@ -96,6 +96,29 @@ def test_s4_kernel_equals_matrix_powers(length):
     torch.testing.assert_close(kernel(length), ref, rtol=1e-9, atol=1e-11)
 
 
+def test_s4_real_discretization_is_the_complex_one_in_real_coordinates():
+    """discrete_real (closed-form Woodbury inverse) equals discrete (dense complex solves) after
+    the change of basis x = Q r, r = [Re x1; Im x1]; its free response reproduces the kernel."""
+    kernel = _random_s4()
+    with torch.no_grad():
+        kernel.P.add_(0.3 * torch.randn_like(kernel.P))
+        kernel.B.add_(0.3 * torch.randn_like(kernel.B))
+    da, db, c = kernel.discrete()
+    half = da.shape[-1] // 2
+    eye = torch.eye(half, dtype=da.dtype)
+    q = torch.cat([torch.cat([eye, 1j * eye], 1), torch.cat([eye, -1j * eye], 1)], 0)
+    q_inv = torch.linalg.inv(q)
+    da_r, db_r, c_r = kernel.discrete_real()
+    assert da_r.dtype == db_r.dtype == c_r.dtype == torch.float64
+    torch.testing.assert_close(da_r.to(da.dtype), q_inv @ da @ q, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(db_r.to(da.dtype), (q_inv @ db.unsqueeze(-1)).squeeze(-1),
+                               rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(c_r.to(da.dtype), c @ q, rtol=1e-12, atol=1e-13)
+    taps = [c_r.unsqueeze(-2) @ torch.linalg.matrix_power(da_r, l) @ db_r.unsqueeze(-1)
+            for l in range(20)]
+    torch.testing.assert_close(torch.cat(taps, -1).squeeze(-2), kernel(20), rtol=1e-9, atol=1e-11)
+
+
 def test_s4_kernel_float32_close_to_float64():
     kernel = S4Kernel(1, 4, 16)
     k32 = kernel(2048)

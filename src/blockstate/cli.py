@@ -100,7 +100,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=convert, default=None, choices=choices, help=help_text)
 
 
-def _parse_override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ValueError(f"--set {text!r}: expected FIELD=VALUE, e.g. --set n_layers=4")
     key, value = text.split("=", 1)
@@ -124,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields.update(given)
     if args.set:
         fields["model_overrides"] = {**fields.get("model_overrides", {}),
-                                     **dict(_parse_override(t) for t in args.set)}
+                                     **dict(parse_override(t) for t in args.set)}
     config = TrainConfig.from_dict(fields)
     requested = set(fields)  # what the user asked for: flags, --set and the config file
     summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
@@ -378,7 +378,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     unknown = sorted(set(models) - set(list_models()))
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(list_models())}")
-    overrides = dict(_parse_override(item) for item in args.set)
+    overrides = dict(parse_override(item) for item in args.set)
     eval_params = _task_params(args.eval_param, "--eval-param") if args.eval_param else None
     for params in _task_params(args.param, "--param"):  # validate everything before training
         for extra in eval_params or [{}]:

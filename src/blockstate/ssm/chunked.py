@@ -42,16 +42,20 @@ class ChunkOperators:
     readout: torch.Tensor
 
 
-def _krylov(a: torch.Tensor, v: torch.Tensor, count: int) -> torch.Tensor:
-    """[v, a v, a^2 v, ..., a^(count-1) v] for batches of matrices a (..., N, N) and vectors
-    v (..., N) -> (..., N, count), by doubling: log2(count) batched products, and without
-    materializing the powers of a."""
-    out = v.unsqueeze(-1)                                                       # (..., N, 1)
-    step = a
-    while out.shape[-1] < count:
-        out = torch.cat([out, step @ out], dim=-1)                              # a^m [v .. a^(m-1) v]
+def _krylov(a: torch.Tensor, v: torch.Tensor, c: torch.Tensor, count: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For batches of matrices a (..., N, N) and vectors v, c (..., N): the columns
+    [v, a v, ..., a^(count-1) v] (..., N, count), the rows [c; c a; ...; c a^(count-1)]
+    (..., count, N) and a^count, by doubling (log2(count) rounds of batched products, the powers
+    a^(2^k) shared by both sides) without materializing the other powers of a."""
+    cols, rows, step = v.unsqueeze(-1), c.unsqueeze(-2), a
+    while cols.shape[-1] < count:
+        cols = torch.cat([cols, step @ cols], dim=-1)                           # a^m [v .. a^(m-1) v]
+        rows = torch.cat([rows, rows @ step], dim=-2)
         step = step @ step
-    return out[..., :count]
+    if cols.shape[-1] != count:  # count is not a power of two
+        step = torch.linalg.matrix_power(a, count)
+    return cols[..., :count], rows[..., :count, :], step
 
 
 def chunk_operators(kernel: torch.nn.Module, chunk: int) -> ChunkOperators:
@@ -72,22 +76,14 @@ def chunk_operators(kernel: torch.nn.Module, chunk: int) -> ChunkOperators:
             decay=powers[..., -1], readout=2 * c)
     if isinstance(kernel, S4Kernel):
         # The N complex states of S4 come in conjugate pairs, x = [x1; conj(x1)]. In the real
-        # coordinates r = [Re x1; Im x1] (x = Q r) the system is real: N real states instead of N
-        # complex ones, and every product below is a real matrix product.
-        da, db, c = kernel.discrete()                                               # dense dA
-        half = da.shape[-1] // 2
-        eye = torch.eye(half, dtype=da.dtype, device=da.device)
-        q = torch.cat([torch.cat([eye, 1j * eye], 1), torch.cat([eye, -1j * eye], 1)], 0)
-        q_inv = 0.5 * torch.cat([torch.cat([eye, eye], 1), torch.cat([-1j * eye, 1j * eye], 1)], 0)
-        da = (q_inv @ da @ q).real                                                  # (C, H, N, N)
-        db = (db @ q_inv.T).real                                                    # (C, H, N)
-        c = (c @ q).real
-        pb = _krylov(da, db, chunk)                                                 # (C, H, N, T): dA^t dB
-        cp = _krylov(da.transpose(-1, -2), c, chunk + 1).transpose(-1, -2)          # (C, H, T+1, N): C dA^t
+        # coordinates r = [Re x1; Im x1] the system is real: N real states instead of N complex
+        # ones, and every product below is a real matrix product.
+        da, db, c = kernel.discrete_real()                                          # dense dA
+        pb, cp, decay = _krylov(da, db, c, chunk)            # dA^t dB (C, H, N, T), C dA^t (C, H, T, N)
+        last = (c.unsqueeze(-2) @ decay)                                            # C dA^T
         return ChunkOperators(
-            taps=torch.einsum("chtn,chn->cht", cp[:, :, :-1], db),
-            inp=pb.flip(-1), out=cp[:, :, 1:], decay=torch.linalg.matrix_power(da, chunk),
-            readout=c)
+            taps=torch.einsum("chtn,chn->cht", cp, db), inp=pb.flip(-1),
+            out=torch.cat([cp[:, :, 1:], last], dim=-2), decay=decay, readout=c)
     raise TypeError(f"chunked convolution needs an S4 or S4D kernel, not {type(kernel).__name__}")
 
 

@@ -192,6 +192,38 @@ class S4Kernel(nn.Module):
         db = torch.linalg.solve(minus, (dt.unsqueeze(-1) * b).unsqueeze(-1)).squeeze(-1)
         return da, db, c
 
+    def discrete_real(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bilinear discretization of `discrete` in the real coordinates r = [Re x1; Im x1] of
+        the conjugate-pair states x = [x1; conj(x1)]: (dA (C, H, N, N), dB (C, H, N), C (C, H, N)),
+        all real, with r_t = dA r_{t-1} + dB u_t and y_t = C r_t.
+
+        No linear solve: with h = dt/2, I - hA = M0 + 2h w w^T, where M0 multiplies x1 by the
+        complex diagonal 1 - h Lambda (a 2 x 2 rotation-scaling per state in real coordinates) and
+        w = [Re p; Im p], so the Woodbury identity inverts it in closed form; then
+        dA = (I - hA)^-1 (I + hA) = 2 (I - hA)^-1 - I and dB = (I - hA)^-1 dt B.
+        """
+        dtype = _real_dtype(self.log_dt)
+        dt = torch.exp(self.log_dt.to(dtype)).unsqueeze(-1)                      # (C, H, 1)
+        lam = torch.complex(-torch.exp(self.log_neg_real.to(dtype)), self.imag.to(dtype))
+        p, b, c = _complex(self.P), _complex(self.B), _complex(self.C)         # (C, H, N/2)
+        g = 1 / (1 - dt / 2 * lam)                                              # M0^-1 on x1
+        gp = g * p
+
+        def real(z: torch.Tensor) -> torch.Tensor:                              # x1 -> [Re; Im]
+            return torch.cat([z.real, z.imag], dim=-1)
+
+        # w^T M0^-1 w = sum |p|^2 Re g; the rank-one correction is kappa (M0^-1 w)(w^T M0^-1).
+        kappa = dt / (1 + dt * (p.abs().square() * g.real).sum(-1, keepdim=True))  # (C, H, 1)
+        left, right = real(gp), real(g.conj() * p)                              # (C, H, N)
+        half = g.shape[-1]
+        m0_inv = (torch.diag_embed(torch.cat([g.real, g.real], dim=-1))
+                  + torch.diag_embed(-g.imag, offset=half) + torch.diag_embed(g.imag, offset=-half))
+        inv = m0_inv - kappa.unsqueeze(-1) * left.unsqueeze(-1) * right.unsqueeze(-2)
+        eye = torch.eye(2 * half, dtype=dtype, device=inv.device)
+        # dB = dt (M0^-1 B - kappa (M0^-1 w)(w^T M0^-1 B)), with w^T M0^-1 B = Re sum g conj(p) b.
+        db = dt * (real(g * b) - kappa * left * (g * p.conj() * b).real.sum(-1, keepdim=True))
+        return 2 * inv - eye, db, 2 * real(c.conj())
+
     def forward(self, length: int) -> torch.Tensor:
         with _full_precision(self.log_dt.device):
             dt, lam, p, b, c = self.continuous()
