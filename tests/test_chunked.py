@@ -29,13 +29,42 @@ def _kernel(kind: str, channels: int = 2, width: int = 3, state: int = 8) -> tor
 
 
 @pytest.mark.parametrize("kind", ["s4d", "s4"])
-@pytest.mark.parametrize("length,chunk", [(1, 4), (7, 4), (64, 16), (100, 16), (257, 64), (96, 1)])
+@pytest.mark.parametrize("length,chunk", [(1, 4), (7, 4), (64, 16), (100, 16), (257, 64), (96, 1), (90, 24)])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_chunked_equals_fft(kind, length, chunk, channels):
     kernel = _kernel(kind, channels)
     u = torch.randn(2, 3, length, dtype=torch.float64)
     y = chunked_causal_conv(u, chunk_operators(kernel, chunk))
     torch.testing.assert_close(y, fft_causal_conv(u, kernel(length)), rtol=1e-9, atol=1e-9)
+
+
+class _Rescaled(torch.nn.Module):
+    """A kernel the library does not know: twice an S4D kernel, through the kernel seam only."""
+
+    def __init__(self, inner: S4DKernel):
+        super().__init__()
+        self.inner, self.channels, self.width = inner, inner.channels, inner.width
+
+    def forward(self, length: int) -> torch.Tensor:
+        return 2 * self.inner(length)
+
+    def chunk_operators(self, chunk: int):
+        ops = self.inner.chunk_operators(chunk)
+        return type(ops)(2 * ops.taps, ops.inp, 2 * ops.out, ops.decay, 2 * ops.readout)
+
+
+def test_a_new_kernel_needs_only_chunk_operators_for_the_chunked_path_and_generation():
+    kernel = _Rescaled(_kernel("s4d"))
+    ssm = SSM(kernel, method="chunked", chunk_size=16).double()
+    u = torch.randn(2, 70, 3, dtype=torch.float64)
+    reference = SSM(kernel, method="fft").double()
+    reference.D = ssm.D
+    torch.testing.assert_close(ssm(u), reference(u), rtol=1e-9, atol=1e-9)
+    cache = ssm.allocate_cache(2, u.device, torch.float64)  # a recurrent state, not a history
+    steps = torch.stack([ssm.step(u[:, t], cache) for t in range(70)], 1)
+    torch.testing.assert_close(steps, reference(u), rtol=1e-9, atol=1e-9)
+    with pytest.raises(TypeError, match="state-space form"):
+        chunk_operators(ImplicitKernel(1, 3, train_length=16), 4)
 
 
 def test_chunked_s4d_equals_an_independent_recurrence():

@@ -87,7 +87,7 @@ def build_layer(name: str, config: ModelConfig) -> nn.Module:
 def _clear_ssm_caches(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, SSM):
-            m._cache = None
+            m.clear_cache()
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -42,7 +42,7 @@ class ChunkOperators:
     readout: torch.Tensor
 
 
-def _krylov(a: torch.Tensor, v: torch.Tensor, c: torch.Tensor, count: int
+def krylov(a: torch.Tensor, v: torch.Tensor, c: torch.Tensor, count: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For batches of matrices a (..., N, N) and vectors v, c (..., N): the columns
     [v, a v, ..., a^(count-1) v] (..., N, count), the rows [c; c a; ...; c a^(count-1)]
@@ -59,32 +59,13 @@ def _krylov(a: torch.Tensor, v: torch.Tensor, c: torch.Tensor, count: int
 
 
 def chunk_operators(kernel: torch.nn.Module, chunk: int) -> ChunkOperators:
-    """The chunk matrices of an `S4DKernel` or `S4Kernel` for chunks of `chunk` steps."""
-    from .kernels import S4DKernel, S4Kernel
-
-    if isinstance(kernel, S4DKernel):
-        dt, a, c = kernel.continuous()
-        dta = dt.unsqueeze(-1) * a                                                 # (C, H, n)
-        db = (torch.exp(dta) - 1) / a
-        steps = torch.arange(chunk + 1, device=dta.device, dtype=dta.real.dtype)
-        powers = torch.exp(dta.unsqueeze(-1) * steps)                               # (C, H, n, T+1)
-        cp = 2 * c.unsqueeze(-1) * powers                                           # s C dA^t
-        return ChunkOperators(
-            taps=(cp[..., :-1] * db.unsqueeze(-1)).sum(-2).real,
-            inp=db.unsqueeze(-1) * powers[..., :-1].flip(-1),
-            out=cp[..., 1:].transpose(-1, -2),
-            decay=powers[..., -1], readout=2 * c)
-    if isinstance(kernel, S4Kernel):
-        # The N complex states of S4 come in conjugate pairs, x = [x1; conj(x1)]. In the real
-        # coordinates r = [Re x1; Im x1] the system is real: N real states instead of N complex
-        # ones, and every product below is a real matrix product.
-        da, db, c = kernel.discrete_real()                                          # dense dA
-        pb, cp, decay = _krylov(da, db, c, chunk)            # dA^t dB (C, H, N, T), C dA^t (C, H, T, N)
-        last = (c.unsqueeze(-2) @ decay)                                            # C dA^T
-        return ChunkOperators(
-            taps=torch.einsum("chtn,chn->cht", cp, db), inp=pb.flip(-1),
-            out=torch.cat([cp[:, :, 1:], last], dim=-2), decay=decay, readout=c)
-    raise TypeError(f"chunked convolution needs an S4 or S4D kernel, not {type(kernel).__name__}")
+    """The chunk matrices of a structured kernel (one with a `chunk_operators` method: `S4DKernel`,
+    `S4Kernel`) for chunks of `chunk` steps."""
+    build = getattr(kernel, "chunk_operators", None)
+    if build is None:
+        raise TypeError(f"chunked convolution needs a kernel with a state-space form (S4 or S4D), "
+                        f"not {type(kernel).__name__}")
+    return build(chunk)
 
 
 def _toeplitz(taps: torch.Tensor) -> torch.Tensor:
@@ -166,5 +147,5 @@ def end_outputs(states: torch.Tensor, ops: ChunkOperators) -> torch.Tensor:
 
 
 __all__ = [
-    "ChunkOperators", "chunk_operators", "chunked_causal_conv", "chunk_end_states", "end_outputs",
+    "ChunkOperators", "chunk_operators", "chunked_causal_conv", "chunk_end_states", "end_outputs", "krylov",
 ]

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .chunked import ChunkOperators, krylov
+
 
 @contextmanager
 def _full_precision(device: torch.device):
@@ -84,22 +86,36 @@ class S4DKernel(nn.Module):
         a = torch.complex(-torch.exp(self.log_neg_real.to(dtype)), self.imag.to(dtype))
         return torch.exp(self.log_dt.to(dtype)), a, _complex(self.C)
 
-    def discrete(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dA, dB, C), each (C, H, N/2) complex: x_t = dA x_{t-1} + dB u_t, y_t = 2 Re(C x_t)."""
+    def zoh(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zero-order hold: (dt A, dB = (exp(dt A) - 1) / A, C), each (C, H, N/2) complex; the
+        discrete system is x_t = exp(dt A) x_{t-1} + dB u_t, y_t = 2 Re(C x_t)."""
         dt, a, c = self.continuous()
         dta = dt.unsqueeze(-1) * a
-        da = torch.exp(dta)
-        db = (da - 1) / a
-        return da, db, c
+        return dta, (torch.exp(dta) - 1) / a, c
+
+    def discrete(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dA, dB, C), each (C, H, N/2) complex: x_t = dA x_{t-1} + dB u_t, y_t = 2 Re(C x_t)."""
+        dta, db, c = self.zoh()
+        return torch.exp(dta), db, c
+
+    def chunk_operators(self, chunk: int) -> ChunkOperators:
+        """The matrices of a chunk of `chunk` steps (see `ssm.chunked`); the state is diagonal."""
+        dta, db, c = self.zoh()
+        steps = torch.arange(chunk + 1, device=dta.device, dtype=dta.real.dtype)
+        powers = torch.exp(dta.unsqueeze(-1) * steps)                               # (C, H, n, T+1)
+        cp = 2 * c.unsqueeze(-1) * powers                                           # s C dA^t
+        return ChunkOperators(
+            taps=(cp[..., :-1] * db.unsqueeze(-1)).sum(-2).real,
+            inp=db.unsqueeze(-1) * powers[..., :-1].flip(-1),
+            out=cp[..., 1:].transpose(-1, -2),
+            decay=powers[..., -1], readout=2 * c)
 
     def forward(self, length: int) -> torch.Tensor:
         with _full_precision(self.log_dt.device):
-            dt, a, c = self.continuous()
-            dta = dt.unsqueeze(-1) * a                                           # (C, H, N/2)
-            cdb = c * (torch.exp(dta) - 1) / a                                   # (C, H, N/2)
+            dta, db, c = self.zoh()                                              # (C, H, N/2)
             pos = torch.arange(length, device=dta.device, dtype=dta.real.dtype)
             vandermonde = torch.exp(dta.unsqueeze(-1) * pos)                     # (C, H, N/2, L)
-            return 2 * torch.einsum("chn,chnl->chl", cdb, vandermonde).real      # (C, H, L)
+            return 2 * torch.einsum("chn,chnl->chl", c * db, vandermonde).real   # (C, H, L)
 
 
 def hippo_legs_nplr(state_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,6 +239,16 @@ class S4Kernel(nn.Module):
         # dB = dt (M0^-1 B - kappa (M0^-1 w)(w^T M0^-1 B)), with w^T M0^-1 B = Re sum g conj(p) b.
         db = dt * (real(g * b) - kappa * left * (g * p.conj() * b).real.sum(-1, keepdim=True))
         return 2 * inv - eye, db, 2 * real(c.conj())
+
+    def chunk_operators(self, chunk: int) -> ChunkOperators:
+        """The matrices of a chunk of `chunk` steps (see `ssm.chunked`). The N complex states come
+        in conjugate pairs, so in the real coordinates of `discrete_real` the system is real: N
+        real states instead of N complex ones, and every product is a real matrix product."""
+        da, db, c = self.discrete_real()                                           # dense dA
+        pb, cp, decay = krylov(da, db, c, chunk)            # dA^t dB (C, H, N, T), C dA^t (C, H, T, N)
+        return ChunkOperators(
+            taps=torch.einsum("chtn,chn->cht", cp, db), inp=pb.flip(-1),
+            out=torch.cat([cp[:, :, 1:], c.unsqueeze(-2) @ decay], dim=-2), decay=decay, readout=c)
 
     def forward(self, length: int) -> torch.Tensor:
         with _full_precision(self.log_dt.device):
