@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from blockstate import build_model, list_models
 from blockstate.config import ModelConfig
-from blockstate.layers import ContextStates
+from blockstate.layers import build_context_states
 
 PRESETS = [m for m in list_models() if m.startswith("bst-")]
 MODELS = list_models()  # BST presets and baselines
@@ -66,7 +66,7 @@ def _context(variant, kernel="s4"):
     config = ModelConfig(d_model=32, n_heads=2, block_size=8, context_variant=variant,
                          ssm_kernel=kernel, ssm_state_size=8, num_context_states=3, max_seq_len=64,
                          unstruct_hidden=16)
-    return ContextStates(config).double()
+    return build_context_states(config).double()
 
 
 @pytest.mark.parametrize("kernel", ["s4", "unstruct"])

@@ -2,7 +2,8 @@
 
 from .block import BlockAttentionLayer, XLLayer
 from .brt import BlockRecurrentLayer
-from .bst import BSTLayer, ContextStates
+from .bst import BSTLayer, ContextStates, MFContext, MHContext, SHContext, build_context_states
 from .gss import GSSLayer
 
-__all__ = ["BlockAttentionLayer", "BlockRecurrentLayer", "BSTLayer", "ContextStates", "GSSLayer", "XLLayer"]
+__all__ = ["BlockAttentionLayer", "BlockRecurrentLayer", "BSTLayer", "ContextStates", "GSSLayer", "MFContext",
+           "MHContext", "SHContext", "XLLayer", "build_context_states"]

@@ -18,12 +18,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import MLP, BlockSelfAttention
+from ..attention import BlockSelfAttention
 from ..cache import KVCache
 from ..config import ModelConfig
+from .residual import ResidualTail
 
 
-class BlockAttentionLayer(nn.Module):
+class BlockAttentionLayer(ResidualTail):
     """Pre-norm residual layer: x + Attn(Norm(x)), then x + MLP(Norm(x)).
 
     Self-attention is block-only or sliding-window according to `config.self_attention`.
@@ -37,17 +38,14 @@ class BlockAttentionLayer(nn.Module):
         inner = config.n_heads * config.resolved_head_dim
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.self_attn = BlockSelfAttention(config)
-        self.out = nn.Linear(inner, config.d_model, bias=False)
-        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = MLP(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.init_tail(config, inner)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None) -> torch.Tensor:
         """`memory` (B, M, D): this layer's input over the M positions before x, `valid` (B, M)
         the ones of the row's current document (segment-recurrent baselines)."""
         h_memory = None if memory is None else self.attn_norm(memory)
-        return self._tail(x, self.self_attn(self.attn_norm(x), h_memory, valid))
+        return self.tail(x, self.self_attn(self.attn_norm(x), h_memory, valid))
 
 
     # ---- inference (blockstate.cache)
@@ -57,15 +55,11 @@ class BlockAttentionLayer(nn.Module):
     def prefill(self, x: torch.Tensor, length: int, cache: KVCache) -> torch.Tensor:
         """`forward(x)` for x (B, L', D) whose first `length` positions are real, filling the
         empty `cache` for the position after them."""
-        return self._tail(x, self.self_attn.prefill(self.attn_norm(x), length, cache))
+        return self.tail(x, self.self_attn.prefill(self.attn_norm(x), length, cache))
 
     def step(self, x: torch.Tensor, cache: KVCache, offset: int) -> torch.Tensor:
         """Outputs (B, 1, D) of one new position x (B, 1, D) at in-block `offset`."""
-        return self._tail(x, self.self_attn.extend(self.attn_norm(x), cache, offset))
-
-    def _tail(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.out(attended))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return self.tail(x, self.self_attn.extend(self.attn_norm(x), cache, offset))
 
 
 class XLLayer(BlockAttentionLayer):

@@ -23,12 +23,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import MLP, BlockSelfAttention, QKNorm, attend, heads_last, to_blocks
+from ..attention import BlockSelfAttention, QKNorm, attend, heads_last, to_blocks
 from ..cache import BRTCache
 from ..config import ModelConfig
+from .residual import ResidualTail
 
 
-class BlockRecurrentLayer(nn.Module):
+class BlockRecurrentLayer(ResidualTail):
     cache_type = BRTCache
 
     def __init__(self, config: ModelConfig):
@@ -42,9 +43,7 @@ class BlockRecurrentLayer(nn.Module):
         self.token_q = nn.Linear(d, inner, bias=False)          # tokens -> states
         self.token_kv = nn.Linear(d, 2 * inner, bias=False)     # states -> tokens
         self.token_qk_norm = QKNorm(self.n_heads, self.head_dim, config.qk_norm)
-        self.out = nn.Linear(2 * inner, d, bias=False)
-        self.mlp_norm = nn.RMSNorm(d, eps=config.norm_eps)
-        self.mlp = MLP(config)
+        self.init_tail(config, 2 * inner)
         self.state_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.state_q = nn.Linear(d, 2 * inner, bias=False)      # queries: self, cross
         self.state_kv = nn.Linear(d, 2 * inner, bias=False)
@@ -53,7 +52,6 @@ class BlockRecurrentLayer(nn.Module):
         self.initial_state = nn.Parameter(torch.randn(s, d) * config.init_std)
         self.state_ids = nn.Parameter(torch.randn(s, d) * config.init_std)
         self.gate_bias = nn.Parameter(torch.randn(d) * 0.1)  # meliad's "bias" gate: g near 0.5
-        self.dropout = nn.Dropout(config.dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.n_heads, self.head_dim))
@@ -88,10 +86,6 @@ class BlockRecurrentLayer(nn.Module):
         z = self.state_out(torch.cat([z_self, z_cross], -1).transpose(1, 2).flatten(2))
         gate = torch.sigmoid(self.gate_bias)
         return gate * state + (1 - gate) * z                                        # (B, S, D)
-
-    def _mix(self, x: torch.Tensor, self_out: torch.Tensor, cross_out: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.out(torch.cat([self_out, cross_out], -1)))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
     def start_state(self, batch: int, state: torch.Tensor | None = None,
                     keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,7 +123,7 @@ class BlockRecurrentLayer(nn.Module):
             state = self._update_state(state, token_k[:, k], token_v[:, k], dropout)
             states.append(state)
         cross_out = heads_last(torch.stack(cross, 1).flatten(0, 1), batch)          # (B, L, H Dh)
-        return self._mix(x, self_out, cross_out), states
+        return self.tail(x, self_out, cross_out), states
 
     # ---- inference (blockstate.cache)
     def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> BRTCache:
@@ -163,4 +157,4 @@ class BlockRecurrentLayer(nn.Module):
         cache.token_k[:, offset], cache.token_v[:, offset] = k[:, 0], v[:, 0]
         if offset == self.block_size - 1:
             cache.state = self._update_state(cache.state, cache.token_k, cache.token_v, 0.0)
-        return self._mix(x, self_out, cross.transpose(1, 2).flatten(2))
+        return self.tail(x, self_out, cross.transpose(1, 2).flatten(2))

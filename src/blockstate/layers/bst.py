@@ -23,156 +23,120 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import MLP, BlockSelfAttention, QKNorm, attend, heads_first, heads_last, to_blocks
+from ..attention import BlockSelfAttention, QKNorm, attend, heads_first, heads_last, to_blocks
 from ..cache import BSTCache, KVCache, SSMCache
 from ..config import ModelConfig
 from ..ssm import build_ssm
+from .residual import ResidualTail
 
 
 class ContextStates(nn.Module):
-    """Normalized layer input (B, L, D) -> cross-attention keys and values (B, nb, T, H, Dh),
-    with T = W for SH/MH and T = S for MF."""
+    """Normalized layer input (B, L, D) -> cross-attention keys and values (B, nb, T, H, Dh).
+
+    The base of the three variants: the down-projection, the SSM over the whole sequence, and the
+    activation and normalization of its outputs. A variant (`SHContext`, `MHContext`,
+    `MFContext`; `build_context_states` picks one) turns the outputs into keys and values, says
+    which of them a query may see (`mask`), and carries them through generation.
+    """
+
+    variant = ""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.variant = config.context_variant
         self.block_size = config.block_size
         self.n_heads, self.head_dim = config.n_heads, config.resolved_head_dim
-        d_model, width = config.d_model, config.ssm_width
-        inner = self.n_heads * self.head_dim
         self.init_std = config.init_std
-        self.down = nn.Linear(d_model, width, bias=False)
+        width = config.ssm_width
+        self.down = nn.Linear(config.d_model, width, bias=False)
         self.ssm = build_ssm(config, config.ssm_channels, width)
         self.activation = nn.GELU() if config.context_activation == "gelu" else nn.Identity()
         self.norm = (nn.RMSNorm(width, eps=config.norm_eps) if config.context_norm == "rms"
                      else nn.Identity())
-        if self.variant == "mh":
-            self.kv_weight = nn.Parameter(
-                torch.randn(self.n_heads, width, 2 * self.head_dim) * config.init_std)
-        else:
-            self.lift = nn.Linear(width, d_model)
-            self.kv = nn.Linear(d_model, 2 * inner, bias=False)
-        if self.variant == "mf":
-            s = config.num_context_states
-            self.initial_context = nn.Parameter(torch.randn(s, d_model) * config.init_std)
-            self.context_ids = nn.Parameter(torch.randn(s, d_model) * config.init_std)
 
     def reset_parameters(self) -> None:
         """With normalized SSM outputs, a unit-scale lift (std 1/sqrt(width)) makes the lifted
-        context states O(1), like the normalized layer input that self-attention projects; MH's
-        composed lift and key/value map gets the product of the two scales."""
-        if isinstance(self.norm, nn.Identity):
-            return
-        width = self.down.out_features
-        if self.variant == "mh":
-            nn.init.normal_(self.kv_weight, std=self.init_std / math.sqrt(width) * math.sqrt(
-                self.n_heads * self.head_dim))
-        else:
-            nn.init.normal_(self.lift.weight, std=1 / math.sqrt(width))
+        context states O(1), like the normalized layer input that self-attention projects."""
+        if not isinstance(self.norm, nn.Identity):
+            nn.init.normal_(self.lift.weight, std=1 / math.sqrt(self.down.out_features))
 
     def _context_outputs(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """SSM outputs (..., Hs) -> normalized, activated outputs in the layer's dtype."""
         return self.norm(self.activation(y.to(dtype)))
-
-    def sh_kv_map(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """SH: kv(lift(y)) as one map from the SSM width, (W_kv W_lift) y + W_kv b_lift, which
-        costs Hs x 2HDh per token instead of Hs x D + D x 2HDh: (weight (2 H Dh, Hs), bias)."""
-        return self.kv.weight @ self.lift.weight, self.kv.weight @ self.lift.bias
-
-    def _position_kv(self, y: torch.Tensor, w: int,
-                     sh_map: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """SH/MH: SSM outputs y (B, L, C, Hs) -> keys/values (B, L / w, w, 2, H, Dh). `sh_map`:
-        SH's composed map when already computed (`sh_kv_map`)."""
-        heads, d = self.n_heads, self.head_dim
-        if self.variant == "sh":
-            kv = F.linear(y[:, :, 0], *(sh_map or self.sh_kv_map()))               # (B, L, 2 H Dh)
-            return to_blocks(kv, w).unflatten(-1, (2, heads, d))
-        kv = torch.einsum("blhc,hcd->blhd", y, self.kv_weight.to(y.dtype))         # (B, L, H, 2 Dh)
-        return to_blocks(kv, w).unflatten(-1, (2, d)).transpose(3, 4)
-
-    def _summary_kv(self, last: torch.Tensor | None, batch: int, dtype: torch.dtype) -> torch.Tensor:
-        """MF: the S outputs at the end of each previous block, last (B, nb-1, S, Hs) (None for no
-        previous block) -> keys/values (B, nb, S, 2, H, Dh), block 0 reading the initial context."""
-        initial = self.initial_context.to(dtype).expand(batch, 1, -1, -1)          # (B, 1, S, D)
-        context = initial if last is None else torch.cat([initial, self.lift(last)], dim=1)
-        kv = self.kv(context + self.context_ids.to(context.dtype))
-        return kv.unflatten(-1, (2, self.n_heads, self.head_dim))                  # (B, nb, S, 2, H, Dh)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v, _, _ = self._forward(h)
         return k, v
 
     def _forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(keys, values, SSM input u, context outputs: at every position for SH/MH, at every
-        block end (B, nb, S, Hs) for MF)."""
-        u = self.down(h)
-        if self.variant == "mf":  # only the outputs at block ends are needed
-            ends = self._context_outputs(self.ssm.block_end_outputs(u, self.block_size), h.dtype)
-            kv = self._summary_kv(ends[:, :-1], h.shape[0], h.dtype)                 # (B, nb, S, ...)
-        else:
-            ends = self._context_outputs(self.ssm(u), h.dtype)
-            kv = self._position_kv(ends, self.block_size)
-        k, v = kv.unbind(dim=3)
-        return k, v, u, ends
+        """(keys, values, SSM input u, the context outputs the keys/values were made from)."""
+        raise NotImplementedError
 
-    # ---- inference (blockstate.cache)
-    def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype
-                       ) -> tuple[SSMCache, KVCache | None]:
-        """The SSM cache, and for SH/MH the cache of the current block's context keys/values."""
-        ssm = self.ssm.allocate_cache(batch, device, dtype)
-        if self.variant == "mf":
-            return ssm, None
-        return ssm, KVCache.empty(batch, self.n_heads, self.head_dim, self.block_size, device, dtype)
+    def mask(self, w: int, device: torch.device) -> torch.Tensor | None:
+        """Which of the block's T context states query i of W may see (W, T), None for all."""
+        return None
 
     @torch.no_grad()
     def inference_constants(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """What a step would otherwise recompute from the parameters: SH's composed map."""
-        return self.sh_kv_map() if self.variant == "sh" else None
+        """What a step would otherwise recompute from the parameters (SH's composed map)."""
+        return None
 
-    def _summary_step(self, outputs: torch.Tensor | None, batch: int, dtype: torch.dtype
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MF keys/values (B, H, S, Dh) of the block after one whose last context outputs are
-        `outputs` (B, S, Hs) (None: the first block, which reads the initial context)."""
-        last = None if outputs is None else outputs.unsqueeze(1)
-        k, v = self._summary_kv(last, batch, dtype)[:, -1].unbind(dim=2)            # (B, S, H, Dh)
-        return k.transpose(1, 2), v.transpose(1, 2)
+    # ---- inference (blockstate.cache): allocate_cache, prefill, step per variant
 
-    def prefill(self, h: torch.Tensor, length: int, cache, key_norm=None
+
+def _identity(k: torch.Tensor) -> torch.Tensor:
+    return k
+
+
+class _PositionContext(ContextStates):
+    """SH and MH: the SSM outputs at the block's own positions; query i sees positions j <= i."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _position_kv(self, y: torch.Tensor, w: int,
+                     sh_map: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Context outputs y (B, L, C, Hs) -> keys/values (B, L / w, w, 2, H, Dh)."""
+        raise NotImplementedError
+
+    def mask(self, w: int, device: torch.device) -> torch.Tensor:
+        key = (w, device)
+        if key not in self._masks:  # built once per block size and device, like the self-attention masks
+            self._masks[key] = torch.ones(w, w, dtype=torch.bool, device=device).tril()
+        return self._masks[key]
+
+    def _forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        u = self.down(h)
+        outputs = self._context_outputs(self.ssm(u), h.dtype)                      # (B, L, C, Hs)
+        k, v = self._position_kv(outputs, self.block_size).unbind(dim=3)
+        return k, v, u, outputs
+
+    def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype
+                       ) -> tuple[SSMCache, KVCache]:
+        """The SSM cache and the cache of the current block's context keys/values."""
+        return (self.ssm.allocate_cache(batch, device, dtype),
+                KVCache.empty(batch, self.n_heads, self.head_dim, self.block_size, device, dtype))
+
+    def prefill(self, h: torch.Tensor, length: int, cache, key_norm=_identity
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward(h)` for h (B, L', D) whose first `length` positions are real, filling the
         layer's cache (a `BSTCache`) for the position after them; cached keys pass `key_norm`
         (see `step`)."""
-        key_norm = key_norm or (lambda k: k)
-        k, v, u, ends = self._forward(h)
+        k, v, u, _ = self._forward(h)
         self.ssm.prefill_cache(u[:, :length], cache.ssm)
         w, complete = self.block_size, length // self.block_size
-        if self.variant == "mf":
-            outputs = ends[:, complete - 1] if complete else None
-            k_next, v_next = self._summary_step(outputs, h.shape[0], h.dtype)
-            cache.summary = key_norm(k_next), v_next
-        elif length % w:
+        if length % w:
             part = slice(0, length % w)
             cache.context.append(key_norm(k[:, complete, part].transpose(1, 2)),
                                  v[:, complete, part].transpose(1, 2))
         return k, v
 
-    def step(self, h: torch.Tensor, cache, offset: int, key_norm=None
+    def step(self, h: torch.Tensor, cache, offset: int, key_norm=_identity
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance by one position h (B, 1, D) at in-block `offset`; the context keys/values
         (B, H, T, Dh) its query sees. `key_norm` (the cross-attention's key normalization) is
         applied once, when a key enters the cache."""
-        key_norm = key_norm or (lambda k: k)
-        batch, last = h.shape[0], offset == self.block_size - 1
-        y = self.ssm.step(self.down(h[:, 0]), cache.ssm, output=self.variant != "mf" or last)
-        if self.variant == "mf":
-            if cache.summary is None:
-                k, v = self._summary_step(None, batch, h.dtype)
-                cache.summary = key_norm(k), v
-            k, v = cache.summary
-            if last:  # the outputs at this block's end summarize it for the next block
-                k_next, v_next = self._summary_step(self._context_outputs(y, h.dtype), batch, h.dtype)
-                cache.summary = key_norm(k_next), v_next
-            return k, v
+        y = self.ssm.step(self.down(h[:, 0]), cache.ssm)
         outputs = self._context_outputs(y, h.dtype)                                # (B, C, Hs)
         kv = self._position_kv(outputs.unsqueeze(1), 1, cache.sh_map)[:, 0, 0]     # (B, 2, H, Dh)
         k, v = kv.unsqueeze(3).unbind(1)                                           # (B, H, 1, Dh)
@@ -181,7 +145,136 @@ class ContextStates(nn.Module):
         return cache.context.append(key_norm(k), v)
 
 
-class BSTLayer(nn.Module):
+class SHContext(_PositionContext):
+    """SH (single head): one filter per SSM channel; its outputs, lifted to the model width, give
+    the keys and values of every head."""
+
+    variant = "sh"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.lift = nn.Linear(config.ssm_width, config.d_model)
+        self.kv = nn.Linear(config.d_model, 2 * self.n_heads * self.head_dim, bias=False)
+
+    def sh_kv_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv(lift(y)) as one map from the SSM width, (W_kv W_lift) y + W_kv b_lift, which costs
+        Hs x 2HDh per token instead of Hs x D + D x 2HDh: (weight (2 H Dh, Hs), bias)."""
+        return self.kv.weight @ self.lift.weight, self.kv.weight @ self.lift.bias
+
+    @torch.no_grad()
+    def inference_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sh_kv_map()
+
+    def _position_kv(self, y: torch.Tensor, w: int,
+                     sh_map: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`sh_map`: the composed map when already computed (`sh_kv_map`)."""
+        kv = F.linear(y[:, :, 0], *(sh_map or self.sh_kv_map()))                   # (B, L, 2 H Dh)
+        return to_blocks(kv, w).unflatten(-1, (2, self.n_heads, self.head_dim))
+
+
+class MHContext(_PositionContext):
+    """MH (multi head): H filters; head h reads filter h's outputs, through its own map from the SSM
+    width to keys/values (the lift and the key/value projection composed per head)."""
+
+    variant = "mh"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.kv_weight = nn.Parameter(
+            torch.randn(self.n_heads, config.ssm_width, 2 * self.head_dim) * config.init_std)
+
+    def reset_parameters(self) -> None:
+        """With normalized SSM outputs: the product of a unit-scale lift's and the key/value
+        projection's scales."""
+        if not isinstance(self.norm, nn.Identity):
+            width = self.down.out_features
+            nn.init.normal_(self.kv_weight, std=self.init_std / math.sqrt(width) * math.sqrt(
+                self.n_heads * self.head_dim))
+
+    def _position_kv(self, y: torch.Tensor, w: int,
+                     sh_map: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        kv = torch.einsum("blhc,hcd->blhd", y, self.kv_weight.to(y.dtype))         # (B, L, H, 2 Dh)
+        return to_blocks(kv, w).unflatten(-1, (2, self.head_dim)).transpose(3, 4)
+
+
+class MFContext(ContextStates):
+    """MF (multi filter): S filters; block k reads the S outputs at the last position of block k-1
+    (block 0 a learned initial context), lifted to the model width, plus learned context IDs. No
+    mask: every state lies strictly in the past."""
+
+    variant = "mf"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.lift = nn.Linear(config.ssm_width, config.d_model)
+        self.kv = nn.Linear(config.d_model, 2 * self.n_heads * self.head_dim, bias=False)
+        s = config.num_context_states
+        self.initial_context = nn.Parameter(torch.randn(s, config.d_model) * config.init_std)
+        self.context_ids = nn.Parameter(torch.randn(s, config.d_model) * config.init_std)
+
+    def _summary_kv(self, last: torch.Tensor | None, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """The S outputs at the end of each previous block, last (B, nb-1, S, Hs) (None for no
+        previous block) -> keys/values (B, nb, S, 2, H, Dh), block 0 reading the initial context."""
+        initial = self.initial_context.to(dtype).expand(batch, 1, -1, -1)          # (B, 1, S, D)
+        context = initial if last is None else torch.cat([initial, self.lift(last)], dim=1)
+        kv = self.kv(context + self.context_ids.to(context.dtype))
+        return kv.unflatten(-1, (2, self.n_heads, self.head_dim))                  # (B, nb, S, 2, H, Dh)
+
+    def _forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        u = self.down(h)  # only the outputs at block ends are needed: (B, nb, S, Hs)
+        ends = self._context_outputs(self.ssm.block_end_outputs(u, self.block_size), h.dtype)
+        k, v = self._summary_kv(ends[:, :-1], h.shape[0], h.dtype).unbind(dim=3)
+        return k, v, u, ends
+
+    def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype
+                       ) -> tuple[SSMCache, None]:
+        """The SSM cache; the summary keys/values live in the layer cache (`BSTCache.summary`)."""
+        return self.ssm.allocate_cache(batch, device, dtype), None
+
+    def _summary_step(self, outputs: torch.Tensor | None, batch: int, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (B, H, S, Dh) of the block after one whose last context outputs are
+        `outputs` (B, S, Hs) (None: the first block, which reads the initial context)."""
+        last = None if outputs is None else outputs.unsqueeze(1)
+        k, v = self._summary_kv(last, batch, dtype)[:, -1].unbind(dim=2)            # (B, S, H, Dh)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def prefill(self, h: torch.Tensor, length: int, cache, key_norm=_identity
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `_PositionContext.prefill`; the cache keeps the summary of the last whole block."""
+        k, v, u, ends = self._forward(h)
+        self.ssm.prefill_cache(u[:, :length], cache.ssm)
+        complete = length // self.block_size
+        outputs = ends[:, complete - 1] if complete else None
+        k_next, v_next = self._summary_step(outputs, h.shape[0], h.dtype)
+        cache.summary = key_norm(k_next), v_next
+        return k, v
+
+    def step(self, h: torch.Tensor, cache, offset: int, key_norm=_identity
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `_PositionContext.step`: the context is fixed within a block and refreshed at its
+        end (the SSM's outputs are computed only there)."""
+        batch, last = h.shape[0], offset == self.block_size - 1
+        y = self.ssm.step(self.down(h[:, 0]), cache.ssm, output=last)
+        if cache.summary is None:
+            k, v = self._summary_step(None, batch, h.dtype)
+            cache.summary = key_norm(k), v
+        k, v = cache.summary
+        if last:  # the outputs at this block's end summarize it for the next block
+            k_next, v_next = self._summary_step(self._context_outputs(y, h.dtype), batch, h.dtype)
+            cache.summary = key_norm(k_next), v_next
+        return k, v
+
+
+CONTEXT_CLASSES: dict[str, type[ContextStates]] = {"sh": SHContext, "mh": MHContext, "mf": MFContext}
+
+
+def build_context_states(config: ModelConfig) -> ContextStates:
+    """The context-state construction named by `config.context_variant`."""
+    return CONTEXT_CLASSES[config.context_variant](config)
+
+
+class BSTLayer(ResidualTail):
     """Pre-norm BST layer: x + Proj([SelfAttn(h); CrossAttn(h, context)]), then x + MLP(Norm(x)),
     with h = Norm(x). Input length must be a multiple of `config.block_size`."""
 
@@ -191,17 +284,14 @@ class BSTLayer(nn.Module):
         super().__init__()
         inner = config.n_heads * config.resolved_head_dim
         self.block_size, self.n_heads = config.block_size, config.n_heads
-        self.head_dim, self.variant = config.resolved_head_dim, config.context_variant
+        self.head_dim = config.resolved_head_dim
         self.dropout_p = config.dropout
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.self_attn = BlockSelfAttention(config)
-        self.context = ContextStates(config)
+        self.context = build_context_states(config)
         self.cross_q = nn.Linear(config.d_model, inner, bias=False)
         self.cross_qk_norm = QKNorm(config.n_heads, self.head_dim, config.qk_norm)
-        self.out = nn.Linear(2 * inner, config.d_model, bias=False)
-        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = MLP(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.init_tail(config, 2 * inner)
 
     def cross_attention(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Queries from h (B, L, D) attend to their block's context states k, v (B, nb, T, H, Dh)
@@ -209,20 +299,14 @@ class BSTLayer(nn.Module):
         batch, w = h.shape[0], h.shape[1] // k.shape[1]
         q = to_blocks(self.cross_q(h), w).unflatten(-1, (self.n_heads, self.head_dim))
         q, k = self.cross_qk_norm(q, k)                                            # (B, nb, W, H, Dh)
-        mask = None
-        if self.variant in ("sh", "mh"):  # context position j is visible to query i iff j <= i
-            mask = torch.ones(w, w, dtype=torch.bool, device=h.device).tril()
+        mask = self.context.mask(w, h.device)
         dropout = self.dropout_p if self.training else 0.0
         out = attend(heads_first(q), heads_first(k), heads_first(v), mask, dropout)
         return heads_last(out, batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.attn_norm(x)
-        return self._mix(x, self.self_attn(h), self.cross_attention(h, *self.context(h)))
-
-    def _mix(self, x: torch.Tensor, self_out: torch.Tensor, cross_out: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.out(torch.cat([self_out, cross_out], dim=-1)))   # (B, L, D)
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return self.tail(x, self.self_attn(h), self.cross_attention(h, *self.context(h)))
 
     # ---- inference (blockstate.cache)
     def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> BSTCache:
@@ -235,7 +319,7 @@ class BSTLayer(nn.Module):
         empty `cache` for the position after them."""
         h = self.attn_norm(x)
         k, v = self.context.prefill(h, length, cache, self.cross_qk_norm.keys)
-        return self._mix(x, self.self_attn.prefill(h, length, cache.attention),
+        return self.tail(x, self.self_attn.prefill(h, length, cache.attention),
                          self.cross_attention(h, k, v))
 
     def step(self, x: torch.Tensor, cache: BSTCache, offset: int) -> torch.Tensor:
@@ -244,5 +328,5 @@ class BSTLayer(nn.Module):
         k, v = self.context.step(h, cache, offset, self.cross_qk_norm.keys)        # (B, H, T, Dh)
         q = self.cross_qk_norm.queries(self.cross_q(h).unflatten(-1, (self.n_heads, self.head_dim)))
         cross = attend(q.transpose(1, 2), k, v)                                    # (B, H, 1, Dh)
-        return self._mix(x, self.self_attn.extend(h, cache.attention, offset),
+        return self.tail(x, self.self_attn.extend(h, cache.attention, offset),
                          cross.transpose(1, 2).flatten(2))
