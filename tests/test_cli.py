@@ -1,22 +1,24 @@
-import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from blockstate.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_reports_parameters_and_throughput(capsys):
-    assert main(["demo", "--size", "tiny", "--steps", "2", "--batch", "2", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+def test_bench_models_reports_parameters_and_throughput(capsys):
+    """`blockstate bench models` (which replaced `blockstate demo`) on one preset, printing only."""
+    assert main(["bench", "models", "--models", "bst-sh-s4", "--size", "tiny", "--steps", "1",
+                 "--batch", "2", "--length", "64"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "bst-sh-s4:" in ln][0]
     from blockstate.registry import count_parameters
 
-    assert report["parameters"] == count_parameters("bst-sh-s4", "tiny") == 153_224
-    assert 0 < report["tokens_per_s"] < float("inf")
-    assert report["length"] == 128 and report["batch"] == 2
+    assert count_parameters("bst-sh-s4", "tiny") == 153_224 and "(0.15M parameters" in line
+    assert re.search(r"bst-sh-s4: \d+ tokens/s", line)
 
 
 def test_models_table(capsys):
@@ -26,8 +28,10 @@ def test_models_table(capsys):
 
 
 def test_bad_arguments_exit_cleanly(capsys):
-    assert main(["demo", "--size", "tiny", "--steps", "0"]) == 2
+    assert main(["bench", "models", "--size", "tiny", "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # `demo` was folded into `bench models`
+        main(["demo"])
 
 
 def test_console_script_runs():
