@@ -3,7 +3,7 @@ import torch
 
 from blockstate import build_model, list_models, model_config
 from blockstate.cli import _count
-from blockstate.model import Memory
+from blockstate.memory import Memory, SegmentCarry
 from blockstate.registry import gss_hybrid_layers
 
 BASELINES = ["transformer", "slide", "transformer-xl", "brt", "gss-hybrid"]
@@ -98,8 +98,9 @@ def _xl():
 def test_transformer_xl_memory_continues_the_sequence_exactly():
     model = _xl()
     tokens = torch.randint(0, 256, (2, 4 * W))
-    first, memory = model(tokens[:, :2 * W], return_memory=True)
-    second, _ = model(tokens[:, 2 * W:], memory=memory, return_memory=True)
+    carry = SegmentCarry()
+    first = model(tokens[:, :2 * W], carry=carry)
+    second = model(tokens[:, 2 * W:], carry=carry)
     torch.testing.assert_close(torch.cat([first, second], 1), model(tokens), rtol=0, atol=1e-12)
 
 
@@ -109,14 +110,13 @@ def test_transformer_xl_sees_the_previous_segment_only_with_memory():
     changed = previous.clone()
     changed[0, -3] = (changed[0, -3] + 1) % 256
     current = torch.randint(0, 256, (1, 2 * W))
-    _, mem_a = model(previous, return_memory=True)
-    _, mem_b = model(changed, return_memory=True)
-    with_a = model(current, memory=mem_a)
-    with_b = model(current, memory=mem_b)
+    mem_a, mem_b = _memory_after(model, previous), _memory_after(model, changed)
+    with_a = model(current, carry=SegmentCarry(mem_a))
+    with_b = model(current, carry=SegmentCarry(mem_b))
     assert (with_a[:, :W] - with_b[:, :W]).abs().max() > 1e-6        # block 0 sees the memory
     # without memory (or with keep=False) the previous segment is invisible
     fresh = model(current)
-    dropped = model(current, memory=mem_a, keep=torch.tensor([False]))
+    dropped = model(current, carry=SegmentCarry(mem_a), keep=torch.tensor([False]))
     torch.testing.assert_close(dropped, fresh, rtol=0, atol=1e-12)
     # causality across carried state: the memory never reaches back into the previous segment
     first_a = model(previous)
@@ -137,23 +137,30 @@ def test_transformer_xl_sees_exactly_its_memory_length_back():
         whole = (model(changed)[0, query] - model(tokens)[0, query]).abs().max() > 0
         outs = []
         for t in (tokens, changed):
-            _, memory = model(t[:, :4 * W], return_memory=True)
-            outs.append(model(t[:, 4 * W:], memory=memory)[0, query - 4 * W])
+            carry = SegmentCarry(_memory_after(model, t[:, :4 * W]))
+            outs.append(model(t[:, 4 * W:], carry=carry)[0, query - 4 * W])
         split = (outs[0] - outs[1]).abs().max() > 0
         assert whole == seen and split == seen, (position, whole, split)
 
 
+def _memory_after(model, tokens):
+    carry = SegmentCarry()
+    model(tokens, carry=carry)
+    return carry.memory
+
+
 def _carried(model, tokens, split, keep=None):
-    _, memory = model(tokens[:, :split], return_memory=True)
-    return model(tokens[:, split:], memory=memory, keep=keep)
+    return model(tokens[:, split:], carry=SegmentCarry(_memory_after(model, tokens[:, :split])),
+                 keep=keep)
 
 
 def test_brt_memory_continues_the_sequence_exactly():
     model = build_model("brt", "tiny").double().eval()
     tokens = torch.randint(0, 256, (2, 6 * W))
-    first, memory = model(tokens[:, :2 * W], return_memory=True)
-    assert isinstance(memory, Memory) and set(memory.states) == {1}
-    second = model(tokens[:, 2 * W:], memory=memory)
+    carry = SegmentCarry()
+    first = model(tokens[:, :2 * W], carry=carry)
+    assert isinstance(carry.memory, Memory) and set(carry.memory.states) == {1}
+    second = model(tokens[:, 2 * W:], carry=carry)
     torch.testing.assert_close(torch.cat([first, second], 1), model(tokens), rtol=0, atol=1e-12)
 
 
@@ -175,8 +182,14 @@ def test_brt_state_crosses_the_sequence_boundary_only_when_carried():
 
 def test_memory_is_rejected_by_models_without_it_and_checked_for_shape():
     with pytest.raises(ValueError, match="transformer-xl and brt"):
-        build_model("slide", "tiny")(torch.zeros(1, 16, dtype=torch.long), return_memory=True)
+        build_model("slide", "tiny")(torch.zeros(1, 16, dtype=torch.long), carry=SegmentCarry())
     model = build_model("transformer-xl", "tiny")
-    _, memory = model(torch.zeros(2, 16, dtype=torch.long), return_memory=True)
+    memory = _memory_after(model, torch.zeros(2, 16, dtype=torch.long))
     with pytest.raises(ValueError, match="memory does not fit"):
-        model(torch.zeros(1, 16, dtype=torch.long), memory=memory)
+        model(torch.zeros(1, 16, dtype=torch.long), carry=SegmentCarry(memory))
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        model(torch.zeros(2, 15, dtype=torch.long), carry=SegmentCarry())
+    with pytest.raises(ValueError, match="with a carry"):
+        model(torch.zeros(2, 16, dtype=torch.long), keep=torch.tensor([True, True]))
+    with pytest.raises(ValueError, match="holds a blockstate.memory.Memory"):
+        SegmentCarry({"inputs": []})

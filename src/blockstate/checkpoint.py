@@ -98,8 +98,8 @@ class Checkpoint:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
 
     def memory(self, device: torch.device | str = "cpu") -> Any:
-        """The carried `blockstate.model.Memory` saved with this checkpoint, or None."""
-        from .model import Memory
+        """The carried `blockstate.memory.Memory` saved with this checkpoint, or None."""
+        from .memory import Memory
 
         if MEMORY_FILE not in self.files:
             return None

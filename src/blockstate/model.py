@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,52 +15,10 @@ from .cache import InferenceCache
 from .config import ModelConfig
 from .layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer, XLLayer
 from .layers.bst import ContextStates
+from .memory import SegmentCarry, run_carried
 
 # The layer each architecture puts at the positions `bst_layers`; attention layers go elsewhere.
 SPECIAL_LAYERS = {"bst": BSTLayer, "gss-hybrid": GSSLayer, "brt": BlockRecurrentLayer}
-
-
-@dataclass
-class Memory:
-    """What a segment-recurrent model (transformer-xl, brt) carries from one training sequence into
-    the next of the same document: every layer's input over the last M = `memory_length` positions
-    (stop-gradient), which of those positions hold tokens of the row's current document, and the
-    recurrent state of each Block-Recurrent layer. Rows are batch rows throughout."""
-
-    inputs: list[torch.Tensor]          # per layer (B, M, D)
-    valid: torch.Tensor                 # (B, M) bool
-    states: dict[int, torch.Tensor]     # layer index -> (B, S, D)
-
-    def rows(self, index: slice | torch.Tensor) -> Memory:
-        return Memory([t[index] for t in self.inputs], self.valid[index],
-                      {i: t[index] for i, t in self.states.items()})
-
-    @classmethod
-    def cat(cls, parts: list[Memory]) -> Memory:
-        """Stack the rows of several memories (e.g. of gradient-accumulation micro-batches)."""
-        return cls([torch.cat(ts) for ts in zip(*(p.inputs for p in parts), strict=True)],
-                   torch.cat([p.valid for p in parts]),
-                   {i: torch.cat([p.states[i] for p in parts]) for i in parts[0].states})
-
-    def to(self, device: torch.device | str) -> Memory:
-        return Memory([t.to(device) for t in self.inputs], self.valid.to(device),
-                      {i: t.to(device) for i, t in self.states.items()})
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Flat name -> tensor map (for safetensors)."""
-        flat = {f"inputs.{i}": t for i, t in enumerate(self.inputs)}
-        flat.update({f"states.{i}": t for i, t in self.states.items()})
-        return {**flat, "valid": self.valid}
-
-    @classmethod
-    def from_tensors(cls, flat: dict[str, torch.Tensor]) -> Memory:
-        n = sum(1 for name in flat if name.startswith("inputs."))
-        try:
-            return cls([flat[f"inputs.{i}"] for i in range(n)], flat["valid"].bool(),
-                       {int(name.split(".")[1]): t for name, t in flat.items()
-                        if name.startswith("states.")})
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"not a saved model memory: {e}") from None
 
 
 class BlockStateLM(nn.Module):
@@ -233,65 +190,36 @@ class BlockStateLM(nn.Module):
                     f"them and may not do so reliably (the s4, s4d and ssd kernels are defined at "
                     f"any length)", UserWarning, stacklevel=3)
 
-    def forward(self, tokens: torch.Tensor, memory: Memory | None = None,
-                keep: torch.Tensor | None = None, return_memory: bool = False):
-        """Logits (B, L, V); with `return_memory` (segment-recurrent archs transformer-xl and brt
-        only), (logits, memory) where the memory continues the sequence in the next call. `keep`
-        (B,) bool marks the rows whose `memory` continues the same document; other rows start
+    def forward(self, tokens: torch.Tensor, carry: SegmentCarry | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V) of tokens (B, L).
+
+        Segment-recurrent archs (transformer-xl, brt) may pass a `carry` (`blockstate.memory`):
+        the layers read the memory it holds (from the previous segment of the same rows; none in
+        a new carry), and the carry then holds the memory after `tokens`, for the next call.
+        `keep` (B,) bool marks the rows whose memory continues the same document; the others start
         afresh (their memory is masked out and recurrent states reset)."""
         self.check_tokens(tokens)
         config = self.config
-        if not config.carries_memory and (memory is not None or return_memory):
+        if carry is not None and not config.carries_memory:
             raise ValueError(f"memory is carried by transformer-xl and brt only, not "
                              f"arch={config.arch!r}")
-        batch, length = tokens.shape
+        if keep is not None and carry is None:
+            raise ValueError("keep marks which rows' carried memory continues; pass it with a carry")
+        length = tokens.shape[1]
         self.warn_past_training_length(length)
-        w, span = config.block_size, config.resolved_memory_length
-        if return_memory and length % w:
+        w = config.block_size
+        if carry is not None and length % w:
             raise ValueError(f"carrying memory needs a length that is a multiple of block_size={w}; "
                              f"got {length}")
-        if memory is not None:
-            self._check_memory(memory, batch)
         padded = -(-length // w) * w
         if padded != length:
             tokens = F.pad(tokens, (0, padded - length))
         x = self.dropout(self.embedding(tokens.long()))                           # (B, L', D)
-        valid = None
-        if memory is not None:
-            valid = memory.valid if keep is None else memory.valid & keep[:, None]  # (B, M)
-        new_inputs, new_states = [], {}
-        for i, layer in enumerate(self.layers):
-            if not config.carries_memory:
+        if carry is None:
+            for layer in self.layers:
                 x = self._layer(layer, x)
-                continue
-            before = None if memory is None else memory.inputs[i]                  # (B, M, D)
-            if return_memory:
-                past = x.new_zeros(batch, span, x.shape[-1]) if before is None else before
-                new_inputs.append(torch.cat([past, x], 1)[:, -span:].detach())
-            if isinstance(layer, BlockRecurrentLayer):
-                state = None if memory is None else memory.states[i]
-                x, state = self._layer(layer, x, before, valid, state, keep, return_state=True)
-                new_states[i] = state.detach()
-            else:
-                x = self._layer(layer, x, before, valid)
+        else:
+            x = run_carried(self, x, carry, keep)
         x = self.norm(x[:, :length])                                              # (B, L, D)
-        logits = F.linear(x, self.embedding.weight.to(x.dtype))                   # (B, L, V)
-        if not return_memory:
-            return logits
-        seen = valid if valid is not None else torch.zeros(batch, span, dtype=torch.bool,
-                                                           device=logits.device)
-        seen = torch.cat([seen, seen.new_ones(batch, length)], 1)[:, -span:]
-        return logits, Memory(new_inputs, seen, new_states)
-
-    def _check_memory(self, memory: Memory, batch: int) -> None:
-        span, d = self.config.resolved_memory_length, self.config.d_model
-        recurrent = {i for i, layer in enumerate(self.layers) if isinstance(layer, BlockRecurrentLayer)}
-        states = self.config.resolved_recurrent_states
-        if (not isinstance(memory, Memory) or len(memory.inputs) != len(self.layers)
-                or any(t.shape != (batch, span, d) for t in memory.inputs)
-                or memory.valid.shape != (batch, span) or set(memory.states) != recurrent
-                or any(t.shape != (batch, states, d) for t in memory.states.values())):
-            raise ValueError(
-                f"memory does not fit this model and batch: it must be a Memory with "
-                f"{len(self.layers)} inputs of shape {(batch, span, d)}, valid {(batch, span)} and "
-                f"states of shape {(batch, states, d)} for layers {sorted(recurrent)}")
+        return F.linear(x, self.embedding.weight.to(x.dtype))                     # (B, L, V)

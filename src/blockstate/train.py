@@ -42,7 +42,7 @@ from .data import (
     tokenize_split,
 )
 from .fileio import atomic_write
-from .model import Memory
+from .memory import Memory, SegmentCarry
 from .registry import SIZES, build_model, list_models, model_config
 from .rundir import (
     METRIC_SINKS,
@@ -387,16 +387,15 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device
 
 
 def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
-               precision: str = "auto", **forward: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Summed next-token cross-entropy (nats) over non-ignored targets, the per-token losses, and
-    the memory the model returns when called with `return_memory=True` (else None)."""
+               precision: str = "auto", **forward: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy (nats) over non-ignored targets, and the per-token losses.
+    `forward`: passed to the model (a segment-recurrent model's `carry` and `keep`)."""
     dtype = autocast_dtype(precision, device)
     with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        out = model(inputs, **forward)
-    logits, memory = out if isinstance(out, tuple) else (out, None)
+        logits = model(inputs, **forward)
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                              reduction="none").view_as(targets)
-    return losses.sum(), losses, memory
+    return losses.sum(), losses
 
 
 def carries_memory(model: nn.Module) -> bool:
@@ -416,14 +415,12 @@ def iter_losses(model: nn.Module, dataset: PackedSequences, batch_size: int, max
         steps = stream.batches_per_epoch
         if max_batches is not None:
             steps = min(max_batches, steps)
-        memory = None
+        carry = SegmentCarry()
         for _ in range(steps):
             inputs, targets, keep = stream.next_batch()
             used = _scored_columns(targets, model.config.block_size)
-            _, losses, memory = token_loss(model, inputs[:, :used].to(device),
-                                           targets[:, :used].to(device), device,
-                                           precision=precision, memory=memory,
-                                           keep=keep.to(device), return_memory=True)
+            _, losses = token_loss(model, inputs[:, :used].to(device), targets[:, :used].to(device),
+                                   device, precision=precision, carry=carry, keep=keep.to(device))
             yield targets, F.pad(losses.cpu(), (0, targets.shape[1] - used))
         return
     indices = np.arange(len(dataset)) if indices is None else indices
@@ -432,8 +429,8 @@ def iter_losses(model: nn.Module, dataset: PackedSequences, batch_size: int, max
             break
         inputs, targets = dataset.batch(indices[start:start + batch_size].tolist())
         used = _scored_columns(targets, model.config.block_size)
-        _, losses, _ = token_loss(model, inputs[:, :used].to(device), targets[:, :used].to(device),
-                                  device, precision=precision)
+        _, losses = token_loss(model, inputs[:, :used].to(device), targets[:, :used].to(device),
+                               device, precision=precision)
         yield targets, F.pad(losses.cpu(), (0, targets.shape[1] - used))
 
 
@@ -772,15 +769,16 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                 rows = slice(m * micro, (m + 1) * micro)
                 x, y = inputs[rows].to(device), targets[rows].to(device)
                 forward = {}
-                if xl:
-                    forward = {"return_memory": True, "keep": extra[0][rows].to(device),
-                               "memory": None if memory is None else memory.rows(rows)}
+                if xl:  # this micro-batch's rows of the carried memory
+                    carry = SegmentCarry(None if memory is None else memory.rows(rows))
+                    forward = {"carry": carry, "keep": extra[0][rows].to(device)}
                 last = m == config.grad_accum - 1
                 sync = train_model.no_sync() if (ddp.world_size > 1 and not last) else nullcontext()
                 with sync:
-                    total, _, new_memory = token_loss(train_model, x, y, device,
-                                                      precision=config.precision, **forward)
-                    memories.append(new_memory)
+                    total, _ = token_loss(train_model, x, y, device, precision=config.precision,
+                                          **forward)
+                    if xl:
+                        memories.append(carry.memory)
                     # mean over the global batch's tokens; DDP averages over processes
                     (total * ddp.world_size / count.item()).backward()
                 loss_sum += total.detach().double().cpu()
