@@ -10,7 +10,9 @@ import torch
 
 import blockstate
 from blockstate.cli import main
-from blockstate.train import TrainConfig, learning_rate, parse_duration, train
+from blockstate.optim import learning_rate
+from blockstate.train import TrainConfig, train
+from blockstate.train_config import parse_duration
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()

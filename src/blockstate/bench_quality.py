@@ -53,10 +53,9 @@ def _train_entry(name: str, fields: dict[str, Any], corpus: str, seconds: float,
 def _score_same_bytes(run_dirs: list[Path], corpus: str, eval_tokens: int, cache_dir: str | None,
                       batch_tokens: int = 8192) -> list[dict[str, Any]]:
     """Test-split loss of each run on the same bytes (see the module docstring)."""
-    from .data import resolve_corpus, tokenize_split
+    from .data import default_cache_dir, resolve_corpus, tokenize_split
     from .evaluate import evaluate_length, tiled_windows
     from .loading import load
-    from .train import default_cache_dir
 
     loaded = [load(d) for d in run_dirs]
     lengths = [json.loads((d / "train_config.json").read_text())["seq_len"] for d in run_dirs]

@@ -116,8 +116,8 @@ def measure_tokens_per_second(config: Any, vocab_size: int, device: torch.device
                               steps: int = 2) -> tuple[float, int]:
     """Training tokens per second of `config`'s model (one warm-up step, then `steps` timed
     optimizer steps on random tokens) and its parameter count."""
+    from .optim import build_optimizer
     from .registry import build_model
-    from .train import build_optimizer
 
     model = build_model(config.model, config.size, **{**config.model_overrides,
                                                       "vocab_size": vocab_size}).to(device)

@@ -36,7 +36,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     the flags a user gave can be told from the config file's and the dataclass's values."""
     import dataclasses
 
-    from .train import FIELD_CHOICES, FIELD_HELP, TrainConfig
+    from .train_config import FIELD_CHOICES, FIELD_HELP, TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model_overrides":
@@ -68,7 +68,8 @@ def parse_override(text: str) -> tuple[str, object]:
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .train import TrainConfig, read_config_file, train
+    from .train import train
+    from .train_config import TrainConfig, read_config_file
 
     fields: dict = {}
     if args.config:
@@ -145,8 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .device import resolve_device
     from .loading import load
-    from .train import resolve_device
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise ValueError("give exactly one of --prompt TEXT or --prompt-file FILE")

@@ -13,11 +13,109 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from .data import PackedSequences, resolve_corpus, tokenize_split
+from .data import (
+    PackedSequences,
+    SegmentStream,
+    Tokenizer,
+    default_cache_dir,
+    resolve_corpus,
+    tokenize_split,
+)
+from .device import autocast_dtype, resolve_device
 from .loading import load_with_checkpoint
+from .memory import SegmentCarry
 from .model import BlockStateLM
-from .train import carries_memory, default_cache_dir, iter_losses, resolve_device
+
+
+def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
+               precision: str = "auto", **forward: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy (nats) over non-ignored targets, and the per-token losses.
+    `forward`: passed to the model (a segment-recurrent model's `carry` and `keep`)."""
+    dtype = autocast_dtype(precision, device)
+    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        logits = model(inputs, **forward)
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                             reduction="none").view_as(targets)
+    return losses.sum(), losses
+
+
+def carries_memory(model: nn.Module) -> bool:
+    return model.config.carries_memory
+
+
+@torch.no_grad()
+def iter_losses(model: nn.Module, dataset: PackedSequences, batch_size: int, max_batches: int | None,
+                device: torch.device, indices: np.ndarray | None = None, carry: bool = True,
+                precision: str = "auto"):
+    """Yield (targets, per-token losses) for batches of `dataset`'s windows: `indices` in order
+    (default all). A model that carries memory instead reads lanes of consecutive windows of whole
+    documents, in corpus order, with its memory carried from batch to batch (unless `carry` is
+    false: then it reads windows like every other model)."""
+    if carries_memory(model) and carry:
+        stream = SegmentStream(dataset, batch_size, seed=0, shuffle=False)
+        steps = stream.batches_per_epoch
+        if max_batches is not None:
+            steps = min(max_batches, steps)
+        carry = SegmentCarry()
+        for _ in range(steps):
+            inputs, targets, keep = stream.next_batch()
+            used = _scored_columns(targets, model.config.block_size)
+            _, losses = token_loss(model, inputs[:, :used].to(device), targets[:, :used].to(device),
+                                   device, precision=precision, carry=carry, keep=keep.to(device))
+            yield targets, F.pad(losses.cpu(), (0, targets.shape[1] - used))
+        return
+    indices = np.arange(len(dataset)) if indices is None else indices
+    for b, start in enumerate(range(0, len(indices), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        inputs, targets = dataset.batch(indices[start:start + batch_size].tolist())
+        used = _scored_columns(targets, model.config.block_size)
+        _, losses = token_loss(model, inputs[:, :used].to(device), targets[:, :used].to(device),
+                               device, precision=precision)
+        yield targets, F.pad(losses.cpu(), (0, targets.shape[1] - used))
+
+
+def _scored_columns(targets: torch.Tensor, block_size: int) -> int:
+    """Columns of a batch up to its last scored target, rounded up to whole blocks (at most all):
+    the padding after it cannot change earlier outputs (causality), so it is not computed, and
+    evaluation memory follows the tokens scored, not the window length."""
+    scored = (targets != -100).any(0).nonzero()
+    used = int(scored.max()) + 1 if len(scored) else 1
+    return min(targets.shape[1], -(-used // block_size) * block_size)
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, dataset: PackedSequences, tokenizer: Tokenizer,
+                     batch_size: int, max_batches: int | None, device: torch.device,
+                     carry: bool = True, precision: str = "auto") -> dict[str, float]:
+    """Loss, perplexity and bits per byte over the first windows of `dataset`, in order."""
+    was_training = model.training
+    model.eval()
+    byte_lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
+    nll, count, n_bytes = 0.0, 0, 0.0
+    for targets, losses in iter_losses(model, dataset, batch_size, max_batches, device, carry=carry,
+                                       precision=precision):
+        valid = targets != -100
+        nll += float(losses[valid].double().sum())
+        count += int(valid.sum())
+        n_bytes += float(byte_lengths[targets[valid]].sum())
+    model.train(was_training)
+    loss = nll / max(1, count)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count,
+            "bits_per_byte": nll / math.log(2) / max(1.0, n_bytes)}
+
+
+def unigram_perplexity(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
+    """Perplexity on `eval_tokens` of the add-one unigram model fitted to `train_tokens`: the
+    baseline a language model must beat."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size) + 1.0
+    log_p = np.log(counts / counts.sum())
+    eval_counts = np.bincount(np.asarray(eval_tokens), minlength=vocab_size)
+    return float(np.exp(-(eval_counts @ log_p) / eval_counts.sum()))
+
 
 POSITION_BINS = 64
 

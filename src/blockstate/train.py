@@ -3,6 +3,12 @@
 Read top to bottom: resolve the config, prepare data and tokenizer, build the model and optimizer,
 restore a checkpoint when resuming, then step until a step, token or wall-clock budget is spent,
 validating, logging and checkpointing along the way. Data parallel through `torchrun` (DDP).
+
+Its concerns live in modules named after them: `train_config` (TrainConfig, flags, config files),
+`optim` (AdamW groups and the learning-rate schedule), `device` (device, processes, precision),
+`evaluate` (losses and validation metrics), `memory` (what Transformer-XL and BRT carry),
+`rundir` (run directory, lock, metrics sinks), `checkpoint` (atomic safetensors checkpoints) and
+`budget` (size "auto").
 """
 
 from __future__ import annotations
@@ -11,462 +17,44 @@ import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .budget import PLANNED_FIELDS, explicit_fields, plan_for_budget
 from .checkpoint import load_checkpoint, load_latest_intact, remove_temporary, save_checkpoint
-from .config import check_field_types
 from .data import (
     BatchStream,
     PackedSequences,
     SegmentStream,
     Tokenizer,
     build_tokenizer,
+    default_cache_dir,
     load_tokenizer,
     resolve_corpus,
     tokenize_split,
 )
+from .device import Distributed, device_peak_flops, resolve_device
+from .evaluate import evaluate_batches, token_loss, unigram_perplexity
 from .fileio import atomic_write
 from .memory import Memory, SegmentCarry
-from .registry import SIZES, build_model, list_models, model_config
-from .rundir import (
-    METRIC_SINKS,
-    MetricsLog,
-    RunLock,
-    check_clearable,
-    check_metric_sinks,
-    clear_run,
-    is_run_dir,
-)
+from .model import BlockStateLM
+from .optim import build_optimizer, learning_rate
+from .registry import model_config
+from .rundir import MetricsLog, RunLock, check_clearable, check_metric_sinks, clear_run, is_run_dir
+from .train_config import BUDGET_FIELDS, TrainConfig
 
-SCHEDULES = ("cosine", "inverse_sqrt", "constant")
-TOKENIZERS = ("byte", "bpe", "unigram")
 # A run stops after this many consecutive batches with a non-finite loss or gradient norm.
 MAX_SKIPPED_BATCHES = 10
-NONFINITE_POLICIES = ("skip", "stop")
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def parse_duration(text: str | float | int | None) -> float | None:
-    """'90s', '5m', '1.5h' or a number of seconds -> seconds."""
-    if text is None or isinstance(text, int | float):
-        return None if text is None else float(text)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
-    if not match:
-        raise ValueError(f"max_time={text!r} is not a duration; use e.g. 90s, 5m or 1.5h")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run. Model architecture comes from the preset `model` at
-    `size` with `model_overrides` applied; `vocab_size` of the model follows the tokenizer."""
-
-    model: str = "bst-sh-s4"
-    # "auto": sized for the time or token budget (blockstate.budget); tiny/small/base/large as set
-    size: str = "auto"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    data: str = "python-stdlib"
-    tokenizer: str = "byte"             # byte | bpe | unigram (SentencePiece, trained on train split)
-    vocab_size: int = 4096              # SentencePiece vocabulary (byte: fixed 259)
-    seq_len: int | None = None          # training length L; default: the model's max_seq_len
-    pack_documents: bool = False        # allow a training sequence to span two documents
-    batch_size: int = 8                 # sequences per optimizer step, over all processes
-    grad_accum: int = 1                 # micro-batches per optimizer step
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1           # final learning rate of the cosine schedule, relative
-    warmup_steps: int = 50
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    max_steps: int | None = None
-    max_tokens: int | None = None
-    max_time: float | None = None       # seconds
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 200
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
-    compile: bool = False
-    # Mixed precision of the forward pass: "auto" is bfloat16 autocast on CUDA and float32 elsewhere.
-    precision: str = "auto"
-    activation_checkpointing: bool = False
-    # Where metrics go besides metrics.jsonl: comma-separated auto | none | tensorboard | wandb
-    log_to: str = "auto"
-    # Peak FLOP/s (in TFLOP/s) of one device for the MFU of the progress line and metrics; None
-    # uses the data-sheet peak of known GPUs (PEAK_TFLOPS) and shows no MFU elsewhere.
-    peak_tflops: float | None = None
-    cache_dir: str | None = None        # tokenized corpora; default ~/.cache/blockstate
-    sample_tokens: int = 200            # length of the sample printed at the end (0: none)
-    # On a non-finite loss or gradient norm: "skip" the batch (stop after MAX_SKIPPED_BATCHES in a
-    # row) or "stop" at once; either way the saved parameters stay finite.
-    nonfinite: str = "skip"
-    # Segment-recurrent models (transformer-xl, brt) carry memory from one training sequence to the
-    # next of the same document, reading lanes of consecutive windows; false trains (and evaluates)
-    # them on shuffled windows without memory, like every other model.
-    carry_memory: bool = True
-
-    def __post_init__(self) -> None:
-        self.max_time = parse_duration(self.max_time)
-        self.validate()
-
-    def validate(self) -> None:
-        check_field_types(self)
-        if self.model not in list_models():
-            raise ValueError(f"model={self.model!r} is unknown; available: {', '.join(list_models())}")
-        if self.size not in ("auto", *SIZES):
-            raise ValueError(f"size={self.size!r} is unknown; available: auto, {', '.join(SIZES)}")
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"tokenizer={self.tokenizer!r} is not valid; allowed: {', '.join(TOKENIZERS)}")
-        if self.nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite={self.nonfinite!r} is not valid; allowed: "
-                             f"{', '.join(NONFINITE_POLICIES)}")
-        sinks = [x for x in self.log_to.split(",") if x]
-        if not sinks or set(sinks) - set(METRIC_SINKS):
-            raise ValueError(f"log_to={self.log_to!r} is not valid; give a comma-separated list of "
-                             f"{', '.join(METRIC_SINKS)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not valid; allowed: "
-                             f"{', '.join(PRECISIONS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
-        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
-                     "log_every", "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise ValueError(f"peak_tflops={self.peak_tflops!r} must be > 0")
-        for name in ("max_steps", "max_tokens", "seq_len"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if self.max_time is not None and self.max_time <= 0:
-            raise ValueError(f"max_time={self.max_time} must be positive")
-        if self.grad_clip <= 0:
-            raise ValueError(f"grad_clip={self.grad_clip} must be > 0 (a negative clip ascends the "
-                             f"gradient, 0 freezes training)")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.sample_tokens < 0:
-            raise ValueError(f"sample_tokens={self.sample_tokens} must be >= 0")
-        if self.seq_len is not None and self.seq_len < 2:
-            raise ValueError(f"seq_len={self.seq_len} must be >= 2 (a training sequence needs an "
-                             f"input and a next token)")
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ValueError(f"device={self.device!r} is not valid; use auto, cpu, cuda, cuda:N or mps")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size={self.batch_size} must be divisible by "
-                             f"grad_accum={self.grad_accum}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
-            raise ValueError(f"need lr > 0 (got {self.lr}), 0 <= min_lr_ratio <= 1 (got "
-                             f"{self.min_lr_ratio}) and warmup_steps >= 0 (got {self.warmup_steps})")
-        # validates the overrides ("auto" plans on top of the small size's fields)
-        mconfig = model_config(self.model, "small" if self.size == "auto" else self.size,
-                               **self.model_overrides)
-        seq_len = self.seq_len or mconfig.max_seq_len
-        if mconfig.block_size > seq_len:
-            raise ValueError(f"block_size={mconfig.block_size} is longer than the training length "
-                             f"seq_len={seq_len}; choose block_size <= seq_len")
-        if mconfig.carries_memory and seq_len % mconfig.block_size:
-            raise ValueError(f"{mconfig.arch} carries memory between sequences: seq_len={seq_len} "
-                             f"must be a multiple of block_size={mconfig.block_size}")
-
-    def has_budget(self) -> bool:
-        return any(v is not None for v in (self.max_steps, self.max_tokens, self.max_time))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {', '.join(sorted(names))}")
-        return cls(**data)
-
-
-# Help text of every TrainConfig field: the command-line flags of `blockstate train` are built
-# from the dataclass and these texts (see `cli.add_train_flags`), so every field is settable.
-FIELD_HELP: dict[str, str] = {
-    "model": "model preset (see `blockstate models`)",
-    "size": "model size; auto sizes width, depth, lengths, batch and lr for a --max-time or "
-            "--max-tokens budget from throughput measured on this machine (small without one)",
-    "model_overrides": "model config overrides (the command line's --set FIELD=VALUE)",
-    "data": "corpus name (see `blockstate corpora`), hf:NAME, directory, .jsonl or text file",
-    "tokenizer": "byte, or a SentencePiece bpe/unigram tokenizer trained on the train split",
-    "vocab_size": "SentencePiece vocabulary size (the byte tokenizer has 259)",
-    "seq_len": "training length L (default: the model's max_seq_len)",
-    "pack_documents": "let a training sequence span the end of one document and the next",
-    "batch_size": "sequences per optimizer step, over all processes",
-    "grad_accum": "micro-batches per optimizer step",
-    "lr": "peak learning rate",
-    "min_lr_ratio": "final learning rate of the cosine schedule, relative to --lr",
-    "warmup_steps": "steps of linear warmup",
-    "schedule": "learning-rate schedule after warmup",
-    "weight_decay": "AdamW weight decay (matrices only)",
-    "beta1": "AdamW beta1",
-    "beta2": "AdamW beta2",
-    "grad_clip": "clip the gradient norm to this value (> 0)",
-    "max_steps": "budget: optimizer steps",
-    "max_tokens": "budget: training tokens",
-    "max_time": "budget: wall-clock time, e.g. 90s, 5m, 1.5h",
-    "eval_every": "validate every N steps",
-    "eval_batches": "validation batches per evaluation",
-    "save_every": "checkpoint every N steps",
-    "log_every": "write a metrics line every N steps",
-    "seed": "random seed (model initialization, data order, dropout)",
-    "device": "auto, cpu, cuda, cuda:N or mps",
-    "compile": "torch.compile the model",
-    "precision": "autocast of the forward pass: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16",
-    "peak_tflops": "peak TFLOP/s of one device, for the MFU shown in the progress line "
-                   "(default: known GPUs' data-sheet peak; none on CPU)",
-    "log_to": "metrics besides metrics.jsonl, comma-separated: auto (TensorBoard when installed), "
-              "none, tensorboard, wandb (WANDB_* environment variables apply)",
-    "activation_checkpointing": "recompute each layer's activations in the backward pass "
-                                "(less memory, about a third more compute)",
-    "cache_dir": "directory of tokenized corpora (default ~/.cache/blockstate)",
-    "sample_tokens": "length of the sample printed at the end (0: none)",
-    "nonfinite": "on a non-finite loss or gradient: skip the batch or stop the run",
-    "carry_memory": "transformer-xl/brt: carry memory across consecutive windows of a document "
-                    "(else shuffled windows without memory)",
-}
-FIELD_CHOICES: dict[str, Callable[[], list[str]]] = {
-    "model": list_models, "size": lambda: ["auto", *SIZES], "tokenizer": lambda: list(TOKENIZERS),
-    "schedule": lambda: list(SCHEDULES), "nonfinite": lambda: list(NONFINITE_POLICIES),
-    "precision": lambda: list(PRECISIONS),
-}
-BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A TOML (or, with PyYAML installed, YAML) file of TrainConfig fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ValueError(f"{path}: YAML configs need PyYAML: pip install 'blockstate[yaml]'") from None
-        data = yaml.safe_load(text)
-    else:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:
-            import tomli as tomllib
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path} is not valid TOML: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a table of training options")
-    return data
-
-
-def learning_rate(step: int, config: TrainConfig, horizon: int | None,
-                  progress: float | None = None) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule. The
-    cosine runs over the steps after warmup up to `horizon`, or, for a run budgeted by time only
-    (horizon None), over `progress`: the fraction of the time after warmup already spent."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return config.lr
-    if config.schedule == "inverse_sqrt":
-        return config.lr * math.sqrt(max(1, config.warmup_steps) / (step + 1))
-    if horizon is not None:
-        progress = (step - config.warmup_steps) / max(1, horizon - config.warmup_steps)
-    progress = min(1.0, max(0.0, progress or 0.0))
-    floor = config.min_lr_ratio * config.lr
-    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: not on norms, biases, embeddings' scale-free parameters
-    of the SSM (marked `_no_weight_decay`) or other vectors."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if p.dim() < 2 or getattr(p, "_no_weight_decay", False):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, device: torch.device) -> Distributed:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} requested but CUDA is not available; use --device cpu")
-    return device
-
-
-# Dense data-sheet peaks, TFLOP/s per device: (bf16 tensor cores, fp32).
-PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5)}
-
-
-def device_peak_flops(device: torch.device, precision: str, given_tflops: float | None) -> float | None:
-    """Peak FLOP/s of one `device` at `precision`: `given_tflops` when set, else the data-sheet
-    peak of a known GPU, else None (no MFU is shown)."""
-    if given_tflops is not None:
-        return given_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16, fp32) in PEAK_TFLOPS.items():
-        if key in name:
-            return (bf16 if autocast_dtype(precision, device) is not None else fp32) * 1e12
-    return None
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `precision` on `device` (None: float32, no autocast)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not valid; allowed: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16}[precision]
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device
-                    ) -> torch.optim.Optimizer:
-    """The run's AdamW: `parameter_groups`, the config's lr and betas, and the fused kernel where
-    PyTorch has one (CPU and CUDA): one pass over the parameters instead of a dozen small ops per
-    tensor (3 ms instead of 9 ms per step at 0.9M parameters on this project's 2-core CPU)."""
-    return torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
-                             betas=(config.beta1, config.beta2),
-                             fused=device.type in ("cpu", "cuda"))
-
-
-def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
-               precision: str = "auto", **forward: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy (nats) over non-ignored targets, and the per-token losses.
-    `forward`: passed to the model (a segment-recurrent model's `carry` and `keep`)."""
-    dtype = autocast_dtype(precision, device)
-    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        logits = model(inputs, **forward)
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                             reduction="none").view_as(targets)
-    return losses.sum(), losses
-
-
-def carries_memory(model: nn.Module) -> bool:
-    return model.config.carries_memory
-
-
-@torch.no_grad()
-def iter_losses(model: nn.Module, dataset: PackedSequences, batch_size: int, max_batches: int | None,
-                device: torch.device, indices: np.ndarray | None = None, carry: bool = True,
-                precision: str = "auto"):
-    """Yield (targets, per-token losses) for batches of `dataset`'s windows: `indices` in order
-    (default all). A model that carries memory instead reads lanes of consecutive windows of whole
-    documents, in corpus order, with its memory carried from batch to batch (unless `carry` is
-    false: then it reads windows like every other model)."""
-    if carries_memory(model) and carry:
-        stream = SegmentStream(dataset, batch_size, seed=0, shuffle=False)
-        steps = stream.batches_per_epoch
-        if max_batches is not None:
-            steps = min(max_batches, steps)
-        carry = SegmentCarry()
-        for _ in range(steps):
-            inputs, targets, keep = stream.next_batch()
-            used = _scored_columns(targets, model.config.block_size)
-            _, losses = token_loss(model, inputs[:, :used].to(device), targets[:, :used].to(device),
-                                   device, precision=precision, carry=carry, keep=keep.to(device))
-            yield targets, F.pad(losses.cpu(), (0, targets.shape[1] - used))
-        return
-    indices = np.arange(len(dataset)) if indices is None else indices
-    for b, start in enumerate(range(0, len(indices), batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        inputs, targets = dataset.batch(indices[start:start + batch_size].tolist())
-        used = _scored_columns(targets, model.config.block_size)
-        _, losses = token_loss(model, inputs[:, :used].to(device), targets[:, :used].to(device),
-                               device, precision=precision)
-        yield targets, F.pad(losses.cpu(), (0, targets.shape[1] - used))
-
-
-def _scored_columns(targets: torch.Tensor, block_size: int) -> int:
-    """Columns of a batch up to its last scored target, rounded up to whole blocks (at most all):
-    the padding after it cannot change earlier outputs (causality), so it is not computed, and
-    evaluation memory follows the tokens scored, not the window length."""
-    scored = (targets != -100).any(0).nonzero()
-    used = int(scored.max()) + 1 if len(scored) else 1
-    return min(targets.shape[1], -(-used // block_size) * block_size)
-
-
-@torch.no_grad()
-def evaluate_batches(model: nn.Module, dataset: PackedSequences, tokenizer: Tokenizer,
-                     batch_size: int, max_batches: int | None, device: torch.device,
-                     carry: bool = True, precision: str = "auto") -> dict[str, float]:
-    """Loss, perplexity and bits per byte over the first windows of `dataset`, in order."""
-    was_training = model.training
-    model.eval()
-    byte_lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
-    nll, count, n_bytes = 0.0, 0, 0.0
-    for targets, losses in iter_losses(model, dataset, batch_size, max_batches, device, carry=carry,
-                                       precision=precision):
-        valid = targets != -100
-        nll += float(losses[valid].double().sum())
-        count += int(valid.sum())
-        n_bytes += float(byte_lengths[targets[valid]].sum())
-    model.train(was_training)
-    loss = nll / max(1, count)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count,
-            "bits_per_byte": nll / math.log(2) / max(1.0, n_bytes)}
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("BLOCKSTATE_CACHE", Path.home() / ".cache" / "blockstate"))
-
 
 def prepare_tokenizer(config: TrainConfig, corpus, out_dir: Path, is_main: bool,
                       resuming: bool = False) -> Tokenizer:
@@ -520,24 +108,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
         if checkpoint is None and not (out_dir / "train_config.json").exists():
             raise ValueError(f"--resume: {out_dir} holds no checkpoint to resume from")
     if checkpoint is not None:
-        saved = TrainConfig.from_dict(checkpoint.train_state["train_config"])
-        names = requested if requested is not None else {f.name for f in dataclasses.fields(config)}
-        if config.size == "auto":  # "auto" asks for no particular size: the run keeps its own
-            names = set(names) - {"size"}
-            if checkpoint.train_state.get("plan") is not None:  # nor is what its plan chose a change
-                names -= set(PLANNED_FIELDS) - explicit_fields(config, requested)
-        changed = sorted(name for name in names - set(BUDGET_FIELDS)
-                         if getattr(config, name) != getattr(saved, name))
-        if changed and not override:
-            was = ", ".join(f"{name}={getattr(saved, name)!r}" for name in changed)
-            now = ", ".join(f"{name}={getattr(config, name)!r}" for name in changed)
-            raise ValueError(f"--resume: the run was trained with {was}; this request has {now}. "
-                             f"Only budgets change on resume unless you pass --override")
-        budget = {k: getattr(config, k) for k in BUDGET_FIELDS}
-        config = dataclasses.replace(saved, **{k: v for k, v in budget.items() if v is not None},
-                                     **{name: getattr(config, name) for name in changed})
-        if changed:
-            messages.append(f"resuming with changed settings: {', '.join(changed)}")
+        config = _resumed_config(config, checkpoint.train_state, requested, override, messages)
     elif resume:
         messages.append(f"{out_dir} holds no checkpoint (the run stopped before its first); "
                         f"starting it from step 0")
@@ -578,6 +149,32 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
                       messages, explicit_fields(config, requested))
     finally:
         lock.release()
+
+
+def _resumed_config(config: TrainConfig, train_state: dict[str, Any], requested: set[str] | None,
+                    override: bool, messages: list[str]) -> TrainConfig:
+    """The config a resumed run continues with: its own, with the budgets of `config`. Other
+    settings among `requested` (all fields when None) that differ are refused unless `override`,
+    which applies them. Size "auto" asks for no particular size and the run keeps its own; nor is
+    what its budget plan chose a change."""
+    saved = TrainConfig.from_dict(train_state["train_config"])
+    names = requested if requested is not None else {f.name for f in dataclasses.fields(config)}
+    if config.size == "auto":
+        names = set(names) - {"size"}
+        if train_state.get("plan") is not None:
+            names -= set(PLANNED_FIELDS) - explicit_fields(config, requested)
+    changed = sorted(name for name in names - set(BUDGET_FIELDS)
+                     if getattr(config, name) != getattr(saved, name))
+    if changed and not override:
+        was = ", ".join(f"{name}={getattr(saved, name)!r}" for name in changed)
+        now = ", ".join(f"{name}={getattr(config, name)!r}" for name in changed)
+        raise ValueError(f"--resume: the run was trained with {was}; this request has {now}. "
+                         f"Only budgets change on resume unless you pass --override")
+    budget = {k: getattr(config, k) for k in BUDGET_FIELDS}
+    if changed:
+        messages.append(f"resuming with changed settings: {', '.join(changed)}")
+    return dataclasses.replace(saved, **{k: v for k, v in budget.items() if v is not None},
+                               **{name: getattr(config, name) for name in changed})
 
 
 def _run_record(out_dir: Path) -> dict[str, Any] | None:
@@ -621,31 +218,12 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     for message in messages:
         log(message)
 
-    # ---- data and tokenizer
+    # ---- data, tokenizer and model (size "auto" planned for the budget; a resume keeps its plan)
     tokenizer = prepare_tokenizer(config, corpus, out_dir, ddp.is_main, checkpoint is not None)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    splits = {}
-    for split in ("train", "validation"):
-        if ddp.is_main:
-            splits[split] = tokenize_split(corpus, tokenizer, split, cache_dir)
-        if dist.is_initialized():
-            dist.barrier()
-        if not ddp.is_main:
-            splits[split] = tokenize_split(corpus, tokenizer, split, cache_dir)
-        ids = splits[split].tokens
-        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= tokenizer.vocab_size):
-            raise ValueError(f"the {split} split's cached token ids leave [0, "
-                             f"{tokenizer.vocab_size}); remove the stale cache in {cache_dir}")
-
-    # ---- model: size "auto" is planned for the budget here (a resumed run keeps its plan)
+    splits = _tokenized_splits(corpus, tokenizer, config, ddp)
     requested_config, plan = config, (checkpoint.train_state.get("plan") if checkpoint else None)
     if checkpoint is None and config.size == "auto":
-        decision = [None]
-        if ddp.is_main:
-            decision = [plan_for_budget(config, explicit, tokenizer.vocab_size, device, log)]
-        if dist.is_initialized():  # every process trains what the main process measured
-            dist.broadcast_object_list(decision, src=0)
-        config, plan = decision[0]
+        config, plan = _plan(config, explicit, tokenizer, device, ddp, log)
     overrides = {**config.model_overrides, "vocab_size": tokenizer.vocab_size}
     mconfig = model_config(config.model, config.size, **overrides)
     seq_len = config.seq_len or mconfig.max_seq_len
@@ -655,43 +233,17 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     xl = mconfig.carries_memory and config.carry_memory
     stream = (SegmentStream if xl else BatchStream)(train_data, config.batch_size, config.seed,
                                                     ddp.rank, ddp.world_size)
-    memory = None  # the memory left by the previous batch (saved with checkpoints)
-
     torch.manual_seed(config.seed)
-    model = build_model(config.model, config.size, **overrides).to(device)
+    model = BlockStateLM(mconfig).to(device)  # the config resolved once, above
     optimizer = build_optimizer(model, config, device)
-    step, tokens_seen, horizon, elapsed_before = 0, 0, None, 0.0
-    # A run budgeted by time only schedules its cosine on time: from the end of warmup (seconds
-    # of training when it ended) to max_time, so it reaches its final learning rate at its end
-    # whatever the speed of its steps.
-    warmup_end: float | None = None
-    if config.max_steps is not None:
-        horizon = config.max_steps
-    elif config.max_tokens is not None:
-        horizon = math.ceil(config.max_tokens / (config.batch_size * seq_len))
+
+    # ---- where the run stands: fresh, or restored from the checkpoint
+    state = _RunState(horizon=_horizon(config, seq_len))
     if checkpoint is not None:
-        if checkpoint.model_config != mconfig.to_dict():
-            raise ValueError(f"checkpoint {checkpoint.path} was trained with another model config")
-        checkpoint.load_model(model)
-        checkpoint.load_optimizer(optimizer)
-        checkpoint.restore_rng()
-        state = checkpoint.train_state
-        step, tokens_seen = state["step"], state["tokens"]
-        horizon = state["horizon"] if horizon is None else horizon
-        elapsed_before = state["elapsed"]
-        warmup_end = state.get("warmup_end")
-        stream.load_state_dict(state["data"])
-        if xl:
-            memory = checkpoint.memory(device)
-            if memory is None and step > 0:
-                log("warning: the checkpoint holds no carried memory; the first batch after resuming "
-                    "starts without it")
-        log(f"resumed from {checkpoint.path} at step {step}")
+        state = _restore(checkpoint, model, optimizer, stream, mconfig, state, xl, device, log)
     model.activation_checkpointing = config.activation_checkpointing
     peak_flops = device_peak_flops(device, config.precision, config.peak_tflops)
-    train_model: nn.Module = model
-    if config.compile:
-        train_model = torch.compile(model)
+    train_model: nn.Module = torch.compile(model) if config.compile else model
     if ddp.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -707,115 +259,83 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         log("resolved config:\n" + json.dumps(shown, indent=2))
         log(f"{model.num_parameters():,} parameters; {len(train_data):,} training sequences of "
             f"{seq_len} tokens; {len(val_data):,} validation sequences")
-    metrics = MetricsLog(out_dir / "metrics.jsonl", step if checkpoint else None, ddp.is_main, log,
-                         sinks=tuple(x for x in config.log_to.split(",") if x),
+    metrics = MetricsLog(out_dir / "metrics.jsonl", state.step if checkpoint else None, ddp.is_main,
+                         log, sinks=tuple(x for x in config.log_to.split(",") if x),
                          run_config=resolved)
+    micro = config.batch_size // (ddp.world_size * config.grad_accum)
+    start = time.perf_counter()
+
+    def elapsed() -> float:
+        return state.elapsed_before + time.perf_counter() - start
 
     def save() -> None:
         if not ddp.is_main:
             return
-        train_state = {"step": step, "tokens": tokens_seen, "horizon": horizon,
-                       "warmup_end": warmup_end, "plan": plan,
-                       "elapsed": elapsed_before + time.perf_counter() - start,
+        train_state = {"step": state.step, "tokens": state.tokens, "horizon": state.horizon,
+                       "warmup_end": state.warmup_end, "plan": plan, "elapsed": elapsed(),
                        "data": stream.state_dict(), "train_config": config.to_dict()}
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            log(f"warning: step {step}: parameters are not finite; no checkpoint written (the "
-                f"previous one is kept)")
+            log(f"warning: step {state.step}: parameters are not finite; no checkpoint written "
+                f"(the previous one is kept)")
             return
         # Carried memory is saved when this process holds all of it (one process).
-        carried = memory.tensors() if memory is not None and ddp.world_size == 1 else None
-        save_checkpoint(out_dir, step, model, mconfig.to_dict(), train_state, optimizer,
+        carried = state.memory.tensors() if state.memory is not None and ddp.world_size == 1 else None
+        save_checkpoint(out_dir, state.step, model, mconfig.to_dict(), train_state, optimizer,
                         tokenizer_dir=out_dir / "tokenizer", memory=carried)
 
     def validate() -> dict[str, Any]:
         result = evaluate_batches(model, val_data, tokenizer, micro, config.eval_batches, device,
                                   carry=xl, precision=config.precision)
-        result["step"] = step
+        result["step"] = state.step
         metrics.write({"split": "validation", **result})
         return result
 
-    # ---- loop
-    micro = config.batch_size // (ddp.world_size * config.grad_accum)
-    start = time.perf_counter()
+    # ---- loop: one optimizer step per iteration until a budget is spent or a signal arrives
     last_val = None
-    bar = tqdm(total=horizon, initial=step, disable=quiet or not ddp.is_main, unit="step",
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=state.horizon, initial=state.step, disable=quiet or not ddp.is_main,
+               unit="step", dynamic_ncols=True, file=sys.stderr)
     model.train()
     skipped = 0  # consecutive batches skipped for a non-finite loss or gradient
     stopper = _StopSignals().install()
     try:
-        while stopper.received is None:
-            elapsed = elapsed_before + time.perf_counter() - start
-            if ((config.max_steps is not None and step >= config.max_steps)
-                    or (config.max_tokens is not None and tokens_seen >= config.max_tokens)
-                    or (config.max_time is not None and elapsed >= config.max_time)):
-                break
+        while stopper.received is None and not _budget_spent(config, state, elapsed()):
             step_start = time.perf_counter()
-            progress = None
-            if horizon is None and config.max_time is not None and step >= config.warmup_steps:
-                if warmup_end is None:
-                    warmup_end = elapsed
-                progress = (elapsed - warmup_end) / max(1e-9, config.max_time - warmup_end)
-            lr = learning_rate(step, config, horizon, progress)
+            lr = learning_rate(state.step, config, state.horizon, _time_progress(config, state,
+                                                                                elapsed()))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs, targets, *extra = stream.next_batch()                       # this rank's slice
-            count = (targets != -100).sum().to(torch.float64)
-            if dist.is_initialized():
-                dist.all_reduce(count)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            memories = []
-            for m in range(config.grad_accum):
-                rows = slice(m * micro, (m + 1) * micro)
-                x, y = inputs[rows].to(device), targets[rows].to(device)
-                forward = {}
-                if xl:  # this micro-batch's rows of the carried memory
-                    carry = SegmentCarry(None if memory is None else memory.rows(rows))
-                    forward = {"carry": carry, "keep": extra[0][rows].to(device)}
-                last = m == config.grad_accum - 1
-                sync = train_model.no_sync() if (ddp.world_size > 1 and not last) else nullcontext()
-                with sync:
-                    total, _ = token_loss(train_model, x, y, device, precision=config.precision,
-                                          **forward)
-                    if xl:
-                        memories.append(carry.memory)
-                    # mean over the global batch's tokens; DDP averages over processes
-                    (total * ddp.world_size / count.item()).backward()
-                loss_sum += total.detach().double().cpu()
-            if xl:
-                memory = Memory.cat(memories)
-            if dist.is_initialized():
-                dist.all_reduce(loss_sum)
+            loss_sum, count, memory = _forward_backward(train_model, stream.next_batch(), state.memory,
+                                                        config, ddp, device, micro, xl)
+            state.memory = memory  # the batch was read, so the next continues after it
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            finite_loss = math.isfinite(float(loss_sum))
-            if not (finite_loss and math.isfinite(float(grad_norm))):
+            if not (math.isfinite(float(loss_sum)) and math.isfinite(float(grad_norm))):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-                what = "loss" if not finite_loss else "gradient norm"
-                metrics.write({"step": step, "skipped_batch": True, "reason": f"non-finite {what}"})
-                log(f"warning: step {step + 1}: non-finite {what}; batch skipped ({skipped} in a row)")
+                what = "loss" if not math.isfinite(float(loss_sum)) else "gradient norm"
+                metrics.write({"step": state.step, "skipped_batch": True,
+                               "reason": f"non-finite {what}"})
+                log(f"warning: step {state.step + 1}: non-finite {what}; batch skipped ({skipped} "
+                    f"in a row)")
                 if config.nonfinite == "stop" or skipped >= MAX_SKIPPED_BATCHES:
                     save()
                     raise ValueError(
-                        f"training stopped at step {step}: non-finite {what} "
-                        f"({skipped} batch(es) in a row, nonfinite={config.nonfinite!r}); the run "
-                        f"is saved at step {step} with finite parameters. Lower --lr or check the "
-                        f"data")
+                        f"training stopped at step {state.step}: non-finite {what} ({skipped} "
+                        f"batch(es) in a row, nonfinite={config.nonfinite!r}); the run is saved at "
+                        f"step {state.step} with finite parameters. Lower --lr or check the data")
                 continue
             skipped = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += int(count.item())
-            loss = (loss_sum / count).item()
-            step_time = time.perf_counter() - step_start
-            if horizon is None and config.max_time is not None and step % 10 == 0:
+            state.step += 1
+            state.tokens += count
+            loss, step = loss_sum / count, state.step
+            if state.horizon is None and config.max_time is not None and step % 10 == 0:
                 # the bar's total: steps at the speed so far (the schedule runs on time)
-                spent = elapsed_before + time.perf_counter() - start
+                spent = elapsed()
                 bar.total = step + int(max(0.0, config.max_time - spent) * step / max(1e-9, spent))
-            record = {"step": step, "tokens": tokens_seen, "loss": loss, "lr": lr,
-                      "grad_norm": float(grad_norm), "tokens_per_s": int(count.item()) / step_time,
-                      "elapsed": elapsed_before + time.perf_counter() - start}
+            record = {"step": step, "tokens": state.tokens, "loss": loss, "lr": lr,
+                      "grad_norm": float(grad_norm),
+                      "tokens_per_s": count / (time.perf_counter() - step_start), "elapsed": elapsed()}
             shown = {}
             if peak_flops is not None:  # 6 FLOPs per parameter and token, over all processes
                 record["mfu"] = (6.0 * model.num_parameters() * record["tokens_per_s"]
@@ -832,35 +352,36 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
             if step % config.eval_every == 0 and ddp.is_main:
                 last_val = validate()
                 log(f"step {step}: validation loss {last_val['loss']:.4f} "
-                          f"ppl {last_val['perplexity']:.2f} bpb {last_val['bits_per_byte']:.3f}")
+                    f"ppl {last_val['perplexity']:.2f} bpb {last_val['bits_per_byte']:.3f}")
             if step % config.save_every == 0:
                 save()
     except KeyboardInterrupt:  # a second Ctrl-C during a step: the step is incomplete, so the
         # newest checkpoint (not this state) is what a resume continues from
-        log(f"interrupted again during step {step + 1}; not saving the incomplete step "
+        log(f"interrupted again during step {state.step + 1}; not saving the incomplete step "
             f"(resume continues from the newest checkpoint)")
         raise
     finally:
         stopper.restore()
         bar.close()
-    elapsed = elapsed_before + time.perf_counter() - start
-    train_time = time.perf_counter() - start
+
+    # ---- the end: final validation, checkpoint, sample and summary
+    train_time, total_time = time.perf_counter() - start, elapsed()
     interrupted = stopper.received
     if interrupted is not None:
-        log(f"{interrupted} received: saving a checkpoint at step {step} and stopping")
-    elif ddp.is_main and (last_val is None or last_val["step"] != step):
+        log(f"{interrupted} received: saving a checkpoint at step {state.step} and stopping")
+    elif ddp.is_main and (last_val is None or last_val["step"] != state.step):
         last_val = validate()
     save()
     metrics.close()
     sample = None
     if ddp.is_main and interrupted is None:
         sample = _sample(model, tokenizer, val_data, config, device)
-    summary = {"step": step, "tokens": tokens_seen, "elapsed_s": elapsed,
+    resumed_tokens = checkpoint.train_state["tokens"] if checkpoint else 0
+    summary = {"step": state.step, "tokens": state.tokens, "elapsed_s": total_time,
                "unigram_perplexity": unigram_perplexity(
                    splits["train"].tokens, splits["validation"].tokens, tokenizer.vocab_size),
                "sample": sample,
-               "tokens_per_s": (tokens_seen - (checkpoint.train_state["tokens"] if checkpoint else 0))
-               / max(1e-9, train_time),
+               "tokens_per_s": (state.tokens - resumed_tokens) / max(1e-9, train_time),
                "validation": last_val, "parameters": model.num_parameters(), "out": str(out_dir),
                "shape": {"d_model": mconfig.d_model, "n_layers": mconfig.n_layers,
                          "block_size": mconfig.block_size, "seq_len": seq_len,
@@ -869,6 +390,130 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     if ddp.is_main:
         atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+@dataclasses.dataclass
+class _RunState:
+    """Where a run stands; saved in every checkpoint's train state."""
+
+    step: int = 0
+    tokens: int = 0
+    horizon: int | None = None        # optimizer steps of the budget, None for time only
+    elapsed_before: float = 0.0       # seconds trained before this process (a resumed run)
+    # A run budgeted by time only schedules its cosine on time: from the end of warmup (seconds
+    # of training when it ended) to max_time, so it reaches its final learning rate at its end
+    # whatever the speed of its steps.
+    warmup_end: float | None = None
+    memory: Memory | None = None      # the memory the previous batch left (segment-recurrent)
+
+
+def _tokenized_splits(corpus, tokenizer: Tokenizer, config: TrainConfig, ddp: Distributed) -> dict:
+    """The train and validation splits, tokenized and cached by the main process first."""
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    splits = {}
+    for split in ("train", "validation"):
+        if ddp.is_main:
+            splits[split] = tokenize_split(corpus, tokenizer, split, cache_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        if not ddp.is_main:
+            splits[split] = tokenize_split(corpus, tokenizer, split, cache_dir)
+        ids = splits[split].tokens
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= tokenizer.vocab_size):
+            raise ValueError(f"the {split} split's cached token ids leave [0, "
+                             f"{tokenizer.vocab_size}); remove the stale cache in {cache_dir}")
+    return splits
+
+
+def _plan(config: TrainConfig, explicit: set[str], tokenizer: Tokenizer, device: torch.device,
+          ddp: Distributed, log) -> tuple[TrainConfig, dict]:
+    """Size "auto": the main process measures and plans (`blockstate.budget`), every process
+    trains what it chose."""
+    decision = [None]
+    if ddp.is_main:
+        decision = [plan_for_budget(config, explicit, tokenizer.vocab_size, device, log)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0]
+
+
+def _horizon(config: TrainConfig, seq_len: int) -> int | None:
+    """Optimizer steps in the budget (None when only time is given)."""
+    if config.max_steps is not None:
+        return config.max_steps
+    if config.max_tokens is not None:
+        return math.ceil(config.max_tokens / (config.batch_size * seq_len))
+    return None
+
+
+def _restore(checkpoint, model: nn.Module, optimizer, stream, mconfig, fresh: _RunState, xl: bool,
+             device: torch.device, log) -> _RunState:
+    """Load the checkpoint's parameters, optimizer, RNG and data position; the run's state."""
+    if checkpoint.model_config != mconfig.to_dict():
+        raise ValueError(f"checkpoint {checkpoint.path} was trained with another model config")
+    checkpoint.load_model(model)
+    checkpoint.load_optimizer(optimizer)
+    checkpoint.restore_rng()
+    saved = checkpoint.train_state
+    stream.load_state_dict(saved["data"])
+    state = _RunState(step=saved["step"], tokens=saved["tokens"],
+                      horizon=saved["horizon"] if fresh.horizon is None else fresh.horizon,
+                      elapsed_before=saved["elapsed"], warmup_end=saved.get("warmup_end"))
+    if xl:
+        state.memory = checkpoint.memory(device)
+        if state.memory is None and state.step > 0:
+            log("warning: the checkpoint holds no carried memory; the first batch after resuming "
+                "starts without it")
+    log(f"resumed from {checkpoint.path} at step {state.step}")
+    return state
+
+
+def _budget_spent(config: TrainConfig, state: _RunState, elapsed: float) -> bool:
+    return ((config.max_steps is not None and state.step >= config.max_steps)
+            or (config.max_tokens is not None and state.tokens >= config.max_tokens)
+            or (config.max_time is not None and elapsed >= config.max_time))
+
+
+def _time_progress(config: TrainConfig, state: _RunState, elapsed: float) -> float | None:
+    """For a run budgeted by time only, the fraction of its post-warmup time spent (else None)."""
+    if state.horizon is not None or config.max_time is None or state.step < config.warmup_steps:
+        return None
+    if state.warmup_end is None:
+        state.warmup_end = elapsed
+    return (elapsed - state.warmup_end) / max(1e-9, config.max_time - state.warmup_end)
+
+
+def _forward_backward(train_model: nn.Module, batch: tuple, memory: Memory | None,
+                      config: TrainConfig, ddp: Distributed, device: torch.device, micro: int,
+                      xl: bool) -> tuple[float, int, Memory | None]:
+    """Gradients of the mean loss over the global batch's tokens, accumulated over micro-batches
+    (gradients synchronized across processes on the last); the summed loss, the number of
+    target tokens (over all processes) and the memory the batch leaves (segment-recurrent)."""
+    inputs, targets, *extra = batch                                              # this rank's slice
+    count = (targets != -100).sum().to(torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(count)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    memories = []
+    for m in range(config.grad_accum):
+        rows = slice(m * micro, (m + 1) * micro)
+        x, y = inputs[rows].to(device), targets[rows].to(device)
+        forward = {}
+        if xl:  # this micro-batch's rows of the carried memory
+            carry = SegmentCarry(None if memory is None else memory.rows(rows))
+            forward = {"carry": carry, "keep": extra[0][rows].to(device)}
+        last = m == config.grad_accum - 1
+        sync = train_model.no_sync() if (ddp.world_size > 1 and not last) else nullcontext()
+        with sync:
+            total, _ = token_loss(train_model, x, y, device, precision=config.precision, **forward)
+            if xl:
+                memories.append(carry.memory)
+            # mean over the global batch's tokens; DDP averages over processes
+            (total * ddp.world_size / count.item()).backward()
+        loss_sum += total.detach().double().cpu()
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    return float(loss_sum), int(count.item()), Memory.cat(memories) if xl else None
 
 
 class _StopSignals:
@@ -906,12 +551,3 @@ def _sample(model: nn.Module, tokenizer: Tokenizer, val_data: PackedSequences, c
     prompt = [int(t) for t in inputs[:48] if t not in (tokenizer.pad_id, tokenizer.bos_id)]
     out = model.generate([prompt], config.sample_tokens, temperature=0.8, top_k=40, seed=config.seed)[0]
     return {"prompt": tokenizer.decode(prompt), "continuation": tokenizer.decode(out[len(prompt):])}
-
-
-def unigram_perplexity(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
-    """Perplexity on `eval_tokens` of the add-one unigram model fitted to `train_tokens`: the
-    baseline a language model must beat."""
-    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size) + 1.0
-    log_p = np.log(counts / counts.sum())
-    eval_counts = np.bincount(np.asarray(eval_tokens), minlength=vocab_size)
-    return float(np.exp(-(eval_counts @ log_p) / eval_counts.sum()))

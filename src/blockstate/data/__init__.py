@@ -23,6 +23,7 @@ from .dataset import (
     PackedSequences,
     SegmentStream,
     TokenizedSplit,
+    default_cache_dir,
     token_dtype,
     tokenize_split,
 )
@@ -40,6 +41,6 @@ __all__ = [
     "IGNORE_INDEX", "SPLITS", "BatchStream", "ByteTokenizer", "Corpus", "CorpusError", "DirectoryCorpus",
     "Document", "HfCorpus", "JsonlCorpus", "KjvCorpus", "LatexCorpus", "PackedSequences", "SegmentStream",
     "SentencePieceTokenizer", "StdlibCorpus", "TextFileCorpus", "TokenizedSplit", "Tokenizer",
-    "TokenizerError", "build_tokenizer", "list_corpora", "load_tokenizer", "resolve_corpus", "split_of",
-    "token_dtype", "tokenize_split", "train_sentencepiece",
+    "TokenizerError", "build_tokenizer", "default_cache_dir", "list_corpora", "load_tokenizer",
+    "resolve_corpus", "split_of", "token_dtype", "tokenize_split", "train_sentencepiece",
 ]

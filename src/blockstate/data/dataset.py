@@ -343,3 +343,8 @@ class SegmentStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def default_cache_dir() -> Path:
+    """Where tokenized corpora are cached: $BLOCKSTATE_CACHE, else ~/.cache/blockstate."""
+    return Path(os.environ.get("BLOCKSTATE_CACHE", Path.home() / ".cache" / "blockstate"))

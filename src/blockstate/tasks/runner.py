@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from ..evaluate import block_ranges
 from ..fileio import atomic_write
+from ..optim import parameter_groups
 from ..registry import PRESETS, build_model, matched_mlp_width
-from ..train import parameter_groups
 from .generators import IGNORE, make_task, score
 
 SUITE_SIZE = "tiny"             # d_model 64, 2 layers, 2 heads, W = 16, N = 8, S = 4 (registry.SIZES)

@@ -1,0 +1,246 @@
+"""The training configuration: `TrainConfig` (every setting of a run, validated), the help text
+and choices the command line is built from, durations and config files."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import check_field_types
+from .registry import SIZES, list_models, model_config
+from .rundir import METRIC_SINKS
+
+SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+TOKENIZERS = ("byte", "bpe", "unigram")
+NONFINITE_POLICIES = ("skip", "stop")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """'90s', '5m', '1.5h' or a number of seconds -> seconds."""
+    if text is None or isinstance(text, int | float):
+        return None if text is None else float(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+    if not match:
+        raise ValueError(f"max_time={text!r} is not a duration; use e.g. 90s, 5m or 1.5h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. Model architecture comes from the preset `model` at
+    `size` with `model_overrides` applied; `vocab_size` of the model follows the tokenizer."""
+
+    model: str = "bst-sh-s4"
+    # "auto": sized for the time or token budget (blockstate.budget); tiny/small/base/large as set
+    size: str = "auto"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: str = "python-stdlib"
+    tokenizer: str = "byte"             # byte | bpe | unigram (SentencePiece, trained on train split)
+    vocab_size: int = 4096              # SentencePiece vocabulary (byte: fixed 259)
+    seq_len: int | None = None          # training length L; default: the model's max_seq_len
+    pack_documents: bool = False        # allow a training sequence to span two documents
+    batch_size: int = 8                 # sequences per optimizer step, over all processes
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1           # final learning rate of the cosine schedule, relative
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_time: float | None = None       # seconds
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    compile: bool = False
+    # Mixed precision of the forward pass: "auto" is bfloat16 autocast on CUDA and float32 elsewhere.
+    precision: str = "auto"
+    activation_checkpointing: bool = False
+    # Where metrics go besides metrics.jsonl: comma-separated auto | none | tensorboard | wandb
+    log_to: str = "auto"
+    # Peak FLOP/s (in TFLOP/s) of one device for the MFU of the progress line and metrics; None
+    # uses the data-sheet peak of known GPUs (PEAK_TFLOPS) and shows no MFU elsewhere.
+    peak_tflops: float | None = None
+    cache_dir: str | None = None        # tokenized corpora; default ~/.cache/blockstate
+    sample_tokens: int = 200            # length of the sample printed at the end (0: none)
+    # On a non-finite loss or gradient norm: "skip" the batch (stop after MAX_SKIPPED_BATCHES in a
+    # row) or "stop" at once; either way the saved parameters stay finite.
+    nonfinite: str = "skip"
+    # Segment-recurrent models (transformer-xl, brt) carry memory from one training sequence to the
+    # next of the same document, reading lanes of consecutive windows; false trains (and evaluates)
+    # them on shuffled windows without memory, like every other model.
+    carry_memory: bool = True
+
+    def __post_init__(self) -> None:
+        self.max_time = parse_duration(self.max_time)
+        self.validate()
+
+    def validate(self) -> None:
+        check_field_types(self)
+        if self.model not in list_models():
+            raise ValueError(f"model={self.model!r} is unknown; available: {', '.join(list_models())}")
+        if self.size not in ("auto", *SIZES):
+            raise ValueError(f"size={self.size!r} is unknown; available: auto, {', '.join(SIZES)}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer={self.tokenizer!r} is not valid; allowed: {', '.join(TOKENIZERS)}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={self.nonfinite!r} is not valid; allowed: "
+                             f"{', '.join(NONFINITE_POLICIES)}")
+        sinks = [x for x in self.log_to.split(",") if x]
+        if not sinks or set(sinks) - set(METRIC_SINKS):
+            raise ValueError(f"log_to={self.log_to!r} is not valid; give a comma-separated list of "
+                             f"{', '.join(METRIC_SINKS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not valid; allowed: "
+                             f"{', '.join(PRECISIONS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
+                     "log_every", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops={self.peak_tflops!r} must be > 0")
+        for name in ("max_steps", "max_tokens", "seq_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ValueError(f"max_time={self.max_time} must be positive")
+        if self.grad_clip <= 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be > 0 (a negative clip ascends the "
+                             f"gradient, 0 freezes training)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.sample_tokens < 0:
+            raise ValueError(f"sample_tokens={self.sample_tokens} must be >= 0")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len} must be >= 2 (a training sequence needs an "
+                             f"input and a next token)")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device={self.device!r} is not valid; use auto, cpu, cuda, cuda:N or mps")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by "
+                             f"grad_accum={self.grad_accum}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ValueError(f"need lr > 0 (got {self.lr}), 0 <= min_lr_ratio <= 1 (got "
+                             f"{self.min_lr_ratio}) and warmup_steps >= 0 (got {self.warmup_steps})")
+        # validates the overrides ("auto" plans on top of the small size's fields)
+        mconfig = model_config(self.model, "small" if self.size == "auto" else self.size,
+                               **self.model_overrides)
+        seq_len = self.seq_len or mconfig.max_seq_len
+        if mconfig.block_size > seq_len:
+            raise ValueError(f"block_size={mconfig.block_size} is longer than the training length "
+                             f"seq_len={seq_len}; choose block_size <= seq_len")
+        if mconfig.carries_memory and seq_len % mconfig.block_size:
+            raise ValueError(f"{mconfig.arch} carries memory between sequences: seq_len={seq_len} "
+                             f"must be a multiple of block_size={mconfig.block_size}")
+
+    def has_budget(self) -> bool:
+        return any(v is not None for v in (self.max_steps, self.max_tokens, self.max_time))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {', '.join(sorted(names))}")
+        return cls(**data)
+
+
+# Help text of every TrainConfig field: the command-line flags of `blockstate train` are built
+# from the dataclass and these texts (see `cli.add_train_flags`), so every field is settable.
+FIELD_HELP: dict[str, str] = {
+    "model": "model preset (see `blockstate models`)",
+    "size": "model size; auto sizes width, depth, lengths, batch and lr for a --max-time or "
+            "--max-tokens budget from throughput measured on this machine (small without one)",
+    "model_overrides": "model config overrides (the command line's --set FIELD=VALUE)",
+    "data": "corpus name (see `blockstate corpora`), hf:NAME, directory, .jsonl or text file",
+    "tokenizer": "byte, or a SentencePiece bpe/unigram tokenizer trained on the train split",
+    "vocab_size": "SentencePiece vocabulary size (the byte tokenizer has 259)",
+    "seq_len": "training length L (default: the model's max_seq_len)",
+    "pack_documents": "let a training sequence span the end of one document and the next",
+    "batch_size": "sequences per optimizer step, over all processes",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "final learning rate of the cosine schedule, relative to --lr",
+    "warmup_steps": "steps of linear warmup",
+    "schedule": "learning-rate schedule after warmup",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the gradient norm to this value (> 0)",
+    "max_steps": "budget: optimizer steps",
+    "max_tokens": "budget: training tokens",
+    "max_time": "budget: wall-clock time, e.g. 90s, 5m, 1.5h",
+    "eval_every": "validate every N steps",
+    "eval_batches": "validation batches per evaluation",
+    "save_every": "checkpoint every N steps",
+    "log_every": "write a metrics line every N steps",
+    "seed": "random seed (model initialization, data order, dropout)",
+    "device": "auto, cpu, cuda, cuda:N or mps",
+    "compile": "torch.compile the model",
+    "precision": "autocast of the forward pass: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16",
+    "peak_tflops": "peak TFLOP/s of one device, for the MFU shown in the progress line "
+                   "(default: known GPUs' data-sheet peak; none on CPU)",
+    "log_to": "metrics besides metrics.jsonl, comma-separated: auto (TensorBoard when installed), "
+              "none, tensorboard, wandb (WANDB_* environment variables apply)",
+    "activation_checkpointing": "recompute each layer's activations in the backward pass "
+                                "(less memory, about a third more compute)",
+    "cache_dir": "directory of tokenized corpora (default ~/.cache/blockstate)",
+    "sample_tokens": "length of the sample printed at the end (0: none)",
+    "nonfinite": "on a non-finite loss or gradient: skip the batch or stop the run",
+    "carry_memory": "transformer-xl/brt: carry memory across consecutive windows of a document "
+                    "(else shuffled windows without memory)",
+}
+FIELD_CHOICES: dict[str, Callable[[], list[str]]] = {
+    "model": list_models, "size": lambda: ["auto", *SIZES], "tokenizer": lambda: list(TOKENIZERS),
+    "schedule": lambda: list(SCHEDULES), "nonfinite": lambda: list(NONFINITE_POLICIES),
+    "precision": lambda: list(PRECISIONS),
+}
+BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (or, with PyYAML installed, YAML) file of TrainConfig fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: YAML configs need PyYAML: pip install 'blockstate[yaml]'") from None
+        data = yaml.safe_load(text)
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path} is not valid TOML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a table of training options")
+    return data
