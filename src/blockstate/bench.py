@@ -222,16 +222,21 @@ def measure_layer(name: str, config: ModelConfig, batch: int, device: torch.devi
 
 # ----------------------------------------------------------------------------- the machine
 
-def _median_time(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
-    fn()
+def timed_calls(fn: Callable[[], object], count: int, device: torch.device) -> list[float]:
+    """Seconds of each of `count` calls of fn, the device synchronized before and after each."""
     times = []
-    for _ in range(repeats):
+    for _ in range(count):
         _sync(device)
         t0 = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def _median_time(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    fn()
+    return statistics.median(timed_calls(fn, repeats, device))
 
 
 def measure_machine(device: torch.device, width: int, lengths: list[int], dtype: torch.dtype
@@ -363,13 +368,7 @@ def run_models(out: Path | None, presets: list[str], size: str, batch: int, seq_
         with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
             step()  # the operations of one training step, counted
         flops = counter.get_total_flops()
-        times = []
-        for _ in range(steps):
-            _sync(dev)
-            t0 = time.perf_counter()
-            step()
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
+        times = timed_calls(step, steps, dev)
         seconds = statistics.median(times)
         r = {"model": name, "parameters": model.num_parameters(), "step_seconds": seconds,
              "all_seconds": times, "tokens_per_s": batch * seq_len / seconds,

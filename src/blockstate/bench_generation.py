@@ -32,22 +32,11 @@ from pathlib import Path
 
 import torch
 
-from .bench import _sync, machine_info, markdown_table
+from .bench import _sync, machine_info, markdown_table, timed_calls
 from .bench import write_outputs as _write_outputs
 
 WARMUP_STEPS = 4
 ROUNDS = 3  # timed rounds per measurement, interleaved across batch sizes and paths
-
-
-def _timed(step: Callable[[], None], count: int, device: torch.device) -> list[float]:
-    times = []
-    for _ in range(count):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 class _Decoder:
@@ -104,12 +93,12 @@ def measure(name: str, size: str, lengths: list[int], batches: list[int], new_to
         ref_times = {key: [] for key in reference}
         per_round = max(1, new_tokens // ROUNDS)
         for decoder in [*decoders.values(), *reference.values()]:
-            _timed(decoder, WARMUP_STEPS, device)
+            timed_calls(decoder, WARMUP_STEPS, device)
         for _ in range(ROUNDS):
             for key, decoder in decoders.items():
-                times[key] += _timed(decoder, per_round, device)
+                times[key] += timed_calls(decoder, per_round, device)
                 if key in reference:
-                    ref_times[key] += _timed(reference[key], per_round, device)
+                    ref_times[key] += timed_calls(reference[key], per_round, device)
     results = []
     for context in lengths:
         if (context, batches[0]) not in decoders:
