@@ -3,13 +3,13 @@ batch stream. Corpora are built in tmp_path; the shared books are only read, nev
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import platform
 import random
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -344,9 +344,8 @@ def test_latex_corpus_reads_tex_and_gzipped_tex(tmp_path):
     assert corpus.stat() == (2, len((tmp_path / "pkg" / "a.tex").read_bytes()) + 23)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None,
-                    reason="datasets is installed; loading needs the network or a local cache")
-def test_hf_corpus_without_datasets_says_how_to_install_it():
+def test_hf_corpus_without_datasets_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: importing it fails
     with pytest.raises(CorpusError, match=r"pip install 'blockstate\[hf\]'"):
         resolve_corpus("hf:wikitext:wikitext-2-raw-v1")
     with pytest.raises(CorpusError, match="names no dataset"):
