@@ -604,3 +604,53 @@ def test_batch_stream_ranks_split_the_global_batch(small_split):
         BatchStream(IndexDataset(50), 6, seed=0, world_size=4)
     with pytest.raises(CorpusError, match="fewer than one global batch"):
         BatchStream(IndexDataset(5), 6, seed=0)
+
+
+def _hf_local(directory, splits, column="content"):
+    """A local dataset directory in the layout `datasets.load_dataset(path)` reads: one JSON lines
+    file per published split."""
+    directory.mkdir()
+    rows = {}
+    for split, count in splits.items():
+        rows[split] = [f"{split} document {i}: " + "text " * (i % 5 + 1) for i in range(count)]
+        with open(directory / f"{split}.jsonl", "w") as file:
+            for i, text in enumerate(rows[split]):
+                file.write(json.dumps({column: text, "id": i}) + "\n")
+    return rows
+
+
+def test_hf_corpus_keeps_the_published_splits_and_reads_the_named_column(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rows = _hf_local(tmp_path / "ds", {"train": 30, "validation": 6, "test": 7})
+    corpus = resolve_corpus(f"hf:{tmp_path / 'ds'},text=content")
+    for split in SPLITS:
+        docs = list(corpus.documents(split))
+        assert [d.text for d in docs] == rows[split]          # every row, in order, nothing moved
+        assert all(d.name.startswith(f"{split}/") for d in docs)
+    streamed = resolve_corpus(f"hf:{tmp_path / 'ds'},text=content,streaming")
+    for split in SPLITS:
+        assert [d.text for d in streamed.documents(split)] == rows[split]
+    assert streamed.metadata()["streaming"] is True and corpus.metadata()["documents"] == {
+        "train": 30, "validation": 6, "test": 7}
+    tokenizer = ByteTokenizer()
+    test = tokenize_split(streamed, tokenizer, "test", tmp_path / "cache")
+    assert test.n_docs == 7 and test.n_bytes == sum(len(t.encode()) for t in rows["test"])
+    with pytest.raises(CorpusError, match="text=COLUMN"):
+        list(resolve_corpus(f"hf:{tmp_path / 'ds'}").documents("test"))   # no column "text"
+    with pytest.raises(CorpusError, match="option 'stream' is not valid"):
+        resolve_corpus(f"hf:{tmp_path / 'ds'},stream")
+
+
+def test_hf_corpus_carves_only_the_splits_a_dataset_does_not_publish(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rows = _hf_local(tmp_path / "ds", {"train": 200, "test": 9}, column="text")
+    corpus = resolve_corpus(f"hf:{tmp_path / 'ds'}")
+    test = [d.text for d in corpus.documents("test")]
+    validation = list(corpus.documents("validation"))
+    train = [d.text for d in corpus.documents("train")]
+    assert test == rows["test"]                                   # published: kept as is
+    # no published validation: carved from the train rows by the name hash, as for local corpora
+    assert validation and all(split_of(d.name, 0.05, 0.0) == "validation" for d in validation)
+    assert sorted(train + [d.text for d in validation]) == sorted(rows["train"])

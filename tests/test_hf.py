@@ -41,3 +41,38 @@ def test_padding_masks_are_refused(tmp_path):
     hf(tokens, attention_mask=torch.ones(2, 5))                  # masks nothing: fine
     with pytest.raises(ValueError, match="padding"):
         hf(tokens, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+
+
+TEXTS = ["def f(x):\n    return x ** 2  # square", "naïve café — ünïcode ✓", "", "  leading spaces"]
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_auto_tokenizer_gives_blockstate_ids_and_text(kind, tmp_path):
+    """The tokenizer saved with the model loads through AutoTokenizer with the same ids and text as
+    blockstate's own, and survives transformers' save_pretrained."""
+    from transformers import AutoTokenizer
+
+    from blockstate.data import ByteTokenizer, DirectoryCorpus, train_sentencepiece
+
+    if kind == "byte":
+        tokenizer = ByteTokenizer()
+    else:
+        docs = tmp_path / "docs"
+        docs.mkdir()
+        for i in range(40):
+            (docs / f"{i}.txt").write_text(f"document {i}: " + " ".join(TEXTS) * 3)
+        tokenizer = train_sentencepiece(DirectoryCorpus(docs), 400, tmp_path / "spm")
+    model = build_model("bst-sh-s4", "tiny", vocab_size=tokenizer.vocab_size)
+    model.save_pretrained(tmp_path / "m", tokenizer)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert isinstance(hf_tok, blockstate.hf.BlockStateTokenizer) and len(hf_tok) == tokenizer.vocab_size
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (
+        tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    for text in TEXTS:
+        ids = hf_tok(text)["input_ids"]
+        assert ids == tokenizer.encode(text)
+        assert hf_tok.decode(ids) == text == tokenizer.decode(ids)
+    hf_tok.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text((tmp_path / "m" / "config.json").read_text())
+    again = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert again(TEXTS[1])["input_ids"] == tokenizer.encode(TEXTS[1])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import blockstate
+from blockstate.checkpoint import load_latest_intact
 from blockstate.cli import main
 from blockstate.optim import learning_rate
 from blockstate.train import TrainConfig, train
@@ -82,7 +83,8 @@ def test_training_reduces_loss_and_writes_a_run(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("model,extra", [("bst-sh-s4", {}), ("transformer-xl", {}),
-                                         ("brt", {"grad_accum": 2})])
+                                         ("brt", {"grad_accum": 2}),
+                                         ("bst-sh-s4", {"precision": "fp16"})])
 def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, model, extra):
     """Also for the segment-recurrent baselines, whose carried memory (Transformer-XL's inputs,
     BRT's state and window) is saved with the checkpoint."""
@@ -174,6 +176,16 @@ def test_precision_and_activation_checkpointing_options(corpus, tmp_path, capsys
     # MFU from a given peak: 6 FLOPs per parameter and token over the peak
     parameters = json.loads((tmp_path / "bf16" / "train_config.json").read_text())["parameters"]
     assert records[-1]["mfu"] == pytest.approx(6 * parameters * records[-1]["tokens_per_s"] / 1e9)
+    # float16 with dynamic loss scaling: close to fp32 too, and the scaler's state is checkpointed
+    fp16 = train(_config(corpus, tmp_path, max_steps=3, precision="fp16",
+                         model_overrides={"block_size": 16}), tmp_path / "fp16", quiet=True)
+    assert fp16["validation"]["loss"] != pytest.approx(plain["validation"]["loss"], abs=1e-6)
+    assert fp16["validation"]["loss"] == pytest.approx(plain["validation"]["loss"], abs=0.05)
+    assert load_latest_intact(tmp_path / "fp16").train_state["grad_scaler"]["_growth_tracker"] == 3
+    train(_config(corpus, tmp_path, max_steps=5, precision="fp16", model_overrides={"block_size": 16}),
+          tmp_path / "fp16", resume=True, quiet=True)  # the scaler continues where it stopped
+    assert load_latest_intact(tmp_path / "fp16").train_state["grad_scaler"]["_growth_tracker"] == 5
+    assert load_latest_intact(tmp_path / "plain").train_state["grad_scaler"] is None
     assert main(["eval", str(tmp_path / "bf16"), "--precision", "fp32", "--max-tokens", "500",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["precision"] == "fp32"

@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     p.add_argument("--plot", default=None, help="PNG of loss by position (needs matplotlib)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast of the forward pass: auto (bf16 on CUDA, fp32 elsewhere), fp32 "
                         "or bf16")
     p.set_defaults(func=cmd_eval)

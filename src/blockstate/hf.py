@@ -14,8 +14,13 @@ Not supported: `transformers`' key/value cache. The model declares that it takes
 `generate()` runs the full forward pass over the sequence at every new token (exact, slower);
 blockstate's own `model.generate` uses the one-token steps of `blockstate.cache`. Attention masks
 are accepted only when they mask nothing (the model has no padding semantics: batch prompts of
-different lengths through blockstate's `generate`). The tokenizer is blockstate's own
-(`blockstate.load`), not an `AutoTokenizer`.
+different lengths through blockstate's `generate`).
+
+The tokenizer saved with the model (byte-level or SentencePiece) loads through `AutoTokenizer` as
+`BlockStateTokenizer`, a `transformers` tokenizer around blockstate's own: the same ids as
+`blockstate.load`'s tokenizer for any text, and the same text back. Its token strings are the
+SentencePiece pieces, or "<0xNN>" for bytes; `add_special_tokens` adds nothing (blockstate
+prepends BOS itself where it scores or generates).
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ import torch.nn.functional as F
 
 try:
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationMixin,
+        PreTrainedModel,
+        PreTrainedTokenizer,
+    )
     from transformers.modeling_outputs import CausalLMOutput
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("blockstate.hf needs the `transformers` package: pip install "
@@ -38,7 +50,7 @@ except ImportError:  # transformers < 5
 
 from .config import ModelConfig
 from .model import BlockStateLM
-from .pretrained import MODEL_TYPE
+from .pretrained import MODEL_TYPE, TOKENIZER_DIR
 
 _FIELDS = ModelConfig.field_names()
 
@@ -106,7 +118,69 @@ class BlockStateForCausalLM(PreTrainedModel, GenerationMixin):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+class BlockStateTokenizer(PreTrainedTokenizer):
+    """blockstate's tokenizer (from the `tokenizer/` directory beside the model) behind the
+    `transformers` tokenizer interface; see the module docstring."""
+
+    vocab_files_names = {"blockstate_tokenizer": f"{TOKENIZER_DIR}/tokenizer.json"}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, blockstate_tokenizer: str | None = None, **kwargs):
+        from pathlib import Path
+
+        from .data import load_tokenizer
+
+        if blockstate_tokenizer is None:
+            raise ValueError("BlockStateTokenizer needs the tokenizer/ directory of a model saved "
+                             "by blockstate's save_pretrained with its tokenizer")
+        self.inner = load_tokenizer(Path(blockstate_tokenizer).parent)
+        self._tokens = [self._token_of(i) for i in range(self.inner.vocab_size)]
+        self._ids = {token: i for i, token in enumerate(self._tokens)}
+        for name, index in (("pad_token", self.inner.pad_id), ("bos_token", self.inner.bos_id),
+                            ("eos_token", self.inner.eos_id)):
+            kwargs.setdefault(name, self._tokens[index])
+        super().__init__(**kwargs)
+
+    def _token_of(self, index: int) -> str:
+        if self.inner.kind == "byte" and index < 256:
+            return f"<0x{index:02X}>"
+        special = {self.inner.pad_id: "<pad>", self.inner.bos_id: "<s>", self.inner.eos_id: "</s>"}
+        if index in special:
+            return special[index]
+        return self.inner.piece(index)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._ids)
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return [self._tokens[i] for i in self.inner.encode(text)]
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self._ids[token]
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self._tokens[index]
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return self.inner.decode([self._ids[t] for t in tokens])
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        return list(token_ids_0) + list(token_ids_1 or [])
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        from pathlib import Path
+
+        target = Path(save_directory) / TOKENIZER_DIR
+        self.inner.save(target)
+        return (str(target / "tokenizer.json"),)
+
+
 AutoConfig.register(MODEL_TYPE, BlockStateConfig, exist_ok=True)
 AutoModelForCausalLM.register(BlockStateConfig, BlockStateForCausalLM, exist_ok=True)
+AutoTokenizer.register(BlockStateConfig, slow_tokenizer_class=BlockStateTokenizer, exist_ok=True)
 
-__all__ = ["BlockStateConfig", "BlockStateForCausalLM", "transformers"]
+__all__ = ["BlockStateConfig", "BlockStateForCausalLM", "BlockStateTokenizer", "transformers"]

@@ -43,7 +43,7 @@ from .data import (
     resolve_corpus,
     tokenize_split,
 )
-from .device import Distributed, device_peak_flops, resolve_device
+from .device import Distributed, autocast_dtype, device_peak_flops, resolve_device
 from .evaluate import evaluate_batches, token_loss, unigram_perplexity
 from .fileio import atomic_write
 from .memory import Memory, SegmentCarry
@@ -236,11 +236,16 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     torch.manual_seed(config.seed)
     model = BlockStateLM(mconfig).to(device)  # the config resolved once, above
     optimizer = build_optimizer(model, config, device)
+    # float16 needs its loss scaled against underflow of small gradients (bf16 and fp32 do not)
+    fp16 = autocast_dtype(config.precision, device) == torch.float16
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
 
     # ---- where the run stands: fresh, or restored from the checkpoint
     state = _RunState(horizon=_horizon(config, seq_len))
     if checkpoint is not None:
         state = _restore(checkpoint, model, optimizer, stream, mconfig, state, xl, device, log)
+        if scaler is not None and checkpoint.train_state.get("grad_scaler"):
+            scaler.load_state_dict(checkpoint.train_state["grad_scaler"])
     model.activation_checkpointing = config.activation_checkpointing
     peak_flops = device_peak_flops(device, config.precision, config.peak_tflops)
     train_model: nn.Module = torch.compile(model) if config.compile else model
@@ -273,7 +278,8 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
             return
         train_state = {"step": state.step, "tokens": state.tokens, "horizon": state.horizon,
                        "warmup_end": state.warmup_end, "plan": plan, "elapsed": elapsed(),
-                       "data": stream.state_dict(), "train_config": config.to_dict()}
+                       "data": stream.state_dict(), "train_config": config.to_dict(),
+                       "grad_scaler": scaler.state_dict() if scaler is not None else None}
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             log(f"warning: step {state.step}: parameters are not finite; no checkpoint written "
                 f"(the previous one is kept)")
@@ -305,9 +311,19 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, count, memory = _forward_backward(train_model, stream.next_batch(), state.memory,
-                                                        config, ddp, device, micro, xl)
+                                                        config, ddp, device, micro, xl, scaler)
             state.memory = memory  # the batch was read, so the next continues after it
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip (and report) the true gradient norm
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            if scaler is not None and math.isfinite(loss_sum) and not math.isfinite(float(grad_norm)):
+                # float16 overflow at this loss scale: the scaler skips the step and lowers the scale
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                metrics.write({"step": state.step, "skipped_batch": True,
+                               "reason": "fp16 overflow", "loss_scale": scaler.get_scale()})
+                continue
             if not (math.isfinite(float(loss_sum)) and math.isfinite(float(grad_norm))):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -324,7 +340,11 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                         f"step {state.step} with finite parameters. Lower --lr or check the data")
                 continue
             skipped = 0
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens += count
@@ -485,10 +505,11 @@ def _time_progress(config: TrainConfig, state: _RunState, elapsed: float) -> flo
 
 def _forward_backward(train_model: nn.Module, batch: tuple, memory: Memory | None,
                       config: TrainConfig, ddp: Distributed, device: torch.device, micro: int,
-                      xl: bool) -> tuple[float, int, Memory | None]:
+                      xl: bool, scaler=None) -> tuple[float, int, Memory | None]:
     """Gradients of the mean loss over the global batch's tokens, accumulated over micro-batches
-    (gradients synchronized across processes on the last); the summed loss, the number of
-    target tokens (over all processes) and the memory the batch leaves (segment-recurrent)."""
+    (gradients synchronized across processes on the last; scaled by `scaler` for float16); the
+    summed loss, the number of target tokens (over all processes) and the memory the batch leaves
+    (segment-recurrent)."""
     inputs, targets, *extra = batch                                              # this rank's slice
     count = (targets != -100).sum().to(torch.float64)
     if dist.is_initialized():
@@ -509,7 +530,8 @@ def _forward_backward(train_model: nn.Module, batch: tuple, memory: Memory | Non
             if xl:
                 memories.append(carry.memory)
             # mean over the global batch's tokens; DDP averages over processes
-            (total * ddp.world_size / count.item()).backward()
+            objective = total * ddp.world_size / count.item()
+            (scaler.scale(objective) if scaler is not None else objective).backward()
         loss_sum += total.detach().double().cpu()
     if dist.is_initialized():
         dist.all_reduce(loss_sum)

@@ -18,7 +18,7 @@ from .rundir import METRIC_SINKS
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 TOKENIZERS = ("byte", "bpe", "unigram")
 NONFINITE_POLICIES = ("skip", "stop")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -174,7 +174,8 @@ FIELD_HELP: dict[str, str] = {
     "size": "model size; auto sizes width, depth, lengths, batch and lr for a --max-time or "
             "--max-tokens budget from throughput measured on this machine (small without one)",
     "model_overrides": "model config overrides (the command line's --set FIELD=VALUE)",
-    "data": "corpus name (see `blockstate corpora`), hf:NAME, directory, .jsonl or text file",
+    "data": "corpus name (see `blockstate corpora`), hf:NAME[:CONFIG][,text=COLUMN][,streaming], "
+            "directory, .jsonl or text file",
     "tokenizer": "byte, or a SentencePiece bpe/unigram tokenizer trained on the train split",
     "vocab_size": "SentencePiece vocabulary size (the byte tokenizer has 259)",
     "seq_len": "training length L (default: the model's max_seq_len)",
@@ -199,7 +200,8 @@ FIELD_HELP: dict[str, str] = {
     "seed": "random seed (model initialization, data order, dropout)",
     "device": "auto, cpu, cuda, cuda:N or mps",
     "compile": "torch.compile the model",
-    "precision": "autocast of the forward pass: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16",
+    "precision": "autocast of the forward pass: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or "
+                 "fp16 (with dynamic loss scaling)",
     "peak_tflops": "peak TFLOP/s of one device, for the MFU shown in the progress line "
                    "(default: known GPUs' data-sheet peak; none on CPU)",
     "log_to": "metrics besides metrics.jsonl, comma-separated: auto (TensorBoard when installed), "

@@ -604,12 +604,26 @@ class LatexCorpus(DirectoryCorpus):
                          description=REGISTRY_DESCRIPTIONS["latex"], validation=validation, test=test)
 
 
+# Published split names of Hugging Face datasets -> this library's splits.
+HF_SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation",
+                  "dev": "validation", "test": "test"}
+
+
 class HfCorpus(Corpus):
     """A Hugging Face dataset (optional `datasets` package), loaded from the local cache when
-    HF_DATASETS_OFFLINE=1. Rows of all its splits become documents "{split}/{index:09d}", which
-    are re-split by name like any other corpus."""
+    HF_DATASETS_OFFLINE=1. Row i of published split s becomes the document "{s}/{i:09d}".
 
-    def __init__(self, dataset: str, config: str | None = None, text_field: str = "text"):
+    The dataset's own splits are kept: its train, validation (or "valid", "dev") and test rows are
+    this corpus's train, validation and test. A split the dataset does not publish is carved out
+    of its train rows by the usual name hash (e.g. validation and test for a train-only dataset);
+    other published splits (e.g. "unsupervised") count as train rows. `text_field` names the text
+    column. With `streaming`, rows are read as they are tokenized and never downloaded whole; the
+    fingerprint then follows the dataset's name and settings only, and no per-split counts are
+    computed ahead of tokenization.
+    """
+
+    def __init__(self, dataset: str, config: str | None = None, text_field: str = "text",
+                 streaming: bool = False):
         label = f"hf:{dataset}" + (f":{config}" if config else "")
         try:
             import datasets
@@ -617,30 +631,68 @@ class HfCorpus(Corpus):
             raise CorpusError(f"corpus {label!r} needs the optional package 'datasets'; install it with: "
                               "pip install 'blockstate[hf]'") from None
         try:
-            self._splits = datasets.load_dataset(dataset, config)
+            self._splits = datasets.load_dataset(dataset, config, streaming=streaming)
         except Exception as error:  # network, cache and format failures all land here
             raise CorpusError(f"corpus {label!r} could not be loaded ({type(error).__name__}: {error}); "
                               "when offline (HF_DATASETS_OFFLINE=1) it must already be in the local cache"
                               ) from None
         for split, rows in self._splits.items():
-            if text_field not in rows.column_names:
+            columns = rows.column_names
+            if columns is not None and text_field not in columns:
                 raise CorpusError(f"corpus {label!r}: split {split!r} has no column {text_field!r}; "
-                                  f"columns: {', '.join(rows.column_names)}")
+                                  f"columns: {', '.join(columns)} (choose one with text=COLUMN)")
         self.dataset, self.config, self.text_field = dataset, config, text_field
-        super().__init__(label, f"Hugging Face dataset {dataset}" + (f" ({config})" if config else ""))
+        self.streaming = streaming
+        published = {HF_SPLIT_NAMES.get(name, "train") for name in self._splits}
+        # the fractions carved out of the train rows: only for splits the dataset lacks
+        super().__init__(label, f"Hugging Face dataset {dataset}" + (f" ({config})" if config else ""),
+                         validation=0.0 if "validation" in published else 0.05,
+                         test=0.0 if "test" in published else 0.05)
+
+    def split_of(self, name: str) -> str:
+        published = HF_SPLIT_NAMES.get(name.partition("/")[0], "train")
+        return published if published != "train" else split_of(name, self.validation, self.test)
+
+    def documents(self, split: str | None = None) -> Iterator[Document]:
+        """As `Corpus.documents`, reading only the published splits that can hold `split`."""
+        _check_split(split)
+        for published in sorted(self._splits):
+            mapped = HF_SPLIT_NAMES.get(published, "train")
+            if split is not None and mapped != split and mapped != "train":
+                continue
+            for index, row in enumerate(self._splits[published]):
+                text = row.get(self.text_field)
+                if text is None and self.text_field not in row:
+                    raise CorpusError(f"corpus {self.name!r}: split {published!r} has no column "
+                                      f"{self.text_field!r}; columns: {', '.join(row)} (choose one "
+                                      f"with text=COLUMN)")
+                if not isinstance(text, str):
+                    raise CorpusError(f"corpus {self.name!r}: row {index} of split {published!r} has "
+                                      f"a {type(text).__name__} in column {self.text_field!r}, not text")
+                name = f"{published}/{index:09d}"
+                if text and (split is None or self.split_of(name) == split):
+                    yield Document(name, text)
 
     def _iter_documents(self) -> Iterator[Document]:
-        for split in sorted(self._splits):
-            for index, row in enumerate(self._splits[split]):
-                if row[self.text_field]:
-                    yield Document(f"{split}/{index:09d}", row[self.text_field])
+        return self.documents()
 
     def _source_stats(self) -> Iterator[tuple[str, int, int]]:
         for split in sorted(self._splits):
-            yield f"{split}:{self._splits[split]._fingerprint}", len(self._splits[split]), 0
+            if self.streaming:
+                yield f"{split}:streaming", 0, 0
+            else:
+                yield f"{split}:{self._splits[split]._fingerprint}", len(self._splits[split]), 0
 
     def _settings(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "config": self.config, "text_field": self.text_field}
+        return {"dataset": self.dataset, "config": self.config, "text_field": self.text_field,
+                "splits": "published"}
+
+    def metadata(self) -> dict[str, Any]:
+        if not self.streaming:
+            return super().metadata()
+        return {"name": self.name, "description": self.description, "fingerprint": self.fingerprint(),
+                "split_fractions": {"validation": self.validation, "test": self.test},
+                "documents": None, "bytes": None, "streaming": True}
 
 
 def _repo_root() -> Path:
@@ -699,8 +751,27 @@ def _unavailable(name: str) -> CorpusError:
     return CorpusError(f"corpus {name!r} is not installed; install it with: {REGISTRY_HINTS[name]}")
 
 
+def _hf_corpus(spec: str) -> HfCorpus:
+    """hf:NAME[:CONFIG][,text=COLUMN][,streaming] -> HfCorpus."""
+    name, *options = spec[3:].split(",")
+    dataset, _, config = name.partition(":")
+    if not dataset:
+        raise CorpusError(f"corpus {spec!r} names no dataset; use hf:NAME or hf:NAME:CONFIG")
+    settings: dict[str, Any] = {}
+    for option in options:
+        key, eq, value = option.partition("=")
+        if key == "text" and eq and value:
+            settings["text_field"] = value
+        elif key == "streaming" and not eq:
+            settings["streaming"] = True
+        else:
+            raise CorpusError(f"corpus {spec!r}: option {option!r} is not valid; use "
+                              f"hf:NAME[:CONFIG][,text=COLUMN][,streaming]")
+    return HfCorpus(dataset, config or None, **settings)
+
+
 def resolve_corpus(spec: str) -> Corpus:
-    """A corpus from a registered name, "hf:NAME[:CONFIG]", or a path: a directory
+    """A corpus from a registered name, "hf:NAME[:CONFIG][,text=COLUMN][,streaming]", or a path: a directory
     (DirectoryCorpus), a *.jsonl file (JsonlCorpus) or another file (TextFileCorpus)."""
     if spec in REGISTRY:
         location = REGISTRY[spec].locate()
@@ -708,10 +779,7 @@ def resolve_corpus(spec: str) -> Corpus:
             raise _unavailable(spec)
         return REGISTRY[spec].build(location)
     if spec.startswith("hf:"):
-        dataset, _, config = spec[3:].partition(":")
-        if not dataset:
-            raise CorpusError(f"corpus {spec!r} names no dataset; use hf:NAME or hf:NAME:CONFIG")
-        return HfCorpus(dataset, config or None)
+        return _hf_corpus(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         return DirectoryCorpus(path)

@@ -165,6 +165,10 @@ class SentencePieceTokenizer(Tokenizer):
         self._special_ids = np.array([i for i in range(self.vocab_size)
                                       if processor.is_control(i) or processor.is_unknown(i)], dtype=np.int64)
 
+    def piece(self, index: int) -> str:
+        """The SentencePiece piece of token `index` (e.g. for a `transformers` vocabulary)."""
+        return self._processor.id_to_piece(index)
+
     def encode(self, text: str) -> list[int]:
         if _SPACE_MARKER not in text:
             return self._processor.encode(text)
