@@ -27,16 +27,14 @@ def make_training(seed=0):
     torch.manual_seed(seed)
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    return model, optimizer, scheduler
+    return model, optimizer
 
 
-def train_step(model, optimizer, scheduler, batch):
+def train_step(model, optimizer, batch):
     optimizer.zero_grad()
     logits = model(batch[:, :-1])
     F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
     optimizer.step()
-    scheduler.step()
 
 
 def batches(n):
@@ -55,21 +53,20 @@ def step_dirs(run_dir):
 
 
 def test_round_trip_resumes_exactly(tmp_path):
-    model, optimizer, scheduler = make_training()
+    model, optimizer = make_training()
     data = batches(3)
     for batch in data[:2]:
-        train_step(model, optimizer, scheduler, batch)
+        train_step(model, optimizer, batch)
     train_state = {"tokens_seen": 128, "data": {"shard": 3, "offset": 4096}}
-    path = save_checkpoint(tmp_path, 2, model, model.config.to_dict(), train_state, optimizer, scheduler)
+    path = save_checkpoint(tmp_path, 2, model, model.config.to_dict(), train_state, optimizer)
     assert path == tmp_path / "checkpoints" / "step-00000002"
 
-    resumed, resumed_optimizer, resumed_scheduler = make_training(seed=1)
+    resumed, resumed_optimizer = make_training(seed=1)
     loaded = load_checkpoint(tmp_path)
     assert loaded.path == path and loaded.step == 2 and loaded.train_state == train_state
     assert blockstate.ModelConfig.from_dict(loaded.model_config) == model.config
     loaded.load_model(resumed)
     loaded.load_optimizer(resumed_optimizer)
-    loaded.load_scheduler(resumed_scheduler)
     for key, value in model.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     saved, restored = optimizer.state_dict(), resumed_optimizer.state_dict()
@@ -78,23 +75,21 @@ def test_round_trip_resumes_exactly(tmp_path):
         for name, value in entries.items():
             assert type(value) is type(restored["state"][index][name]), name
             assert torch.equal(value, restored["state"][index][name]), (index, name)
-    assert resumed_scheduler.state_dict() == scheduler.state_dict()
-    assert resumed_scheduler.get_last_lr() == scheduler.get_last_lr()
 
-    train_step(model, optimizer, scheduler, data[2])
-    train_step(resumed, resumed_optimizer, resumed_scheduler, data[2])
+    train_step(model, optimizer, data[2])
+    train_step(resumed, resumed_optimizer, data[2])
     for (name, a), b in zip(model.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
 
 
 def test_file_layout_and_manifest(tmp_path):
-    model, optimizer, scheduler = make_training()
-    path = save(tmp_path, 7, model, optimizer=optimizer, scheduler=scheduler)
+    model, optimizer = make_training()
+    path = save(tmp_path, 7, model, optimizer=optimizer)
     manifest = json.loads((path / "checkpoint.json").read_text())
     assert manifest["format"] == FORMAT and manifest["version"] == FORMAT_VERSION
     assert manifest["step"] == 7 and manifest["model_config"] == model.config.to_dict()
     assert sorted(manifest["files"]) == ["model.safetensors", "optimizer.json", "optimizer.safetensors",
-                                         "rng.safetensors", "scheduler.json"]
+                                         "rng.safetensors"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000007"
 
 
@@ -143,7 +138,7 @@ def test_resave_of_same_step_replaces_it(tmp_path):
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    model, optimizer, scheduler = make_training()
+    model, optimizer = make_training()
     save(tmp_path, 1, model, optimizer=optimizer)
     fsync_file = ckpt.fsync_file
 

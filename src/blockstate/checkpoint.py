@@ -6,7 +6,6 @@ Layout of `run_dir/checkpoints/`:
       model.safetensors   model.state_dict()
       checkpoint.json     format marker, version, step, model config, train state, sha256 of every file
       optimizer.safetensors, optimizer.json   optimizer.state_dict(): tensors | everything else
-      scheduler.json      scheduler.state_dict() without its callables
       rng.safetensors     torch CPU RNG state and, when CUDA is initialized, every device's
       memory.safetensors  what a segment-recurrent model carries into the next batch (optional)
       tokenizer/          a copy of the tokenizer files
@@ -44,7 +43,6 @@ MANIFEST = "checkpoint.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
-SCHEDULER_FILE = "scheduler.json"
 RNG_FILE = "rng.safetensors"
 MEMORY_FILE = "memory.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -108,9 +106,6 @@ class Checkpoint:
         except ValueError as e:
             raise CheckpointError(f"checkpoint {self.path}: {MEMORY_FILE} is {e}") from None
 
-    def load_scheduler(self, scheduler: Any) -> None:
-        scheduler.load_state_dict(json.loads(self._text(SCHEDULER_FILE, "scheduler")))
-
     def restore_rng(self) -> None:
         """Restore torch's CPU RNG and, when saved and available, the CUDA devices' RNGs."""
         states = self._tensors(RNG_FILE, "RNG")
@@ -159,7 +154,7 @@ def load_weights_strictly(model: nn.Module, state: dict[str, torch.Tensor], sour
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, model_config: dict, train_state: dict,
-                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    optimizer: torch.optim.Optimizer | None = None,
                     tokenizer_dir: Path | None = None, keep: int = 2,
                     memory: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes run_dir/checkpoints/step-{step:08d}/ and points run_dir/checkpoints/latest at it;
@@ -182,9 +177,6 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, model_config: di
     if optimizer is not None:
         tensor_files[OPTIMIZER_TENSORS], json_files[OPTIMIZER_JSON] = _split_optimizer_state(
             optimizer.state_dict())
-    if scheduler is not None:
-        json_files[SCHEDULER_FILE] = _json_text(_without_callables(scheduler.state_dict()),
-                                                "scheduler.state_dict()")
     copies = _tokenizer_files(Path(tokenizer_dir)) if tokenizer_dir is not None else {}
 
     checkpoints = Path(run_dir) / CHECKPOINTS
@@ -409,15 +401,6 @@ def _rng_state() -> dict[str, torch.Tensor]:
     if torch.cuda.is_initialized():
         states.update({f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
     return states
-
-
-def _without_callables(value: Any) -> Any:
-    """`value` without callables (such as LambdaLR's lambdas): dropped from dicts, None in lists."""
-    if isinstance(value, dict):
-        return {key: _without_callables(item) for key, item in value.items() if not callable(item)}
-    if isinstance(value, (list, tuple)):
-        return [None if callable(item) else _without_callables(item) for item in value]
-    return value
 
 
 def _json_text(value: Any, what: str) -> str:
