@@ -83,11 +83,11 @@ def test_cli_run_and_report(tmp_path, capsys):
     out = tmp_path / "suite"
     assert main(["tasks", "run", "--task", "copying", "--param", "lag=4,20", "--models", "bst-sh-s4d",
                  "--seeds", "0", "--steps", "2", "--batch-size", "2", "--eval-sequences", "4",
-                 "--set", "context_norm=rms", "--out", str(out)]) == 0
+                 "--set", "context_norm=rms", "--device", "cpu", "--out", str(out)]) == 0
     files = sorted(p.name for p in (out / "runs").glob("*/*.json"))
     assert files == ["bst-sh-s4d[context_norm=rms]-seed0.json"] * 2
     record = json.loads(next((out / "runs").glob("copying-lag4/*.json")).read_text())
-    assert record["model_config"]["context_norm"] == "rms"
+    assert record["model_config"]["context_norm"] == "rms" and record["device"] == "cpu"
     assert (out / "report.md").exists()
     assert main(["tasks", "report", "--out", str(out)]) == 0
 
@@ -101,6 +101,7 @@ def test_cli_run_and_report(tmp_path, capsys):
     (["--param", "lag=-3"], "lag"),
     (["--set", "ssm_state_size=7"], "ssm_state_size=7"),
     (["--eval-param", "length=0"], "length"),
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys, argv, message):
     assert main(["tasks", "run", "--out", str(tmp_path), *argv]) == 2

@@ -336,6 +336,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(list_models())}")
     overrides = dict(parse_override(item) for item in args.set)
+    device = _device(args.device)
     eval_params = _task_params(args.eval_param, "--eval-param") if args.eval_param else None
     for params in _task_params(args.param, "--param"):  # validate everything before training
         for extra in eval_params or [{}]:
@@ -351,9 +352,18 @@ def cmd_tasks(args: argparse.Namespace) -> int:
                 tuple(sorted(overrides.items())), f"{model}[{suffix}]" if suffix else "")
             for params in _task_params(args.param, "--param") for model in models
             for seed in _int_list(args.seeds, "--seeds", minimum=0)]
-    run_all(runs, settings, args.out, eval_params)
+    run_all(runs, settings, args.out, eval_params, device=device)
     print(f"report: {write_report(args.out, command)}")
     return 0
+
+
+def _device(name: str) -> torch.device:
+    from .device import resolve_device
+
+    try:
+        return resolve_device(name)
+    except RuntimeError:  # torch's own message lists every backend it knows
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of the SSM kernel parameters relative to --lr")
     p.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences per run")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu",
+                   help="where runs train: cpu (default), cuda, cuda:N or auto (CUDA when available)")
     p.add_argument("--out", default=None, help="output directory (re-running skips finished runs)")
     p.set_defaults(func=cmd_tasks)
     return parser

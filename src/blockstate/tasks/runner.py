@@ -115,12 +115,14 @@ def model_overrides(run: Run, vocab_size: int, seq_len: int) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, task, sequences: int, batch_size: int, block_size: int
              ) -> dict[str, Any]:
-    """Accuracy overall and per distance bin on `sequences` held-out sequences of `task`."""
+    """Accuracy overall and per distance bin on `sequences` held-out sequences of `task` (generated
+    on the CPU, scored on the model's device)."""
     model.eval()
+    device = next(model.parameters()).device
     correct, distance = [], []
     for start in range(0, sequences, batch_size):
         batch = task.sample(min(batch_size, sequences - start), EVAL_SEED + start)
-        predictions = model(batch.inputs).argmax(-1)                              # (B, L)
+        predictions = model(batch.inputs.to(device)).argmax(-1).cpu()             # (B, L)
         c, d = score(predictions, batch)
         correct.append(c)
         distance.append(d)
@@ -136,12 +138,15 @@ def evaluate(model: torch.nn.Module, task, sequences: int, batch_size: int, bloc
 
 
 def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train `run` and return its record (config, parameter count, loss curve, evaluations)."""
+              log: Callable[[str], None] = print, device: str | torch.device = "cpu"
+              ) -> dict[str, Any]:
+    """Train `run` on `device` and return its record (config, parameter count, loss curve,
+    evaluations). Batches are generated on the CPU from the run's seed, so they are the same on
+    every device."""
     task = make_task(run.task, **dict(run.params))
     overrides = model_overrides(run, task.vocab_size, task.seq_len)
     torch.manual_seed(run.seed)
-    model = build_model(run.model, SUITE_SIZE, **overrides)
+    model = build_model(run.model, SUITE_SIZE, **overrides).to(device)
     block = model.config.block_size
     optimizer = torch.optim.AdamW(_groups(model, settings), lr=settings.lr, betas=(0.9, 0.98))
     losses, started = [], time.perf_counter()
@@ -150,8 +155,9 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, settings) * group["lr_scale"]
         batch = task.sample(settings.batch_size, run.seed * 10**6 + step)
-        logits = model(batch.inputs)                                              # (B, L, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+        logits = model(batch.inputs.to(device))                                   # (B, L, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.to(device).flatten(),
+                               ignore_index=IGNORE)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -171,7 +177,7 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
             "overrides": dict(run.overrides), "model_config": model.config.to_dict(),
             "parameters": model.num_parameters(), "settings": dataclasses.asdict(settings),
             "losses": losses, "train_seconds": round(train_seconds, 1), "evaluations": evaluations,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "device": str(device)}
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -182,7 +188,8 @@ def write_json(path: Path, data: Any) -> None:
 
 def run_all(runs: list[Run], settings: Settings, out: str | Path,
             eval_params: list[dict[str, int]] | None = None,
-            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+            log: Callable[[str], None] = print, device: str | torch.device = "cpu"
+            ) -> list[dict[str, Any]]:
     """Execute every run whose result file does not exist yet; return all records."""
     out = Path(out)
     records = []
@@ -196,7 +203,7 @@ def run_all(runs: list[Run], settings: Settings, out: str | Path,
             records.append(record)
             continue
         log(f"[{i + 1}/{len(runs)}] training {run.task_key} {run.name} seed {run.seed}")
-        record = train_run(run, settings, eval_params, log)
+        record = train_run(run, settings, eval_params, log, device)
         write_json(path, record)
         records.append(record)
     return records
