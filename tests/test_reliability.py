@@ -288,6 +288,31 @@ def test_non_finite_losses_are_skipped_or_stop_and_are_never_saved(corpus, tmp_p
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
+def test_fp16_overflow_lowers_the_loss_scale_and_skips_only_that_step(corpus, tmp_path, monkeypatch):
+    """A step whose scaled float16 gradients overflow (its loss blown up 1e4-fold here: finite in
+    float32, not in float16 gradients) is skipped by the gradient scaler, which halves its scale;
+    training goes on to its budget with finite parameters."""
+    import blockstate.train as tr
+
+    real, calls = tr.token_loss, []
+
+    def one_huge(model, inputs, targets, device, **forward):
+        calls.append(1)
+        total, losses = real(model, inputs, targets, device, **forward)
+        return (total * 1e4 if len(calls) == 2 else total), losses
+
+    monkeypatch.setattr(tr, "token_loss", one_huge)
+    run = tmp_path / "fp16"
+    train(_config(corpus, tmp_path, max_steps=3, precision="fp16"), run, quiet=True)
+    records = read_metrics(run / "metrics.jsonl")
+    overflow = [r for r in records if r.get("reason") == "fp16 overflow"]
+    assert len(overflow) == 1 and overflow[0]["loss_scale"] == 2.0 ** 15
+    assert sorted(_losses(run)) == [1, 2, 3]                  # the budget is still 3 steps
+    checkpoint = load_checkpoint(run)
+    assert checkpoint.train_state["grad_scaler"]["scale"] == 2.0 ** 15
+    assert all(torch.isfinite(t).all() for t in checkpoint.model_state().values())
+
+
 # ---------------------------------------------------------------- one-line errors
 
 def _toml(tmp_path: Path, text: str) -> str:
