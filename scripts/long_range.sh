@@ -73,11 +73,13 @@ queue3() {
     "${MQAR[@]}" --models bst-sh-s4 --set ssm_state_size=64 --set ssm_width_divisor=1 --out "$OUT/mqar"
     "${MQAR[@]}" --models bst-sh-s4 --ssm-lr-scale 3 --out "$OUT/mqar"
     "${MQAR[@]}" --models bst-sh-s4 --set n_layers=4 --out "$OUT/mqar"
-    LONG=("${BS[@]}" --steps 3000 --lr 1e-3 --batch-size 64 --task mqar --param num_pairs=4
-          --param gap=64 --param seq_len=96 --seeds 0)
-    "${LONG[@]}" --models bst-sh-s4 --set ssm_state_size=64 --label "N=64, 3000 steps" \
-        --out "$OUT/mqar_3000"
-    "${LONG[@]}" --models transformer --out "$OUT/mqar_3000"
+    LONG=("${BS[@]}" --lr 1e-3 --batch-size 64 --task mqar --param num_pairs=4 --param gap=64
+          --param seq_len=96)
+    "${LONG[@]}" --steps 3000 --seeds 0,1 --models bst-sh-s4 --set ssm_state_size=64 \
+        --label "N=64, 3000 steps" --out "$OUT/mqar_3000"
+    "${LONG[@]}" --steps 3000 --seeds 0 --models transformer --out "$OUT/mqar_3000"
+    "${LONG[@]}" --steps 6000 --seeds 0 --models bst-sh-s4 --set ssm_state_size=64 \
+        --label "N=64, 6000 steps" --out "$OUT/mqar_6000"
 }
 
 queue4() {
@@ -85,10 +87,12 @@ queue4() {
     # the section 7 budget, evaluated on the same test windows as the main runs.
     OMP_NUM_THREADS=1 .venv/bin/python scripts/lm_setting.py --model bst-mf-s4 --set context_norm=rms \
         --corpus books --seeds 0,1 --max-tokens 4800000 --out runs/long-range-lm
-    # MQAR: 16 and 64 pairs, and the second seed of 8 and 32 (queries at every distance to 8W).
+    # MQAR: 16 and 64 pairs (64: one seed), and the second seed of 8 and 32 (queries at every
+    # distance to 8W).
     MQ=("${BS[@]}" --steps 1000 --lr 1e-3 --batch-size 64 --task mqar --param gap=0)
     "${MQ[@]}" --param seq_len=128 --param num_pairs=8,16,32 --models bst-sh-s4,slide --out "$OUT/mqar"
-    "${MQ[@]}" --param seq_len=256 --param num_pairs=64 --models bst-sh-s4,slide --out "$OUT/mqar"
+    "${MQ[@]}" --param seq_len=256 --param num_pairs=64 --models bst-sh-s4,slide --seeds 0 \
+        --out "$OUT/mqar"
 }
 
 case "$QUEUE" in
