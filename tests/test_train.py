@@ -350,6 +350,15 @@ def test_generate_cli_streams_from_a_checkpoint(corpus, tmp_path, capsys):
     assert out.startswith("document 7\n") and len(out) > len("document 7\n")
     assert "empty" in _cli_error(["generate", str(tmp_path / "run"), "--prompt", ""], capsys)
     assert "exactly one" in _cli_error(["generate", str(tmp_path / "run")], capsys)
+    assert "--threads -1" in _cli_error(["generate", str(tmp_path / "run"), "--prompt", "x",
+                                         "--threads", "-1"], capsys)
+    threads = torch.get_num_threads()
+    try:  # one thread gives the same greedy text
+        assert main(["generate", str(tmp_path / "run"), "--prompt", "document 7\n",
+                     "--max-new-tokens", "12", "--temperature", "0", "--threads", "1"]) == 0
+        assert capsys.readouterr().out == out and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     # the same greedy continuation through the Python loading API
     model, tokenizer = blockstate.load(tmp_path / "run")
     ids = model.generate([tokenizer.encode("document 7\n")], 12, temperature=0)[0]
