@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import statistics
 import subprocess
 import sys
@@ -22,12 +23,12 @@ from pathlib import Path
 import torch
 
 
-def old_package(rev: str, root: Path) -> str:
+def old_package(rev: str) -> str:
     """Extract src/blockstate of `rev` as the importable package `blockstate_old`."""
     archive = subprocess.run(["git", "archive", rev, "src/blockstate"], check=True,
                              capture_output=True, cwd=Path(__file__).resolve().parents[1]).stdout
     target = Path(tempfile.mkdtemp(prefix="ab_step_"))
-    with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(target, filter="data")
     (target / "src" / "blockstate").rename(target / "blockstate_old")
     sys.path.insert(0, str(target))
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps of each version")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    versions = {"old": old_package(args.old, Path.cwd()), "new": "blockstate"}
+    versions = {"old": old_package(args.old), "new": "blockstate"}
     from blockstate.budget import SHAPES
 
     shape = next(s for s in SHAPES if s.d_model == args.width)

@@ -105,9 +105,8 @@ class BlockStateHarnessLM(LM):
         for request in requests:
             (text,) = request.args
             ids = [self.tokenizer.bos_id] + self.tokenizer.encode(text)
-            length = self.max_length
-            windows = [(ids[k:k + length + 1], len(ids[k:k + length + 1]) - 1)
-                       for k in range(0, len(ids) - 1, length)]
+            spans = (ids[k:k + self.max_length + 1] for k in range(0, len(ids) - 1, self.max_length))
+            windows = [(span, len(span) - 1) for span in spans]  # every token after the first
             results.append(sum(logprob for logprob, _ in self._score(windows)))
         return results
 

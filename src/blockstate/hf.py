@@ -134,7 +134,8 @@ class BlockStateTokenizer(PreTrainedTokenizer):
             raise ValueError("BlockStateTokenizer needs the tokenizer/ directory of a model saved "
                              "by blockstate's save_pretrained with its tokenizer")
         self.inner = load_tokenizer(Path(blockstate_tokenizer).parent)
-        self._tokens = [self._token_of(i) for i in range(self.inner.vocab_size)]
+        special = {self.inner.pad_id: "<pad>", self.inner.bos_id: "<s>", self.inner.eos_id: "</s>"}
+        self._tokens = [special.get(i) or self._token_of(i) for i in range(self.inner.vocab_size)]
         self._ids = {token: i for i, token in enumerate(self._tokens)}
         for name, index in (("pad_token", self.inner.pad_id), ("bos_token", self.inner.bos_id),
                             ("eos_token", self.inner.eos_id)):
@@ -142,11 +143,9 @@ class BlockStateTokenizer(PreTrainedTokenizer):
         super().__init__(**kwargs)
 
     def _token_of(self, index: int) -> str:
-        if self.inner.kind == "byte" and index < 256:
+        """The token string of a non-special id: "<0xNN>" for a byte, else the SentencePiece piece."""
+        if self.inner.kind == "byte":
             return f"<0x{index:02X}>"
-        special = {self.inner.pad_id: "<pad>", self.inner.bos_id: "<s>", self.inner.eos_id: "</s>"}
-        if index in special:
-            return special[index]
         return self.inner.piece(index)
 
     @property

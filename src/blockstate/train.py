@@ -243,7 +243,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     # ---- where the run stands: fresh, or restored from the checkpoint
     state = _RunState(horizon=_horizon(config, seq_len))
     if checkpoint is not None:
-        state = _restore(checkpoint, model, optimizer, stream, mconfig, state, xl, device, log)
+        state = _restore(checkpoint, model, optimizer, stream, mconfig, state.horizon, xl, device, log)
         if scaler is not None and checkpoint.train_state.get("grad_scaler"):
             scaler.load_state_dict(checkpoint.train_state["grad_scaler"])
     model.activation_checkpointing = config.activation_checkpointing
@@ -316,7 +316,8 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
             if scaler is not None:
                 scaler.unscale_(optimizer)  # clip (and report) the true gradient norm
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if scaler is not None and math.isfinite(loss_sum) and not math.isfinite(float(grad_norm)):
+            finite_loss, finite_grad = math.isfinite(loss_sum), math.isfinite(float(grad_norm))
+            if scaler is not None and finite_loss and not finite_grad:
                 # float16 overflow at this loss scale: the scaler skips the step and lowers the scale
                 scaler.step(optimizer)
                 scaler.update()
@@ -324,10 +325,10 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                 metrics.write({"step": state.step, "skipped_batch": True,
                                "reason": "fp16 overflow", "loss_scale": scaler.get_scale()})
                 continue
-            if not (math.isfinite(float(loss_sum)) and math.isfinite(float(grad_norm))):
+            if not (finite_loss and finite_grad):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-                what = "loss" if not math.isfinite(float(loss_sum)) else "gradient norm"
+                what = "loss" if not finite_loss else "gradient norm"
                 metrics.write({"step": state.step, "skipped_batch": True,
                                "reason": f"non-finite {what}"})
                 log(f"warning: step {state.step + 1}: non-finite {what}; batch skipped ({skipped} "
@@ -466,9 +467,10 @@ def _horizon(config: TrainConfig, seq_len: int) -> int | None:
     return None
 
 
-def _restore(checkpoint, model: nn.Module, optimizer, stream, mconfig, fresh: _RunState, xl: bool,
-             device: torch.device, log) -> _RunState:
-    """Load the checkpoint's parameters, optimizer, RNG and data position; the run's state."""
+def _restore(checkpoint, model: nn.Module, optimizer, stream, mconfig, horizon: int | None,
+             xl: bool, device: torch.device, log) -> _RunState:
+    """Load the checkpoint's parameters, optimizer, RNG and data position; the run's state (with
+    this request's `horizon`, or the run's own when the request gives only time)."""
     if checkpoint.model_config != mconfig.to_dict():
         raise ValueError(f"checkpoint {checkpoint.path} was trained with another model config")
     checkpoint.load_model(model)
@@ -477,7 +479,7 @@ def _restore(checkpoint, model: nn.Module, optimizer, stream, mconfig, fresh: _R
     saved = checkpoint.train_state
     stream.load_state_dict(saved["data"])
     state = _RunState(step=saved["step"], tokens=saved["tokens"],
-                      horizon=saved["horizon"] if fresh.horizon is None else fresh.horizon,
+                      horizon=saved["horizon"] if horizon is None else horizon,
                       elapsed_before=saved["elapsed"], warmup_end=saved.get("warmup_end"))
     if xl:
         state.memory = checkpoint.memory(device)
