@@ -58,6 +58,7 @@ def test_plan_keeps_what_the_user_gave_and_token_budgets_count_parameters():
     assert explicit_fields(TrainConfig(), {"lr"}) == {"lr"}
 
 
+@pytest.mark.slow
 def test_quick_start_command_sizes_its_model_records_the_plan_and_resumes(tmp_path, capsys):
     """The README's main job (no --size: auto) on a small corpus with a 6-second budget."""
     from blockstate.cli import main
@@ -86,6 +87,7 @@ def test_quick_start_command_sizes_its_model_records_the_plan_and_resumes(tmp_pa
     assert Path(more["out"]) == run
 
 
+@pytest.mark.slow
 def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkeypatch):
     """`blockstate bench quality` end to end at a few seconds per model: both runs are scored on
     the same test bytes (equal token counts with the byte tokenizer), and the report renders."""

@@ -87,6 +87,7 @@ def test_generate_until_is_greedy_and_stops_at_the_until_string(exported):
         assert cut == full[:full.index(stop)]
 
 
+@pytest.mark.slow
 def test_a_local_task_runs_end_to_end_through_lm_eval(exported, tmp_path, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager

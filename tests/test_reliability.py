@@ -169,6 +169,7 @@ def test_sigint_stops_at_a_step_boundary_and_resumes_exactly(corpus, tmp_path):
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")  # bitwise
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_cli_exits_143_with_a_resumable_checkpoint(corpus, tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "blockstate.cli", "train", "--model", "bst-sh-s4", "--size",
@@ -187,6 +188,7 @@ def test_sigterm_to_the_cli_exits_143_with_a_resumable_checkpoint(corpus, tmp_pa
     assert step >= 1 and f"stopped at step {step};" in err
 
 
+@pytest.mark.slow
 def test_sigint_to_the_cli_resumes_exactly(corpus, tmp_path):
     """Ctrl-C sent to a `blockstate train` process at some step: it exits 130, and resuming
     reproduces the loss curve of an uninterrupted run bitwise (all runs in subprocesses, one

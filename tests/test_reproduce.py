@@ -58,6 +58,7 @@ def test_ablation_points_equal_to_the_main_model_reuse_its_run(tmp_path):
     assert rp.run_dir(tmp_path, other, scale) != main_dir
 
 
+@pytest.mark.slow
 def test_reproduce_end_to_end_resumes_and_reports(corpus, tmp_path, monkeypatch):
     monkeypatch.setitem(rp.SCALES, "micro", MICRO)
     out = tmp_path / "out"

@@ -59,6 +59,7 @@ def test_parse_duration_and_schedule():
     assert learning_rate(500, timed, None, 1.3) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_time_budget_ends_at_the_final_learning_rate(corpus, tmp_path):
     """A run with only a time budget reaches (close to) its final learning rate at its end, not
     before: the schedule runs on time, whatever the speed of the steps."""
@@ -121,6 +122,7 @@ def test_gradient_accumulation_matches_a_full_batch(corpus, tmp_path):
     assert all(abs(full[s] - accum[s]) < 1e-5 for s in full)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(corpus, tmp_path):
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(
