@@ -20,7 +20,7 @@ from blockstate.evaluate import evaluate_checkpoint
 from blockstate.train import TrainConfig, train
 
 
-def candidate(model, width, block, seq_len, batch, lr, **extra):
+def candidate(model, width, block, seq_len, batch, lr, train=None, **extra):
     overrides = {"d_model": width, "n_layers": 4, "n_heads": 4, "block_size": block,
                  "max_seq_len": seq_len, **extra}
     if model == "bst-sh-s4":
@@ -28,7 +28,8 @@ def candidate(model, width, block, seq_len, batch, lr, **extra):
     else:
         overrides["d_ff"] = 4 * width
     return {"model": model, "seq_len": seq_len, "batch_size": batch, "lr": lr,
-            "min_lr_ratio": 0.1, "warmup_steps": 100, "beta2": 0.99, "model_overrides": overrides}
+            "min_lr_ratio": 0.1, "warmup_steps": 100, "beta2": 0.99, "model_overrides": overrides,
+            **(train or {})}
 
 
 CANDIDATES = {
@@ -47,6 +48,18 @@ CANDIDATES = {
     "b96w32lr3": candidate("bst-sh-s4", 96, 32, 128, 6, 3e-3),
     "b64w32lr3": candidate("bst-sh-s4", 64, 32, 128, 6, 3e-3),
     "b48w32lr3": candidate("bst-sh-s4", 48, 32, 128, 6, 3e-3),
+    # fourth session, at 2 threads: larger steps use the second thread better
+    "b64b12": candidate("bst-sh-s4", 64, 32, 128, 12, 3e-3),
+    "b64L256": candidate("bst-sh-s4", 64, 32, 256, 6, 3e-3),
+    "b96b12": candidate("bst-sh-s4", 96, 32, 128, 12, 3e-3),
+    "b128b12": candidate("bst-sh-s4", 128, 32, 128, 12, 2e-3),
+    "b96b24": candidate("bst-sh-s4", 96, 32, 128, 24, 3e-3),
+    "b96b12bpe1k": candidate("bst-sh-s4", 96, 32, 128, 12, 3e-3,
+                             train={"tokenizer": "bpe", "vocab_size": 1024}),
+    "b128b12bpe1k": candidate("bst-sh-s4", 128, 32, 128, 12, 2e-3,
+                              train={"tokenizer": "bpe", "vocab_size": 1024}),
+    "b64b12bpe1k": candidate("bst-sh-s4", 64, 32, 128, 12, 3e-3,
+                             train={"tokenizer": "bpe", "vocab_size": 1024}),
 }
 
 if __name__ == "__main__":

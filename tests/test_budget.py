@@ -126,3 +126,62 @@ def test_resuming_with_size_auto_keeps_the_runs_own_size(tmp_path):
     more = train(TrainConfig(max_steps=3, **fields), tmp_path / "run", resume=True, quiet=True)
     assert more["step"] == 3 and more["parameters"] == count_parameters(
         "bst-sh-s4", "tiny", block_size=16, vocab_size=259)
+
+
+def test_budget_plans_a_bpe_tokenizer_unless_one_is_given():
+    """Tokenizer "auto" (the default) with size auto and a budget: a small BPE vocabulary (a
+    vocabulary size given alone is kept); without a budget or with an explicit size: bytes. A
+    tokenizer given is kept."""
+    from blockstate.budget import AUTO_VOCAB, plan_tokenizer
+
+    def plan(**fields):
+        config = TrainConfig(**fields)
+        return plan_tokenizer(config, explicit_fields(config, None))
+
+    planned, note = plan(max_time=60)
+    assert (planned.tokenizer, planned.vocab_size) == ("bpe", AUTO_VOCAB) and "--tokenizer byte" in note
+    assert plan(max_tokens=10**6, vocab_size=512)[0].vocab_size == 512
+    for fields in ({"max_time": 60, "tokenizer": "byte"}, {"max_steps": 5},
+                   {"max_time": 60, "size": "tiny"}, {"max_time": 60, "tokenizer": "unigram"}):
+        config, note = plan(**fields)
+        assert note is None and config.tokenizer == fields.get("tokenizer", "byte")
+
+
+def _words_corpus(root: Path, docs: int) -> Path:
+    """Varied text (2,000 distinct words) that a few-hundred-piece BPE vocabulary can be trained on."""
+    import random
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(2000)]
+    root.mkdir()
+    for i in range(docs):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)))
+    return root
+
+
+def test_planned_tokenizer_time_counts_against_the_budget_and_falls_back_to_bytes(tmp_path,
+                                                                                  monkeypatch):
+    """A time-budgeted auto run trains the planned BPE tokenizer, deducts its data preparation
+    from the budget with the probe's time, and uses bytes where the corpus cannot give the
+    planned vocabulary."""
+    from blockstate import budget
+
+    corpus = _words_corpus(tmp_path / "corpus", 30)
+    fields = dict(data=str(corpus), max_time=3.0, eval_batches=1, sample_tokens=0,
+                  cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(budget, "AUTO_VOCAB", 300)
+    train(TrainConfig(**fields), tmp_path / "bpe", quiet=True)
+    record = json.loads((tmp_path / "bpe" / "train_config.json").read_text())
+    assert record["tokenizer"] == "sentencepiece" and record["train"]["vocab_size"] == 300
+    assert record["requested_train"]["tokenizer"] == "auto"      # what was asked: the default
+    plan = record["plan"]
+    assert plan["prepare_seconds"] > 0, plan
+    assert record["train"]["max_time"] == pytest.approx(
+        max(1.0, 3.0 - plan["prepare_seconds"] - plan["probe_seconds"]), abs=0.05)
+    # far more pieces than this corpus holds: SentencePiece refuses, the run trains on bytes
+    monkeypatch.setattr(budget, "AUTO_VOCAB", 50_000)
+    summary = train(TrainConfig(**fields), tmp_path / "bytes", quiet=True)
+    record = json.loads((tmp_path / "bytes" / "train_config.json").read_text())
+    assert record["tokenizer"] == "byte" and record["train"]["tokenizer"] == "byte"
+    assert summary["step"] > 0

@@ -8,6 +8,12 @@ steps on random tokens, at most `PROBE_SHARE` of the budget, deducted from it), 
 follows the hardware; for a token budget, the parameter count alone decides. Any field the user
 gave explicitly is kept (the plan fills in the others), and with a step budget or none, "auto" is
 the `small` size. `docs/benchmarks/README.md` ("Sizing the main job") has the measurements behind the rule.
+
+The tokenizer is part of the plan: with a budget and tokenizer "auto", `plan_tokenizer` picks a
+small SentencePiece BPE vocabulary (`AUTO_VOCAB`) trained on the corpus, since each step then sees
+about 2.3x more text than with bytes (measured on the Python source corpus). With a time budget,
+the time spent preparing the data (training that tokenizer, tokenizing) and probing is deducted
+from the budget, so the run still ends within it.
 """
 
 from __future__ import annotations
@@ -22,13 +28,19 @@ import torch
 import torch.nn.functional as F
 
 # Training fields the plan may choose (each only when the user did not give it).
-PLANNED_FIELDS = ("size", "model_overrides", "seq_len", "batch_size", "lr", "warmup_steps", "beta2")
+PLANNED_FIELDS = ("size", "model_overrides", "seq_len", "batch_size", "lr", "warmup_steps", "beta2",
+                  "tokenizer", "vocab_size")
+# The tokenizer a budgeted run gets when none is given: BPE with this vocabulary. At 5 minutes
+# and 2 threads, width 96, batch 12 x 128 (docs/benchmarks/README.md): 1.747 validation bits per
+# byte against 1.948 with the byte tokenizer (each token covers 2.3 bytes of Python source).
+AUTO_TOKENIZER, AUTO_VOCAB = "bpe", 1024
 
-# Training tokens per parameter the plan asks of a budget. At 5 minutes on a 2-core CPU
-# (docs/benchmarks/README.md, "Sizing the main job") the best of widths 48-192 (width 64) saw 18
-# tokens per parameter, the next larger 6 and the next smaller 36, both worse by 0.04 bits per
-# byte; 15 picks the best there. Compute-optimal rules fitted at far larger scales say about 20.
-TOKENS_PER_PARAMETER = 15.0
+# Training tokens per parameter the plan asks of a budget. At 5 minutes on a 2-core CPU, 2 threads
+# (docs/benchmarks/README.md, "Sizing the main job"), batch 12 x 128: the best width (96) saw 8.5
+# tokens per parameter with the BPE tokenizer and 12.6 with bytes; width 128 (3.6 and 4.7) and
+# width 64 (38 with bytes) were worse. 8 picks the best there. Compute-optimal rules fitted at far
+# larger scales say about 20.
+TOKENS_PER_PARAMETER = 8.0
 # Share of a time budget that measuring throughput may use (it is deducted from the budget).
 PROBE_SHARE = 0.05
 # Share of the remaining time expected to go to optimizer steps (validation and checkpoint
@@ -63,16 +75,17 @@ class Shape:
         return out
 
 
-# Small to large. Measured at 5 minutes on a 2-core CPU (docs/benchmarks/README.md): many small
-# optimizer steps beat fewer large ones (768 tokens per step at the small end), one BST layer
-# (the first) in a 4-layer model, W = 32 with L = 4W, and a peak learning rate of 2-3e-3. The
-# larger rungs follow the usual scaling (wider, deeper, longer, larger batches, lower rates) and
-# end at the `small` size; they were not tuned.
+# Small to large. Measured at 5 minutes on a 2-core CPU (docs/benchmarks/README.md): 12 x 128
+# tokens per step at the small end (at 2 threads better than 6 x 128 by 0.02 bits per byte and
+# than 24 x 128 by 0.07; at one thread equal to 6 x 128), one BST layer (the first) in a 4-layer
+# model, W = 32 with L = 4W, and a peak learning rate of 2-3e-3. The larger rungs follow the
+# usual scaling (wider, deeper, longer, larger batches, lower rates) and end at the `small`
+# size; they were not tuned.
 SHAPES = (
-    Shape(48, 4, 4, 32, 128, 6, 3e-3, (0,)),
-    Shape(64, 4, 4, 32, 128, 6, 3e-3, (0,)),
-    Shape(96, 4, 4, 32, 128, 6, 3e-3, (0,)),
-    Shape(128, 4, 4, 32, 128, 6, 2e-3, (0,)),
+    Shape(48, 4, 4, 32, 128, 12, 3e-3, (0,)),
+    Shape(64, 4, 4, 32, 128, 12, 3e-3, (0,)),
+    Shape(96, 4, 4, 32, 128, 12, 3e-3, (0,)),
+    Shape(128, 4, 4, 32, 128, 12, 2e-3, (0,)),
     Shape(192, 4, 4, 64, 256, 4, 2e-3, (0,)),
     Shape(256, 6, 4, 64, 512, 4, 1.5e-3),
     Shape(384, 6, 6, 128, 1024, 4, 1e-3),
@@ -92,6 +105,21 @@ def explicit_fields(config: Any, requested: set[str] | None) -> set[str]:
         if getattr(config, f.name) != default:
             given.add(f.name)
     return given
+
+
+def plan_tokenizer(config: Any, explicit: set[str]) -> tuple[Any, str | None]:
+    """Resolve `tokenizer="auto"`: for size "auto" with a time or token budget, the
+    `AUTO_TOKENIZER` (with `AUTO_VOCAB` pieces unless a vocabulary size was given) and a line
+    saying so; otherwise the byte tokenizer and None. Any other tokenizer is kept as given."""
+    if config.tokenizer != "auto":
+        return config, None
+    if config.size != "auto" or (config.max_time is None and config.max_tokens is None):
+        return dataclasses.replace(config, tokenizer="byte"), None
+    vocab = config.vocab_size if "vocab_size" in explicit else AUTO_VOCAB
+    planned = dataclasses.replace(config, tokenizer=AUTO_TOKENIZER, vocab_size=vocab)
+    return planned, (f"size auto: a {AUTO_TOKENIZER} tokenizer of {vocab} pieces trained on the "
+                     f"corpus (each step sees more text than with bytes; give --tokenizer byte "
+                     f"to keep bytes)")
 
 
 def _shape_config(config: Any, shape: Shape, explicit: set[str]) -> Any:
@@ -147,9 +175,10 @@ def measure_tokens_per_second(config: Any, vocab_size: int, device: torch.device
 def plan_for_budget(config: Any, explicit: set[str], vocab_size: int, device: torch.device,
                     log: Callable[[str], None] = print,
                     measure: Callable[..., tuple[float, int]] = measure_tokens_per_second,
-                    ) -> tuple[Any, dict[str, Any] | None]:
+                    prepared: float = 0.0) -> tuple[Any, dict[str, Any] | None]:
     """Resolve `size="auto"`: the config to train and a record of the choice (None when nothing
-    was planned). See the module docstring for the rule."""
+    was planned). See the module docstring for the rule. `prepared`: seconds the run already
+    spent preparing its data, deducted from a time budget with the probe's own."""
     if config.size != "auto":
         return config, None
     if config.max_time is None and config.max_tokens is None:
@@ -169,9 +198,9 @@ def plan_for_budget(config: Any, explicit: set[str], vocab_size: int, device: to
                 chosen, pick = candidate, rows[-1]
             if config.max_tokens < TOKENS_PER_PARAMETER * params:
                 break
-        spent = 0.0
+        spent = prepared
     else:
-        start = time.perf_counter()
+        start = time.perf_counter() - prepared
         for shape in SHAPES:
             candidate = _shape_config(config, shape, explicit)
             tokens_per_s, params = measure(candidate, vocab_size, device)
@@ -182,7 +211,7 @@ def plan_for_budget(config: Any, explicit: set[str], vocab_size: int, device: to
             fits = tokens >= TOKENS_PER_PARAMETER * params
             if chosen is None or fits:
                 chosen, pick = candidate, rows[-1]
-            if not fits or spent > PROBE_SHARE * config.max_time:
+            if not fits or spent - prepared > PROBE_SHARE * config.max_time:
                 break
         spent = time.perf_counter() - start
         chosen = dataclasses.replace(chosen, max_time=max(1.0, config.max_time - spent))
@@ -191,10 +220,11 @@ def plan_for_budget(config: Any, explicit: set[str], vocab_size: int, device: to
         chosen = dataclasses.replace(chosen, warmup_steps=int(min(200, max(10, steps // 20))))
     record = {"rule": f"largest shape with >= {TOKENS_PER_PARAMETER:g} training tokens per "
                       f"parameter in the budget", "tokens_per_parameter": TOKENS_PER_PARAMETER,
-              "probe_seconds": round(spent, 2), "candidates": rows,
+              "probe_seconds": round(spent - prepared, 2), "prepare_seconds": round(prepared, 2),
+              "candidates": rows,
               "chosen": {name: getattr(chosen, name) for name in PLANNED_FIELDS}}
     what = "measured" if config.max_time is not None else "counted"
-    log(f"size auto: {', '.join(_describe(r) for r in rows)} ({what} in {spent:.1f} s); chose "
+    log(f"size auto: {', '.join(_describe(r) for r in rows)} ({what} in {spent - prepared:.1f} s); chose "
         f"width {chosen.model_overrides['d_model']}, {chosen.model_overrides['n_layers']} layers, "
         f"W={chosen.model_overrides['block_size']}, L={chosen.seq_len}, batch {chosen.batch_size}, "
         f"lr {chosen.lr:g}: the largest expected to see >= {TOKENS_PER_PARAMETER:g} tokens per "

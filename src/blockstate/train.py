@@ -30,13 +30,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .budget import PLANNED_FIELDS, explicit_fields, plan_for_budget
+from .budget import PLANNED_FIELDS, explicit_fields, plan_for_budget, plan_tokenizer
 from .checkpoint import load_checkpoint, load_latest_intact, remove_temporary, save_checkpoint
 from .data import (
     BatchStream,
     PackedSequences,
     SegmentStream,
     Tokenizer,
+    TokenizerError,
     build_tokenizer,
     default_cache_dir,
     load_tokenizer,
@@ -57,14 +58,22 @@ from .train_config import BUDGET_FIELDS, TrainConfig
 MAX_SKIPPED_BATCHES = 10
 
 def prepare_tokenizer(config: TrainConfig, corpus, out_dir: Path, is_main: bool,
-                      resuming: bool = False) -> Tokenizer:
+                      resuming: bool = False, log=None) -> Tokenizer:
     """The run's tokenizer, saved in out_dir/tokenizer: a resumed run's own; for a new run, the
     one the config asks for (one left by an earlier attempt is reused only if it was trained with
-    the same settings on the same corpus)."""
+    the same settings on the same corpus). With `log` (a tokenizer the budget plan chose), a
+    SentencePiece tokenizer that cannot be trained on the corpus (too little text for its
+    vocabulary) gives way to the byte tokenizer, with a line saying so."""
     tok_dir = out_dir / "tokenizer"
     if is_main and not (resuming and (tok_dir / "tokenizer.json").exists()):
-        tokenizer = build_tokenizer(config.tokenizer, corpus=corpus, vocab_size=config.vocab_size,
-                                    directory=tok_dir)
+        try:
+            tokenizer = build_tokenizer(config.tokenizer, corpus=corpus,
+                                        vocab_size=config.vocab_size, directory=tok_dir)
+        except TokenizerError as error:
+            if log is None:
+                raise
+            log(f"size auto: using the byte tokenizer instead ({error})")
+            tokenizer = build_tokenizer("byte")
         tokenizer.save(tok_dir)
     if dist.is_initialized():  # every process reaches this barrier, whatever exists on disk
         dist.barrier()
@@ -159,10 +168,13 @@ def _resumed_config(config: TrainConfig, train_state: dict[str, Any], requested:
     what its budget plan chose a change."""
     saved = TrainConfig.from_dict(train_state["train_config"])
     names = requested if requested is not None else {f.name for f in dataclasses.fields(config)}
+    given = explicit_fields(config, requested)
     if config.size == "auto":
         names = set(names) - {"size"}
         if train_state.get("plan") is not None:
-            names -= set(PLANNED_FIELDS) - explicit_fields(config, requested)
+            names -= set(PLANNED_FIELDS) - given
+    if config.tokenizer == "auto":  # nor does tokenizer "auto" ask for a particular tokenizer
+        names = set(names) - {"tokenizer"} - ({"vocab_size"} - given)
     changed = sorted(name for name in names - set(BUDGET_FIELDS)
                      if getattr(config, name) != getattr(saved, name))
     if changed and not override:
@@ -219,11 +231,21 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         log(message)
 
     # ---- data, tokenizer and model (size "auto" planned for the budget; a resume keeps its plan)
-    tokenizer = prepare_tokenizer(config, corpus, out_dir, ddp.is_main, checkpoint is not None)
-    splits = _tokenized_splits(corpus, tokenizer, config, ddp)
+    prepare_start = time.perf_counter()
     requested_config, plan = config, (checkpoint.train_state.get("plan") if checkpoint else None)
+    note = None
+    if checkpoint is None:  # "auto": bpe for a budget-sized model, else bytes
+        config, note = plan_tokenizer(config, explicit)
+        if note:
+            log(note)
+    tokenizer = prepare_tokenizer(config, corpus, out_dir, ddp.is_main, checkpoint is not None,
+                                  log=log if note else None)
+    if note and tokenizer.kind == "byte":  # the planned tokenizer could not be trained here
+        config = dataclasses.replace(config, tokenizer="byte")
+    splits = _tokenized_splits(corpus, tokenizer, config, ddp)
     if checkpoint is None and config.size == "auto":
-        config, plan = _plan(config, explicit, tokenizer, device, ddp, log)
+        config, plan = _plan(config, explicit, tokenizer, device, ddp, log,
+                             time.perf_counter() - prepare_start)
     overrides = {**config.model_overrides, "vocab_size": tokenizer.vocab_size}
     mconfig = model_config(config.model, config.size, **overrides)
     seq_len = config.seq_len or mconfig.max_seq_len
@@ -256,8 +278,9 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     resolved = {"train": config.to_dict(), "model": mconfig.to_dict(), "seq_len": seq_len,
                 "tokenizer": tokenizer.kind, "processes": ddp.world_size, "device": str(device),
                 "parameters": model.num_parameters(), "corpus": corpus.metadata()}
+    resolved["requested_train"] = requested_config.to_dict()  # as asked ("auto" unresolved)
     if plan is not None:
-        resolved.update(plan=plan, requested_train=requested_config.to_dict())
+        resolved["plan"] = plan
     if ddp.is_main:
         atomic_write(out_dir / "train_config.json", json.dumps(resolved, indent=2))
         shown = {k: v for k, v in resolved.items() if k not in ("corpus", "plan", "requested_train")}
@@ -447,12 +470,13 @@ def _tokenized_splits(corpus, tokenizer: Tokenizer, config: TrainConfig, ddp: Di
 
 
 def _plan(config: TrainConfig, explicit: set[str], tokenizer: Tokenizer, device: torch.device,
-          ddp: Distributed, log) -> tuple[TrainConfig, dict]:
+          ddp: Distributed, log, prepared: float) -> tuple[TrainConfig, dict]:
     """Size "auto": the main process measures and plans (`blockstate.budget`), every process
-    trains what it chose."""
+    trains what it chose. `prepared`: seconds spent on the data so far (deducted from time)."""
     decision = [None]
     if ddp.is_main:
-        decision = [plan_for_budget(config, explicit, tokenizer.vocab_size, device, log)]
+        decision = [plan_for_budget(config, explicit, tokenizer.vocab_size, device, log,
+                                    prepared=prepared)]
     if dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
     return decision[0]

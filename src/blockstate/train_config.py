@@ -16,7 +16,7 @@ from .registry import SIZES, list_models, model_config
 from .rundir import METRIC_SINKS
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
-TOKENIZERS = ("byte", "bpe", "unigram")
+TOKENIZERS = ("auto", "byte", "bpe", "unigram")
 NONFINITE_POLICIES = ("skip", "stop")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -41,7 +41,9 @@ class TrainConfig:
     size: str = "auto"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: str = "python-stdlib"
-    tokenizer: str = "byte"             # byte | bpe | unigram (SentencePiece, trained on train split)
+    # auto | byte | bpe | unigram (SentencePiece, trained on the train split); "auto": BPE for a
+    # budget-sized model (size auto with a time or token budget, blockstate.budget), else byte
+    tokenizer: str = "auto"
     vocab_size: int = 4096              # SentencePiece vocabulary (byte: fixed 259)
     seq_len: int | None = None          # training length L; default: the model's max_seq_len
     pack_documents: bool = False        # allow a training sequence to span two documents
@@ -176,7 +178,8 @@ FIELD_HELP: dict[str, str] = {
     "model_overrides": "model config overrides (the command line's --set FIELD=VALUE)",
     "data": "corpus name (see `blockstate corpora`), hf:NAME[:CONFIG][,text=COLUMN][,streaming], "
             "directory, .jsonl or text file",
-    "tokenizer": "byte, or a SentencePiece bpe/unigram tokenizer trained on the train split",
+    "tokenizer": "byte, or a SentencePiece bpe/unigram tokenizer trained on the train split; auto: "
+                 "bpe of 1024 pieces when size auto plans for a budget, else byte",
     "vocab_size": "SentencePiece vocabulary size (the byte tokenizer has 259)",
     "seq_len": "training length L (default: the model's max_seq_len)",
     "pack_documents": "let a training sequence span the end of one document and the next",
