@@ -90,9 +90,11 @@ def test_quick_start_command_sizes_its_model_records_the_plan_and_resumes(tmp_pa
 @pytest.mark.slow
 def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkeypatch):
     """`blockstate bench quality` end to end at a few seconds per model: both runs are scored on
-    the same test bytes (equal token counts with the byte tokenizer), and the report renders."""
-    from blockstate import bench_quality
+    the same test bytes (whole documents, each model with its own tokenizer), and the report
+    renders."""
+    from blockstate import bench_quality, budget
 
+    monkeypatch.setattr(budget, "AUTO_VOCAB", 300)  # a vocabulary this small corpus can give
     root = tmp_path / "corpus"
     root.mkdir()
     for i in range(120):
@@ -105,7 +107,10 @@ def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkey
                                        runs_dir=tmp_path / "runs", eval_tokens=4096,
                                        cache_dir=str(tmp_path / "cache"), command="test")
     main, baseline = report["results"]
-    assert main["test"]["tokens"] == baseline["test"]["tokens"] > 500
+    assert main["test"]["bytes"] == baseline["test"]["bytes"] > 500
+    assert main["test"]["documents"] == baseline["test"]["documents"]
+    assert (main["test"]["tokenizer"], baseline["test"]["tokenizer"]) == ("sentencepiece 300", "byte")
+    assert main["test"]["tokens"] < baseline["test"]["tokens"]    # fewer, longer tokens
     assert main["seq_len"] % baseline["seq_len"] == 0
     assert baseline["model"]["d_model"] == 128 and baseline["batch_size"] == 12
     text = (tmp_path / "quality.md").read_text()

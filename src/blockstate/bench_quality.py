@@ -4,10 +4,10 @@ For each corpus, one after the other in this process (same threads): the main jo
 size "auto" planned for the time budget, every other setting at its default) and the `transformer`
 preset configured as nanoGPT's published CPU recipe (4 layers, 4 heads, width 128, context 64,
 batch 12, lr 1e-3 decaying to 1e-4, warmup 100, beta2 0.99, weight decay 0.1, clip 1.0), each
-trained for the same minutes on the same training split with the byte tokenizer. Both are then
-scored on the same bytes of the test split: windows of the longer training length spread over the
-split, and the shorter-context model on windows that tile them, each at its own training length.
-The report is held-out bits per byte. Finished runs are kept (the benchmark resumes where it
+trained for the same minutes on the same training split (the recipe with the byte tokenizer, the
+main job with the tokenizer its plan picks). Both are then scored on the same bytes: whole
+documents of the test split, each model reading them with its own tokenizer in windows of its own
+training length. The report is held-out bits per byte. Finished runs are kept (the benchmark resumes where it
 stopped); pass --overwrite to train them again.
 """
 
@@ -50,33 +50,63 @@ def _train_entry(name: str, fields: dict[str, Any], corpus: str, seconds: float,
     return train(config, run_dir, overwrite=True, quiet=True)
 
 
+def _same_documents(split, byte_lengths: np.ndarray, max_bytes: int) -> np.ndarray:
+    """Test documents (indices, in a fixed pseudo-random order) that together hold about
+    `max_bytes` bytes, counted from `split` tokenized with the tokenizer of `byte_lengths`."""
+    order = np.random.default_rng(0).permutation(split.n_docs)
+    chosen, total = [], 0
+    for d in order:
+        if total >= max_bytes:
+            break
+        start, end = split.doc_offsets[d], split.doc_offsets[d + 1]
+        total += int(byte_lengths[np.asarray(split.tokens[start:end], np.int64)].sum())
+        chosen.append(int(d))
+    return np.sort(np.asarray(chosen, np.int64))
+
+
+def _sub_split(split, docs: np.ndarray):
+    """The documents `docs` of a tokenized split, as a split of their own."""
+    from .data.dataset import TokenizedSplit
+
+    pieces = [np.asarray(split.tokens[split.doc_offsets[d]:split.doc_offsets[d + 1]]) for d in docs]
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
+    return TokenizedSplit(np.concatenate(pieces), offsets, 0, {}, split.path)
+
+
 def _score_same_bytes(run_dirs: list[Path], corpus: str, eval_tokens: int, cache_dir: str | None,
                       batch_tokens: int = 8192) -> list[dict[str, Any]]:
-    """Test-split loss of each run on the same bytes (see the module docstring)."""
+    """Test-split loss of each run on the same bytes: whole test documents holding about
+    `eval_tokens` bytes, each run reading them with its own tokenizer in windows of its own
+    training length (every byte is predicted exactly once, whatever the tokenizer)."""
     from .data import default_cache_dir, resolve_corpus, tokenize_split
-    from .evaluate import evaluate_length, tiled_windows
+    from .data.dataset import PackedSequences
+    from .evaluate import evaluate_length
     from .loading import load
 
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    source = resolve_corpus(corpus)
     loaded = [load(d) for d in run_dirs]
     lengths = [json.loads((d / "train_config.json").read_text())["seq_len"] for d in run_dirs]
-    tokenizer = loaded[0][1]
-    if any(t.kind != "byte" for _, t in loaded):
-        raise ValueError("the runs must use the byte tokenizer, so that tiled windows hold the same "
-                         "bytes")
-    tokens = tokenize_split(resolve_corpus(corpus), tokenizer, "test",
-                            Path(cache_dir) if cache_dir else default_cache_dir())
-    if any(max(lengths) % n for n in lengths):
-        raise ValueError(f"training lengths {lengths} do not divide the longest; windows of one "
-                         f"would not tile the other's")
-    windows = tiled_windows(tokens, sorted(set(lengths)), tokenizer.pad_id, eval_tokens)
-    byte_lengths = np.asarray(tokenizer.token_byte_lengths(), dtype=np.float64)
+    splits = [tokenize_split(source, tokenizer, "test", cache) for _, tokenizer in loaded]
+    widths = [np.asarray(tokenizer.token_byte_lengths(), dtype=np.float64) for _, tokenizer in loaded]
+    docs = _same_documents(splits[0], widths[0], eval_tokens)
     results = []
-    for (model, _), length in zip(loaded, lengths, strict=True):
-        dataset, indices = windows[length]
-        result = evaluate_length(model, dataset, byte_lengths, None, batch_tokens,
-                                 torch.device("cpu"), indices, carry=False)
+    for (model, tokenizer), length, split, width in zip(loaded, lengths, splits, widths, strict=True):
+        part = _sub_split(split, docs)
+        dataset = PackedSequences(part, length, tokenizer.pad_id)
+        # every token but a document's first is a target once: these are the bytes predicted
+        predicted = sum(float(width[np.asarray(part.tokens[a + 1:b], np.int64)].sum())
+                        for a, b in zip(part.doc_offsets[:-1], part.doc_offsets[1:], strict=True))
+        result = evaluate_length(model, dataset, width, None, batch_tokens, torch.device("cpu"),
+                                 np.arange(len(dataset)), carry=False)
         results.append({"length": length, "loss": result["loss"], "tokens": result["tokens"],
+                        "bytes": int(predicted), "documents": len(docs),
+                        "tokenizer": tokenizer.kind if tokenizer.kind == "byte"
+                        else f"{tokenizer.kind} {tokenizer.vocab_size}",
                         "bits_per_byte": result["bits_per_byte"]})
+    if len({r["bytes"] for r in results}) != 1:
+        raise ValueError(f"the runs predicted different numbers of bytes of the same documents "
+                         f"({[r['bytes'] for r in results]}): a tokenizer does not count bytes exactly")
     return results
 
 
@@ -124,16 +154,18 @@ def quality_markdown(report: dict[str, Any]) -> str:
         m = r["model"]
         rows.append([r["corpus"], r["entry"], f"{r['parameters'] / 1e6:.2f}M",
                      f"{m['d_model']} x {m['n_layers']}, W={m['block_size']}, L={r['seq_len']}",
+                     r["test"].get("tokenizer", "byte"),
                      f"{r['batch_size']} / {r['lr']:g}", f"{r['steps']:,}",
                      f"{r['tokens'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.0%}",
                      f"**{r['test']['bits_per_byte']:.3f}**"])
     lines = ["# Quality in equal minutes: the main job against nanoGPT's CPU recipe", "",
              f"`{report['command']}`: {report['minutes']:g} minutes of training each, one after "
              f"the other, {report['threads']} torch thread(s); held-out bits per byte on the "
-             f"same ~{report['eval_tokens']:,} bytes of each corpus's test split (lower is "
-             f"better). Machine: {report['machine'].get('cpu', '?')}.", "",
-             markdown_table(["corpus", "model", "parameters", "shape", "batch / lr", "steps",
-                             "tokens", "tokens/s", "MFU", "test bits/byte"], rows),
+             f"same ~{report['eval_tokens']:,} bytes (whole documents) of each corpus's test "
+             f"split, each model with its own tokenizer (lower is better). Machine: "
+             f"{report['machine'].get('cpu', '?')}.", "",
+             markdown_table(["corpus", "model", "parameters", "shape", "tokenizer", "batch / lr",
+                             "steps", "tokens", "tokens/s", "MFU", "test bits/byte"], rows),
              "", f"MFU: 6 FLOPs per parameter and training token over the measured float32 matmul "
                  f"rate at these threads ({report['matmul_peak_gflops']:.0f} GFLOP/s, a 2048 x "
                  f"2048 product).", ""]
