@@ -38,8 +38,9 @@ AUTO_TOKENIZER, AUTO_VOCAB = "bpe", 1024
 # Training tokens per parameter the plan asks of a budget. At 5 minutes on a 2-core CPU, 2 threads
 # (docs/benchmarks/README.md, "Sizing the main job"), batch 12 x 128: the best width (96) saw 8.5
 # tokens per parameter with the BPE tokenizer and 12.6 with bytes; width 128 (3.6 and 4.7) and
-# width 64 (38 with bytes) were worse. 8 picks the best there. Compute-optimal rules fitted at far
-# larger scales say about 20.
+# width 64 (24 and 38) were worse. 8 lies between; width 96 is a close call at 2 threads (its
+# probe may measure just under 8, and width 64 is then chosen, 0.02 bits per byte behind in the
+# sweep). Compute-optimal rules fitted at far larger scales say about 20.
 TOKENS_PER_PARAMETER = 8.0
 # Share of a time budget that measuring throughput may use (it is deducted from the budget).
 PROBE_SHARE = 0.05
