@@ -165,6 +165,7 @@ def _words_corpus(root: Path, docs: int) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_planned_tokenizer_time_counts_against_the_budget_and_falls_back_to_bytes(tmp_path,
                                                                                   monkeypatch):
     """A time-budgeted auto run trains the planned BPE tokenizer, deducts its data preparation
