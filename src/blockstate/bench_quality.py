@@ -94,13 +94,11 @@ def _score_same_bytes(run_dirs: list[Path], corpus: str, eval_tokens: int, cache
     for (model, tokenizer), length, split, width in zip(loaded, lengths, splits, widths, strict=True):
         part = _sub_split(split, docs)
         dataset = PackedSequences(part, length, tokenizer.pad_id)
-        # every token but a document's first is a target once: these are the bytes predicted
-        predicted = sum(float(width[np.asarray(part.tokens[a + 1:b], np.int64)].sum())
-                        for a, b in zip(part.doc_offsets[:-1], part.doc_offsets[1:], strict=True))
+        # all windows: every token but a document's first is a target once
         result = evaluate_length(model, dataset, width, None, batch_tokens, torch.device("cpu"),
                                  np.arange(len(dataset)), carry=False)
         results.append({"length": length, "loss": result["loss"], "tokens": result["tokens"],
-                        "bytes": int(predicted), "documents": len(docs),
+                        "bytes": result["bytes"], "documents": len(docs),
                         "tokenizer": tokenizer.kind if tokenizer.kind == "byte"
                         else f"{tokenizer.kind} {tokenizer.vocab_size}",
                         "bits_per_byte": result["bits_per_byte"]})

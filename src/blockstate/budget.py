@@ -199,33 +199,33 @@ def plan_for_budget(config: Any, explicit: set[str], vocab_size: int, device: to
                 chosen, pick = candidate, rows[-1]
             if config.max_tokens < TOKENS_PER_PARAMETER * params:
                 break
-        spent = prepared
+        probe = 0.0
     else:
-        start = time.perf_counter() - prepared
+        start = time.perf_counter()
         for shape in SHAPES:
             candidate = _shape_config(config, shape, explicit)
             tokens_per_s, params = measure(candidate, vocab_size, device)
-            spent = time.perf_counter() - start
-            tokens = tokens_per_s * STEP_SHARE * max(0.0, config.max_time - spent)
+            probe = time.perf_counter() - start
+            tokens = tokens_per_s * STEP_SHARE * max(0.0, config.max_time - prepared - probe)
             rows.append({"shape": dataclasses.asdict(shape), "parameters": params,
                          "tokens_per_s": tokens_per_s, "tokens": tokens})
             fits = tokens >= TOKENS_PER_PARAMETER * params
             if chosen is None or fits:
                 chosen, pick = candidate, rows[-1]
-            if not fits or spent - prepared > PROBE_SHARE * config.max_time:
+            if not fits or probe > PROBE_SHARE * config.max_time:
                 break
-        spent = time.perf_counter() - start
-        chosen = dataclasses.replace(chosen, max_time=max(1.0, config.max_time - spent))
+        probe = time.perf_counter() - start
+        chosen = dataclasses.replace(chosen, max_time=max(1.0, config.max_time - prepared - probe))
     steps = pick["tokens"] / (chosen.batch_size * chosen.seq_len)
     if "warmup_steps" not in explicit:  # about 5% of the expected steps
         chosen = dataclasses.replace(chosen, warmup_steps=int(min(200, max(10, steps // 20))))
     record = {"rule": f"largest shape with >= {TOKENS_PER_PARAMETER:g} training tokens per "
                       f"parameter in the budget", "tokens_per_parameter": TOKENS_PER_PARAMETER,
-              "probe_seconds": round(spent - prepared, 2), "prepare_seconds": round(prepared, 2),
+              "probe_seconds": round(probe, 2), "prepare_seconds": round(prepared, 2),
               "candidates": rows,
               "chosen": {name: getattr(chosen, name) for name in PLANNED_FIELDS}}
     what = "measured" if config.max_time is not None else "counted"
-    log(f"size auto: {', '.join(_describe(r) for r in rows)} ({what} in {spent - prepared:.1f} s); chose "
+    log(f"size auto: {', '.join(_describe(r) for r in rows)} ({what} in {probe:.1f} s); chose "
         f"width {chosen.model_overrides['d_model']}, {chosen.model_overrides['n_layers']} layers, "
         f"W={chosen.model_overrides['block_size']}, L={chosen.seq_len}, batch {chosen.batch_size}, "
         f"lr {chosen.lr:g}: the largest expected to see >= {TOKENS_PER_PARAMETER:g} tokens per "

@@ -145,16 +145,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_threads(threads: int) -> None:
+    """--threads of generate, bench and tasks: 0 keeps torch's default."""
+    if threads < 0:
+        raise ValueError(f"--threads {threads}: give 0 (torch's default) or a positive count")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .loading import load
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise ValueError("give exactly one of --prompt TEXT or --prompt-file FILE")
-    if args.threads < 0:
-        raise ValueError(f"--threads {args.threads}: give 0 (torch's default) or a positive count")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _apply_threads(args.threads)
     if args.prompt_file is not None:
         if Path(args.prompt_file).is_dir():
             raise ValueError(f"--prompt-file {args.prompt_file} is a directory; give a text file")
@@ -233,8 +238,7 @@ def _int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _apply_threads(args.threads)
     out = Path(args.out) if args.out else None
     command = "blockstate bench " + " ".join(args.argv)
     if args.suite == "imports":
@@ -331,8 +335,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if args.action == "report":
         print(f"report: {write_report(args.out, command)}")
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _apply_threads(args.threads)
     if args.task not in TASKS:
         raise ValueError(f"unknown task {args.task!r}; known tasks: {', '.join(TASKS)}")
     models = [m for m in args.models.split(",") if m]

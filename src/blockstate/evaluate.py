@@ -188,7 +188,7 @@ def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths:
                     "loss": float(pos_loss[b].sum() / max(1.0, float(pos_count[b].sum())))} for b in bins]
     return {"length": seq_len, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": nll / math.log(2) / max(1.0, n_bytes), "tokens": count,
-            "sequences": sequences, "loss_by_position": by_position,
+            "bytes": int(n_bytes), "sequences": sequences, "loss_by_position": by_position,
             "loss_by_block_range": loss_by_block_range(pos_loss, pos_count, model.config.block_size)}
 
 
