@@ -49,6 +49,23 @@ def test_other_context_settings_step_like_the_parallel_forward(overrides):
     torch.testing.assert_close(got, model(tokens), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mh-s4", "bst-mf-s4", "slide", "brt"])
+def test_one_row_steps_and_training_afterwards(name):
+    """Batch 1 (S4's dense state update takes another product there), and the step's inference
+    mode leaves nothing behind that autograd refuses: its outputs train the model afterwards."""
+    model = _model(name)
+    tokens = torch.randint(0, 256, (1, 3 * W + 2))
+    got, cache = _prefill_and_step(model, tokens, W + 1)
+    torch.testing.assert_close(got, model(tokens), atol=1e-4, rtol=0)
+    logits = model.step(tokens[:, -1], cache)
+    model.train()
+    model(got.argmax(-1)).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    probe = torch.nn.Linear(logits.shape[-1], 1)  # a step's logits as the input of a trained layer
+    probe(logits).sum().backward()
+    assert probe.weight.grad is not None
+
+
 @pytest.mark.parametrize("name", CONSTANT_STATE)
 def test_inference_state_does_not_grow_with_the_context(name):
     model = _model(name)

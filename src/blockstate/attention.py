@@ -109,8 +109,17 @@ class QKNorm(nn.Module):
         return _unit(q) * scale
 
     def keys(self, k: torch.Tensor) -> torch.Tensor:
-        """k (..., Dh), any layout of the other axes."""
+        """k (..., Dh), any layout of the other axes. Inference steps also normalize their queries
+        with it, then multiply them by the precomputed `query_scale`."""
         return _unit(k) if self.enabled else k
+
+    @torch.no_grad()
+    def query_scale(self) -> torch.Tensor:
+        """The factor `queries` applies after normalizing, (H, 1, 1) for heads-first layouts: an
+        inference constant (`blockstate.cache`)."""
+        if not self.enabled:
+            return torch.full((1, 1, 1), 1 / math.sqrt(self.head_dim))
+        return self.log_scale.exp().view(-1, 1, 1)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -243,11 +252,17 @@ class BlockSelfAttention(nn.Module):
         return heads_last(out, batch)
 
     # ---- inference (blockstate.cache): the keys/values the next query may see are cached
+    @torch.no_grad()
     def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        """An empty cache sized for the window (full attention: grown as needed)."""
+        """An empty cache sized for the window (full attention: grown as needed), with the query
+        scale and (windowed modes) the bias row of a query at the window's last position."""
         w = self.block_size
         capacity = {"block": w, "sliding": self.memory_length + w, "full": 8 * w}[self.mode]
-        return KVCache.empty(batch, self.n_heads, self.head_dim, capacity, device, dtype)
+        bias = None
+        if self.mode != "full":
+            bias = self.rel_bias.causal(1, capacity, device).to(dtype).unsqueeze(0)  # (1, H, 1, cap)
+        scale = self.qk_norm.query_scale().to(device=device, dtype=dtype)
+        return KVCache.empty(batch, self.n_heads, self.head_dim, capacity, device, dtype, scale, bias)
 
     def _step_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h (B, n, D) -> q, k, v (B, H, n, Dh), queries scaled and keys normalized."""
@@ -271,12 +286,32 @@ class BlockSelfAttention(nn.Module):
         the new keys/values are added, and the cache is trimmed to the window when the block
         completes."""
         batch, n, _ = h.shape
-        q, k, v = self._step_qkv(h)
+        qkv = self.qkv(h).view(batch, n, 3, self.n_heads, self.head_dim).transpose(1, 3)
+        q, k = self.qk_norm.keys(qkv[:, :, :2]).unbind(2)                          # (B, H, n, Dh)
+        out = self.attend_cached(q * cache.scale, k, qkv[:, :, 2], cache, offset)
+        return out.transpose(1, 2).reshape(batch, n, -1)
+
+    def step(self, h: torch.Tensor, cache: KVCache, offset: int) -> torch.Tensor:
+        """`extend` of one position, h (B, D) -> (B, H * Dh)."""
+        qkv = F.linear(h, self.qkv.weight).view(h.shape[0], 3, self.n_heads, 1, self.head_dim)
+        q, k = self.qk_norm.keys(qkv[:, :2]).unbind(1)                             # (B, H, 1, Dh)
+        return self.attend_cached(q * cache.scale, k, qkv[:, 2], cache, offset).view(h.shape[0], -1)
+
+    def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                      offset: int) -> torch.Tensor:
+        """The attention of `extend` from the projections: queries (scaled), keys (normalized)
+        and values (B, H, n, Dh) of n new positions -> outputs (B, H, n, Dh)."""
+        n = q.shape[2]
         keys, values = cache.append(k, v)                                          # (B, H, Lk, Dh)
-        out = attend(q, keys, values, self._step_bias(n, keys.shape[2], h.device))  # (B, H, n, Dh)
+        n_keys = keys.shape[2]
+        if n == 1 and cache.bias is not None:  # one query, at the last key: the cached bias row
+            bias = cache.bias[..., cache.bias.shape[-1] - n_keys:]
+        else:
+            bias = self._step_bias(n, n_keys, q.device).to(q.dtype).unsqueeze(0)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0)
         if offset + n == self.block_size and self.mode != "full":  # full attention keeps all
             cache.keep_last(self.memory_length if self.mode == "sliding" else 0)
-        return out.transpose(1, 2).reshape(batch, n, -1)
+        return out
 
     def prefill(self, h: torch.Tensor, length: int, cache: KVCache) -> torch.Tensor:
         """`forward(h)` for h (B, L', D), L' a multiple of W of which the first `length` positions

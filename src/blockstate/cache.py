@@ -61,17 +61,25 @@ def select_rows(obj, rows: torch.Tensor):
 
 @dataclass
 class KVCache:
-    """Keys and values (B, H, capacity, Dh) of which the first `length` positions are live."""
+    """Keys and values (B, H, capacity, Dh) of which the first `length` positions are live, and
+    two constants of the attention that reads them, computed once per cache from the parameters:
+    `scale` (H, 1, 1), the query scale (QK normalization's learned temperature), and `bias`
+    (1, H, 1, capacity), the relative position bias of a query at the last of `capacity` keys
+    (windowed self-attention; the last n columns serve a query at the last of n keys)."""
 
+    SHARED = ("scale", "bias")
     keys: torch.Tensor
     values: torch.Tensor
     length: int = 0
+    scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, batch: int, heads: int, head_dim: int, capacity: int, device, dtype) -> KVCache:
+    def empty(cls, batch: int, heads: int, head_dim: int, capacity: int, device, dtype,
+              scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> KVCache:
         shape = (batch, heads, max(1, capacity), head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype),
-                   torch.zeros(shape, device=device, dtype=dtype))
+                   torch.zeros(shape, device=device, dtype=dtype), scale=scale, bias=bias)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add n positions k, v (B, H, n, Dh); return all live keys and values (views)."""
@@ -83,8 +91,8 @@ class KVCache:
                 new = old.new_zeros(*old.shape[:2], grown, old.shape[3])
                 new[:, :, :self.length] = old[:, :, :self.length]
                 setattr(self, name, new)
-        self.keys[:, :, self.length:end] = k.to(self.keys.dtype)
-        self.values[:, :, self.length:end] = v.to(self.values.dtype)
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
@@ -139,14 +147,20 @@ class BSTCache:
     """A BST layer: self-attention keys/values, SSM cache and context keys/values. SH/MH:
     `context` holds the current block's context keys/values so far; MF: `summary` holds the
     keys/values (B, H, S, Dh) of the previous block's summaries (replaced when a block completes).
-    `sh_map`: SH's composed lift and key/value map, computed once per cache."""
+    Constants computed once per cache from the parameters: `sh_map`, SH's composed lift and
+    key/value map; `in_proj` (4 H Dh + Hs, D), the projections to self-attention queries and
+    keys, cross-attention queries, self-attention values and the SSM input, stacked; `qk_scale`
+    (3, H, 1, 1), the factors of the normalized self-attention queries, keys (ones) and
+    cross-attention queries."""
 
-    SHARED = ("sh_map",)
+    SHARED = ("sh_map", "in_proj", "qk_scale")
     attention: KVCache
     ssm: SSMCache
     context: KVCache | None = None
     summary: tuple[torch.Tensor, torch.Tensor] | None = None
     sh_map: tuple[torch.Tensor, torch.Tensor] | None = None
+    in_proj: torch.Tensor | None = None
+    qk_scale: torch.Tensor | None = None
 
 
 @dataclass

@@ -58,8 +58,8 @@ class BlockAttentionLayer(ResidualTail):
         return self.tail(x, self.self_attn.prefill(self.attn_norm(x), length, cache))
 
     def step(self, x: torch.Tensor, cache: KVCache, offset: int) -> torch.Tensor:
-        """Outputs (B, 1, D) of one new position x (B, 1, D) at in-block `offset`."""
-        return self.tail(x, self.self_attn.extend(self.attn_norm(x), cache, offset))
+        """Outputs (B, D) of one new position x (B, D) at in-block `offset`."""
+        return self.step_tail(x, self.self_attn.step(self.attn_norm(x), cache, offset))
 
 
 class XLLayer(BlockAttentionLayer):

@@ -148,8 +148,9 @@ class BlockRecurrentLayer(ResidualTail):
         return out
 
     def step(self, x: torch.Tensor, cache: BRTCache, offset: int) -> torch.Tensor:
-        """Outputs (B, 1, D) of one new position x (B, 1, D) at in-block `offset`; the state is
+        """Outputs (B, D) of one new position x (B, D) at in-block `offset`; the state is
         updated when the block completes."""
+        x = x.unsqueeze(1)
         h = self.norm(x)
         self_out = self.self_attn.extend(h, cache.attention, offset)
         cross = self._read_state(cache.state, self._heads(self.token_q(h)), 0.0)     # (B, H, 1, Dh)
@@ -157,4 +158,4 @@ class BlockRecurrentLayer(ResidualTail):
         cache.token_k[:, offset], cache.token_v[:, offset] = k[:, 0], v[:, 0]
         if offset == self.block_size - 1:
             cache.state = self._update_state(cache.state, cache.token_k, cache.token_v, 0.0)
-        return self.tail(x, self_out, cross.transpose(1, 2).flatten(2))
+        return self.tail(x, self_out, cross.transpose(1, 2).flatten(2))[:, 0]

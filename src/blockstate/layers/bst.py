@@ -99,6 +99,10 @@ class _PositionContext(ContextStates):
         """Context outputs y (B, L, C, Hs) -> keys/values (B, L / w, w, 2, H, Dh)."""
         raise NotImplementedError
 
+    def _step_kv(self, outputs: torch.Tensor, cache) -> torch.Tensor:
+        """Context outputs (B, C, Hs) of one position -> its keys/values (B, 2, H, 1, Dh)."""
+        return self._position_kv(outputs.unsqueeze(1), 1, cache.sh_map)[:, 0, 0].unsqueeze(3)
+
     def mask(self, w: int, device: torch.device) -> torch.Tensor:
         key = (w, device)
         if key not in self._masks:  # built once per block size and device, like the self-attention masks
@@ -131,17 +135,15 @@ class _PositionContext(ContextStates):
                                  v[:, complete, part].transpose(1, 2))
         return k, v
 
-    def step(self, h: torch.Tensor, cache, offset: int, key_norm=_identity
+    def step(self, u: torch.Tensor, cache, offset: int, key_norm=_identity
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Advance by one position h (B, 1, D) at in-block `offset`; the context keys/values
-        (B, H, T, Dh) its query sees. `key_norm` (the cross-attention's key normalization) is
-        applied once, when a key enters the cache."""
-        y = self.ssm.step(self.down(h[:, 0]), cache.ssm)
-        outputs = self._context_outputs(y, h.dtype)                                # (B, C, Hs)
-        kv = self._position_kv(outputs.unsqueeze(1), 1, cache.sh_map)[:, 0, 0]     # (B, 2, H, Dh)
-        k, v = kv.unsqueeze(3).unbind(1)                                           # (B, H, 1, Dh)
+        """Advance by one position whose down-projected input is u (B, Hs), at in-block `offset`;
+        the context keys/values (B, H, T, Dh) its query sees. `key_norm` (the cross-attention's
+        key normalization) is applied once, when a key enters the cache."""
+        outputs = self._context_outputs(self.ssm.step(u, cache.ssm), u.dtype)       # (B, C, Hs)
+        k, v = self._step_kv(outputs, cache).unbind(1)                              # (B, H, 1, Dh)
         if offset == 0:
-            cache.context.keep_last(0)
+            cache.context.length = 0
         return cache.context.append(key_norm(k), v)
 
 
@@ -170,6 +172,10 @@ class SHContext(_PositionContext):
         """`sh_map`: the composed map when already computed (`sh_kv_map`)."""
         kv = F.linear(y[:, :, 0], *(sh_map or self.sh_kv_map()))                   # (B, L, 2 H Dh)
         return to_blocks(kv, w).unflatten(-1, (2, self.n_heads, self.head_dim))
+
+    def _step_kv(self, outputs: torch.Tensor, cache) -> torch.Tensor:
+        kv = F.linear(outputs[:, 0], *cache.sh_map)                                # (B, 2 H Dh)
+        return kv.view(outputs.shape[0], 2, self.n_heads, 1, self.head_dim)
 
 
 class MHContext(_PositionContext):
@@ -250,18 +256,18 @@ class MFContext(ContextStates):
         cache.summary = key_norm(k_next), v_next
         return k, v
 
-    def step(self, h: torch.Tensor, cache, offset: int, key_norm=_identity
+    def step(self, u: torch.Tensor, cache, offset: int, key_norm=_identity
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `_PositionContext.step`: the context is fixed within a block and refreshed at its
         end (the SSM's outputs are computed only there)."""
-        batch, last = h.shape[0], offset == self.block_size - 1
-        y = self.ssm.step(self.down(h[:, 0]), cache.ssm, output=last)
+        batch, last = u.shape[0], offset == self.block_size - 1
+        y = self.ssm.step(u, cache.ssm, output=last)
         if cache.summary is None:
-            k, v = self._summary_step(None, batch, h.dtype)
+            k, v = self._summary_step(None, batch, u.dtype)
             cache.summary = key_norm(k), v
         k, v = cache.summary
         if last:  # the outputs at this block's end summarize it for the next block
-            k_next, v_next = self._summary_step(self._context_outputs(y, h.dtype), batch, h.dtype)
+            k_next, v_next = self._summary_step(self._context_outputs(y, u.dtype), batch, u.dtype)
             cache.summary = key_norm(k_next), v_next
         return k, v
 
@@ -311,8 +317,15 @@ class BSTLayer(ResidualTail):
     # ---- inference (blockstate.cache)
     def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> BSTCache:
         ssm, context = self.context.allocate_cache(batch, device, dtype)
-        return BSTCache(self.self_attn.allocate_cache(batch, device, dtype), ssm, context,
-                        sh_map=self.context.inference_constants())
+        attention = self.self_attn.allocate_cache(batch, device, dtype)
+        with torch.no_grad():
+            q, k, v = self.self_attn.qkv.weight.chunk(3)
+            in_proj = torch.cat([q, k, self.cross_q.weight, v, self.context.down.weight]).to(dtype)
+            ones = torch.ones_like(attention.scale)
+            scales = [torch.broadcast_to(s, (self.n_heads, 1, 1)) for s in (
+                attention.scale, ones, self.cross_qk_norm.query_scale().to(device=device, dtype=dtype))]
+        return BSTCache(attention, ssm, context, sh_map=self.context.inference_constants(),
+                        in_proj=in_proj, qk_scale=torch.stack(scales))
 
     def prefill(self, x: torch.Tensor, length: int, cache: BSTCache) -> torch.Tensor:
         """`forward(x)` for x (B, L', D) whose first `length` positions are real, filling the
@@ -323,10 +336,15 @@ class BSTLayer(ResidualTail):
                          self.cross_attention(h, k, v))
 
     def step(self, x: torch.Tensor, cache: BSTCache, offset: int) -> torch.Tensor:
-        """Outputs (B, 1, D) of one new position x (B, 1, D) at in-block `offset`."""
-        h = self.attn_norm(x)
-        k, v = self.context.step(h, cache, offset, self.cross_qk_norm.keys)        # (B, H, T, Dh)
-        q = self.cross_qk_norm.queries(self.cross_q(h).unflatten(-1, (self.n_heads, self.head_dim)))
-        cross = attend(q.transpose(1, 2), k, v)                                    # (B, H, 1, Dh)
-        return self.tail(x, self.self_attn.extend(h, cache.attention, offset),
-                         cross.transpose(1, 2).flatten(2))
+        """Outputs (B, D) of one new position x (B, D) at in-block `offset`. One product
+        with the cached `in_proj` gives the self-attention queries and keys, the cross-attention
+        queries, the self-attention values and the SSM input; the first three are normalized
+        together (self- and cross-attention normalize alike: both follow `config.qk_norm`)."""
+        batch, inner = x.shape[0], self.n_heads * self.head_dim
+        proj = F.linear(self.attn_norm(x), cache.in_proj)                          # (B, 4 H Dh + Hs)
+        heads = proj[:, :4 * inner].view(batch, 4, self.n_heads, 1, self.head_dim)
+        q, k, cross_q = (self.cross_qk_norm.keys(heads[:, :3]) * cache.qk_scale).unbind(1)  # (B, H, 1, Dh)
+        self_out = self.self_attn.attend_cached(q, k, heads[:, 3], cache.attention, offset)  # (B, H, 1, Dh)
+        k, v = self.context.step(proj[:, 4 * inner:], cache, offset, self.cross_qk_norm.keys)
+        cross = F.scaled_dot_product_attention(cross_q, k, v, scale=1.0)            # (B, H, 1, Dh)
+        return self.step_tail(x, torch.cat([self_out.view(batch, inner), cross.view(batch, inner)], -1))

@@ -56,6 +56,7 @@ class GSSLayer(nn.Module):
         return self._gate(x, self.ssm(u)[:, :, 0].to(u.dtype), v)
 
     def step(self, x: torch.Tensor, cache: GSSCache, offset: int) -> torch.Tensor:
-        u, v = self._branches(x)                                                   # (B, 1, .)
-        y = self.ssm.step(u[:, 0], cache.ssm)[:, 0].to(u.dtype)                    # (B, D/4)
-        return self._gate(x, y.unsqueeze(1), v)
+        """Outputs (B, D) of one new position x (B, D)."""
+        u, v = self._branches(x)                                                   # (B, .)
+        y = self.ssm.step(u, cache.ssm)[:, 0].to(u.dtype)                          # (B, D/4)
+        return self._gate(x, y, v)

@@ -12,6 +12,7 @@ checkpoints keep their names.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..attention import MLP
@@ -33,3 +34,8 @@ class ResidualTail(nn.Module):
         a = attended[0] if len(attended) == 1 else torch.cat(attended, dim=-1)
         x = x + self.dropout(self.out(a))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+    def step_tail(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """`tail` of an inference step (no dropout), with the attention outputs `a` concatenated."""
+        x = x + F.linear(a, self.out.weight)
+        return x + F.linear(F.relu(F.linear(self.mlp_norm(x), self.mlp.up.weight)), self.mlp.down.weight)

@@ -203,14 +203,16 @@ class SSM(nn.Module):
             y = torch.matmul(cache.history[..., :n].transpose(0, 1), taps).permute(1, 2, 0)
         else:
             state = cache.state
-            u_in = u.to(cache.inp.real.dtype)[:, None, :, None]                   # (B, 1, H, 1)
+            u_in = u.to(cache.inp.real.dtype).view(u.shape[0], 1, -1, 1)          # (B, 1, H, 1)
             if cache.decay.dim() == 3:
                 state = cache.decay * state + cache.inp * u_in
-            else:
+            elif state.shape[0] == 1:  # the dense products: per row at batch 1, over the batch
                 state = (cache.decay @ state.unsqueeze(-1)).squeeze(-1) + cache.inp * u_in
+            else:  # by einsum otherwise (at N = 16 each way is 1.5-3x slower in the other case)
+                state = torch.einsum("chnm,bchm->bchn", cache.decay, state) + cache.inp * u_in
             cache.state = state
             if not output:
                 return None
             y = (cache.readout * state).sum(-1)
             y = y.real if y.is_complex() else y
-        return y + self.D.to(y.dtype) * u.to(y.dtype).unsqueeze(1)
+        return torch.addcmul(y, self.D.to(y.dtype), u.to(y.dtype).unsqueeze(1))
