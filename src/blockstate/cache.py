@@ -110,13 +110,17 @@ class KVCache:
 class RecurrentSSMCache:
     """x_t = decay x_{t-1} + inp u_t, y_t = Re(readout x_t) per filter and channel: state
     (B, C, H, N); decay (C, H, N) (diagonal, complex) or (C, H, N, N) (dense, real); inp and
-    readout (C, H, N)."""
+    readout (C, H, N). Dense systems also keep `transition` [decay; readout decay]
+    (C, H, N + 1, N) and `drive` [inp; readout inp + D] (C, H, N + 1), so that one product gives
+    the next state and its output, skip term included."""
 
-    SHARED = ("decay", "inp", "readout")
+    SHARED = ("decay", "inp", "readout", "transition", "drive")
     state: torch.Tensor
     decay: torch.Tensor
     inp: torch.Tensor
     readout: torch.Tensor
+    transition: torch.Tensor | None = None
+    drive: torch.Tensor | None = None
 
 
 @dataclass

@@ -154,7 +154,14 @@ class SSM(nn.Module):
         if structured(self.kernel):
             ops = chunk_operators(self.kernel, 1)
             state = ops.inp.new_zeros(batch, *ops.inp.shape[:3]).to(device)
-            return RecurrentSSMCache(state, ops.decay, ops.inp[..., 0], ops.readout)
+            inp = ops.inp[..., 0]
+            cache = RecurrentSSMCache(state, ops.decay, inp, ops.readout)
+            if ops.decay.dim() == 4:  # dense: one product gives the next state and its output
+                readout = ops.readout.unsqueeze(-2)                                  # (C, H, 1, N)
+                cache.transition = torch.cat([ops.decay, readout @ ops.decay], dim=-2)
+                skip = (readout @ inp.unsqueeze(-1))[..., 0] + self.D.to(inp.dtype).unsqueeze(-1)
+                cache.drive = torch.cat([inp, skip], dim=-1)                         # (C, H, N + 1)
+            return cache
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         history = torch.zeros(batch, self.kernel.width, 0, device=device, dtype=dtype)
         return ConvSSMCache(history, history.new_zeros(self.kernel.channels, self.kernel.width, 0))
@@ -204,12 +211,17 @@ class SSM(nn.Module):
         else:
             state = cache.state
             u_in = u.to(cache.inp.real.dtype).view(u.shape[0], 1, -1, 1)          # (B, 1, H, 1)
-            if cache.decay.dim() == 3:
-                state = cache.decay * state + cache.inp * u_in
-            elif state.shape[0] == 1:  # the dense products: per row at batch 1, over the batch
-                state = (cache.decay @ state.unsqueeze(-1)).squeeze(-1) + cache.inp * u_in
-            else:  # by einsum otherwise (at N = 16 each way is 1.5-3x slower in the other case)
-                state = torch.einsum("chnm,bchm->bchn", cache.decay, state) + cache.inp * u_in
+            if cache.transition is not None:
+                # the dense products: per row at batch 1, over the batch by einsum otherwise
+                # (at N = 16 each way is 1.5-3x slower in the other case)
+                if state.shape[0] == 1:
+                    z = (cache.transition @ state.unsqueeze(-1)).squeeze(-1)
+                else:
+                    z = torch.einsum("chkm,bchm->bchk", cache.transition, state)
+                z = torch.addcmul(z, cache.drive, u_in)                            # (B, C, H, N + 1)
+                cache.state = z[..., :-1]
+                return z[..., -1] if output else None
+            state = torch.addcmul(cache.decay * state, cache.inp, u_in)
             cache.state = state
             if not output:
                 return None
