@@ -58,3 +58,19 @@ def test_kv_cache_appends_grows_trims_and_selects_rows():
     picked = select_rows(cache, torch.tensor([1, 1]))
     assert picked.length == 3 and torch.equal(picked.keys[0], cache.keys[1])
     assert nbytes(picked) == nbytes(cache)
+
+
+def test_cache_size_with_and_without_the_shared_constants():
+    """`nbytes(constants=False)` counts what the rows hold; the constants are shared by `select`."""
+    from blockstate import build_model
+
+    model = build_model("bst-sh-s4", "tiny").eval()
+    cache = model.allocate_inference_cache(1)
+    model.prefill(torch.randint(0, 256, (1, 20)), cache)
+    state = cache.nbytes(constants=False)
+    assert 0 < state < cache.nbytes()
+    picked = cache.select([0, 0, 0])
+    assert picked.nbytes(constants=False) == 3 * state
+    assert picked.nbytes() - picked.nbytes(constants=False) == cache.nbytes() - state
+    bst = cache.layers[model.config.resolved_bst_layers[0]]
+    assert picked.layers[model.config.resolved_bst_layers[0]].in_proj is bst.in_proj

@@ -36,7 +36,7 @@ from .bench import _sync, machine_info, markdown_table, timed_calls
 from .bench import write_outputs as _write_outputs
 
 WARMUP_STEPS = 4
-ROUNDS = 3  # timed rounds per measurement, interleaved across batch sizes and paths
+ROUNDS = 6  # timed rounds per measurement, interleaved across contexts, batch sizes and models
 
 
 class _Decoder:
@@ -75,7 +75,8 @@ def _prefilled(name: str, size: str, lengths: list[int], batches: list[int],
                          "parameters": model.num_parameters(), "state_bytes": {}}
         for b in batches:
             decoders[context, b] = _Decoder(model, cache.select([0] * b), first.repeat(b))
-            info[context]["state_bytes"][b] = decoders[context, b].cache.nbytes()
+            info[context]["state_bytes"][b] = decoders[context, b].cache.nbytes(constants=False)
+        info[context]["constant_bytes"] = cache.nbytes() - cache.nbytes(constants=False)
     return decoders, info
 
 
@@ -91,12 +92,14 @@ def measure(name: str, size: str, lengths: list[int], batches: list[int], new_to
         reference = {k: v for k, v in (reference or {}).items() if k in decoders}
         times = {key: [] for key in decoders}
         ref_times = {key: [] for key in reference}
-        per_round = max(1, new_tokens // ROUNDS)
+        rounds = max(1, min(ROUNDS, new_tokens))
+        per_round = max(1, new_tokens // rounds)
         for decoder in [*decoders.values(), *reference.values()]:
             timed_calls(decoder, WARMUP_STEPS, device)
-        for _ in range(ROUNDS):
-            for key, decoder in decoders.items():
-                times[key] += timed_calls(decoder, per_round, device)
+        keys = list(decoders)
+        for r in range(rounds):  # each round starts at another (context, batch)
+            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                times[key] += timed_calls(decoders[key], per_round, device)
                 if key in reference:
                     ref_times[key] += timed_calls(reference[key], per_round, device)
     results = []
@@ -163,7 +166,7 @@ def markdown(report: dict) -> str:
     header = ["model", "context"]
     for b in batches:
         header += [f"ms/step b{b}", f"tok/s b{b}", f"vs slide b{b}"]
-    header += [f"state MiB b{batches[0]}", "prefill tok/s"]
+    header += [f"state MiB b{batches[0]}", "constants MiB", "prefill tok/s"]
     has_old = any("old_path" in r for r in results)
     if has_old:
         header += ["old path ms/token", "old / new"]
@@ -175,7 +178,9 @@ def markdown(report: dict) -> str:
             ref = m.get("slide_median_step_s", slide.get((r["context"], b)))
             row += [_ms(m["median_step_s"]), f"{m['tokens_per_s']:.0f}",
                     f"{m['median_step_s'] / ref:.2f}" if ref else "-"]
-        row += [_mib(r["batches"][str(batches[0])]["state_bytes"]), f"{r['prefill_tokens_per_s']:.0f}"]
+        row += [_mib(r["batches"][str(batches[0])]["state_bytes"]),
+                _mib(r["constant_bytes"]) if "constant_bytes" in r else "-",
+                f"{r['prefill_tokens_per_s']:.0f}"]
         if has_old:
             old = r.get("old_path")
             new = r["batches"][str(batches[0])]["median_step_s"] if str(batches[0]) == "1" else None
@@ -196,10 +201,13 @@ def markdown(report: dict) -> str:
         f"{', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}.", "",
         f"Size `{report['size']}`, byte vocabulary (256), greedy decoding; {report['new_tokens']} "
         f"timed steps per measurement after {report['warmup_steps']} warm-up steps, in "
-        f"{report['rounds']} rounds interleaved across batch sizes and paths. ms/step: median time of one "
-        "step (one token for every row); tok/s: tokens per second from the mean step time; "
-        "vs slide: ms/step over slide's at the same context and batch; state: bytes of the "
-        "inference cache after the prefill.", "",
+        f"{report['rounds']} rounds interleaved across contexts, batch sizes and slide's steps, "
+        "each round starting at another context and batch. ms/step: median time of one step (one "
+        "token for every row); tok/s: tokens per second from the mean step time; "
+        "vs slide: ms/step over slide's at the same context and batch; state: bytes the "
+        "inference cache holds for the rows after the prefill (keys/values, states, histories); "
+        "constants: what it holds besides, computed once from the parameters and shared by the "
+        "rows (step operators, stacked projections, kernel taps).", "",
         markdown_table(header, rows), "",
         "Spread over the context lengths (batch " + str(batches[0]) + "): largest over smallest",
         "", markdown_table(["model", "ms/step max / min", "state max / min"], flat),

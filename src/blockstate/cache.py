@@ -32,14 +32,16 @@ from dataclasses import dataclass
 import torch
 
 
-def nbytes(obj) -> int:
-    """Bytes of every tensor held by a cache (dataclasses, lists, tuples)."""
+def nbytes(obj, shared: bool = True) -> int:
+    """Bytes of every tensor held by a cache (dataclasses, lists, tuples); with shared=False,
+    without the per-model constants a dataclass names in SHARED."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if dataclasses.is_dataclass(obj):
-        return sum(nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+        return sum(nbytes(getattr(obj, f.name), shared) for f in dataclasses.fields(obj)
+                   if shared or f.name not in getattr(obj, "SHARED", ()))
     if isinstance(obj, list | tuple):
-        return sum(nbytes(v) for v in obj)
+        return sum(nbytes(v, shared) for v in obj)
     return 0
 
 
@@ -195,9 +197,11 @@ class InferenceCache:
     batch: int
     position: int = 0
 
-    def nbytes(self) -> int:
-        """Bytes held (keys/values, states, histories and per-model step operators)."""
-        return nbytes(self.layers)
+    def nbytes(self, constants: bool = True) -> int:
+        """Bytes held: the rows' keys/values, states and histories, and (constants=True) the step
+        operators and other constants computed from the parameters, which caches made by
+        `select` share."""
+        return nbytes(self.layers, shared=constants)
 
     def select(self, rows: torch.Tensor | list[int]) -> InferenceCache:
         """A cache of the given batch rows (reordered or repeated, e.g. for beam search or to
