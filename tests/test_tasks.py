@@ -54,6 +54,34 @@ def test_run_all_writes_records_and_resumes(tmp_path, monkeypatch):
         run_all(runs, Settings(steps=3, batch_size=4, eval_sequences=8), tmp_path)
 
 
+def test_an_interrupted_run_continues_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    import blockstate.tasks.runner as runner
+
+    settings = Settings(steps=12, batch_size=4, eval_sequences=8, warmup_steps=2)
+    run = Run("copying", (("lag", 20),), "bst-sh-s4", 0)
+    whole = runner.train_run(run, settings, log=lambda _: None)
+    real = runner.save_checkpoint
+
+    def save_then_die(directory, step, *args, **kwargs):
+        real(directory, step, *args, **kwargs)
+        if step == 8:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_all([run], settings, tmp_path, log=lambda _: None, checkpoint_every=4)
+    assert run.partial_path(tmp_path).is_dir() and not run.path(tmp_path).exists()
+    with pytest.raises(ValueError, match="other settings"):
+        run_all([run], Settings(steps=12, batch_size=4, eval_sequences=8, lr=1e-3), tmp_path,
+                log=lambda _: None, checkpoint_every=4)
+    monkeypatch.setattr(runner, "save_checkpoint", real)
+    messages = []
+    [record] = run_all([run], settings, tmp_path, log=messages.append, checkpoint_every=4)
+    assert any("continuing from step 8" in m for m in messages)
+    assert record["losses"] == whole["losses"] and record["evaluations"] == whole["evaluations"]
+    assert not run.partial_path(tmp_path).exists()
+
+
 def test_ssm_learning_rate_scale_applies_to_kernel_parameters_only():
     model = build_model("bst-sh-s4", SUITE_SIZE)
     from blockstate.tasks.runner import _groups
@@ -102,6 +130,7 @@ def test_cli_run_and_report(tmp_path, capsys):
     (["--set", "ssm_state_size=7"], "ssm_state_size=7"),
     (["--eval-param", "length=0"], "length"),
     (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys, argv, message):
     assert main(["tasks", "run", "--out", str(tmp_path), *argv]) == 2

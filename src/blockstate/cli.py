@@ -336,6 +336,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         print(f"report: {write_report(args.out, command)}")
         return 0
     _apply_threads(args.threads)
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.task not in TASKS:
         raise ValueError(f"unknown task {args.task!r}; known tasks: {', '.join(TASKS)}")
     models = [m for m in args.models.split(",") if m]
@@ -359,7 +361,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
                 tuple(sorted(overrides.items())), f"{model}[{suffix}]" if suffix else "")
             for params in _task_params(args.param, "--param") for model in models
             for seed in _int_list(args.seeds, "--seeds", minimum=0)]
-    run_all(runs, settings, args.out, eval_params, device=device)
+    run_all(runs, settings, args.out, eval_params, device=device,
+            checkpoint_every=args.checkpoint_every)
     print(f"report: {write_report(args.out, command)}")
     return 0
 
@@ -537,7 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu",
                    help="where runs train: cpu (default), cuda, cuda:N or auto (CUDA when available)")
-    p.add_argument("--out", default=None, help="output directory (re-running skips finished runs)")
+    p.add_argument("--checkpoint-every", type=int, default=200,
+                   help="save a run in progress every N steps; re-running continues it (0: never)")
+    p.add_argument("--out", default=None, help="output directory (re-running skips finished runs "
+                                               "and continues interrupted ones)")
     p.set_defaults(func=cmd_tasks)
     return parser
 

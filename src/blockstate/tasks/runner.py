@@ -5,8 +5,11 @@ optimizer steps on freshly sampled batches, so results do not depend on the mach
 scores a held-out set sampled with a separate seed. Presets are compared at a matched parameter
 count (a baseline's MLP width is chosen to bring it within `PARAM_TOLERANCE` of BST:SH:S4; BST
 variants and ablations keep their own size, reported with each run). A finished
-run is one JSON file; re-running the same command skips it, so a sweep interrupted at any point
-loses at most the run in progress.
+run is one JSON file; re-running the same command skips it. A run in progress saves a checkpoint
+(model, optimizer, loss curve, elapsed time) every `checkpoint_every` steps next to where its JSON
+will go, and continues from it when the command is run again, with the same result as an
+uninterrupted run (the batches are a function of the seed and the step): a sweep interrupted at
+any point loses at most the steps since the last checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import load_latest_intact, save_checkpoint
 from ..evaluate import block_ranges
 from ..fileio import atomic_write
 from ..optim import parameter_groups
@@ -78,6 +83,10 @@ class Run:
 
     def path(self, out: Path) -> Path:
         return out / "runs" / self.task_key / f"{self.name}-seed{self.seed}.json"
+
+    def partial_path(self, out: Path) -> Path:
+        """The checkpoints of the run while it trains (removed when it finishes)."""
+        return self.path(out).with_suffix(".partial")
 
 
 def _lr(step: int, settings: Settings) -> float:
@@ -138,20 +147,33 @@ def evaluate(model: torch.nn.Module, task, sequences: int, batch_size: int, bloc
 
 
 def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | None = None,
-              log: Callable[[str], None] = print, device: str | torch.device = "cpu"
-              ) -> dict[str, Any]:
+              log: Callable[[str], None] = print, device: str | torch.device = "cpu",
+              checkpoints: Path | None = None, checkpoint_every: int = 0) -> dict[str, Any]:
     """Train `run` on `device` and return its record (config, parameter count, loss curve,
     evaluations). Batches are generated on the CPU from the run's seed, so they are the same on
-    every device."""
+    every device. With `checkpoints` (a directory) and `checkpoint_every` > 0, the state is saved
+    there every that many steps, and a run that finds a checkpoint there continues from it."""
     task = make_task(run.task, **dict(run.params))
     overrides = model_overrides(run, task.vocab_size, task.seq_len)
     torch.manual_seed(run.seed)
     model = build_model(run.model, SUITE_SIZE, **overrides).to(device)
     block = model.config.block_size
     optimizer = torch.optim.AdamW(_groups(model, settings), lr=settings.lr, betas=(0.9, 0.98))
-    losses, started = [], time.perf_counter()
+    losses, start, elapsed = [], 0, 0.0
+    saved = load_latest_intact(checkpoints, warn=log) if checkpoints is not None else None
+    if saved is not None:
+        state = saved.train_state
+        if state.get("settings") != dataclasses.asdict(settings) or state.get("run") != _run_key(run):
+            raise ValueError(f"{checkpoints} holds a run with other settings ({state.get('settings')}"
+                             f", {state.get('run')}); remove it or use the same settings")
+        saved.load_model(model)
+        saved.load_optimizer(optimizer)
+        saved.restore_rng()
+        start, losses, elapsed = saved.step, state["losses"], state["train_seconds"]
+        log(f"{run.task_key} {run.name} seed {run.seed}: continuing from step {start}")
+    started = time.perf_counter()
     model.train()
-    for step in range(settings.steps):
+    for step in range(start, settings.steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, settings) * group["lr_scale"]
         batch = task.sample(settings.batch_size, run.seed * 10**6 + step)
@@ -164,7 +186,13 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
         optimizer.step()
         if step % 50 == 0 or step == settings.steps - 1:
             losses.append([step, round(loss.item(), 5)])
-    train_seconds = time.perf_counter() - started
+        done = step + 1
+        if checkpoints is not None and checkpoint_every > 0 and done % checkpoint_every == 0 \
+                and done < settings.steps:
+            save_checkpoint(checkpoints, done, model, model.config.to_dict(), {
+                "settings": dataclasses.asdict(settings), "run": _run_key(run), "losses": losses,
+                "train_seconds": elapsed + time.perf_counter() - started}, optimizer, keep=1)
+    train_seconds = elapsed + time.perf_counter() - started
     evaluations = [evaluate(model, task, settings.eval_sequences, settings.batch_size, block)]
     for params in eval_params or []:
         other = make_task(run.task, **{**dict(run.params), **params})
@@ -180,6 +208,11 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
             "torch_threads": torch.get_num_threads(), "device": str(device)}
 
 
+def _run_key(run: Run) -> dict[str, Any]:
+    """What identifies a run in its checkpoint (JSON values)."""
+    return json.loads(json.dumps(dataclasses.asdict(run)))
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write `data` as JSON atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,9 +221,10 @@ def write_json(path: Path, data: Any) -> None:
 
 def run_all(runs: list[Run], settings: Settings, out: str | Path,
             eval_params: list[dict[str, int]] | None = None,
-            log: Callable[[str], None] = print, device: str | torch.device = "cpu"
-            ) -> list[dict[str, Any]]:
-    """Execute every run whose result file does not exist yet; return all records."""
+            log: Callable[[str], None] = print, device: str | torch.device = "cpu",
+            checkpoint_every: int = 200) -> list[dict[str, Any]]:
+    """Execute every run whose result file does not exist yet, continuing from its checkpoint
+    when it has one (saved every `checkpoint_every` steps; 0: none); return all records."""
     out = Path(out)
     records = []
     for i, run in enumerate(runs):
@@ -203,7 +237,9 @@ def run_all(runs: list[Run], settings: Settings, out: str | Path,
             records.append(record)
             continue
         log(f"[{i + 1}/{len(runs)}] training {run.task_key} {run.name} seed {run.seed}")
-        record = train_run(run, settings, eval_params, log, device)
+        partial = run.partial_path(out)
+        record = train_run(run, settings, eval_params, log, device, partial, checkpoint_every)
         write_json(path, record)
+        shutil.rmtree(partial, ignore_errors=True)
         records.append(record)
     return records
