@@ -41,6 +41,8 @@ def test_prefill_then_steps_equal_the_parallel_forward(name, prompt_len):
     {"context_variant": "mh", "ssm_kernel": "s4d", "context_norm": "rms"},
     {"context_variant": "mf", "ssm_kernel": "s4", "context_norm": "rms", "context_activation": "none"},
     {"context_variant": "sh", "ssm_method": "fft"},
+    {"context_variant": "sh", "qk_norm": False},   # the step's precomputed 1/sqrt(Dh) scales
+    {"context_variant": "mf", "qk_norm": False, "self_attention": "sliding"},
 ])
 def test_other_context_settings_step_like_the_parallel_forward(overrides):
     model = _model("bst-sh-s4", **overrides)

@@ -65,9 +65,10 @@ def select_rows(obj, rows: torch.Tensor):
 class KVCache:
     """Keys and values (B, H, capacity, Dh) of which the first `length` positions are live, and
     two constants of the attention that reads them, computed once per cache from the parameters:
-    `scale` (H, 1, 1), the query scale (QK normalization's learned temperature), and `bias`
-    (1, H, 1, capacity), the relative position bias of a query at the last of `capacity` keys
-    (windowed self-attention; the last n columns serve a query at the last of n keys)."""
+    `scale` (H, 1, 1), the query scale (QK normalization's learned temperature; 1/sqrt(Dh),
+    (1, 1, 1), without it), and `bias` (1, H, 1, capacity), the relative position bias of a query
+    at the last of `capacity` keys (windowed self-attention; the last n columns serve a query at
+    the last of n keys)."""
 
     SHARED = ("scale", "bias")
     keys: torch.Tensor

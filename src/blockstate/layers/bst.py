@@ -143,7 +143,7 @@ class _PositionContext(ContextStates):
         outputs = self._context_outputs(self.ssm.step(u, cache.ssm), u.dtype)       # (B, C, Hs)
         k, v = self._step_kv(outputs, cache).unbind(1)                              # (B, H, 1, Dh)
         if offset == 0:
-            cache.context.length = 0
+            cache.context.keep_last(0)
         return cache.context.append(key_norm(k), v)
 
 
