@@ -14,7 +14,7 @@ entry points fill it: `prefill(tokens, cache)` (the prompt, in parallel) and `st
 - `ConvSSMCache`: unstructured kernels have no finite state: their input history and the kernel's
   taps (grown by doubling), one dot product per output (a streamed convolution).
 - `SelectiveSSMCache`: the selective SSM's state (B, C, G, P/G, N) and its short convolution's last
-  inputs.
+  (normalized) inputs.
 - `BSTCache`: the layer's `KVCache`, its SSM cache, and its context keys/values: those of the
   current block's positions so far (SH, MH) or of the S summaries of the previous block (MF).
 - `BRTCache`: the window `KVCache`, the S recurrent states and the current block's token
@@ -140,7 +140,7 @@ class ConvSSMCache:
 @dataclass
 class SelectiveSSMCache:
     """SSM state (B, C, G, P/G, N) and the last inputs (B, CONV_WIDTH - 1, P) of the short
-    causal convolution before it."""
+    causal convolution before it, already RMS-normalized as the convolution reads them."""
 
     state: torch.Tensor
     tail: torch.Tensor

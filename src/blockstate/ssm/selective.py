@@ -190,16 +190,17 @@ class SelectiveSSM(nn.Module):
     def channels(self) -> int:
         return self.kernel.channels
 
-    def _inputs(self, u: torch.Tensor, tail: torch.Tensor | None = None):
-        """x (B, L, K, G, P/G), dt (B, L, K, G), b and c (B, L, K, N) from u (B, L, P); `tail`
-        (B, CONV_WIDTH - 1, P) holds the inputs before u (zeros at the start)."""
+    def _normalized(self, u: torch.Tensor) -> torch.Tensor:
+        k = self.kernel
+        return F.rms_norm(u, (u.shape[-1],), k.norm.weight.to(u.dtype), k.norm.eps)
+
+    def _inputs(self, u: torch.Tensor):
+        """x (B, L, K, G, P/G), dt (B, L, K, G), b and c (B, L, K, N) from u (B, L, P) (zeros
+        before it)."""
         k = self.kernel
         batch, length, width = u.shape
         dtype = u.dtype  # float32 (float64 for float64 inputs)
-        if tail is None:
-            tail = u.new_zeros(batch, CONV_WIDTH - 1, width)
-        padded = torch.cat([tail.to(dtype), u], 1)                                # (B, L + 3, P)
-        padded = F.rms_norm(padded, (width,), k.norm.weight.to(dtype), k.norm.eps).transpose(1, 2)
+        padded = F.pad(self._normalized(u), (0, 0, CONV_WIDTH - 1, 0)).transpose(1, 2)  # (B, P, L + 3)
         x = F.silu(F.conv1d(padded, k.conv.weight.to(dtype), k.conv.bias.to(dtype),
                             groups=width)).transpose(1, 2)                        # (B, L, P)
         dt = F.softplus(F.linear(x, k.to_dt.weight.to(dtype), k.to_dt.bias.to(dtype)))
@@ -268,21 +269,27 @@ class SelectiveSSM(nn.Module):
         u = u.to(cache.state.dtype)
         _, xs, dt, b, c = self._inputs(u)
         _, cache.state = ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size)
-        cache.tail = torch.cat([cache.tail, u], 1)[:, -(CONV_WIDTH - 1):]
+        cache.tail = torch.cat([cache.tail, self._normalized(u)], 1)[:, -(CONV_WIDTH - 1):]
 
     @torch.no_grad()
     def step(self, u: torch.Tensor, cache: SelectiveSSMCache, output: bool = True
              ) -> torch.Tensor | None:
         """Advance by one position of inputs u (B, P): h = exp(dt a) h + dt x B^T, y = h C + D x;
         returns y (B, C, P), or None when `output` is false."""
-        u = u.to(cache.state.dtype).unsqueeze(1)                                   # (B, 1, P)
-        x, xs, dt, b, c = self._inputs(u, cache.tail)
-        dt, b = dt[:, 0], b[:, 0]                                                  # (B, K, G), (B, K, N)
-        decay = torch.exp(dt * self._decay(dt))[..., None, None]
-        cache.state = decay * cache.state + torch.einsum(
-            "bkgp,bkn->bkgpn", xs[:, 0] * dt[..., None], b)
-        cache.tail = torch.cat([cache.tail[:, 1:], u], 1)
+        k = self.kernel
+        batch, dtype = u.shape[0], cache.state.dtype
+        window = torch.cat([cache.tail, self._normalized(u.to(dtype)).unsqueeze(1)], 1)  # (B, 4, P)
+        cache.tail = window[:, 1:]
+        # the causal convolution's last output: the window against the taps, oldest first
+        taps = k.conv.weight[:, 0].t().to(dtype)                                     # (4, P)
+        x = F.silu((window * taps).sum(1) + k.conv.bias.to(dtype))                  # (B, P)
+        dt = F.softplus(F.linear(x, k.to_dt.weight.to(dtype), k.to_dt.bias.to(dtype))).view(
+            batch, k.channels, k.heads)                                              # (B, K, G)
+        b, c = F.linear(x, k.to_bc.weight.to(dtype)).view(batch, 2, k.channels, 1, 1, -1).unbind(1)
+        xs = x.view(batch, 1, k.heads, -1)                                          # (B, 1, G, P/G)
+        decay = torch.exp(dt * self._decay(dt)).unsqueeze(-1).unsqueeze(-1)          # (B, K, G, 1, 1)
+        cache.state = torch.addcmul(decay * cache.state, (xs * dt.unsqueeze(-1)).unsqueeze(-1), b)
         if not output:
             return None
-        y = torch.einsum("bkgpn,bkn->bkgp", cache.state, c[:, 0])
-        return self._output(y.unsqueeze(1), x)[:, 0]
+        y = (cache.state * c).sum(-1).flatten(-2)                                    # (B, K, P)
+        return torch.addcmul(y, self.D.to(dtype), x.unsqueeze(1))
