@@ -9,7 +9,8 @@ rounds, so that load on the machine hits them alike. Decoders:
 - `recompute@REV`: the block-recompute path of commit REV (`generate.start` / `generate.feed`,
   which recompute the current block's positions for every new token; last present at 527bd9c).
 
-Older packages are extracted with `git archive` and imported under other names. Prints the
+Older packages are extracted with `git archive` and imported under other names
+(`ab_step.old_package`). Prints the
 median ms per token of each decoder and each one's ratio to the working tree's step of the same
 model, and to the working tree's `slide` step when --reference slide is given; writes JSON with
 --out.
@@ -21,34 +22,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import io
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def package_at(rev: str) -> str:
-    """Extract src/blockstate of `rev` as an importable package named after the revision."""
-    name = "blockstate_" + "".join(c for c in rev if c.isalnum())
-    archive = subprocess.run(["git", "archive", rev, "src/blockstate"], check=True,
-                             capture_output=True, cwd=ROOT).stdout
-    target = Path(tempfile.mkdtemp(prefix="ab_decode_"))
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(target, filter="data")
-    (target / "src" / "blockstate").rename(target / name)
-    sys.path.insert(0, str(target))
-    return name
+from ab_step import old_package  # this directory is on sys.path when the script runs
 
 
 class Step:
@@ -104,7 +87,7 @@ def main() -> None:
         kind, _, rev = spec.partition("@")
         if kind not in ("step", "recompute") or not rev:
             parser.error(f"--old takes step@REV or recompute@REV, got {spec!r}")
-        packages.setdefault(rev, package_at(rev))
+        packages.setdefault(rev, old_package(rev))
     prompt = torch.randint(0, 256, (1, args.context), generator=torch.Generator().manual_seed(0))
     decoders = {}
     models = args.models + ([args.reference] if args.reference not in (None, *args.models) else [])

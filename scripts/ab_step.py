@@ -24,15 +24,17 @@ import torch
 
 
 def old_package(rev: str) -> str:
-    """Extract src/blockstate of `rev` as the importable package `blockstate_old`."""
+    """Extract src/blockstate of `rev` as an importable package named after the revision
+    (`blockstate_<rev>`); returns its name."""
+    name = "blockstate_" + "".join(c for c in rev if c.isalnum())
     archive = subprocess.run(["git", "archive", rev, "src/blockstate"], check=True,
                              capture_output=True, cwd=Path(__file__).resolve().parents[1]).stdout
     target = Path(tempfile.mkdtemp(prefix="ab_step_"))
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(target, filter="data")
-    (target / "src" / "blockstate").rename(target / "blockstate_old")
+    (target / "src" / "blockstate").rename(target / name)
     sys.path.insert(0, str(target))
-    return "blockstate_old"
+    return name
 
 
 def main() -> None:

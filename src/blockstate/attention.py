@@ -265,9 +265,12 @@ class BlockSelfAttention(nn.Module):
         return KVCache.empty(batch, self.n_heads, self.head_dim, capacity, device, dtype, scale, bias)
 
     def _step_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h (B, n, D) -> q, k, v (B, H, n, Dh), queries scaled and keys normalized."""
-        q, k, v = self._keys_values(h, h.shape[1])                                # (B, 1, n, H, Dh)
-        return q[:, 0].transpose(1, 2), k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2)
+        """h (B, n, D) -> q, k, v (B, H, n, Dh), queries and keys normalized (the queries not yet
+        scaled: the cache holds their scale)."""
+        batch, n, _ = h.shape
+        qkv = self.qkv(h).view(batch, n, 3, self.n_heads, self.head_dim).transpose(1, 3)
+        q, k = self.qk_norm.keys(qkv[:, :, :2]).unbind(2)
+        return q, k, qkv[:, :, 2]
 
     def _step_bias(self, n: int, n_keys: int, device: torch.device) -> torch.Tensor:
         """Bias (H, n, n_keys) for queries at the last n of n_keys positions. Windowed modes have
@@ -285,11 +288,9 @@ class BlockSelfAttention(nn.Module):
         input) at in-block offsets offset..offset+n-1 of one block, over what `cache` holds;
         the new keys/values are added, and the cache is trimmed to the window when the block
         completes."""
-        batch, n, _ = h.shape
-        qkv = self.qkv(h).view(batch, n, 3, self.n_heads, self.head_dim).transpose(1, 3)
-        q, k = self.qk_norm.keys(qkv[:, :, :2]).unbind(2)                          # (B, H, n, Dh)
-        out = self.attend_cached(q * cache.scale, k, qkv[:, :, 2], cache, offset)
-        return out.transpose(1, 2).reshape(batch, n, -1)
+        q, k, v = self._step_qkv(h)                                                # (B, H, n, Dh)
+        out = self.attend_cached(q * cache.scale, k, v, cache, offset)
+        return out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)
 
     def step(self, h: torch.Tensor, cache: KVCache, offset: int) -> torch.Tensor:
         """`extend` of one position, h (B, D) -> (B, H * Dh)."""
