@@ -14,11 +14,12 @@ from blockstate.ssm.selective import (
 )
 
 
-def _inputs(batch=2, length=37, k=3, g=2, p=4, n=5, seed=0):
+def _inputs(batch=2, length=37, k=3, g=2, p=4, n=5, seed=0, decay="head"):
+    """Inputs of the scan; decay "state" gives each head a decay per state dimension."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, length, k, g, p, generator=gen, dtype=torch.float64)
     dt = torch.rand(batch, length, k, g, generator=gen, dtype=torch.float64) * 0.5
-    a = -torch.rand(k, g, generator=gen, dtype=torch.float64) * 3
+    a = -torch.rand(k, g, *((n,) if decay == "state" else ()), generator=gen, dtype=torch.float64) * 3
     b = torch.randn(batch, length, k, n, generator=gen, dtype=torch.float64)
     c = torch.randn(batch, length, k, n, generator=gen, dtype=torch.float64)
     return x, dt, a, b, c
@@ -26,8 +27,9 @@ def _inputs(batch=2, length=37, k=3, g=2, p=4, n=5, seed=0):
 
 @pytest.mark.parametrize("chunk", [1, 4, 8, 64])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_chunked_scan_equals_the_recurrence(chunk, with_state):
-    x, dt, a, b, c = _inputs()
+@pytest.mark.parametrize("decay", ["head", "state"])
+def test_chunked_scan_equals_the_recurrence(chunk, with_state, decay):
+    x, dt, a, b, c = _inputs(decay=decay)
     h0 = torch.randn(2, 3, 2, 4, 5, dtype=torch.float64) if with_state else None
     y_ref, h_ref = ssd_reference(x, dt, a, b, c, h0)
     y, h = ssd_chunked(x, dt, a, b, c, chunk, h0)
@@ -35,8 +37,9 @@ def test_chunked_scan_equals_the_recurrence(chunk, with_state):
     torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-12)
 
 
-def test_chunked_scan_gradients_equal_the_recurrences():
-    inputs = [t.requires_grad_() for t in _inputs(length=20)]
+@pytest.mark.parametrize("decay", ["head", "state"])
+def test_chunked_scan_gradients_equal_the_recurrences(decay):
+    inputs = [t.requires_grad_() for t in _inputs(length=20, decay=decay)]
     y, _ = ssd_chunked(*inputs, chunk=8)
     grads = torch.autograd.grad(y.square().sum(), inputs)
     y_ref, _ = ssd_reference(*inputs)
@@ -45,17 +48,19 @@ def test_chunked_scan_gradients_equal_the_recurrences():
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
 
 
-def test_block_end_outputs_come_from_the_boundary_states():
-    x, dt, a, b, c = _inputs(length=40)
+@pytest.mark.parametrize("decay", ["head", "state"])
+def test_block_end_outputs_come_from_the_boundary_states(decay):
+    x, dt, a, b, c = _inputs(length=40, decay=decay)
     y, _ = ssd_reference(x, dt, a, b, c)
     torch.testing.assert_close(ssd_block_ends(x, dt, a, b, c, 8), y[:, 7::8], rtol=0, atol=1e-12)
-    ssm = SelectiveSSM(4, 32, 8, 1e-3, 1e-1, chunk_size=16).double()
+    ssm = SelectiveSSM(4, 32, 8, 1e-3, 1e-1, chunk_size=16, decay=decay).double()
     u = torch.randn(2, 50, 32, dtype=torch.float64)
     torch.testing.assert_close(ssm.block_end_outputs(u, 10), ssm(u)[:, 9::10], rtol=0, atol=1e-12)
 
 
-def test_one_token_steps_keep_a_constant_state_and_equal_the_forward_pass():
-    ssm = SelectiveSSM(2, 32, 8, 1e-3, 1e-1, chunk_size=8).double()
+@pytest.mark.parametrize("heads, decay", [(None, "head"), (32, "head"), (8, "state")])
+def test_one_token_steps_keep_a_constant_state_and_equal_the_forward_pass(heads, decay):
+    ssm = SelectiveSSM(2, 32, 8, 1e-3, 1e-1, chunk_size=8, heads=heads, decay=decay).double()
     u = torch.randn(2, 48, 32, dtype=torch.float64)
     full = ssm(u)
     cache = ssm.allocate_cache(2, u.device, torch.float64)
@@ -78,6 +83,23 @@ def test_presets_and_configuration():
     assert build_model("bst-mf-ssd", "tiny").config.context_variant == "mf"
     with pytest.raises(ValueError, match="no kernel to FFT"):
         ModelConfig(ssm_kernel="ssd", ssm_method="fft")
+
+
+def test_heads_and_decay_kind():
+    """ssd_heads sets the heads per channel (each its own step and decay); ssd_decay="state" gives
+    every head N decays, A_n = n + 1 at initialization (S6), in place of one."""
+    model = build_model("bst-sh-ssd", "tiny", ssd_heads=16, ssd_decay="state")
+    kernel = model.layers[model.config.resolved_bst_layers[0]].context.ssm.kernel
+    assert kernel.heads == 16 and kernel.log_a.shape == (1, 16, 8)
+    torch.testing.assert_close(kernel.log_a.exp()[0, 3], torch.arange(1.0, 9.0))
+    default = build_model("bst-sh-ssd", "tiny")
+    assert default.layers[default.config.resolved_bst_layers[0]].context.ssm.kernel.heads == 4
+    with pytest.raises(ValueError, match="must divide the SSM width 16"):
+        ModelConfig(ssm_kernel="ssd", d_model=64, ssd_heads=3)
+    with pytest.raises(ValueError, match="ssd_decay"):
+        ModelConfig(ssm_kernel="ssd", ssd_decay="channel")
+    with pytest.raises(ValueError, match="configure ssm_kernel='ssd'"):
+        ModelConfig(ssm_kernel="s4", ssd_decay="state")
 
 
 @pytest.mark.skipif(not _fused_available(torch.device("cuda")) if torch.cuda.is_available() else True,

@@ -14,6 +14,7 @@ from typing import Any
 
 CONTEXT_VARIANTS = ("sh", "mh", "mf")
 SSM_KERNELS = ("s4", "s4d", "unstruct", "explicit", "ssd")
+SSD_DECAYS = ("head", "state")   # one decay per head (Mamba-2) or per head and state dimension (S6)
 S4D_INITS = ("lin", "inv")
 SELF_ATTENTION_MODES = ("block", "sliding", "full")
 SSM_METHODS = ("auto", "fft", "chunked")
@@ -126,6 +127,12 @@ class ModelConfig:
     ssm_method: str = "auto"
     ssm_chunk_size: int = 64
     s4d_init: str = "inv"           # S4D-Inv or S4D-Lin initialization of the diagonal A
+    # The selective kernel (ssm_kernel="ssd"): heads per SSM channel, each with its own step size
+    # and decay (None: as many as give heads of at least 4 dimensions, at most 8), and the decay:
+    # "head", one scalar per head (Mamba-2), or "state", one per head and state dimension (Mamba's
+    # S6: N time scales per head, A_n = n + 1 at initialization).
+    ssd_heads: int | None = None
+    ssd_decay: str = "head"
     dt_min: float = 1e-3            # range of the initial SSM step size (log-uniform)
     dt_max: float = 1e-1
     unstruct_decay: float = 2.0     # alpha in K(t) = exp(-alpha t) MLP(PosEmb(t)), t in [0, 1)
@@ -204,7 +211,8 @@ class ModelConfig:
             _positive(name, getattr(self, name))
         _choice("arch", self.arch, ARCHS)
         _positive("gss_expansion", self.gss_expansion)
-        for name in ("head_dim", "d_ff", "ssm_width_divisor", "recurrent_states", "memory_length"):
+        for name in ("head_dim", "d_ff", "ssm_width_divisor", "recurrent_states", "memory_length",
+                     "ssd_heads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if self.head_dim is None and self.d_model % self.n_heads != 0:
@@ -231,6 +239,13 @@ class ModelConfig:
         if self.ssm_kernel == "ssd" and self.ssm_method == "fft":
             raise ValueError("ssm_kernel='ssd' is input-dependent and has no kernel to FFT; use "
                              "ssm_method='auto' or 'chunked'")
+        _choice("ssd_decay", self.ssd_decay, SSD_DECAYS)
+        if self.ssm_kernel != "ssd" and (self.ssd_heads is not None or self.ssd_decay != "head"):
+            raise ValueError(f"ssd_heads and ssd_decay configure ssm_kernel='ssd', not "
+                             f"ssm_kernel={self.ssm_kernel!r}")
+        if self.ssd_heads is not None and self.ssm_width % self.ssd_heads:
+            raise ValueError(f"ssd_heads={self.ssd_heads} must divide the SSM width "
+                             f"{self.ssm_width} (d_model // ssm_width_divisor)")
         if self.ssm_method == "chunked" and self.ssm_kernel not in ("s4", "s4d", "ssd"):
             raise ValueError(
                 f"ssm_method='chunked' needs a structured kernel (s4 or s4d), not "

@@ -3,10 +3,11 @@ Mamba-2's state-space duality (Dao and Gu 2024), computed chunk by chunk in pure
 
 The SSM input u (B, L, P) is RMS-normalized and passes a short causal depthwise convolution and a
 SiLU (as in Mamba), giving x. For each of C channels (1 for SH, H for MH, S for MF) and each of its
-G heads of width P / G, with a scalar decay A < 0 per head, an input-dependent step dt_t > 0 per
-head and input-dependent B_t, C_t in R^N shared by the heads of a channel:
+G heads of width P / G, with a decay A < 0 per head (Mamba-2; or, with decay="state", one per head
+and state dimension, as Mamba's S6), an input-dependent step dt_t > 0 per head and input-dependent
+B_t, C_t in R^N shared by the heads of a channel:
 
-    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T        (h_t: P/G x N per head)
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T        (h_t: P/G x N per head; A scales its columns)
     y_t = h_t C_t + D x_t
 
 so what enters the state, and how long it stays, depend on the token (unlike S4/S4D, whose filter
@@ -14,10 +15,12 @@ is the same whatever the input). The chunked algorithm: inside a chunk of T step
 an attention-like product (C_t . B_s) exp(sum of a over (s, t]) dt_s x_s, masked causally; each
 chunk's own contribution to the state at its end is one product; the states at chunk boundaries
 follow from a product with the (nc x nc) matrix of decays between chunks. All matrix products,
-memory O(L T), no loop over positions. State and arithmetic in float32.
+memory O(L T) (O(L T N) with a decay per state dimension, whose in-chunk decays differ by
+dimension), no loop over positions. State and arithmetic in float32.
 
 On CUDA with the optional `mamba-ssm` package installed, the fused Triton chunk scan of that
-package computes the same function (`use_fused`); elsewhere the PyTorch path does.
+package computes the same function (`use_fused`; one decay per head only); elsewhere the PyTorch
+path does.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import SelectiveSSMCache
+from ..config import SSD_DECAYS
 from .eager import eager
 
 CONV_WIDTH = 4        # taps of the causal depthwise convolution before the SSM (Mamba's d_conv)
@@ -61,21 +65,32 @@ def _chunks(chunk: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def _per_state(a: torch.Tensor) -> torch.Tensor:
+    """Decays (K, G) (one per head) or (K, G, N) (one per head and state dimension) -> (K, G, N')
+    with N' = 1 or N, so that one code path serves both."""
+    return a.unsqueeze(-1) if a.dim() == 2 else a
+
+
+def _log_decays(dt: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """dt (B, nc, T, K, G), a (K, G, N') -> log decays of every step (B, nc, K, G, N', T)."""
+    return (dt.unsqueeze(-1) * a).permute(0, 1, 3, 4, 5, 2)
+
+
 def _boundary_states(xdt: torch.Tensor, cumulative: torch.Tensor, b: torch.Tensor,
                      initial_state: torch.Tensor | None) -> torch.Tensor:
     """States at every chunk boundary (B, nc + 1, K, G, P, N): entry z is the state entering
     chunk z (z = nc: after the last chunk). xdt (B, nc, T, K, G, P), cumulative log decays
-    (B, nc, K, G, T), b (B, nc, T, K, N)."""
-    to_end = torch.exp(cumulative[..., -1:] - cumulative)                     # (B, nc, K, G, T)
-    own = torch.einsum("bzskn,bzkgs,bzskgp->bzkgpn", b, to_end, xdt)          # (B, nc, K, G, P, N)
+    (B, nc, K, G, N', T), b (B, nc, T, K, N)."""
+    to_end = torch.exp(cumulative[..., -1:] - cumulative)                     # (B, nc, K, G, N', T)
+    own = torch.einsum("bzskn,bzkgns,bzskgp->bzkgpn", b, to_end, xdt)         # (B, nc, K, G, P, N)
     if initial_state is None:
         initial_state = own.new_zeros(own[:, :1].shape)
     else:
         initial_state = initial_state.unsqueeze(1).to(own.dtype)
     own = torch.cat([initial_state, own], dim=1)                              # (B, nc+1, K, G, P, N)
-    chunk_decay = F.pad(cumulative[..., -1], (0, 0, 0, 0, 1, 0))              # (B, nc+1, K, G)
-    between = torch.exp(segment_sums(chunk_decay.permute(0, 2, 3, 1)))       # (B, K, G, nc+1, nc+1)
-    return torch.einsum("bkgzy,bykgpn->bzkgpn", between, own)
+    chunk_decay = F.pad(cumulative[..., -1], (0, 0, 0, 0, 0, 0, 1, 0))        # (B, nc+1, K, G, N')
+    between = torch.exp(segment_sums(chunk_decay.permute(0, 2, 3, 4, 1)))    # (B, K, G, N', nc+1, nc+1)
+    return torch.einsum("bkgnzy,bykgpn->bzkgpn", between, own)
 
 
 def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -83,22 +98,27 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Ten
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The selective scan by chunks.
 
-    x (B, L, K, G, P), dt (B, L, K, G) > 0, a (K, G) < 0, b and c (B, L, K, N), with K independent
-    channels of G heads; initial_state (B, K, G, P, N) or None (zeros). Returns y (B, L, K, G, P)
-    without the D term and the state after the last step (B, K, G, P, N).
+    x (B, L, K, G, P), dt (B, L, K, G) > 0, a < 0 of shape (K, G) (a decay per head) or (K, G, N)
+    (per head and state dimension), b and c (B, L, K, N), with K independent channels of G heads;
+    initial_state (B, K, G, P, N) or None (zeros). Returns y (B, L, K, G, P) without the D term and
+    the state after the last step (B, K, G, P, N).
     """
     batch, length = x.shape[:2]
     x, dt, b, c = _chunks(chunk, x, dt, b, c)
-    log_a = (dt * a).permute(0, 1, 3, 4, 2)                                   # (B, nc, K, G, T)
-    cumulative = torch.cumsum(log_a, dim=-1)                                  # (B, nc, K, G, T)
+    log_a = _log_decays(dt, _per_state(a))                                    # (B, nc, K, G, N', T)
+    cumulative = torch.cumsum(log_a, dim=-1)
     xdt = x * dt.unsqueeze(-1)                                                # (B, nc, T, K, G, P)
     # inside each chunk: causal, decayed "attention" of C_t to B_s
-    decay = torch.exp(segment_sums(log_a))                                    # (B, nc, K, G, T, T)
-    scores = torch.einsum("bztkn,bzskn->bzkts", c, b)                         # (B, nc, K, T, T)
-    y = torch.einsum("bzkts,bzkgts,bzskgp->bztkgp", scores, decay, xdt)
+    decay = torch.exp(segment_sums(log_a))                                    # (B, nc, K, G, N', T, T)
+    if decay.shape[4] == 1:  # one decay per head: C_t . B_s once for all the heads of a channel
+        scores = torch.einsum("bztkn,bzskn->bzkts", c, b)                     # (B, nc, K, T, T)
+        y = torch.einsum("bzkts,bzkgts,bzskgp->bztkgp", scores, decay.squeeze(4), xdt)
+    else:                    # a decay per state dimension: C_t and B_s meet through it
+        pairs = torch.einsum("bztkn,bzskn->bzknts", c, b)                     # (B, nc, K, N, T, T)
+        y = torch.einsum("bzknts,bzkgnts,bzskgp->bztkgp", pairs, decay, xdt)
     # the state entering each chunk, decayed to each step, read by C_t
     states = _boundary_states(xdt, cumulative, b, initial_state)
-    y = y + torch.einsum("bztkn,bzkgpn,bzkgt->bztkgp", c, states[:, :-1], torch.exp(cumulative))
+    y = y + torch.einsum("bztkn,bzkgpn,bzkgnt->bztkgp", c, states[:, :-1], torch.exp(cumulative))
     return y.reshape(batch, -1, *y.shape[3:])[:, :length], states[:, -1]
 
 
@@ -109,19 +129,20 @@ def ssd_block_ends(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.
     so the in-chunk products are never formed."""
     nb = x.shape[1] // block
     x, dt, b, c = _chunks(block, *(t[:, :nb * block] for t in (x, dt, b, c)))
-    cumulative = torch.cumsum((dt * a).permute(0, 1, 3, 4, 2), dim=-1)       # (B, nb, K, G, T)
+    cumulative = torch.cumsum(_log_decays(dt, _per_state(a)), dim=-1)        # (B, nb, K, G, N', T)
     states = _boundary_states(x * dt.unsqueeze(-1), cumulative, b, None)[:, 1:]
     return torch.einsum("bzkn,bzkgpn->bzkgp", c[:, :, -1], states)
 
 
 def ssd_reference(x, dt, a, b, c, initial_state=None):
-    """The same recurrence step by step (for tests and as the definition)."""
+    """The same recurrence step by step (for tests and as the definition); a (K, G) or (K, G, N)."""
     batch, length, k, g, p = x.shape
     n = b.shape[-1]
+    a = a.view(k, g, 1, -1)  # a decay per head, or per head and state dimension: (K, G, 1, N')
     h = x.new_zeros(batch, k, g, p, n) if initial_state is None else initial_state.clone()
     ys = []
     for t in range(length):
-        h = torch.exp(dt[:, t] * a)[..., None, None] * h + torch.einsum(
+        h = torch.exp(dt[:, t, ..., None, None] * a) * h + torch.einsum(
             "bkgp,bkn->bkgpn", x[:, t] * dt[:, t, ..., None], b[:, t])
         ys.append(torch.einsum("bkgpn,bkn->bkgp", h, c[:, t]))
     return torch.stack(ys, 1), h
@@ -149,11 +170,18 @@ class SelectiveParameters(nn.Module):
 
     max_length = None  # defined at any length (a state-space system)
 
-    def __init__(self, channels: int, width: int, state_size: int, dt_min: float, dt_max: float):
+    def __init__(self, channels: int, width: int, state_size: int, dt_min: float, dt_max: float,
+                 heads: int | None = None, decay: str = "head"):
         super().__init__()
         self.channels, self.width, self.state_size = channels, width, state_size
-        self.heads = max(h for h in range(1, MAX_HEADS + 1)
-                         if width % h == 0 and (width // h >= MIN_HEAD_DIM or h == 1))
+        if heads is None:
+            heads = max(h for h in range(1, MAX_HEADS + 1)
+                        if width % h == 0 and (width // h >= MIN_HEAD_DIM or h == 1))
+        if heads < 1 or width % heads:
+            raise ValueError(f"ssd_heads={heads} must divide the SSM width {width}")
+        if decay not in SSD_DECAYS:
+            raise ValueError(f"ssd_decay={decay!r}; accepted: {', '.join(SSD_DECAYS)}")
+        self.heads, self.decay = heads, decay
         # The SSM input is RMS-normalized first: B, C and x enter the state as a product, so with the
         # small inputs of BST's 0.02-std down-projection the selective path would start about 1e-3
         # below the skip term and barely learn (measured: MQAR loss stuck at ln 64).
@@ -161,13 +189,17 @@ class SelectiveParameters(nn.Module):
         self.conv = nn.Conv1d(width, width, CONV_WIDTH, groups=width)
         self.to_dt = nn.Linear(width, channels * self.heads)
         self.to_bc = nn.Linear(width, 2 * channels * state_size, bias=False)
-        # dt starts log-uniform in [dt_min, dt_max] (softplus(bias) = dt), A in [1, 16] as Mamba-2
+        # dt starts log-uniform in [dt_min, dt_max] (softplus(bias) = dt)
         dt = torch.exp(torch.rand(channels * self.heads) * (math.log(dt_max) - math.log(dt_min))
                        + math.log(dt_min))
         with torch.no_grad():
             self.to_dt.bias.copy_(dt + torch.log(-torch.expm1(-dt)))              # inverse softplus
             self.to_dt.weight.mul_(0.1)
-        self.log_a = nn.Parameter(torch.log(torch.empty(channels, self.heads).uniform_(1, 16)))
+        if decay == "head":  # one decay per head, A in [1, 16] (Mamba-2): (K, G)
+            a = torch.empty(channels, heads).uniform_(1, 16)
+        else:                # one per head and state dimension, A_n = n + 1 (Mamba's S4D-Real): (K, G, N)
+            a = torch.arange(1, state_size + 1, dtype=torch.float32).repeat(channels, heads, 1)
+        self.log_a = nn.Parameter(torch.log(a))
         for p in (self.to_dt.bias, self.log_a):
             p._no_weight_decay = True  # type: ignore[attr-defined]
 
@@ -178,9 +210,9 @@ class SelectiveSSM(nn.Module):
     (the last CONV_WIDTH - 1 inputs and the (C, G, P/G, N) SSM state)."""
 
     def __init__(self, channels: int, width: int, state_size: int, dt_min: float, dt_max: float,
-                 chunk_size: int = 64):
+                 chunk_size: int = 64, heads: int | None = None, decay: str = "head"):
         super().__init__()
-        self.kernel = SelectiveParameters(channels, width, state_size, dt_min, dt_max)
+        self.kernel = SelectiveParameters(channels, width, state_size, dt_min, dt_max, heads, decay)
         self.chunk_size = chunk_size
         self.D = nn.Parameter(torch.randn(channels, width))
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
@@ -211,11 +243,13 @@ class SelectiveSSM(nn.Module):
         return x, xs, dt, b, c
 
     def _decay(self, like: torch.Tensor) -> torch.Tensor:
+        """A < 0: (K, G) or (K, G, N), in the dtype of `like`."""
         return -torch.exp(self.kernel.log_a.to(like.dtype))
 
     def _scan(self, xs, dt, b, c, initial_state=None):
         a = self._decay(xs)
-        if self.use_fused and initial_state is None and _fused_available(xs.device):
+        if (self.use_fused and initial_state is None and a.dim() == 2
+                and _fused_available(xs.device)):  # mamba-ssm's scan: one decay per head
             return self._fused(xs, dt, a, b, c)
         return ssd_chunked(xs, dt, a, b, c, self.chunk_size, initial_state)
 
@@ -287,7 +321,8 @@ class SelectiveSSM(nn.Module):
             batch, k.channels, k.heads)                                              # (B, K, G)
         b, c = F.linear(x, k.to_bc.weight.to(dtype)).view(batch, 2, k.channels, 1, 1, -1).unbind(1)
         xs = x.view(batch, 1, k.heads, -1)                                          # (B, 1, G, P/G)
-        decay = torch.exp(dt * self._decay(dt)).unsqueeze(-1).unsqueeze(-1)          # (B, K, G, 1, 1)
+        a = self._decay(dt).view(k.channels, k.heads, -1)                            # (K, G, N')
+        decay = torch.exp(dt.unsqueeze(-1) * a).unsqueeze(-2)                        # (B, K, G, 1, N')
         cache.state = torch.addcmul(decay * cache.state, (xs * dt.unsqueeze(-1)).unsqueeze(-1), b)
         if not output:
             return None
