@@ -399,3 +399,22 @@ def test_segment_recurrent_models_can_train_on_shuffled_windows_without_memory(c
     assert checkpoint.memory() is None                       # nothing carried
     # the shuffled-window stream counts sequences (a lane stream would count batches: 3)
     assert checkpoint.train_state["data"]["position"] == 3 * 4
+
+
+def test_a_planned_tokenizer_that_cannot_be_trained_falls_back_to_bytes_only_when_asked(tmp_path):
+    """prepare_tokenizer: too little text for the vocabulary raises, unless the caller (a budget
+    plan, not the user, chose the tokenizer) passes `fall_back`, which gets the reason."""
+    from blockstate.data import DirectoryCorpus, TokenizerError
+    from blockstate.train import prepare_tokenizer
+
+    (tmp_path / "corpus").mkdir()
+    for i in range(3):
+        (tmp_path / "corpus" / f"d{i}.txt").write_text("a tiny text\n" * 3)
+    corpus = DirectoryCorpus(tmp_path / "corpus", validation=0, test=0)
+    config = TrainConfig(tokenizer="bpe", vocab_size=4000)
+    with pytest.raises(TokenizerError):
+        prepare_tokenizer(config, corpus, tmp_path / "run1", is_main=True)
+    lines = []
+    tokenizer = prepare_tokenizer(config, corpus, tmp_path / "run2", is_main=True,
+                                  fall_back=lines.append)
+    assert tokenizer.kind == "byte" and len(lines) == 1 and "byte tokenizer instead" in lines[0]

@@ -58,21 +58,23 @@ from .train_config import BUDGET_FIELDS, TrainConfig
 MAX_SKIPPED_BATCHES = 10
 
 def prepare_tokenizer(config: TrainConfig, corpus, out_dir: Path, is_main: bool,
-                      resuming: bool = False, log=None) -> Tokenizer:
+                      resuming: bool = False,
+                      fall_back: Callable[[str], None] | None = None) -> Tokenizer:
     """The run's tokenizer, saved in out_dir/tokenizer: a resumed run's own; for a new run, the
     one the config asks for (one left by an earlier attempt is reused only if it was trained with
-    the same settings on the same corpus). With `log` (a tokenizer the budget plan chose), a
-    SentencePiece tokenizer that cannot be trained on the corpus (too little text for its
-    vocabulary) gives way to the byte tokenizer, with a line saying so."""
+    the same settings on the same corpus). With `fall_back` (for a tokenizer the budget plan
+    chose, not the user), a SentencePiece tokenizer that cannot be trained on the corpus (too
+    little text for its vocabulary) gives way to the byte tokenizer, and `fall_back` is given the
+    line that says so; without it, that failure is raised."""
     tok_dir = out_dir / "tokenizer"
     if is_main and not (resuming and (tok_dir / "tokenizer.json").exists()):
         try:
             tokenizer = build_tokenizer(config.tokenizer, corpus=corpus,
                                         vocab_size=config.vocab_size, directory=tok_dir)
         except TokenizerError as error:
-            if log is None:
+            if fall_back is None:
                 raise
-            log(f"size auto: using the byte tokenizer instead ({error})")
+            fall_back(f"size auto: using the byte tokenizer instead ({error})")
             tokenizer = build_tokenizer("byte")
         tokenizer.save(tok_dir)
     if dist.is_initialized():  # every process reaches this barrier, whatever exists on disk
@@ -239,7 +241,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         if note:
             log(note)
     tokenizer = prepare_tokenizer(config, corpus, out_dir, ddp.is_main, checkpoint is not None,
-                                  log=log if note else None)
+                                  fall_back=log if note else None)
     if note and tokenizer.kind == "byte":  # the planned tokenizer could not be trained here
         config = dataclasses.replace(config, tokenizer="byte")
     splits = _tokenized_splits(corpus, tokenizer, config, ddp)
