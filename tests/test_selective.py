@@ -58,9 +58,13 @@ def test_block_end_outputs_come_from_the_boundary_states(decay):
     torch.testing.assert_close(ssm.block_end_outputs(u, 10), ssm(u)[:, 9::10], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("heads, decay", [(None, "head"), (32, "head"), (8, "state")])
-def test_one_token_steps_keep_a_constant_state_and_equal_the_forward_pass(heads, decay):
-    ssm = SelectiveSSM(2, 32, 8, 1e-3, 1e-1, chunk_size=8, heads=heads, decay=decay).double()
+@pytest.mark.parametrize("heads, decay, bc_norm", [(None, "head", False), (32, "head", False),
+                                                   (8, "state", False), (None, "head", True)])
+def test_one_token_steps_keep_a_constant_state_and_equal_the_forward_pass(heads, decay, bc_norm):
+    ssm = SelectiveSSM(2, 32, 8, 1e-3, 1e-1, chunk_size=8, heads=heads, decay=decay,
+                       bc_norm=bc_norm).double()
+    if bc_norm:  # gains away from 1, so that a step that skipped them would differ
+        torch.nn.init.uniform_(ssm.kernel.bc_gain, 0.5, 2.0)
     u = torch.randn(2, 48, 32, dtype=torch.float64)
     full = ssm(u)
     cache = ssm.allocate_cache(2, u.device, torch.float64)
@@ -100,6 +104,23 @@ def test_heads_and_decay_kind():
         ModelConfig(ssm_kernel="ssd", ssd_decay="channel")
     with pytest.raises(ValueError, match="configure ssm_kernel='ssd'"):
         ModelConfig(ssm_kernel="s4", ssd_decay="state")
+
+
+def test_normalized_b_and_c_carry_distant_tokens_near_the_skip_terms_scale():
+    """ssd_bc_norm: B_t and C_t of unit RMS (learned gains), so that at initialization the state's
+    part of the output is a sizeable fraction of the skip term (about 1% without it)."""
+    def state_to_skip(bc_norm):
+        torch.manual_seed(0)
+        ssm = SelectiveSSM(1, 16, 8, 1e-3, 1e-1, bc_norm=bc_norm)
+        u = torch.randn(8, 64, 16)
+        with torch.no_grad():
+            y = ssm(u)
+            ssm.D.zero_()
+            state = ssm(u)
+        return (state.norm() / (y - state).norm()).item()
+    assert state_to_skip(False) < 0.05 < 0.2 < state_to_skip(True)
+    with pytest.raises(ValueError, match="ssd_bc_norm configure"):
+        ModelConfig(ssm_kernel="s4", ssd_bc_norm=True)
 
 
 @pytest.mark.skipif(not _fused_available(torch.device("cuda")) if torch.cuda.is_available() else True,

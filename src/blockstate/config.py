@@ -133,6 +133,7 @@ class ModelConfig:
     # S6: N time scales per head, A_n = n + 1 at initialization).
     ssd_heads: int | None = None
     ssd_decay: str = "head"
+    ssd_bc_norm: bool = False       # RMS-normalize the selective kernel's B_t and C_t (learned gains)
     dt_min: float = 1e-3            # range of the initial SSM step size (log-uniform)
     dt_max: float = 1e-1
     unstruct_decay: float = 2.0     # alpha in K(t) = exp(-alpha t) MLP(PosEmb(t)), t in [0, 1)
@@ -240,8 +241,9 @@ class ModelConfig:
             raise ValueError("ssm_kernel='ssd' is input-dependent and has no kernel to FFT; use "
                              "ssm_method='auto' or 'chunked'")
         _choice("ssd_decay", self.ssd_decay, SSD_DECAYS)
-        if self.ssm_kernel != "ssd" and (self.ssd_heads is not None or self.ssd_decay != "head"):
-            raise ValueError(f"ssd_heads and ssd_decay configure ssm_kernel='ssd', not "
+        if self.ssm_kernel != "ssd" and (self.ssd_heads is not None or self.ssd_decay != "head"
+                                         or self.ssd_bc_norm):
+            raise ValueError(f"ssd_heads, ssd_decay and ssd_bc_norm configure ssm_kernel='ssd', not "
                              f"ssm_kernel={self.ssm_kernel!r}")
         if self.ssd_heads is not None and self.ssm_width % self.ssd_heads:
             raise ValueError(f"ssd_heads={self.ssd_heads} must divide the SSM width "

@@ -23,7 +23,8 @@ def build_ssm(config: ModelConfig, channels: int, width: int) -> SSM | Selective
     selective (input-dependent) SSM, which has no fixed kernel and always runs chunked."""
     if config.ssm_kernel == "ssd":
         return SelectiveSSM(channels, width, config.ssm_state_size, config.dt_min, config.dt_max,
-                            config.ssm_chunk_size, config.ssd_heads, config.ssd_decay)
+                            config.ssm_chunk_size, config.ssd_heads, config.ssd_decay,
+                            config.ssd_bc_norm)
     return SSM(build_kernel(config, channels, width), config.ssm_method, config.ssm_chunk_size)
 
 

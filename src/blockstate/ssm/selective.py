@@ -171,7 +171,7 @@ class SelectiveParameters(nn.Module):
     max_length = None  # defined at any length (a state-space system)
 
     def __init__(self, channels: int, width: int, state_size: int, dt_min: float, dt_max: float,
-                 heads: int | None = None, decay: str = "head"):
+                 heads: int | None = None, decay: str = "head", bc_norm: bool = False):
         super().__init__()
         self.channels, self.width, self.state_size = channels, width, state_size
         if heads is None:
@@ -189,6 +189,10 @@ class SelectiveParameters(nn.Module):
         self.conv = nn.Conv1d(width, width, CONV_WIDTH, groups=width)
         self.to_dt = nn.Linear(width, channels * self.heads)
         self.to_bc = nn.Linear(width, 2 * channels * state_size, bias=False)
+        # Optionally B_t and C_t are RMS-normalized over N with learned gains (2, K, N): entries of
+        # unit scale, so that what the state carries starts near the skip term's scale instead of
+        # about 1% of it (B and C enter the output as a product; docs/results/long_range.md, 8).
+        self.bc_gain = nn.Parameter(torch.ones(2, channels, state_size)) if bc_norm else None
         # dt starts log-uniform in [dt_min, dt_max] (softplus(bias) = dt)
         dt = torch.exp(torch.rand(channels * self.heads) * (math.log(dt_max) - math.log(dt_min))
                        + math.log(dt_min))
@@ -200,8 +204,9 @@ class SelectiveParameters(nn.Module):
         else:                # one per head and state dimension, A_n = n + 1 (Mamba's S4D-Real): (K, G, N)
             a = torch.arange(1, state_size + 1, dtype=torch.float32).repeat(channels, heads, 1)
         self.log_a = nn.Parameter(torch.log(a))
-        for p in (self.to_dt.bias, self.log_a):
-            p._no_weight_decay = True  # type: ignore[attr-defined]
+        for p in (self.to_dt.bias, self.log_a, self.bc_gain):
+            if p is not None:
+                p._no_weight_decay = True  # type: ignore[attr-defined]
 
 
 class SelectiveSSM(nn.Module):
@@ -210,9 +215,11 @@ class SelectiveSSM(nn.Module):
     (the last CONV_WIDTH - 1 inputs and the (C, G, P/G, N) SSM state)."""
 
     def __init__(self, channels: int, width: int, state_size: int, dt_min: float, dt_max: float,
-                 chunk_size: int = 64, heads: int | None = None, decay: str = "head"):
+                 chunk_size: int = 64, heads: int | None = None, decay: str = "head",
+                 bc_norm: bool = False):
         super().__init__()
-        self.kernel = SelectiveParameters(channels, width, state_size, dt_min, dt_max, heads, decay)
+        self.kernel = SelectiveParameters(channels, width, state_size, dt_min, dt_max, heads, decay,
+                                          bc_norm)
         self.chunk_size = chunk_size
         self.D = nn.Parameter(torch.randn(channels, width))
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
@@ -237,10 +244,17 @@ class SelectiveSSM(nn.Module):
                             groups=width)).transpose(1, 2)                        # (B, L, P)
         dt = F.softplus(F.linear(x, k.to_dt.weight.to(dtype), k.to_dt.bias.to(dtype)))
         dt = dt.view(batch, length, k.channels, k.heads)
-        b, c = F.linear(x, k.to_bc.weight.to(dtype)).view(
-            batch, length, 2, k.channels, k.state_size).unbind(2)
+        b, c = self._bc(x)
         xs = x.view(batch, length, 1, k.heads, width // k.heads).expand(-1, -1, k.channels, -1, -1)
         return x, xs, dt, b, c
+
+    def _bc(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B_t and C_t, each (..., K, N), from x (..., P)."""
+        k = self.kernel
+        bc = F.linear(x, k.to_bc.weight.to(x.dtype)).unflatten(-1, (2, k.channels, k.state_size))
+        if k.bc_gain is not None:
+            bc = F.rms_norm(bc, (k.state_size,), eps=1e-6) * k.bc_gain.to(x.dtype)
+        return bc.unbind(-3)
 
     def _decay(self, like: torch.Tensor) -> torch.Tensor:
         """A < 0: (K, G) or (K, G, N), in the dtype of `like`."""
@@ -319,7 +333,7 @@ class SelectiveSSM(nn.Module):
         x = F.silu((window * taps).sum(1) + k.conv.bias.to(dtype))                  # (B, P)
         dt = F.softplus(F.linear(x, k.to_dt.weight.to(dtype), k.to_dt.bias.to(dtype))).view(
             batch, k.channels, k.heads)                                              # (B, K, G)
-        b, c = F.linear(x, k.to_bc.weight.to(dtype)).view(batch, 2, k.channels, 1, 1, -1).unbind(1)
+        b, c = (t.view(batch, k.channels, 1, 1, -1) for t in self._bc(x))          # (B, K, 1, 1, N)
         xs = x.view(batch, 1, k.heads, -1)                                          # (B, 1, G, P/G)
         a = self._decay(dt).view(k.channels, k.heads, -1)                            # (K, G, N')
         decay = torch.exp(dt.unsqueeze(-1) * a).unsqueeze(-2)                        # (B, K, G, 1, N')
