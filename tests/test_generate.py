@@ -41,6 +41,7 @@ def test_prefill_then_steps_equal_the_parallel_forward(name, prompt_len):
     {"context_variant": "mh", "ssm_kernel": "s4d", "context_norm": "rms"},
     {"context_variant": "mf", "ssm_kernel": "s4", "context_norm": "rms", "context_activation": "none"},
     {"context_variant": "sh", "ssm_method": "fft"},
+    {"context_variant": "sh", "ssm_kernel": "s4d", "s4d_init": "real"},  # decays only
     {"context_variant": "sh", "qk_norm": False},   # the step's precomputed 1/sqrt(Dh) scales
     {"context_variant": "mf", "qk_norm": False, "self_attention": "sliding"},
     {"ssm_kernel": "ssd", "ssd_heads": 16, "ssd_decay": "state"},        # S6-like selective decays

@@ -12,11 +12,12 @@ def _random_s4d(init: str) -> S4DKernel:
     kernel = S4DKernel(channels=2, width=3, state_size=8, init=init, dt_min=0.01, dt_max=0.5).double()
     with torch.no_grad():  # move away from the initialization so every parameter matters
         kernel.log_neg_real.add_(0.3 * torch.randn_like(kernel.log_neg_real))
-        kernel.imag.add_(0.3 * torch.randn_like(kernel.imag))
+        if init != "real":  # S4D-Real has no imaginary part to move
+            kernel.imag.add_(0.3 * torch.randn_like(kernel.imag))
     return kernel
 
 
-@pytest.mark.parametrize("init", ["lin", "inv"])
+@pytest.mark.parametrize("init", ["lin", "inv", "real"])
 def test_s4d_kernel_equals_zoh_recurrence(init):
     kernel = _random_s4d(init)
     ssm = SSM(kernel).double()
@@ -39,6 +40,9 @@ def test_s4d_initializations():
         torch.testing.assert_close(k.log_neg_real.exp(), torch.full_like(k.log_neg_real, 0.5))
         dt = k.log_dt.exp()
         assert (dt >= 1e-3 - 1e-9).all() and (dt <= 1e-1 + 1e-9).all()
+    real = S4DKernel(1, 1, 8, init="real")  # S4D-Real: A_n = -(n + 1), and it stays real
+    torch.testing.assert_close(real.log_neg_real.exp()[0, 0], n + 1)
+    assert "imag" not in dict(real.named_parameters()) and not real.imag.any()
 
 
 def test_hippo_legs_nplr_is_similar_to_hippo():

@@ -15,7 +15,7 @@ from typing import Any
 CONTEXT_VARIANTS = ("sh", "mh", "mf")
 SSM_KERNELS = ("s4", "s4d", "unstruct", "explicit", "ssd")
 SSD_DECAYS = ("head", "state")   # one decay per head (Mamba-2) or per head and state dimension (S6)
-S4D_INITS = ("lin", "inv")
+S4D_INITS = ("lin", "inv", "real")
 SELF_ATTENTION_MODES = ("block", "sliding", "full")
 SSM_METHODS = ("auto", "fft", "chunked")
 CONTEXT_NORMS = ("none", "rms")
@@ -126,7 +126,7 @@ class ModelConfig:
     # S4/S4D, FFT otherwise); `ssm_chunk_size` is the chunk length T of the chunked path.
     ssm_method: str = "auto"
     ssm_chunk_size: int = 64
-    s4d_init: str = "inv"           # S4D-Inv or S4D-Lin initialization of the diagonal A
+    s4d_init: str = "inv"           # S4D-Inv, S4D-Lin or S4D-Real (no rotation) initialization of A
     # The selective kernel (ssm_kernel="ssd"): heads per SSM channel, each with its own step size
     # and decay (None: as many as give heads of at least 4 dimensions, at most 8), and the decay:
     # "head", one scalar per head (Mamba-2), or "state", one per head and state dimension (Mamba's

@@ -68,15 +68,21 @@ class S4DKernel(nn.Module):
         n = state_size // 2
         self.channels, self.width, self.state_size = channels, width, state_size
         arange = torch.arange(n, dtype=torch.float32)
+        real = torch.full((n,), 0.5)
         if init == "lin":
             imag = math.pi * arange
         elif init == "inv":
             imag = state_size / math.pi * (state_size / (2 * arange + 1) - 1)
+        elif init == "real":  # S4D-Real: A_n = -(n + 1), decays without rotation (as Mamba's)
+            real, imag = arange + 1, None
         else:
-            raise ValueError(f"init={init!r} is not valid; allowed values: lin, inv")
+            raise ValueError(f"init={init!r} is not valid; allowed values: lin, inv, real")
         self.log_dt = nn.Parameter(_log_dt_init(channels, width, dt_min, dt_max))
-        self.log_neg_real = nn.Parameter(torch.full((channels, width, n), math.log(0.5)))
-        self.imag = nn.Parameter(imag.expand(channels, width, n).clone())
+        self.log_neg_real = nn.Parameter(torch.log(real).expand(channels, width, n).clone())
+        if imag is None:  # real stays real: no imaginary part is learned
+            self.register_buffer("imag", torch.zeros(channels, width, n), persistent=False)
+        else:
+            self.imag = nn.Parameter(imag.expand(channels, width, n).clone())
         self.C = nn.Parameter(torch.randn(channels, width, n, 2) * math.sqrt(0.5))
         _mark_no_weight_decay(self.log_dt, self.log_neg_real, self.imag)
 
