@@ -20,3 +20,11 @@ OMP_NUM_THREADS=1 .venv/bin/blockstate reproduce --scale tiny --corpora python-s
     --models bst-sh-ssd --seeds 0,1 --no-ablations --out runs/reproduce-tiny-ssd
 # The attention baselines and MF on MQAR beyond the window.
 "${MQAR[@]}" --param gap=64 --param seq_len=96 --models transformer,brt,bst-mf-ssd --out "$OUT/mqar"
+# The rest of the grid: every suite task for the selective presets beside bst-sh-s4,
+# bst-mf-s4, slide, transformer and brt at the settings of scripts/long_range.sh.
+"${MQAR[@]}" --param gap=64 --param seq_len=96 --models bst-mf-ssd --out "$OUT/mqar"
+"${BS[@]}" --steps 1000 --lr 1e-3 --batch-size 64 --task induction --param seq_len=64 \
+    --eval-param seq_len=256,1024 --models bst-sh-ssd,bst-mf-ssd,transformer,brt --out "$OUT/induction"
+"${BS[@]}" --steps 600 --task selective_copying --param region=64 --models bst-mf-s4,transformer,brt \
+    --out "$OUT/selective_copying"
+"${BS[@]}" --steps 600 --task copying --param lag=56 --models transformer,brt --out "$OUT/copying"
