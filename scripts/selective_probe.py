@@ -28,6 +28,7 @@ SETTINGS = [  # (label, preset, overrides)
     ("bst-sh-ssd, ssd_heads=16", "bst-sh-ssd", {"ssd_heads": 16}),
     ("bst-sh-ssd, ssd_decay=state", "bst-sh-ssd", {"ssd_decay": "state"}),
     ("bst-sh-ssd, ssd_bc_norm=true", "bst-sh-ssd", {"ssd_bc_norm": True}),
+    ("bst-sh-ssd, ssd_decay=complex", "bst-sh-ssd", {"ssd_decay": "complex"}),
 ]
 
 

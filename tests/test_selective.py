@@ -13,31 +13,38 @@ from blockstate.ssm.selective import (
     ssd_reference,
 )
 
+DECAYS = ["head", "state", "complex"]
+
 
 def _inputs(batch=2, length=37, k=3, g=2, p=4, n=5, seed=0, decay="head"):
-    """Inputs of the scan; decay "state" gives each head a decay per state dimension."""
+    """Inputs of the scan; decay "state" gives each head a decay per state dimension, "complex" a
+    complex one (rotations up to 5 radians per unit step) with complex B and C."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, length, k, g, p, generator=gen, dtype=torch.float64)
     dt = torch.rand(batch, length, k, g, generator=gen, dtype=torch.float64) * 0.5
-    a = -torch.rand(k, g, *((n,) if decay == "state" else ()), generator=gen, dtype=torch.float64) * 3
+    a = -torch.rand(k, g, *((n,) if decay != "head" else ()), generator=gen, dtype=torch.float64) * 3
     b = torch.randn(batch, length, k, n, generator=gen, dtype=torch.float64)
     c = torch.randn(batch, length, k, n, generator=gen, dtype=torch.float64)
+    if decay == "complex":
+        a = torch.complex(a, torch.rand(k, g, n, generator=gen, dtype=torch.float64) * 10 - 5)
+        b = torch.complex(b, torch.randn(batch, length, k, n, generator=gen, dtype=torch.float64))
+        c = torch.complex(c, torch.randn(batch, length, k, n, generator=gen, dtype=torch.float64))
     return x, dt, a, b, c
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 8, 64])
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("decay", ["head", "state"])
+@pytest.mark.parametrize("decay", DECAYS)
 def test_chunked_scan_equals_the_recurrence(chunk, with_state, decay):
     x, dt, a, b, c = _inputs(decay=decay)
-    h0 = torch.randn(2, 3, 2, 4, 5, dtype=torch.float64) if with_state else None
+    h0 = torch.randn(2, 3, 2, 4, 5, dtype=b.dtype) if with_state else None
     y_ref, h_ref = ssd_reference(x, dt, a, b, c, h0)
     y, h = ssd_chunked(x, dt, a, b, c, chunk, h0)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("decay", ["head", "state"])
+@pytest.mark.parametrize("decay", DECAYS)
 def test_chunked_scan_gradients_equal_the_recurrences(decay):
     inputs = [t.requires_grad_() for t in _inputs(length=20, decay=decay)]
     y, _ = ssd_chunked(*inputs, chunk=8)
@@ -48,7 +55,7 @@ def test_chunked_scan_gradients_equal_the_recurrences(decay):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("decay", ["head", "state"])
+@pytest.mark.parametrize("decay", DECAYS)
 def test_block_end_outputs_come_from_the_boundary_states(decay):
     x, dt, a, b, c = _inputs(length=40, decay=decay)
     y, _ = ssd_reference(x, dt, a, b, c)
@@ -59,7 +66,8 @@ def test_block_end_outputs_come_from_the_boundary_states(decay):
 
 
 @pytest.mark.parametrize("heads, decay, bc_norm", [(None, "head", False), (32, "head", False),
-                                                   (8, "state", False), (None, "head", True)])
+                                                   (8, "state", False), (None, "head", True),
+                                                   (8, "complex", False), (None, "complex", True)])
 def test_one_token_steps_keep_a_constant_state_and_equal_the_forward_pass(heads, decay, bc_norm):
     ssm = SelectiveSSM(2, 32, 8, 1e-3, 1e-1, chunk_size=8, heads=heads, decay=decay,
                        bc_norm=bc_norm).double()
@@ -104,6 +112,42 @@ def test_heads_and_decay_kind():
         ModelConfig(ssm_kernel="ssd", ssd_decay="channel")
     with pytest.raises(ValueError, match="configure ssm_kernel='ssd'"):
         ModelConfig(ssm_kernel="s4", ssd_decay="state")
+
+
+def test_complex_decay_pairs_the_state_into_rotating_modes():
+    """ssd_decay="complex": N/2 complex modes per head, A_m = -1/2 + i pi m at initialization
+    (S4D-Lin), the cache's state the same N real numbers per head as the real kinds."""
+    model = build_model("bst-sh-ssd", "tiny", ssd_decay="complex")
+    ssm = model.layers[model.config.resolved_bst_layers[0]].context.ssm
+    a = ssm._decay(torch.zeros(()))
+    assert a.is_complex() and a.shape == (1, 4, 4)
+    torch.testing.assert_close(a[0, 2], torch.complex(torch.full((4,), -0.5),
+                                                       torch.pi * torch.arange(4.0)))
+    real = build_model("bst-sh-ssd", "tiny").layers[model.config.resolved_bst_layers[0]].context.ssm
+    cache, real_cache = (s.allocate_cache(2, torch.device("cpu")) for s in (ssm, real))
+    assert cache.state.shape == real_cache.state.shape and not cache.state.is_complex()
+    # per layer: 4 heads x 4 modes of real and imaginary parts in place of 4 scalar decays
+    extra = len(model.config.resolved_bst_layers) * (4 * 4 * 2 - 4)
+    assert model.num_parameters() - build_model("bst-sh-ssd", "tiny").num_parameters() == extra
+    with pytest.raises(ValueError, match="even ssm_state_size"):
+        ModelConfig(ssm_kernel="ssd", ssd_decay="complex", ssm_state_size=7)
+
+
+def test_complex_modes_count_the_steps_the_input_takes():
+    """A mode's phase advances with dt_t, not with positions: inserting steps of dt = 0 (tokens the
+    input chose to skip) leaves the readout of the complex state unchanged, and the rotation shows
+    in it (unlike a real decay of the same magnitude)."""
+    x, dt, a, b, c = _inputs(length=12, decay="complex")
+    y, h = ssd_chunked(x, dt, a, b, c, 4)
+    skip = torch.zeros_like(dt[:, :5])
+    padded = [torch.cat([t[:, :6], z, t[:, 6:]], 1) for t, z in
+              ((x, torch.randn_like(x[:, :5])), (dt, skip), (b, torch.randn_like(b[:, :5])),
+               (c, c[:, 5:6].expand(-1, 5, -1, -1)))]
+    y_skip, h_skip = ssd_chunked(padded[0], padded[1], a, padded[2], padded[3], 4)
+    torch.testing.assert_close(h_skip, h, rtol=0, atol=1e-12)
+    torch.testing.assert_close(y_skip[:, 11:], y[:, 6:], rtol=0, atol=1e-12)
+    y_real, _ = ssd_chunked(x, dt, (-a.abs()).to(a.dtype), b, c, 4)  # no rotation
+    assert (y - y_real).abs().max() > 1e-2
 
 
 def test_normalized_b_and_c_carry_distant_tokens_near_the_skip_terms_scale():

@@ -14,7 +14,9 @@ from typing import Any
 
 CONTEXT_VARIANTS = ("sh", "mh", "mf")
 SSM_KERNELS = ("s4", "s4d", "unstruct", "explicit", "ssd")
-SSD_DECAYS = ("head", "state")   # one decay per head (Mamba-2) or per head and state dimension (S6)
+# One decay per head (Mamba-2), one per head and state dimension (S6), or a complex one per head and
+# pair of state dimensions (a rotating state, S4D-Lin's initialization with an input-dependent step)
+SSD_DECAYS = ("head", "state", "complex")
 S4D_INITS = ("lin", "inv", "real")
 SELF_ATTENTION_MODES = ("block", "sliding", "full")
 SSM_METHODS = ("auto", "fft", "chunked")
@@ -129,8 +131,11 @@ class ModelConfig:
     s4d_init: str = "inv"           # S4D-Inv, S4D-Lin or S4D-Real (no rotation) initialization of A
     # The selective kernel (ssm_kernel="ssd"): heads per SSM channel, each with its own step size
     # and decay (None: as many as give heads of at least 4 dimensions, at most 8), and the decay:
-    # "head", one scalar per head (Mamba-2), or "state", one per head and state dimension (Mamba's
-    # S6: N time scales per head, A_n = n + 1 at initialization).
+    # "head", one scalar per head (Mamba-2), "state", one per head and state dimension (Mamba's
+    # S6: N time scales per head, A_n = n + 1 at initialization), or "complex", the N real state
+    # dimensions of a head taken as N/2 complex modes that decay and rotate by dt_t A_m with
+    # A_m = -1/2 + i pi m at initialization (S4D-Lin), so that the phase of a mode counts the
+    # steps the input chose to take.
     ssd_heads: int | None = None
     ssd_decay: str = "head"
     ssd_bc_norm: bool = False       # RMS-normalize the selective kernel's B_t and C_t (learned gains)
@@ -245,6 +250,9 @@ class ModelConfig:
                                          or self.ssd_bc_norm):
             raise ValueError(f"ssd_heads, ssd_decay and ssd_bc_norm configure ssm_kernel='ssd', not "
                              f"ssm_kernel={self.ssm_kernel!r}")
+        if self.ssd_decay == "complex" and self.ssm_state_size % 2:
+            raise ValueError(f"ssd_decay='complex' pairs state dimensions into complex modes and "
+                             f"needs an even ssm_state_size, not {self.ssm_state_size}")
         if self.ssd_heads is not None and self.ssm_width % self.ssd_heads:
             raise ValueError(f"ssd_heads={self.ssd_heads} must divide the SSM width "
                              f"{self.ssm_width} (d_model // ssm_width_divisor)")

@@ -10,6 +10,13 @@ B_t, C_t in R^N shared by the heads of a channel:
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T        (h_t: P/G x N per head; A scales its columns)
     y_t = h_t C_t + D x_t
 
+With decay="complex" the N real dimensions are N/2 complex modes: B_t, C_t in C^(N/2) (the first
+and second halves of the projections are the real and imaginary parts), A_m complex with negative
+real part (S4D-Lin at initialization, -1/2 + i pi m), and y_t = Re(h_t C_t) + D x_t. A mode's
+phase advances by dt_t Im(A_m) at every step, so it measures the steps the input chose to take
+(a time-invariant rotation, as in S4D, measures positions). The cache keeps the complex state as
+its real and imaginary halves, the same N numbers per head as the real kinds.
+
 so what enters the state, and how long it stays, depend on the token (unlike S4/S4D, whose filter
 is the same whatever the input). The chunked algorithm: inside a chunk of T steps the outputs are
 an attention-like product (C_t . B_s) exp(sum of a over (s, t]) dt_s x_s, masked causally; each
@@ -50,7 +57,7 @@ def segment_sums(a: torch.Tensor) -> torch.Tensor:
     cumulative = torch.cumsum(a, dim=-1)
     sums = cumulative[..., :, None] - cumulative[..., None, :]
     causal = torch.ones(t, t, dtype=torch.bool, device=a.device).tril()
-    return sums.masked_fill(~causal, float("-inf"))
+    return sums.masked_fill(~causal, float("-inf"))  # complex: -inf + 0i, whose exp is 0
 
 
 def _chunks(chunk: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -101,13 +108,14 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Ten
     x (B, L, K, G, P), dt (B, L, K, G) > 0, a < 0 of shape (K, G) (a decay per head) or (K, G, N)
     (per head and state dimension), b and c (B, L, K, N), with K independent channels of G heads;
     initial_state (B, K, G, P, N) or None (zeros). Returns y (B, L, K, G, P) without the D term and
-    the state after the last step (B, K, G, P, N).
+    the state after the last step (B, K, G, P, N). With complex a (K, G, N) (negative real parts),
+    b, c and state, y is the real part of the readout and the state stays complex.
     """
     batch, length = x.shape[:2]
     x, dt, b, c = _chunks(chunk, x, dt, b, c)
     log_a = _log_decays(dt, a)                                    # (B, nc, K, G, N', T)
     cumulative = torch.cumsum(log_a, dim=-1)
-    xdt = x * dt.unsqueeze(-1)                                                # (B, nc, T, K, G, P)
+    xdt = (x * dt.unsqueeze(-1)).to(b.dtype)                                  # (B, nc, T, K, G, P)
     # inside each chunk: causal, decayed "attention" of C_t to B_s
     decay = torch.exp(segment_sums(log_a))                                    # (B, nc, K, G, N', T, T)
     if decay.shape[4] == 1:  # one decay per head: C_t . B_s once for all the heads of a channel
@@ -119,7 +127,12 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Ten
     # the state entering each chunk, decayed to each step, read by C_t
     states = _boundary_states(xdt, cumulative, b, initial_state)
     y = y + torch.einsum("bztkn,bzkgpn,bzkgnt->bztkgp", c, states[:, :-1], torch.exp(cumulative))
-    return y.reshape(batch, -1, *y.shape[3:])[:, :length], states[:, -1]
+    return _real(y).reshape(batch, -1, *y.shape[3:])[:, :length], states[:, -1]
+
+
+def _real(y: torch.Tensor) -> torch.Tensor:
+    """The readout of a complex state is its real part; real readouts pass unchanged."""
+    return y.real if y.is_complex() else y
 
 
 def ssd_block_ends(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -130,22 +143,24 @@ def ssd_block_ends(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.
     nb = x.shape[1] // block
     x, dt, b, c = _chunks(block, *(t[:, :nb * block] for t in (x, dt, b, c)))
     cumulative = torch.cumsum(_log_decays(dt, a), dim=-1)        # (B, nb, K, G, N', T)
-    states = _boundary_states(x * dt.unsqueeze(-1), cumulative, b, None)[:, 1:]
-    return torch.einsum("bzkn,bzkgpn->bzkgp", c[:, :, -1], states)
+    states = _boundary_states((x * dt.unsqueeze(-1)).to(b.dtype), cumulative, b, None)[:, 1:]
+    return _real(torch.einsum("bzkn,bzkgpn->bzkgp", c[:, :, -1], states))
 
 
 def ssd_reference(x, dt, a, b, c, initial_state=None):
-    """The same recurrence step by step (for tests and as the definition); a (K, G) or (K, G, N)."""
+    """The same recurrence step by step (for tests and as the definition); a (K, G) or (K, G, N),
+    real, or complex with complex b, c (the output is then the real part of the readout)."""
     batch, length, k, g, p = x.shape
     n = b.shape[-1]
     a = a.view(k, g, 1, -1)  # a decay per head, or per head and state dimension: (K, G, 1, N')
-    h = x.new_zeros(batch, k, g, p, n) if initial_state is None else initial_state.clone()
+    h = (torch.zeros(batch, k, g, p, n, dtype=b.dtype, device=b.device) if initial_state is None
+         else initial_state.clone())
     ys = []
     for t in range(length):
         h = torch.exp(dt[:, t, ..., None, None] * a) * h + torch.einsum(
-            "bkgp,bkn->bkgpn", x[:, t] * dt[:, t, ..., None], b[:, t])
+            "bkgp,bkn->bkgpn", (x[:, t] * dt[:, t, ..., None]).to(b.dtype), b[:, t])
         ys.append(torch.einsum("bkgpn,bkn->bkgp", h, c[:, t]))
-    return torch.stack(ys, 1), h
+    return _real(torch.stack(ys, 1)), h
 
 
 def _fused_available(device: torch.device) -> bool:
@@ -181,6 +196,8 @@ class SelectiveParameters(nn.Module):
             raise ValueError(f"ssd_heads={heads} must divide the SSM width {width}")
         if decay not in SSD_DECAYS:
             raise ValueError(f"ssd_decay={decay!r}; accepted: {', '.join(SSD_DECAYS)}")
+        if decay == "complex" and state_size % 2:
+            raise ValueError(f"ssd_decay='complex' needs an even state size, not {state_size}")
         self.heads = heads
         # The SSM input is RMS-normalized first: B, C and x enter the state as a product, so with the
         # small inputs of BST's 0.02-std down-projection the selective path would start about 1e-3
@@ -199,12 +216,18 @@ class SelectiveParameters(nn.Module):
         with torch.no_grad():
             self.to_dt.bias.copy_(dt + torch.log(-torch.expm1(-dt)))              # inverse softplus
             self.to_dt.weight.mul_(0.1)
+        self.a_imag = None   # the rotation of each complex mode (decay="complex" only)
         if decay == "head":  # one decay per head, A in [1, 16] (Mamba-2): (K, G)
             a = torch.empty(channels, heads).uniform_(1, 16)
-        else:                # one per head and state dimension, A_n = n + 1 (Mamba's S4D-Real): (K, G, N)
+        elif decay == "state":  # one per head and state dimension, A_n = n + 1 (S4D-Real): (K, G, N)
             a = torch.arange(1, state_size + 1, dtype=torch.float32).repeat(channels, heads, 1)
+        else:  # N/2 complex modes per head, A_m = -1/2 + i pi m (S4D-Lin): (K, G, N/2)
+            modes = state_size // 2
+            a = torch.full((channels, heads, modes), 0.5)
+            self.a_imag = nn.Parameter(math.pi * torch.arange(modes, dtype=torch.float32)
+                                       .repeat(channels, heads, 1))
         self.log_a = nn.Parameter(torch.log(a))
-        for p in (self.to_dt.bias, self.log_a, self.bc_gain):
+        for p in (self.to_dt.bias, self.log_a, self.bc_gain, self.a_imag):
             if p is not None:
                 p._no_weight_decay = True  # type: ignore[attr-defined]
 
@@ -254,11 +277,29 @@ class SelectiveSSM(nn.Module):
         bc = F.linear(x, k.to_bc.weight.to(x.dtype)).unflatten(-1, (2, k.channels, k.state_size))
         if k.bc_gain is not None:
             bc = F.rms_norm(bc, (k.state_size,), eps=1e-6) * k.bc_gain.to(x.dtype)
+        if k.a_imag is not None:  # complex modes: (..., K, N/2) with the halves as real, imaginary
+            bc = self._complex(bc)
         return bc.unbind(-3)
 
+    @staticmethod
+    def _complex(t: torch.Tensor) -> torch.Tensor:
+        """(..., N) real -> (..., N/2) complex: the first half real parts, the second imaginary."""
+        re, im = t.chunk(2, dim=-1)
+        return torch.complex(re, im)
+
+    def _packed(self, state: torch.Tensor) -> torch.Tensor:
+        """A complex state (..., N/2) as the real (..., N) the cache keeps; real states unchanged."""
+        return torch.cat([state.real, state.imag], -1) if state.is_complex() else state
+
+    def _unpacked(self, state: torch.Tensor) -> torch.Tensor:
+        return self._complex(state) if self.kernel.a_imag is not None else state
+
     def _decay(self, like: torch.Tensor) -> torch.Tensor:
-        """A < 0: (K, G) or (K, G, N), in the dtype of `like`."""
-        return -torch.exp(self.kernel.log_a.to(like.dtype))
+        """A: (K, G) or (K, G, N) real < 0, or (K, G, N/2) complex with real part < 0, in the
+        precision of `like`."""
+        k = self.kernel
+        real = -torch.exp(k.log_a.to(like.dtype))
+        return real if k.a_imag is None else torch.complex(real, k.a_imag.to(like.dtype))
 
     def _scan(self, xs, dt, b, c, initial_state=None):
         a = self._decay(xs)
@@ -316,7 +357,8 @@ class SelectiveSSM(nn.Module):
         """Fill an empty cache with the inputs u (B, T, P) of the first T positions."""
         u = u.to(cache.state.dtype)
         _, xs, dt, b, c = self._inputs(u)
-        _, cache.state = ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size)
+        _, state = ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size)
+        cache.state = self._packed(state)
         cache.tail = torch.cat([cache.tail, self._normalized(u)], 1)[:, -(CONV_WIDTH - 1):]
 
     @torch.no_grad()
@@ -336,8 +378,9 @@ class SelectiveSSM(nn.Module):
         b, c = (t.view(batch, k.channels, 1, 1, -1) for t in self._bc(x))          # (B, K, 1, 1, N)
         xs = x.view(batch, 1, k.heads, -1)                                          # (B, 1, G, P/G)
         decay = torch.exp(dt.unsqueeze(-1) * _per_state(self._decay(dt))).unsqueeze(-2)  # (B, K, G, 1, N')
-        cache.state = torch.addcmul(decay * cache.state, (xs * dt.unsqueeze(-1)).unsqueeze(-1), b)
+        state = decay * self._unpacked(cache.state) + (xs * dt.unsqueeze(-1)).unsqueeze(-1) * b
+        cache.state = self._packed(state)
         if not output:
             return None
-        y = (cache.state * c).sum(-1).flatten(-2)                                    # (B, K, P)
+        y = _real((state * c).sum(-1)).flatten(-2)                                   # (B, K, P)
         return torch.addcmul(y, self.D.to(dtype), x.unsqueeze(1))
