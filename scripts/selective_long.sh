@@ -44,3 +44,7 @@ OMP_NUM_THREADS=1 "${RUN[@]}" > /dev/null & first=$!
 OMP_NUM_THREADS=1 "${RUN[@]}" --set s4d_init=real --set ssm_state_size=16 > /dev/null & second=$!
 wait "$first"; wait "$second"
 .venv/bin/blockstate tasks report --out "$OUT/selective_copying_20000" > /dev/null
+# The selective kernel with a rotating state (ssd_decay="complex": N/2 complex modes per head whose
+# phases advance with the input-dependent step), the same 20000 steps.
+variant ssd_decay=complex
+.venv/bin/blockstate tasks report --out "$OUT/selective_copying_20000" > /dev/null

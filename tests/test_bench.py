@@ -34,6 +34,9 @@ def test_every_benchmarked_layer_builds_and_runs(name):
     assert y.shape == x.shape and torch.isfinite(y).all()
     if name == "brt":
         assert layer.initial_state.shape[0] == config.block_size  # S = W, as in the BRT paper
+    if "-ssd-" in name:  # the suffix is the selective kernel's decay kind
+        assert layer.context.ssm.kernel.log_a.dim() == 3
+        assert (layer.context.ssm.kernel.a_imag is not None) == name.endswith("-complex")
 
 
 def test_layer_benchmark_writes_json_markdown_and_plot(tmp_path):

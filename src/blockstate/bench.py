@@ -49,9 +49,12 @@ from .ssm import SSM
 
 BST_LAYERS = (tuple(f"bst-{v}-{k}" for v in ("sh", "mh", "mf") for k in ("s4", "s4d", "unstruct"))
               + ("bst-sh-ssd", "bst-mf-ssd"))
+# The selective kernel with another decay kind (config.SSD_DECAYS): "-state" (S6's decay per state
+# dimension) and "-complex" (rotating complex modes).
+SSD_DECAY_LAYERS = ("bst-sh-ssd-state", "bst-sh-ssd-complex", "bst-mf-ssd-complex")
 FFT_REFERENCE_LAYERS = ("bst-sh-s4-fft", "bst-sh-s4d-fft")
 BASELINE_LAYERS = ("brt", "slide", "transformer-xl", "transformer", "gss")
-LAYERS = BST_LAYERS + FFT_REFERENCE_LAYERS + BASELINE_LAYERS
+LAYERS = BST_LAYERS + SSD_DECAY_LAYERS + FFT_REFERENCE_LAYERS + BASELINE_LAYERS
 
 
 def layer_config(width: int, heads: int, length: int, block: int = 128, state: int = 16,
@@ -66,11 +69,14 @@ def build_layer(name: str, config: ModelConfig) -> nn.Module:
     """One layer of `LAYERS`. "-fft" forces the FFT path of a structured kernel; "brt" keeps S = W
     recurrent states as in the Block-Recurrent Transformer paper; "transformer-xl" attends over a
     memory of 4W positions (the paper's Trsf-XL:2048 at W = 512); "gss" uses F = 3D as in the GSS
-    paper."""
-    if name.startswith("bst-"):
-        variant, kernel, *method = name.split("-")[1:]
+    paper; "bst-*-ssd-<kind>" sets the selective kernel's `ssd_decay`."""
+    if name in BST_LAYERS + SSD_DECAY_LAYERS + FFT_REFERENCE_LAYERS:
+        variant, kernel, *suffix = name.split("-")[1:]
+        if kernel == "ssd":
+            return BSTLayer(config.replace(context_variant=variant, ssm_kernel=kernel,
+                                           ssd_decay=suffix[0] if suffix else "head"))
         return BSTLayer(config.replace(context_variant=variant, ssm_kernel=kernel,
-                                       ssm_method=method[0] if method else "auto"))
+                                       ssm_method=suffix[0] if suffix else "auto"))
     if name == "brt":
         return BlockRecurrentLayer(config.replace(arch="brt", self_attention="sliding"))
     if name == "slide":
