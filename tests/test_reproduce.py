@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,41 @@ def test_interrupted_run_resumes_from_its_checkpoint(corpus, tmp_path, monkeypat
                  log=logs.append)
     assert any("resuming" in line for line in logs)
     assert (directory / "eval.json").exists()
+
+
+def test_a_run_stopped_by_a_signal_is_resumed_not_scored(corpus, tmp_path, monkeypatch):
+    """A SIGTERM/SIGINT makes `train` checkpoint and return early with "interrupted" in its
+    summary: reproduce then stops (no eval.json for the partial model), and the next invocation
+    trains that run on from its checkpoint instead of taking the summary as finished."""
+    import blockstate.train as train_module
+
+    monkeypatch.setitem(rp.SCALES, "micro", dataclasses.replace(MICRO, seeds=(0,)))
+    out = tmp_path / "out"
+    run = rp.plan(MICRO, [str(corpus)], ("slide",), ablations=False)[0]
+    directory = rp.run_dir(out, run, MICRO)
+    real_spent, sent = train_module._budget_spent, []
+
+    def spent(config, state, elapsed):  # a real SIGTERM to this process after the first step
+        if state.step == 1 and not sent:
+            sent.append(os.getpid())
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_spent(config, state, elapsed)
+
+    monkeypatch.setattr(train_module, "_budget_spent", spent)
+    logs = []
+    with pytest.raises(KeyboardInterrupt):
+        rp.reproduce("micro", [str(corpus)], out, device="cpu", models=("slide",),
+                     ablations=False, log=logs.append)
+    assert not (directory / "eval.json").exists() and "run the same command again" in logs[-1]
+    assert "checkpoint at step 2" in logs[-1]
+    monkeypatch.setattr(train_module, "_budget_spent", real_spent)
+    logs.clear()
+    result = rp.reproduce("micro", [str(corpus)], out, device="cpu", models=("slide",),
+                          ablations=False, log=logs.append)
+    assert any("resuming" in line for line in logs)
+    summary = json.loads((directory / "summary.json").read_text())
+    assert summary["tokens"] >= MICRO.max_tokens and not summary.get("interrupted")  # full budget
+    assert (directory / "eval.json").exists() and len(result["records"]) == 1
 
 
 def test_reproduce_cli_errors(capsys, tmp_path):

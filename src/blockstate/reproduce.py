@@ -191,13 +191,17 @@ def execute(run: Run, scale: Scale, out: Path, device: str, log: Callable[[str],
         eval_every=10**9, save_every=max(1, _steps(scale) // 4), log_every=10, device=device,
         sample_tokens=0)
     resume = directory.exists() and latest_checkpoint(directory) is not None
-    if (directory / "summary.json").exists() and resume:
-        summary = json.loads((directory / "summary.json").read_text())
-    else:
+    summary_path = directory / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() and resume else None
+    if summary is None or summary.get("interrupted"):  # not trained, or stopped by a signal
         log(f"train {run.key} ({'resuming' if resume else 'new'})")
         # a resumed run continues with its own settings (only the budget is taken from the scale)
         summary = train(config, directory, resume=resume, overwrite=not resume, quiet=True,
                         requested=set())
+        if summary.get("interrupted"):  # checkpointed: stop here instead of scoring a partial run
+            log(f"{summary['interrupted']} during {run.key} (checkpoint at step {summary['step']}); "
+                f"run the same command again to resume")
+            raise KeyboardInterrupt(summary["interrupted"])
     t0 = time.perf_counter()
     result = evaluate_checkpoint(directory, run.corpus, eval_lengths(scale.seq_len), split="test",
                                  max_tokens=scale.eval_tokens, device=device)
