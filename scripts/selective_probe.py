@@ -9,6 +9,12 @@
    change of the outputs at the answer positions when every symbol at least 16 positions before
    the delimiter is replaced by another (the blanks, the delimiter and nearer symbols unchanged).
    Averaged over 3 initialization seeds; batch of 256 task sequences (seed 0).
+3. Whether that distant part differs from one answer position to the next: the cosine between the
+   changes of 2. at consecutive answer positions, and between the first and the last answer
+   position (each flattened over channels and width), mean over sequences (and positions). The
+   inputs at the answer positions are all the same blank, so only how the state evolves between
+   them can tell the cross-attention which symbol to return at each; a cosine near 1 means the
+   context states offer the same readout of the distant symbols at every answer position.
 
     .venv/bin/python scripts/selective_probe.py
 """
@@ -46,7 +52,7 @@ def _ssm_outputs(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reach(task, preset: str, overrides: dict, seeds=(0, 1, 2)) -> tuple[float, float]:
+def reach(task, preset: str, overrides: dict, seeds=(0, 1, 2)) -> tuple[float, ...]:
     inputs = task.sample(256, 0).inputs
     answers = slice(task.region, task.seq_len)
     far = inputs < task.num_symbols
@@ -55,7 +61,7 @@ def reach(task, preset: str, overrides: dict, seeds=(0, 1, 2)) -> tuple[float, f
     generator = torch.Generator().manual_seed(1)
     shift = torch.randint(1, task.num_symbols, (int(far.sum()),), generator=generator)
     changed[far] = (inputs[far] + shift) % task.num_symbols
-    ratios, sensitivities = [], []
+    ratios, sensitivities, cosines, spans = [], [], [], []
     for seed in seeds:
         torch.manual_seed(seed)
         model = build_model(preset, "tiny", vocab_size=task.vocab_size, **overrides).eval()
@@ -69,7 +75,11 @@ def reach(task, preset: str, overrides: dict, seeds=(0, 1, 2)) -> tuple[float, f
         ratios.append((state_part.norm() / (y - state_part).norm()).item())
         y_changed = _ssm_outputs(model, changed)
         sensitivities.append(((y_changed - y)[:, answers].norm() / y[:, answers].norm()).item())
-    return sum(ratios) / len(ratios), sum(sensitivities) / len(sensitivities)
+        distant = (y_changed - y)[:, answers].flatten(2)                # (B, answers, C * P)
+        cosine = torch.nn.functional.cosine_similarity
+        cosines.append(cosine(distant[:, 1:], distant[:, :-1], dim=-1).mean().item())
+        spans.append(cosine(distant[:, -1], distant[:, 0], dim=-1).mean().item())
+    return tuple(sum(v) / len(v) for v in (ratios, sensitivities, cosines, spans))
 
 
 def main() -> None:
@@ -77,11 +87,12 @@ def main() -> None:
     task = make_task("selective_copying", region=64)
     print(f"bag-of-symbols ceiling ({task.length} symbols of {task.num_symbols}): "
           f"{bag_ceiling(task):.3f}\n")
-    print("| model | state / skip at init | answer outputs' change from symbols >= 16 back |")
-    print("|---|---|---|")
+    print("| model | state / skip at init | answer outputs' change from symbols >= 16 back | "
+          "its cosine between consecutive answer positions | between the first and the last |")
+    print("|---|---|---|---|---|")
     for label, preset, overrides in SETTINGS:
-        ratio, sensitivity = reach(task, preset, overrides)
-        print(f"| {label} | {ratio:.3f} | {sensitivity:.4f} |")
+        ratio, sensitivity, cosine, span = reach(task, preset, overrides)
+        print(f"| {label} | {ratio:.3f} | {sensitivity:.4f} | {cosine:.3f} | {span:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""Does a trained selective kernel select? For checkpoints of `bst-sh-ssd` runs on selective copying
+(region 64), the input-dependent step dt of every BST layer's selective SSM, averaged over heads and
+over 256 task sequences, at the symbols, at the blanks between them, at the delimiter and at the
+blanks after it (where the symbols are to be replayed). A kernel that writes the symbols and holds
+them through the blanks takes large steps at the symbols and small ones at the blanks (the mechanism
+behind Mamba's selective-copying result); equal steps everywhere is the time-invariant behaviour.
+
+    .venv/bin/python scripts/selective_gates.py CHECKPOINT_OR_RUN_DIR [...]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from blockstate.checkpoint import load_checkpoint
+from blockstate.config import ModelConfig
+from blockstate.model import BlockStateLM
+from blockstate.tasks import make_task
+
+
+@torch.no_grad()
+def steps(path: str) -> list[dict[str, float]]:
+    checkpoint = load_checkpoint(path)
+    config = ModelConfig.from_dict(checkpoint.model_config)
+    model = BlockStateLM(config)
+    checkpoint.load_model(model)
+    model.eval()
+    task = make_task("selective_copying", region=64)
+    inputs = task.sample(256, 0).inputs
+    captured: dict[int, torch.Tensor] = {}
+    ssms = {i: model.layers[i].context.ssm for i in config.resolved_bst_layers}
+    hooks = [ssm.register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(i, args[0]))
+             for i, ssm in ssms.items()]
+    model(inputs)
+    for h in hooks:
+        h.remove()
+    blank = task.num_symbols
+    before, after = torch.zeros_like(inputs, dtype=torch.bool), torch.zeros_like(inputs, dtype=torch.bool)
+    before[:, :task.region] = inputs[:, :task.region] == blank
+    after[:, task.region + 1:] = True
+    kinds = {"symbols": inputs < blank, "blanks before the delimiter": before,
+             "delimiter": inputs == blank + 1, "blanks after it": after}
+    rows = []
+    for i, ssm in ssms.items():
+        _, _, dt, _, _ = ssm._inputs(captured[i].float())           # (B, L, K, G)
+        dt = dt[:, :inputs.shape[1]].mean((-1, -2))  # the model pads to whole blocks; mean over heads
+        rows.append({"layer": i, **{k: dt[m].mean().item() for k, m in kinds.items()}})
+    return rows
+
+
+def main() -> None:
+    for path in sys.argv[1:]:
+        print(f"\n{path}\n")
+        rows = steps(path)
+        keys = [k for k in rows[0] if k != "layer"]
+        print("| layer | " + " | ".join(f"dt at {k}" for k in keys) + " | symbols / blanks |")
+        print("|---|" + "---|" * (len(keys) + 1))
+        for r in rows:
+            ratio = r["symbols"] / r["blanks before the delimiter"]
+            print(f"| {r['layer']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + f" | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
