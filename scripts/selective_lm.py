@@ -37,25 +37,35 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--corpora", default="books,python-stdlib")
     parser.add_argument("--out", default="docs/results/selective_lm")
+    parser.add_argument("--settings", default=None,
+                        help="comma-separated indices into SETTINGS to run (default: all)")
     args = parser.parse_args()
+    chosen = (SETTINGS if args.settings is None
+              else [SETTINGS[int(i)] for i in args.settings.split(",")])
     torch.set_num_threads(1)
     scale, out = SCALES["tiny"], Path(args.out)
     corpora = args.corpora.split(",")
-    records = []
     for corpus in corpora:
         for seed in scale.seeds:
-            for label, preset, overrides in SETTINGS:
+            for label, preset, overrides in chosen:
                 run = Run("main", corpus, preset, seed, overrides, label)
-                records.append(execute(run, scale, out, "cpu", print))
-                atomic_write(out / "results.json", json.dumps(records, indent=1))
-                atomic_write(out / "report.md", report(records, scale.seq_len))
+                execute(run, scale, out, "cpu", print)
+                write(out, scale.seq_len)
+
+
+def write(out: Path, length: int) -> None:
+    """results.json and report.md of every finished run under OUT (also earlier invocations')."""
+    records = [json.loads(path.read_text()) for path in sorted(out.glob("runs/main/*/*/eval.json"))]
+    atomic_write(out / "results.json", json.dumps(records, indent=1))
+    atomic_write(out / "report.md", report(records, length))
 
 
 def report(records: list[dict], length: int) -> str:
     corpora = list(dict.fromkeys(r["corpus"] for r in records))
     lines = ["Test perplexity per byte at the training length (256), `tiny` reproduction settings "
-             "(480k training tokens, 2 seeds: mean +- half the range).",
-             "Command: `OMP_NUM_THREADS=1 .venv/bin/python scripts/selective_lm.py`", "",
+             "(480k training tokens; mean +- half the range over the seeds run, seeds 0 and 1).",
+             "Command: `OMP_NUM_THREADS=1 .venv/bin/python scripts/selective_lm.py` (`--corpora`, "
+             "`--settings` choose a part; finished runs are kept)", "",
              "| model | parameters | " + " | ".join(corpora) + " |",
              "|---|---|" + "---|" * len(corpora)]
     for label, _, _ in SETTINGS:

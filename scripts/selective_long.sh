@@ -27,9 +27,9 @@ pair bst-sh-ssd bst-sh-s4 --steps 20000 --lr 1e-3 --batch-size 64 --task mqar \
 # section 8): 16 heads of one decay each; 4 heads of a decay per state dimension (S6's form);
 # B and C RMS-normalized. ssm_chunk_size=8 only makes the runs cheaper at L = 72 (the function
 # does not depend on it).
-variant() {
+variant() {  # variant SETTING [more options, e.g. --seeds 1]
     OMP_NUM_THREADS=1 "${BS[@]}" --steps 20000 --task selective_copying --param region=64 \
-        --models bst-sh-ssd --set "$1" --set ssm_chunk_size=8 --label "$1" \
+        --models bst-sh-ssd --set "$1" --set ssm_chunk_size=8 --label "$1" "${@:2}" \
         --out "$OUT/selective_copying_20000" > /dev/null
 }
 variant ssd_heads=16 & first=$!
@@ -46,5 +46,14 @@ wait "$first"; wait "$second"
 .venv/bin/blockstate tasks report --out "$OUT/selective_copying_20000" > /dev/null
 # The selective kernel with a rotating state (ssd_decay="complex": N/2 complex modes per head whose
 # phases advance with the input-dependent step), the same 20000 steps.
+# It is the one that learns the order (docs/results/long_range.md, section 8b): a second seed beside
+# MQAR with it (4 pairs 4+ blocks back, 20000 steps at batch 64, chunks of 16 for the in-chunk
+# decays per state dimension), one core each.
 variant ssd_decay=complex
+variant ssd_decay=complex --seeds 1 & first=$!
+OMP_NUM_THREADS=1 "${BS[@]}" --steps 20000 --lr 1e-3 --batch-size 64 --task mqar --param num_pairs=4 \
+    --param gap=64 --param seq_len=96 --models bst-sh-ssd --set ssd_decay=complex \
+    --set ssm_chunk_size=16 --label ssd_decay=complex --out "$OUT/mqar_20000" > /dev/null & second=$!
+wait "$first"; wait "$second"
 .venv/bin/blockstate tasks report --out "$OUT/selective_copying_20000" > /dev/null
+.venv/bin/blockstate tasks report --out "$OUT/mqar_20000" > /dev/null
