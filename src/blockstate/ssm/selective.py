@@ -115,19 +115,41 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Ten
     x, dt, b, c = _chunks(chunk, x, dt, b, c)
     log_a = _log_decays(dt, a)                                    # (B, nc, K, G, N', T)
     cumulative = torch.cumsum(log_a, dim=-1)
-    xdt = (x * dt.unsqueeze(-1)).to(b.dtype)                                  # (B, nc, T, K, G, P)
+    xdt = x * dt.unsqueeze(-1)                                                # (B, nc, T, K, G, P)
     # inside each chunk: causal, decayed "attention" of C_t to B_s
-    decay = torch.exp(segment_sums(log_a))                                    # (B, nc, K, G, N', T, T)
-    if decay.shape[4] == 1:  # one decay per head: C_t . B_s once for all the heads of a channel
-        scores = torch.einsum("bztkn,bzskn->bzkts", c, b)                     # (B, nc, K, T, T)
-        y = torch.einsum("bzkts,bzkgts,bzskgp->bztkgp", scores, decay.squeeze(4), xdt)
-    else:                    # a decay per state dimension: C_t and B_s meet through it
-        pairs = torch.einsum("bztkn,bzskn->bzknts", c, b)                     # (B, nc, K, N, T, T)
-        y = torch.einsum("bzknts,bzkgnts,bzskgp->bztkgp", pairs, decay, xdt)
+    if log_a.is_complex():   # rotating modes: real magnitudes, phases carried by C_t and B_s
+        y = _rotating_in_chunk(log_a, cumulative, b, c, xdt)
+    else:
+        decay = torch.exp(segment_sums(log_a))                                # (B, nc, K, G, N', T, T)
+        if decay.shape[4] == 1:  # one decay per head: C_t . B_s once for all the heads of a channel
+            scores = torch.einsum("bztkn,bzskn->bzkts", c, b)                 # (B, nc, K, T, T)
+            y = torch.einsum("bzkts,bzkgts,bzskgp->bztkgp", scores, decay.squeeze(4), xdt)
+        else:                    # a decay per state dimension: C_t and B_s meet through it
+            pairs = torch.einsum("bztkn,bzskn->bzknts", c, b)                 # (B, nc, K, N, T, T)
+            y = torch.einsum("bzknts,bzkgnts,bzskgp->bztkgp", pairs, decay, xdt)
     # the state entering each chunk, decayed to each step, read by C_t
-    states = _boundary_states(xdt, cumulative, b, initial_state)
-    y = y + torch.einsum("bztkn,bzkgpn,bzkgnt->bztkgp", c, states[:, :-1], torch.exp(cumulative))
-    return _real(y).reshape(batch, -1, *y.shape[3:])[:, :length], states[:, -1]
+    states = _boundary_states(xdt.to(b.dtype), cumulative, b, initial_state)
+    y = y + _real(torch.einsum("bztkn,bzkgpn,bzkgnt->bztkgp", c, states[:, :-1],
+                               torch.exp(cumulative)))
+    return y.reshape(batch, -1, *y.shape[3:])[:, :length], states[:, -1]
+
+
+def _rotating_in_chunk(log_a: torch.Tensor, cumulative: torch.Tensor, b: torch.Tensor,
+                       c: torch.Tensor, xdt: torch.Tensor) -> torch.Tensor:
+    """The in-chunk outputs (real) of complex modes, Re(sum over s <= t and n of C_t,n B_s,n
+    exp(a_s+1,n + ... + a_t,n)) dt_s x_s, without a complex exponential per pair of steps: the
+    decay from s to t is exp(Re(...)) e^{i theta_t} e^{-i theta_s}, with theta the cumulative
+    rotation within the chunk, so the (T x T) exponentials are real and the phases ride on C_t
+    and B_s (T of them per state dimension). log_a and cumulative (B, nc, K, G, N, T) complex,
+    b and c (B, nc, T, K, N) complex, xdt (B, nc, T, K, G, P) real."""
+    magnitude = torch.exp(segment_sums(log_a.real))                          # (B, nc, K, G, N, T, T)
+    cos, sin = torch.cos(cumulative.imag), torch.sin(cumulative.imag)         # (B, nc, K, G, N, T)
+    c, b = (t.permute(0, 1, 3, 4, 2).unsqueeze(3) for t in (c, b))            # (B, nc, K, 1, N, T)
+    c_re, c_im = c.real * cos - c.imag * sin, c.real * sin + c.imag * cos     # C_t e^{i theta_t}
+    b_re, b_im = b.real * cos + b.imag * sin, b.imag * cos - b.real * sin     # B_s e^{-i theta_s}
+    pairs = c_re.unsqueeze(-1) * b_re.unsqueeze(-2) - c_im.unsqueeze(-1) * b_im.unsqueeze(-2)
+    scores = (pairs * magnitude).sum(4)                                       # (B, nc, K, G, T, T)
+    return torch.einsum("bzkgts,bzskgp->bztkgp", scores, xdt)
 
 
 def _real(y: torch.Tensor) -> torch.Tensor:
