@@ -400,7 +400,8 @@ class SelectiveSSM(nn.Module):
         b, c = (t.view(batch, k.channels, 1, 1, -1) for t in self._bc(x))          # (B, K, 1, 1, N)
         xs = x.view(batch, 1, k.heads, -1)                                          # (B, 1, G, P/G)
         decay = torch.exp(dt.unsqueeze(-1) * _per_state(self._decay(dt))).unsqueeze(-2)  # (B, K, G, 1, N')
-        state = decay * self._unpacked(cache.state) + (xs * dt.unsqueeze(-1)).unsqueeze(-1) * b
+        state = torch.addcmul(decay * self._unpacked(cache.state),
+                              (xs * dt.unsqueeze(-1)).unsqueeze(-1), b)
         cache.state = self._packed(state)
         if not output:
             return None
