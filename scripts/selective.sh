@@ -28,3 +28,7 @@ OMP_NUM_THREADS=1 .venv/bin/blockstate reproduce --scale tiny --corpora python-s
 "${BS[@]}" --steps 600 --task selective_copying --param region=64 --models bst-mf-s4,transformer,brt \
     --out "$OUT/selective_copying"
 "${BS[@]}" --steps 600 --task copying --param lag=56 --models transformer,brt --out "$OUT/copying"
+# The selective kernel with rotating complex modes (ssd_decay="complex"; docs/results/long_range.md,
+# section 8b) at the suite's budget: copying at 4W. Chunks of 16 (in-chunk decays per state dimension).
+"${BS[@]}" --steps 600 --task copying --param lag=56 --models bst-sh-ssd --set ssd_decay=complex \
+    --set ssm_chunk_size=16 --label ssd_decay=complex --out "$OUT/copying"
