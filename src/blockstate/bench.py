@@ -72,11 +72,10 @@ def build_layer(name: str, config: ModelConfig) -> nn.Module:
     paper; "bst-*-ssd-<kind>" sets the selective kernel's `ssd_decay`."""
     if name in BST_LAYERS + SSD_DECAY_LAYERS + FFT_REFERENCE_LAYERS:
         variant, kernel, *suffix = name.split("-")[1:]
-        if kernel == "ssd":
-            return BSTLayer(config.replace(context_variant=variant, ssm_kernel=kernel,
-                                           ssd_decay=suffix[0] if suffix else "head"))
-        return BSTLayer(config.replace(context_variant=variant, ssm_kernel=kernel,
-                                       ssm_method=suffix[0] if suffix else "auto"))
+        fields = {"ssm_method": "auto", "ssd_decay": "head"}
+        if suffix:  # the selective kernel's decay kind, or a structured kernel's method
+            fields["ssd_decay" if kernel == "ssd" else "ssm_method"] = suffix[0]
+        return BSTLayer(config.replace(context_variant=variant, ssm_kernel=kernel, **fields))
     if name == "brt":
         return BlockRecurrentLayer(config.replace(arch="brt", self_attention="sliding"))
     if name == "slide":

@@ -86,10 +86,10 @@ def _log_decays(dt: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def _boundary_states(xdt: torch.Tensor, cumulative: torch.Tensor, b: torch.Tensor,
                      initial_state: torch.Tensor | None) -> torch.Tensor:
     """States at every chunk boundary (B, nc + 1, K, G, P, N): entry z is the state entering
-    chunk z (z = nc: after the last chunk). xdt (B, nc, T, K, G, P), cumulative log decays
-    (B, nc, K, G, N', T), b (B, nc, T, K, N)."""
+    chunk z (z = nc: after the last chunk). xdt (B, nc, T, K, G, P) real, cumulative log decays
+    (B, nc, K, G, N', T), b (B, nc, T, K, N) (complex, with the state, for complex modes)."""
     to_end = torch.exp(cumulative[..., -1:] - cumulative)                     # (B, nc, K, G, N', T)
-    own = torch.einsum("bzskn,bzkgns,bzskgp->bzkgpn", b, to_end, xdt)         # (B, nc, K, G, P, N)
+    own = torch.einsum("bzskn,bzkgns,bzskgp->bzkgpn", b, to_end, xdt.to(b.dtype))  # (B, nc, K, G, P, N)
     if initial_state is None:
         initial_state = own.new_zeros(own[:, :1].shape)
     else:
@@ -128,7 +128,7 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Ten
             pairs = torch.einsum("bztkn,bzskn->bzknts", c, b)                 # (B, nc, K, N, T, T)
             y = torch.einsum("bzknts,bzkgnts,bzskgp->bztkgp", pairs, decay, xdt)
     # the state entering each chunk, decayed to each step, read by C_t
-    states = _boundary_states(xdt.to(b.dtype), cumulative, b, initial_state)
+    states = _boundary_states(xdt, cumulative, b, initial_state)
     y = y + _real(torch.einsum("bztkn,bzkgpn,bzkgnt->bztkgp", c, states[:, :-1],
                                torch.exp(cumulative)))
     return y.reshape(batch, -1, *y.shape[3:])[:, :length], states[:, -1]
@@ -165,7 +165,7 @@ def ssd_block_ends(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.
     nb = x.shape[1] // block
     x, dt, b, c = _chunks(block, *(t[:, :nb * block] for t in (x, dt, b, c)))
     cumulative = torch.cumsum(_log_decays(dt, a), dim=-1)        # (B, nb, K, G, N', T)
-    states = _boundary_states((x * dt.unsqueeze(-1)).to(b.dtype), cumulative, b, None)[:, 1:]
+    states = _boundary_states(x * dt.unsqueeze(-1), cumulative, b, None)[:, 1:]
     return _real(torch.einsum("bzkn,bzkgpn->bzkgp", c[:, :, -1], states))
 
 
