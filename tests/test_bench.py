@@ -35,8 +35,10 @@ def test_every_benchmarked_layer_builds_and_runs(name):
     if name == "brt":
         assert layer.initial_state.shape[0] == config.block_size  # S = W, as in the BRT paper
     if "-ssd-" in name:  # the suffix is the selective kernel's decay kind
-        assert layer.context.ssm.kernel.log_a.dim() == 3
-        assert (layer.context.ssm.kernel.a_imag is not None) == name.endswith("-complex")
+        kernel = layer.context.ssm.kernel
+        assert kernel.decay == name.split("-")[-1]
+        assert kernel.log_a.dim() == (2 if name.endswith("-rotary") else 3)
+        assert (kernel.a_imag is not None) == name.endswith(("-complex", "-rotary"))
 
 
 def test_layer_benchmark_writes_json_markdown_and_plot(tmp_path):

@@ -11,6 +11,8 @@ from blockstate.ssm.selective import (
     ssd_block_ends,
     ssd_chunked,
     ssd_reference,
+    ssd_rotary,
+    ssd_rotary_block_ends,
 )
 
 DECAYS = ["head", "state", "complex"]
@@ -60,14 +62,20 @@ def test_block_end_outputs_come_from_the_boundary_states(decay):
     x, dt, a, b, c = _inputs(length=40, decay=decay)
     y, _ = ssd_reference(x, dt, a, b, c)
     torch.testing.assert_close(ssd_block_ends(x, dt, a, b, c, 8), y[:, 7::8], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("decay", DECAYS + ["rotary"])
+def test_block_end_outputs_of_the_module_equal_its_forward_pass(decay):
     ssm = SelectiveSSM(4, 32, 8, 1e-3, 1e-1, chunk_size=16, decay=decay).double()
+    torch.nn.init.uniform_(ssm.kernel.to_dt.bias, -1.0, 1.0)  # steps that turn the modes visibly
     u = torch.randn(2, 50, 32, dtype=torch.float64)
     torch.testing.assert_close(ssm.block_end_outputs(u, 10), ssm(u)[:, 9::10], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("heads, decay, bc_norm", [(None, "head", False), (32, "head", False),
                                                    (8, "state", False), (None, "head", True),
-                                                   (8, "complex", False), (None, "complex", True)])
+                                                   (8, "complex", False), (None, "complex", True),
+                                                   (8, "rotary", False), (None, "rotary", True)])
 def test_one_token_steps_keep_a_constant_state_and_equal_the_forward_pass(heads, decay, bc_norm):
     ssm = SelectiveSSM(2, 32, 8, 1e-3, 1e-1, chunk_size=8, heads=heads, decay=decay,
                        bc_norm=bc_norm).double()
@@ -148,6 +156,72 @@ def test_complex_modes_count_the_steps_the_input_takes():
     torch.testing.assert_close(y_skip[:, 11:], y[:, 6:], rtol=0, atol=1e-12)
     y_real, _ = ssd_chunked(x, dt, (-a.abs()).to(a.dtype), b, c, 4)  # no rotation
     assert (y - y_real).abs().max() > 1e-2
+
+
+def _rotary_inputs(length=37, seed=1):
+    """Inputs of the rotary scan, (x, dt, a (K, G), omega (K, G, N), b, c), and the complex decays
+    (K, G, N) of the same system for the reference."""
+    x, dt, a, b, c = _inputs(length=length, seed=seed, decay="complex")
+    real = -torch.rand(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 3
+    omega = a.imag.clone()
+    return (x, dt, real, omega, b, c), torch.complex(real.unsqueeze(-1).expand_as(omega), omega)
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 64])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_rotary_scan_equals_the_complex_recurrence(chunk, with_state):
+    """ssd_decay="rotary": the real scan with B and C rotated by the input-dependent phases is the
+    complex recurrence whose decays share their real part within a head."""
+    (x, dt, a, omega, b, c), decays = _rotary_inputs()
+    h0 = torch.randn(2, 3, 2, 4, 5, dtype=b.dtype) if with_state else None
+    y_ref, h_ref = ssd_reference(x, dt, decays, b, c, h0)
+    y, h = ssd_rotary(x, dt, a, omega, b, c, chunk, h0)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-12)
+    if h0 is None:
+        torch.testing.assert_close(ssd_rotary_block_ends(x, dt, a, omega, b, c, 8), y_ref[:, 7::8],
+                                   rtol=0, atol=1e-12)
+
+
+def test_rotary_scan_gradients_equal_the_recurrences():
+    inputs, _ = _rotary_inputs(length=20)
+    inputs = [t.requires_grad_() for t in inputs]
+    y, _ = ssd_rotary(*inputs, chunk=8)
+    grads = torch.autograd.grad(y.square().sum(), inputs)
+    x, dt, a, omega, b, c = inputs
+    decays = torch.complex(a.unsqueeze(-1).expand_as(omega), omega)
+    y_ref, _ = ssd_reference(x, dt, decays, b, c)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), inputs)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
+def test_rotary_phases_stay_precise_over_long_float32_sequences():
+    """The phases grow with the steps taken (here to about 10^4 radians); summed in float64 and
+    reduced modulo 2 pi, the float32 scan keeps the float64 recurrence's readout."""
+    (x, dt, a, omega, b, c), decays = _rotary_inputs(length=2048)
+    omega = omega * 4
+    decays = torch.complex(decays.real / 20, omega)  # slow decays: old phases stay in the readout
+    y_ref, _ = ssd_reference(x, dt, decays, b, c)
+    y, _ = ssd_rotary(*(t.float() if not t.is_complex() else t.to(torch.complex64)
+                        for t in (x, dt, a / 20, omega, b, c)), chunk=64)
+    assert (y.double() - y_ref).abs().max() < 1e-4 * y_ref.abs().max()  # 3e-4 summed in float32
+
+
+def test_rotary_decay_starts_as_the_complex_one():
+    """ssd_decay="rotary" keeps one real decay per head (N/2 + 1 numbers per head in place of N);
+    at initialization (-1/2 for every mode) it is the complex kind with the same weights."""
+    torch.manual_seed(0)
+    rotary = SelectiveSSM(2, 32, 8, 1e-3, 1e-1, chunk_size=8, decay="rotary").double()
+    complex_ = SelectiveSSM(2, 32, 8, 1e-3, 1e-1, chunk_size=8, decay="complex").double()
+    assert rotary.kernel.log_a.shape == (2, 8) and complex_.kernel.log_a.shape == (2, 8, 4)
+    state = {k: v for k, v in rotary.state_dict().items() if k != "kernel.log_a"}
+    complex_.load_state_dict(state, strict=False)
+    torch.testing.assert_close(complex_._decay(torch.zeros(())), rotary._decay(torch.zeros(())))
+    u = torch.randn(2, 30, 32, dtype=torch.float64)
+    torch.testing.assert_close(rotary(u), complex_(u), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="even ssm_state_size"):
+        ModelConfig(ssm_kernel="ssd", ssd_decay="rotary", ssm_state_size=7)
 
 
 def test_normalized_b_and_c_carry_distant_tokens_near_the_skip_terms_scale():

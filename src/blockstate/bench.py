@@ -50,8 +50,10 @@ from .ssm import SSM
 BST_LAYERS = (tuple(f"bst-{v}-{k}" for v in ("sh", "mh", "mf") for k in ("s4", "s4d", "unstruct"))
               + ("bst-sh-ssd", "bst-mf-ssd"))
 # The selective kernel with another decay kind (config.SSD_DECAYS): "-state" (S6's decay per state
-# dimension) and "-complex" (rotating complex modes).
-SSD_DECAY_LAYERS = ("bst-sh-ssd-state", "bst-sh-ssd-complex", "bst-mf-ssd-complex")
+# dimension), "-complex" (rotating complex modes) and "-rotary" (the same with one real decay per
+# head).
+SSD_DECAY_LAYERS = ("bst-sh-ssd-state", "bst-sh-ssd-complex", "bst-mf-ssd-complex",
+                    "bst-sh-ssd-rotary", "bst-mf-ssd-rotary")
 FFT_REFERENCE_LAYERS = ("bst-sh-s4-fft", "bst-sh-s4d-fft")
 BASELINE_LAYERS = ("brt", "slide", "transformer-xl", "transformer", "gss")
 LAYERS = BST_LAYERS + SSD_DECAY_LAYERS + FFT_REFERENCE_LAYERS + BASELINE_LAYERS

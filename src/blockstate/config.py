@@ -14,9 +14,12 @@ from typing import Any
 
 CONTEXT_VARIANTS = ("sh", "mh", "mf")
 SSM_KERNELS = ("s4", "s4d", "unstruct", "explicit", "ssd")
-# One decay per head (Mamba-2), one per head and state dimension (S6), or a complex one per head and
-# pair of state dimensions (a rotating state, S4D-Lin's initialization with an input-dependent step)
-SSD_DECAYS = ("head", "state", "complex")
+# One decay per head (Mamba-2), one per head and state dimension (S6), a complex one per head and
+# pair of state dimensions (a rotating state, S4D-Lin's initialization with an input-dependent step),
+# or one real decay per head with a rotation per pair of state dimensions (computed as the first kind
+# with B and C rotated by the input-dependent phases)
+SSD_DECAYS = ("head", "state", "complex", "rotary")
+PAIRED_SSD_DECAYS = ("complex", "rotary")  # the kinds that pair state dimensions into complex modes
 S4D_INITS = ("lin", "inv", "real")
 SELF_ATTENTION_MODES = ("block", "sliding", "full")
 SSM_METHODS = ("auto", "fft", "chunked")
@@ -135,7 +138,9 @@ class ModelConfig:
     # S6: N time scales per head, A_n = n + 1 at initialization), or "complex", the N real state
     # dimensions of a head taken as N/2 complex modes that decay and rotate by dt_t A_m with
     # A_m = -1/2 + i pi m at initialization (S4D-Lin), so that the phase of a mode counts the
-    # steps the input chose to take.
+    # steps the input chose to take; or "rotary", the same modes with one real part per head
+    # (a Mamba-2 decay) and a frequency per mode, equal to "complex" at initialization and about
+    # as fast as "head" (B_t and C_t are rotated by the phases, then the scalar-decay scan runs).
     ssd_heads: int | None = None
     ssd_decay: str = "head"
     ssd_bc_norm: bool = False       # RMS-normalize the selective kernel's B_t and C_t (learned gains)
@@ -250,8 +255,8 @@ class ModelConfig:
                                          or self.ssd_bc_norm):
             raise ValueError(f"ssd_heads, ssd_decay and ssd_bc_norm configure ssm_kernel='ssd', not "
                              f"ssm_kernel={self.ssm_kernel!r}")
-        if self.ssd_decay == "complex" and self.ssm_state_size % 2:
-            raise ValueError(f"ssd_decay='complex' pairs state dimensions into complex modes and "
+        if self.ssd_decay in PAIRED_SSD_DECAYS and self.ssm_state_size % 2:
+            raise ValueError(f"ssd_decay={self.ssd_decay!r} pairs state dimensions into complex modes and "
                              f"needs an even ssm_state_size, not {self.ssm_state_size}")
         if self.ssd_heads is not None and self.ssm_width % self.ssd_heads:
             raise ValueError(f"ssd_heads={self.ssd_heads} must divide the SSM width "

@@ -15,7 +15,10 @@ and second halves of the projections are the real and imaginary parts), A_m comp
 real part (S4D-Lin at initialization, -1/2 + i pi m), and y_t = Re(h_t C_t) + D x_t. A mode's
 phase advances by dt_t Im(A_m) at every step, so it measures the steps the input chose to take
 (a time-invariant rotation, as in S4D, measures positions). The cache keeps the complex state as
-its real and imaginary halves, the same N numbers per head as the real kinds.
+its real and imaginary halves, the same N numbers per head as the real kinds. With decay="rotary"
+the modes of a head share one real part (a Mamba-2 decay) and keep a frequency each: in the frame
+that turns with the phases, the scan is the scalar-decay one with rotated B_t and C_t (`ssd_rotary`),
+so it costs about what decay="head" does, where "complex" forms T x T decays per mode.
 
 so what enters the state, and how long it stays, depend on the token (unlike S4/S4D, whose filter
 is the same whatever the input). The chunked algorithm: inside a chunk of T steps the outputs are
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import SelectiveSSMCache
-from ..config import SSD_DECAYS
+from ..config import PAIRED_SSD_DECAYS, SSD_DECAYS
 from .eager import eager
 
 CONV_WIDTH = 4        # taps of the causal depthwise convolution before the SSM (Mamba's d_conv)
@@ -152,6 +155,61 @@ def _rotating_in_chunk(log_a: torch.Tensor, cumulative: torch.Tensor, b: torch.T
     return torch.einsum("bzkgts,bzskgp->bztkgp", scores, xdt)
 
 
+def _phases(dt: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """The rotation of every mode after every step, (B, L, K, G, M): theta_t = omega (dt_1 + ...
+    + dt_t), summed in float64 and reduced modulo 2 pi, so that long sequences keep their phases
+    to float32 precision."""
+    steps = torch.cumsum(dt.double(), dim=1).unsqueeze(-1)
+    return torch.remainder(steps * omega.double(), 2 * math.pi).to(dt.dtype)
+
+
+def _rotated(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, omega: torch.Tensor,
+             b: torch.Tensor, c: torch.Tensor):
+    """A rotary problem as a scalar-decay one (see `ssd_rotary`): x (B, L, K*G, 1, P), dt
+    (B, L, K*G, 1), a (K*G, 1), real B_s e^{-i theta_s} and C_t e^{i theta_t} (B, L, K*G, N),
+    and the phases (B, L, K, G, M)."""
+    batch, length, k, g, p = x.shape
+    phase = _phases(dt, omega)
+    rotation = torch.complex(torch.cos(phase), torch.sin(phase))
+    b = b.unsqueeze(3) * rotation.conj()
+    c = c.unsqueeze(3) * rotation
+    # Re(C h) = C.re h.re - C.im h.im, with h kept as its real and imaginary halves
+    b = torch.cat([b.real, b.imag], -1).flatten(2, 3)
+    c = torch.cat([c.real, -c.imag], -1).flatten(2, 3)
+    return (x.reshape(batch, length, k * g, 1, p), dt.reshape(batch, length, k * g, 1),
+            a.reshape(k * g, 1), b, c, phase)
+
+
+def ssd_rotary(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, omega: torch.Tensor,
+               b: torch.Tensor, c: torch.Tensor, chunk: int,
+               initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan with complex decays dt_t (a + i omega_m) whose real part a < 0 is one per
+    head: x (B, L, K, G, P), dt (B, L, K, G), a (K, G), omega (K, G, M), b and c (B, L, K, M)
+    complex, initial_state (B, K, G, P, M) complex or None. The same function as `ssd_chunked` with
+    the complex decays (K, G, M), computed as a real scan with one decay per head: in the frame
+    that turns with the phases theta_t = omega (dt_1 + ... + dt_t), h'_t = e^{-i theta_t} h_t
+    decays by exp(dt_t a) only, takes B_t e^{-i theta_t}, and y_t = Re(h'_t C_t e^{i theta_t}). B
+    and C then differ by head (their phases follow each head's steps), so each head is a channel
+    of the real scan. Returns y (B, L, K, G, P) and the final state in the fixed frame."""
+    batch, length, k, g, p = x.shape
+    xs, dts, a, br, cr, phase = _rotated(x, dt, a, omega, b, c)
+    if initial_state is not None:  # theta_0 = 0: the two frames agree before the first step
+        initial_state = torch.cat([initial_state.real, initial_state.imag], -1).reshape(
+            batch, k * g, 1, p, -1)
+    y, state = ssd_chunked(xs, dts, a, br, cr, chunk, initial_state)
+    state = SelectiveSSM._complex(state.reshape(batch, k, g, p, -1))
+    turn = torch.complex(torch.cos(phase[:, -1]), torch.sin(phase[:, -1])).unsqueeze(-2)
+    return y.reshape(batch, length, k, g, p), state * turn
+
+
+def ssd_rotary_block_ends(x, dt, a, omega, b, c, block: int) -> torch.Tensor:
+    """`ssd_block_ends` for the rotary kind (arguments as `ssd_rotary`): (B, L // block, K, G, P)."""
+    batch, length, k, g, p = x.shape
+    xs, dts, a, br, cr, _ = _rotated(x, dt, a, omega, b, c)
+    y = ssd_block_ends(xs, dts, a, br, cr, block)
+    return y.reshape(batch, -1, k, g, p)
+
+
 def _real(y: torch.Tensor) -> torch.Tensor:
     """The readout of a complex state is its real part; real readouts pass unchanged."""
     return y.real if y.is_complex() else y
@@ -218,9 +276,9 @@ class SelectiveParameters(nn.Module):
             raise ValueError(f"ssd_heads={heads} must divide the SSM width {width}")
         if decay not in SSD_DECAYS:
             raise ValueError(f"ssd_decay={decay!r}; accepted: {', '.join(SSD_DECAYS)}")
-        if decay == "complex" and state_size % 2:
-            raise ValueError(f"ssd_decay='complex' needs an even state size, not {state_size}")
-        self.heads = heads
+        if decay in PAIRED_SSD_DECAYS and state_size % 2:
+            raise ValueError(f"ssd_decay={decay!r} needs an even state size, not {state_size}")
+        self.heads, self.decay = heads, decay
         # The SSM input is RMS-normalized first: B, C and x enter the state as a product, so with the
         # small inputs of BST's 0.02-std down-projection the selective path would start about 1e-3
         # below the skip term and barely learn (measured: MQAR loss stuck at ln 64).
@@ -238,14 +296,15 @@ class SelectiveParameters(nn.Module):
         with torch.no_grad():
             self.to_dt.bias.copy_(dt + torch.log(-torch.expm1(-dt)))              # inverse softplus
             self.to_dt.weight.mul_(0.1)
-        self.a_imag = None   # the rotation of each complex mode (decay="complex" only)
+        self.a_imag = None   # the rotation of each complex mode (decay="complex" or "rotary")
         if decay == "head":  # one decay per head, A in [1, 16] (Mamba-2): (K, G)
             a = torch.empty(channels, heads).uniform_(1, 16)
         elif decay == "state":  # one per head and state dimension, A_n = n + 1 (S4D-Real): (K, G, N)
             a = torch.arange(1, state_size + 1, dtype=torch.float32).repeat(channels, heads, 1)
-        else:  # N/2 complex modes per head, A_m = -1/2 + i pi m (S4D-Lin): (K, G, N/2)
+        else:  # N/2 complex modes per head, A_m = -1/2 + i pi m (S4D-Lin); the real parts are
+            # (K, G, N/2), or (K, G) for "rotary" (one per head): the same numbers at initialization
             modes = state_size // 2
-            a = torch.full((channels, heads, modes), 0.5)
+            a = torch.full((channels, heads) + ((modes,) if decay == "complex" else ()), 0.5)
             self.a_imag = nn.Parameter(math.pi * torch.arange(modes, dtype=torch.float32)
                                        .repeat(channels, heads, 1))
         self.log_a = nn.Parameter(torch.log(a))
@@ -321,14 +380,30 @@ class SelectiveSSM(nn.Module):
         precision of `like`."""
         k = self.kernel
         real = -torch.exp(k.log_a.to(like.dtype))
-        return real if k.a_imag is None else torch.complex(real, k.a_imag.to(like.dtype))
+        if k.a_imag is None:
+            return real
+        imag = k.a_imag.to(like.dtype)
+        return torch.complex(real.unsqueeze(-1).expand_as(imag) if real.dim() == 2 else real, imag)
+
+    def _rotary(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(a (K, G), omega (K, G, N/2)) for decay="rotary", else None."""
+        k = self.kernel
+        if k.decay != "rotary":
+            return None
+        return -torch.exp(k.log_a.to(like.dtype)), k.a_imag.to(like.dtype)
+
+    def _chunked(self, xs, dt, b, c, initial_state=None):
+        rotary = self._rotary(xs)
+        if rotary is not None:
+            return ssd_rotary(xs, dt, *rotary, b, c, self.chunk_size, initial_state)
+        return ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size, initial_state)
 
     def _scan(self, xs, dt, b, c, initial_state=None):
         a = self._decay(xs)
         if (self.use_fused and initial_state is None and a.dim() == 2
                 and _fused_available(xs.device)):  # mamba-ssm's scan: one decay per head
             return self._fused(xs, dt, a, b, c)
-        return ssd_chunked(xs, dt, a, b, c, self.chunk_size, initial_state)
+        return self._chunked(xs, dt, b, c, initial_state)
 
     def _fused(self, xs, dt, a, b, c):
         """mamba-ssm's Triton chunk scan (CUDA only): channels folded into its heads, each
@@ -360,7 +435,9 @@ class SelectiveSSM(nn.Module):
         `forward(u)[:, W-1::W]`, read from the states at block boundaries (what MF needs)."""
         with torch.autocast(device_type=u.device.type, enabled=False):
             x, xs, dt, b, c = self._inputs(_precise(u))
-            y = ssd_block_ends(xs, dt, self._decay(xs), b, c, block_size)  # (B, nb, K, G, P)
+            rotary = self._rotary(xs)
+            y = (ssd_block_ends(xs, dt, self._decay(xs), b, c, block_size) if rotary is None
+                 else ssd_rotary_block_ends(xs, dt, *rotary, b, c, block_size))  # (B, nb, K, G, P)
             return self._output(y, x[:, block_size - 1::block_size][:, :y.shape[1]])
 
     # ---- inference (blockstate.cache): one position at a time
@@ -379,7 +456,7 @@ class SelectiveSSM(nn.Module):
         """Fill an empty cache with the inputs u (B, T, P) of the first T positions."""
         u = u.to(cache.state.dtype)
         _, xs, dt, b, c = self._inputs(u)
-        _, state = ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size)
+        _, state = self._chunked(xs, dt, b, c)
         cache.state = self._packed(state)
         cache.tail = torch.cat([cache.tail, self._normalized(u)], 1)[:, -(CONV_WIDTH - 1):]
 
