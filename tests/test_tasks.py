@@ -107,6 +107,37 @@ def test_report_tables_every_model_and_bin(tmp_path):
     assert entry["bins"] and set(entry["models"]["slide"]["bins"]) <= set(entry["bins"])
 
 
+def test_report_keeps_rows_whose_run_records_are_gone(tmp_path):
+    """A fresh clone holds report.json but not the run records (they may not have been kept):
+    a new run must add its row without dropping the others, which are marked as carried; a row
+    whose records cover only some of its seeds is kept whole, with a warning."""
+    settings = Settings(steps=1, batch_size=2, eval_sequences=4)
+    task = ("mqar", (("gap", 40), ("num_pairs", 2), ("seq_len", 64)))
+    run_all([Run(*task, m, s) for m in ("bst-sh-s4", "slide") for s in (0, 1)], settings, tmp_path,
+            log=lambda _: None)
+    write_report(tmp_path)
+    before = json.loads((tmp_path / "report.json").read_text())["mqar-gap40-num_pairs2-seq_len64"]
+    for path in (tmp_path / "runs").glob("*/*.json"):   # records lost; the report remains
+        if not path.name.startswith("bst-sh-s4-seed1"):
+            path.unlink()
+    run_all([Run(*task, "transformer", 0)], settings, tmp_path, log=lambda _: None)
+    warnings = []
+    text = write_report(tmp_path, log=warnings.append).read_text()
+    entry = json.loads((tmp_path / "report.json").read_text())["mqar-gap40-num_pairs2-seq_len64"]
+    assert list(entry["models"]) == ["bst-sh-s4", "slide", "transformer"]
+    for label in ("bst-sh-s4", "slide"):  # both seeds, as before, though one record is left at most
+        assert entry["models"][label]["carried"]
+        assert entry["models"][label]["accuracy"] == before["models"][label]["accuracy"]
+    assert "carried" not in entry["models"]["transformer"]
+    assert "| slide † |" in text and "| transformer |" in text and "† from an earlier" in text
+    assert len(warnings) == 1 and "bst-sh-s4" in warnings[0] and "seeds [1]" in warnings[0]
+    for path in (tmp_path / "runs").glob("*/*.json"):   # no records at all: the report stays
+        path.unlink()
+    write_report(tmp_path, log=lambda _: None)
+    assert json.loads((tmp_path / "report.json").read_text())["mqar-gap40-num_pairs2-seq_len64"][
+        "models"].keys() == entry["models"].keys()
+
+
 def test_cli_run_and_report(tmp_path, capsys):
     out = tmp_path / "suite"
     assert main(["tasks", "run", "--task", "copying", "--param", "lag=4,20", "--models", "bst-sh-s4d",

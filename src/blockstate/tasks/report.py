@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +89,15 @@ def report_markdown(summary: dict[str, Any]) -> str:
         header = ["model", "params"] + [
             f"d {b.replace('-', '–')} ({int(b.split('-')[0]) // w}–{int(b.split('-')[1]) // w}W)"
             for b in bins] + ["all"]
-        rows = [[label, f"{m['parameters'] / 1e3:.0f}k"] + [_cell(m["bins"].get(b)) for b in bins]
-                + [_cell(m["accuracy"])] for label, m in entry["models"].items()]
+        rows = [[label + (" †" if m.get("carried") else ""), f"{m['parameters'] / 1e3:.0f}k"]
+                + [_cell(m["bins"].get(b)) for b in bins] + [_cell(m["accuracy"])]
+                for label, m in entry["models"].items()]
         seeds = sorted({s for m in entry["models"].values() for s in m["seeds"]})
+        carried = (" † from an earlier report.json, whose run records are not under runs/."
+                   if any(m.get("carried") for m in entry["models"].values()) else "")
         parts.append(f"### {key}\n\nL = {entry['seq_len']}, W = {w}, chance {entry['chance']:.3f}; "
                      f"accuracy, mean ± half-range over seeds {seeds}; d = distance in tokens from "
-                     f"the evidence to the query.\n\n" + markdown_table(header, rows))
+                     f"the evidence to the query.{carried}\n\n" + markdown_table(header, rows))
     return "\n\n".join(parts) + "\n"
 
 
@@ -132,10 +136,54 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_report(out: str | Path, command: str = "") -> Path:
-    """Write report.md, report.json and report.png under `out`; return the markdown's path."""
+def merge_previous(summary: dict[str, Any], previous: dict[str, Any],
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`summary` (from the run records under runs/) with what an earlier report.json held that the
+    records do not: a task configuration or model row with no records is kept as it was, marked
+    "carried" (its records may be gone, e.g. in a fresh clone that has only the reports). A row
+    whose records cover only some of its earlier seeds also keeps the earlier row (means over
+    seeds cannot be re-split), with a warning; records covering every earlier seed replace it."""
+    merged: dict[str, Any] = {}
+    for key, entry in previous.items():
+        if key not in summary:
+            models = {label: {**m, "carried": True} for label, m in entry["models"].items()}
+            merged[key] = {**entry, "models": models}
+            continue
+        new = summary[key]
+        models = {}
+        for label, m in entry["models"].items():
+            fresh = new["models"].get(label)
+            if fresh is None:
+                models[label] = {**m, "carried": True}
+            elif set(m["seeds"]) - set(fresh["seeds"]):
+                log(f"{key}: run records for {label} hold seeds {fresh['seeds']} but report.json "
+                    f"has seeds {m['seeds']}; keeping the report's row (add the missing records "
+                    f"under runs/ to recompute it)")
+                models[label] = {**m, "carried": True}
+            else:
+                models[label] = fresh
+        models.update({label: m for label, m in new["models"].items() if label not in models})
+        bins = sorted(set(entry["bins"]) | set(new["bins"]), key=lambda b: int(b.split("-")[0]))
+        merged[key] = {**new, "bins": bins, "models": models}
+    merged.update({key: entry for key, entry in summary.items() if key not in merged})
+    return merged
+
+
+def write_report(out: str | Path, command: str = "", log: Callable[[str], None] = print) -> Path:
+    """Write report.md, report.json and report.png under `out` from the run records under
+    `out`/runs, keeping what an existing report.json holds beyond them (`merge_previous`);
+    return the markdown's path."""
     out = Path(out)
-    summary = summarize(load_records(out))
+    previous_path = out / "report.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.exists() else None
+    try:
+        summary = summarize(load_records(out))
+    except ValueError:
+        if previous is None:
+            raise
+        summary = {}
+    if previous is not None:
+        summary = merge_previous(summary, previous, log)
     text = report_markdown(summary)
     if command:
         text = f"Command: `{command}`\n\n" + text
