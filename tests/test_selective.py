@@ -243,8 +243,9 @@ def test_normalized_b_and_c_carry_distant_tokens_near_the_skip_terms_scale():
 
 @pytest.mark.skipif(not _fused_available(torch.device("cuda")) if torch.cuda.is_available() else True,
                     reason="needs CUDA and the mamba-ssm package")
-def test_fused_cuda_kernel_matches_the_pytorch_path():
-    ssm = SelectiveSSM(3, 64, 16, 1e-3, 1e-1, chunk_size=64).cuda()
+@pytest.mark.parametrize("decay", ["head", "rotary"])
+def test_fused_cuda_kernel_matches_the_pytorch_path(decay):
+    ssm = SelectiveSSM(3, 64, 16, 1e-3, 1e-1, chunk_size=64, decay=decay).cuda()
     u = torch.randn(2, 256, 64, device="cuda")
     fused = ssm(u)
     ssm.use_fused = False

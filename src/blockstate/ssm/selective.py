@@ -29,8 +29,8 @@ memory O(L T) (O(L T N) with a decay per state dimension, whose in-chunk decays 
 dimension), no loop over positions. State and arithmetic in float32.
 
 On CUDA with the optional `mamba-ssm` package installed, the fused Triton chunk scan of that
-package computes the same function (`use_fused`; one decay per head only); elsewhere the PyTorch
-path does.
+package computes the same function (`use_fused`; one decay per head, and decay="rotary" through its
+rotated B and C); elsewhere the PyTorch path does.
 """
 
 from __future__ import annotations
@@ -197,9 +197,15 @@ def ssd_rotary(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, omega: torch.
         initial_state = torch.cat([initial_state.real, initial_state.imag], -1).reshape(
             batch, k * g, 1, p, -1)
     y, state = ssd_chunked(xs, dts, a, br, cr, chunk, initial_state)
-    state = SelectiveSSM._complex(state.reshape(batch, k, g, p, -1))
-    turn = torch.complex(torch.cos(phase[:, -1]), torch.sin(phase[:, -1])).unsqueeze(-2)
-    return y.reshape(batch, length, k, g, p), state * turn
+    return y.reshape(batch, length, k, g, p), _unrotated(state, phase)
+
+
+def _unrotated(state: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """The rotary scan's final state (B, K*G, 1, P, N) (real and imaginary halves, in the turning
+    frame) as the complex state (B, K, G, P, N/2) of the fixed frame; phase (B, L, K, G, N/2)."""
+    batch, _, k, g, _ = phase.shape
+    state = SelectiveSSM._complex(state.reshape(batch, k, g, state.shape[-2], -1))
+    return state * torch.complex(torch.cos(phase[:, -1]), torch.sin(phase[:, -1])).unsqueeze(-2)
 
 
 def ssd_rotary_block_ends(x, dt, a, omega, b, c, block: int) -> torch.Tensor:
@@ -399,10 +405,14 @@ class SelectiveSSM(nn.Module):
         return ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size, initial_state)
 
     def _scan(self, xs, dt, b, c, initial_state=None):
-        a = self._decay(xs)
-        if (self.use_fused and initial_state is None and a.dim() == 2
-                and _fused_available(xs.device)):  # mamba-ssm's scan: one decay per head
-            return self._fused(xs, dt, a, b, c)
+        a, rotary = self._decay(xs), self._rotary(xs)
+        if self.use_fused and initial_state is None and _fused_available(xs.device):
+            if a.dim() == 2:  # mamba-ssm's scan: one decay per head
+                return self._fused(xs, dt, a, b, c)
+            if rotary is not None:  # the same scan with B and C rotated per head (see ssd_rotary)
+                rxs, rdt, ra, rb, rc, phase = _rotated(xs, dt, *rotary, b, c)
+                y, state = self._fused(rxs, rdt, ra, rb, rc)
+                return y.view(xs.shape), _unrotated(state, phase)
         return self._chunked(xs, dt, b, c, initial_state)
 
     def _fused(self, xs, dt, a, b, c):
