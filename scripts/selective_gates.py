@@ -15,19 +15,14 @@ import sys
 
 import torch
 
-from blockstate.checkpoint import load_checkpoint
-from blockstate.config import ModelConfig
-from blockstate.model import BlockStateLM
+from blockstate.loading import load_model
 from blockstate.tasks import make_task
 
 
 @torch.no_grad()
 def steps(path: str) -> list[dict[str, float]]:
-    checkpoint = load_checkpoint(path)
-    config = ModelConfig.from_dict(checkpoint.model_config)
-    model = BlockStateLM(config)
-    checkpoint.load_model(model)
-    model.eval()
+    model, _ = load_model(path)
+    config = model.config
     task = make_task("selective_copying", region=64)
     inputs = task.sample(256, 0).inputs
     captured: dict[int, torch.Tensor] = {}

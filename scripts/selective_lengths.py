@@ -11,9 +11,7 @@ import argparse
 
 import torch
 
-from blockstate.checkpoint import load_checkpoint
-from blockstate.config import ModelConfig
-from blockstate.model import BlockStateLM
+from blockstate.loading import load_model
 from blockstate.tasks import make_task
 from blockstate.tasks.runner import evaluate
 
@@ -24,14 +22,12 @@ def main() -> None:
     parser.add_argument("--regions", default="64,128,256,512,1024")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    checkpoint = load_checkpoint(args.checkpoint)
     regions = [int(r) for r in args.regions.split(",")]
-    fields = dict(checkpoint.model_config)
-    trained = fields["max_seq_len"]
-    fields["max_seq_len"] = max(trained, max(regions) + 64)  # room for the longer sequences
-    config = ModelConfig.from_dict(fields)
-    model = BlockStateLM(config)
-    checkpoint.load_model(model)
+    model, _ = load_model(args.checkpoint)
+    trained = model.config.max_seq_len
+    if max(regions) + 64 > trained:  # room for the longer sequences
+        model, _ = load_model(args.checkpoint, max_seq_len=max(regions) + 64)
+    config = model.config
     print(f"{args.checkpoint} (trained at max_seq_len {trained})\n")
     print("| region | L | accuracy | accuracy by distance (tokens: accuracy) |")
     print("|---|---|---|---|")

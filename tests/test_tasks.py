@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from blockstate import build_model
+from blockstate.checkpoint import CheckpointError
 from blockstate.cli import main
 from blockstate.evaluate import block_ranges
+from blockstate.loading import load_model, load_with_checkpoint
 from blockstate.registry import count_parameters
 from blockstate.tasks import Run, Settings, run_all, write_report
 from blockstate.tasks.runner import PARAM_TOLERANCE, SUITE_SIZE, model_overrides
@@ -71,6 +73,11 @@ def test_an_interrupted_run_continues_to_the_uninterrupted_result(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         run_all([run], settings, tmp_path, log=lambda _: None, checkpoint_every=4)
     assert run.partial_path(tmp_path).is_dir() and not run.path(tmp_path).exists()
+    # the checkpoint of a task run (synthetic tokens, no tokenizer) loads as a model for probes
+    model, checkpoint = load_model(run.partial_path(tmp_path), max_seq_len=512)
+    assert checkpoint.step == 8 and model.config.max_seq_len == 512 and not model.training
+    with pytest.raises(CheckpointError, match="carries no tokenizer; .*load_model"):
+        load_with_checkpoint(run.partial_path(tmp_path))
     with pytest.raises(ValueError, match="other settings"):
         run_all([run], Settings(steps=12, batch_size=4, eval_sequences=8, lr=1e-3), tmp_path,
                 log=lambda _: None, checkpoint_every=4)

@@ -11,6 +11,21 @@ from .config import ModelConfig
 from .model import BlockStateLM
 
 
+def load_model(path: str | Path, device: torch.device | str = "cpu", **overrides):
+    """(model in eval mode, checkpoint) from a run directory (its newest intact checkpoint) or a
+    checkpoint step directory, with no tokenizer needed (e.g. the task suite's runs, whose
+    tokens are synthetic). `overrides` replace fields of the saved configuration that do not
+    change the weights (such as `max_seq_len`, to evaluate longer sequences)."""
+    checkpoint: Checkpoint = load_checkpoint(path)
+    return _model(checkpoint, device, overrides), checkpoint
+
+
+def _model(checkpoint: Checkpoint, device, overrides=None) -> BlockStateLM:
+    model = BlockStateLM(ModelConfig.from_dict({**checkpoint.model_config, **(overrides or {})}))
+    checkpoint.load_model(model)
+    return model.to(device).eval()
+
+
 def load_with_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     """(model in eval mode, tokenizer, checkpoint) from a run directory (its newest intact
     checkpoint) or a checkpoint step directory. Weights are read from safetensors; nothing is
@@ -19,16 +34,15 @@ def load_with_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
 
     checkpoint: Checkpoint = load_checkpoint(path)
     if checkpoint.tokenizer_dir is None:
-        raise CheckpointError(f"checkpoint {checkpoint.path} carries no tokenizer")
+        raise CheckpointError(f"checkpoint {checkpoint.path} carries no tokenizer; "
+                              f"blockstate.loading.load_model loads the model alone")
     tokenizer = load_tokenizer(checkpoint.tokenizer_dir)
-    config = ModelConfig.from_dict(checkpoint.model_config)
-    if tokenizer.vocab_size != config.vocab_size:
+    vocab = ModelConfig.from_dict(checkpoint.model_config).vocab_size
+    if tokenizer.vocab_size != vocab:
         raise CheckpointError(
             f"tokenizer mismatch in {checkpoint.path}: the tokenizer has {tokenizer.vocab_size} "
-            f"tokens but the model was built for vocab_size={config.vocab_size}")
-    model = BlockStateLM(config)
-    checkpoint.load_model(model)
-    return model.to(device).eval(), tokenizer, checkpoint
+            f"tokens but the model was built for vocab_size={vocab}")
+    return _model(checkpoint, device), tokenizer, checkpoint
 
 
 def load(path: str | Path, device: torch.device | str = "cpu"):
