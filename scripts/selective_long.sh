@@ -57,3 +57,13 @@ OMP_NUM_THREADS=1 "${BS[@]}" --steps 20000 --lr 1e-3 --batch-size 64 --task mqar
 wait "$first"; wait "$second"
 .venv/bin/blockstate tasks report --out "$OUT/selective_copying_20000" > /dev/null
 .venv/bin/blockstate tasks report --out "$OUT/mqar_20000" > /dev/null
+# The same rotating modes with one real decay per head (ssd_decay="rotary", section 8c): computed as
+# the scalar-decay scan with rotated B and C, so about the default's cost. Selective copying and
+# MQAR as above, one core each.
+variant ssd_decay=rotary & first=$!
+OMP_NUM_THREADS=1 "${BS[@]}" --steps 20000 --lr 1e-3 --batch-size 64 --task mqar --param num_pairs=4 \
+    --param gap=64 --param seq_len=96 --models bst-sh-ssd --set ssd_decay=rotary \
+    --set ssm_chunk_size=16 --label ssd_decay=rotary --out "$OUT/mqar_20000" > /dev/null & second=$!
+wait "$first"; wait "$second"
+.venv/bin/blockstate tasks report --out "$OUT/selective_copying_20000" > /dev/null
+.venv/bin/blockstate tasks report --out "$OUT/mqar_20000" > /dev/null
