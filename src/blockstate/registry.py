@@ -23,6 +23,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Selective (input-dependent) context states: not in the paper (see ssm/selective.py).
     "bst-sh-ssd": {"context_variant": "sh", "ssm_kernel": "ssd"},
     "bst-mf-ssd": {"context_variant": "mf", "ssm_kernel": "ssd"},
+    # The same with rotating modes whose phases the input advances, one real decay per head
+    # (docs/results/long_range.md, section 8c: they learn selective copying, the default does not).
+    "bst-sh-ssd-rotary": {"context_variant": "sh", "ssm_kernel": "ssd", "ssd_decay": "rotary"},
+    "bst-mf-ssd-rotary": {"context_variant": "mf", "ssm_kernel": "ssd", "ssd_decay": "rotary"},
     # Baselines (paper section 4). `bst_layers` of a baseline places its GSS or recurrent layers,
     # given for the paper's 12-layer depth and scaled to the size's depth.
     "transformer": {"self_attention": "full", "bst_layers": ()},
