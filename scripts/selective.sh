@@ -32,3 +32,12 @@ OMP_NUM_THREADS=1 .venv/bin/blockstate reproduce --scale tiny --corpora python-s
 # section 8b) at the suite's budget: copying at 4W. Chunks of 16 (in-chunk decays per state dimension).
 "${BS[@]}" --steps 600 --task copying --param lag=56 --models bst-sh-ssd --set ssd_decay=complex \
     --set ssm_chunk_size=16 --label ssd_decay=complex --out "$OUT/copying"
+# The rotary presets (ssd_decay="rotary", section 8c of docs/results/long_range.md) on the suite's
+# tasks at the suite's budgets, 2 seeds.
+ROT=bst-sh-ssd-rotary,bst-mf-ssd-rotary
+"${BS[@]}" --steps 600 --task selective_copying --param region=64 --models "$ROT" \
+    --out "$OUT/selective_copying"
+"${BS[@]}" --steps 600 --task copying --param lag=56 --models "$ROT" --out "$OUT/copying"
+"${MQAR[@]}" --param gap=64 --param seq_len=96 --models "$ROT" --out "$OUT/mqar"
+"${BS[@]}" --steps 1000 --lr 1e-3 --batch-size 64 --task induction --param seq_len=64 \
+    --eval-param seq_len=256,1024 --models "$ROT" --out "$OUT/induction"
