@@ -155,6 +155,18 @@ def _rotating_in_chunk(log_a: torch.Tensor, cumulative: torch.Tensor, b: torch.T
     return torch.einsum("bzkgts,bzskgp->bztkgp", scores, xdt)
 
 
+def _halves(z: torch.Tensor) -> torch.Tensor:
+    """Complex (..., M) -> real (..., 2M): the real parts, then the imaginary parts (the layout of
+    the cache's state and of B and C's projections)."""
+    return torch.cat([z.real, z.imag], -1)
+
+
+def _from_halves(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) real -> (..., N/2) complex: the first half real parts, the second imaginary."""
+    re, im = t.chunk(2, dim=-1)
+    return torch.complex(re, im)
+
+
 def _phases(dt: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     """The rotation of every mode after every step, (B, L, K, G, M): theta_t = omega (dt_1 + ...
     + dt_t), summed in float64 and reduced modulo 2 pi, so that long sequences keep their phases
@@ -174,8 +186,7 @@ def _rotated(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, omega: torch.Te
     b = b.unsqueeze(3) * rotation.conj()
     c = c.unsqueeze(3) * rotation
     # Re(C h) = C.re h.re - C.im h.im, with h kept as its real and imaginary halves
-    b = torch.cat([b.real, b.imag], -1).flatten(2, 3)
-    c = torch.cat([c.real, -c.imag], -1).flatten(2, 3)
+    b, c = _halves(b).flatten(2, 3), _halves(c.conj()).flatten(2, 3)
     return (x.reshape(batch, length, k * g, 1, p), dt.reshape(batch, length, k * g, 1),
             a.reshape(k * g, 1), b, c, phase)
 
@@ -194,8 +205,7 @@ def ssd_rotary(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, omega: torch.
     batch, length, k, g, p = x.shape
     xs, dts, a, br, cr, phase = _rotated(x, dt, a, omega, b, c)
     if initial_state is not None:  # theta_0 = 0: the two frames agree before the first step
-        initial_state = torch.cat([initial_state.real, initial_state.imag], -1).reshape(
-            batch, k * g, 1, p, -1)
+        initial_state = _halves(initial_state).reshape(batch, k * g, 1, p, -1)
     y, state = ssd_chunked(xs, dts, a, br, cr, chunk, initial_state)
     return y.reshape(batch, length, k, g, p), _unrotated(state, phase)
 
@@ -204,7 +214,7 @@ def _unrotated(state: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
     """The rotary scan's final state (B, K*G, 1, P, N) (real and imaginary halves, in the turning
     frame) as the complex state (B, K, G, P, N/2) of the fixed frame; phase (B, L, K, G, N/2)."""
     batch, _, k, g, _ = phase.shape
-    state = SelectiveSSM._complex(state.reshape(batch, k, g, state.shape[-2], -1))
+    state = _from_halves(state.reshape(batch, k, g, state.shape[-2], -1))
     return state * torch.complex(torch.cos(phase[:, -1]), torch.sin(phase[:, -1])).unsqueeze(-2)
 
 
@@ -365,21 +375,15 @@ class SelectiveSSM(nn.Module):
         if k.bc_gain is not None:
             bc = F.rms_norm(bc, (k.state_size,), eps=1e-6) * k.bc_gain.to(x.dtype)
         if k.a_imag is not None:  # complex modes: (..., K, N/2) with the halves as real, imaginary
-            bc = self._complex(bc)
+            bc = _from_halves(bc)
         return bc.unbind(-3)
-
-    @staticmethod
-    def _complex(t: torch.Tensor) -> torch.Tensor:
-        """(..., N) real -> (..., N/2) complex: the first half real parts, the second imaginary."""
-        re, im = t.chunk(2, dim=-1)
-        return torch.complex(re, im)
 
     def _packed(self, state: torch.Tensor) -> torch.Tensor:
         """A complex state (..., N/2) as the real (..., N) the cache keeps; real states unchanged."""
-        return torch.cat([state.real, state.imag], -1) if state.is_complex() else state
+        return _halves(state) if state.is_complex() else state
 
     def _unpacked(self, state: torch.Tensor) -> torch.Tensor:
-        return self._complex(state) if self.kernel.a_imag is not None else state
+        return _from_halves(state) if self.kernel.a_imag is not None else state
 
     def _decay(self, like: torch.Tensor) -> torch.Tensor:
         """A: (K, G) or (K, G, N) real < 0, or (K, G, N/2) complex with real part < 0, in the
@@ -405,8 +409,8 @@ class SelectiveSSM(nn.Module):
         return ssd_chunked(xs, dt, self._decay(xs), b, c, self.chunk_size, initial_state)
 
     def _scan(self, xs, dt, b, c, initial_state=None):
-        a, rotary = self._decay(xs), self._rotary(xs)
         if self.use_fused and initial_state is None and _fused_available(xs.device):
+            a, rotary = self._decay(xs), self._rotary(xs)
             if a.dim() == 2:  # mamba-ssm's scan: one decay per head
                 return self._fused(xs, dt, a, b, c)
             if rotary is not None:  # the same scan with B and C rotated per head (see ssd_rotary)
