@@ -49,15 +49,17 @@ def main() -> None:
     torch.set_num_threads(1)
     scale, out = SCALES["tiny"], Path(args.out)
     seeds = scale.seeds if args.seeds is None else tuple(int(s) for s in args.seeds.split(","))
-    corpora = args.corpora.split(",")
-    for corpus in corpora:
+    records = finished(out)
+    for corpus in args.corpora.split(","):
         for seed in seeds:
             for label, preset, overrides in chosen:
-                if (label, corpus, seed) in finished(out):
+                if (label, corpus, seed) in records:
                     continue
                 run = Run("main", corpus, preset, seed, overrides, label)
-                execute(run, scale, out, "cpu", print)
-                write(out, scale.seq_len)
+                # as stored in its eval.json (lengths as string keys)
+                record = json.loads(json.dumps(execute(run, scale, out, "cpu", print)))
+                records[_key(record)] = record
+                write(out, records, scale.seq_len)
 
 
 def _key(record: dict) -> tuple:
@@ -77,9 +79,9 @@ def finished(out: Path) -> dict[tuple, dict]:
     return records
 
 
-def write(out: Path, length: int) -> None:
+def write(out: Path, finished_runs: dict[tuple, dict], length: int) -> None:
     """results.json and report.md of every finished run (also earlier invocations')."""
-    records = sorted(finished(out).values(), key=lambda r: (r["corpus"], r["label"], r["seed"]))
+    records = sorted(finished_runs.values(), key=lambda r: (r["corpus"], r["label"], r["seed"]))
     atomic_write(out / "results.json", json.dumps(records, indent=1))
     atomic_write(out / "report.md", report(records, length))
 

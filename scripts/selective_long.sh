@@ -32,6 +32,11 @@ variant() {  # variant SETTING [more options, e.g. --seeds 1]
         --models bst-sh-ssd --set "$1" --set ssm_chunk_size=8 --label "$1" "${@:2}" \
         --out "$OUT/selective_copying_20000" > /dev/null
 }
+mqar_variant() {  # mqar_variant SETTING: MQAR (4 pairs 4+ blocks back) at 20000 steps, batch 64
+    OMP_NUM_THREADS=1 "${BS[@]}" --steps 20000 --lr 1e-3 --batch-size 64 --task mqar \
+        --param num_pairs=4 --param gap=64 --param seq_len=96 --models bst-sh-ssd --set "$1" \
+        --set ssm_chunk_size=16 --label "$1" --out "$OUT/mqar_20000" > /dev/null
+}
 variant ssd_heads=16 & first=$!
 variant ssd_decay=state & second=$!
 wait "$first"; variant ssd_bc_norm=true; wait "$second"
@@ -51,9 +56,7 @@ wait "$first"; wait "$second"
 # decays per state dimension), one core each.
 variant ssd_decay=complex
 variant ssd_decay=complex --seeds 1 & first=$!
-OMP_NUM_THREADS=1 "${BS[@]}" --steps 20000 --lr 1e-3 --batch-size 64 --task mqar --param num_pairs=4 \
-    --param gap=64 --param seq_len=96 --models bst-sh-ssd --set ssd_decay=complex \
-    --set ssm_chunk_size=16 --label ssd_decay=complex --out "$OUT/mqar_20000" > /dev/null & second=$!
+mqar_variant ssd_decay=complex & second=$!
 wait "$first"; wait "$second"
 .venv/bin/blockstate tasks report --out "$OUT/selective_copying_20000" > /dev/null
 .venv/bin/blockstate tasks report --out "$OUT/mqar_20000" > /dev/null
@@ -61,9 +64,7 @@ wait "$first"; wait "$second"
 # the scalar-decay scan with rotated B and C, so about the default's cost. Selective copying and
 # MQAR as above, one core each.
 variant ssd_decay=rotary & first=$!
-OMP_NUM_THREADS=1 "${BS[@]}" --steps 20000 --lr 1e-3 --batch-size 64 --task mqar --param num_pairs=4 \
-    --param gap=64 --param seq_len=96 --models bst-sh-ssd --set ssd_decay=rotary \
-    --set ssm_chunk_size=16 --label ssd_decay=rotary --out "$OUT/mqar_20000" > /dev/null & second=$!
+mqar_variant ssd_decay=rotary & second=$!
 wait "$first"; wait "$second"
 .venv/bin/blockstate tasks report --out "$OUT/selective_copying_20000" > /dev/null
 .venv/bin/blockstate tasks report --out "$OUT/mqar_20000" > /dev/null
