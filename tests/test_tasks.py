@@ -143,6 +143,9 @@ def test_report_keeps_rows_whose_run_records_are_gone(tmp_path):
     write_report(tmp_path, log=lambda _: None)
     assert json.loads((tmp_path / "report.json").read_text())["mqar-gap40-num_pairs2-seq_len64"][
         "models"].keys() == entry["models"].keys()
+    (tmp_path / "runs" / "mqar-gap40-num_pairs2-seq_len64" / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json is not a task run record"):
+        write_report(tmp_path, log=lambda _: None)  # a corrupt record is not hidden by the merge
 
 
 def test_cli_run_and_report(tmp_path, capsys):

@@ -21,7 +21,13 @@ def load_records(out: str | Path) -> list[dict[str, Any]]:
     if not paths:
         raise ValueError(f"no finished task runs under {Path(out) / 'runs'}; run `blockstate tasks "
                          f"run --out {out}` first")
-    records = [json.loads(p.read_text()) for p in paths]
+    records = []
+    for path in paths:
+        try:
+            records.append(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a task run record (unreadable JSON: {e}); remove it "
+                             f"or run the task again") from None
     presets = list(PRESETS)
 
     def order(record: dict) -> tuple:
@@ -176,12 +182,9 @@ def write_report(out: str | Path, command: str = "", log: Callable[[str], None] 
     out = Path(out)
     previous_path = out / "report.json"
     previous = json.loads(previous_path.read_text()) if previous_path.exists() else None
-    try:
-        summary = summarize(load_records(out))
-    except ValueError:
-        if previous is None:
-            raise
-        summary = {}
+    # with no run records (e.g. a fresh clone) the existing report is rewritten as it is
+    has_records = any((out / "runs").glob("*/*.json"))
+    summary = summarize(load_records(out)) if has_records or previous is None else {}
     if previous is not None:
         summary = merge_previous(summary, previous, log)
     text = report_markdown(summary)
