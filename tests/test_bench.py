@@ -3,6 +3,7 @@ no timing is asserted)."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +45,8 @@ def test_every_benchmarked_layer_builds_and_runs(name):
 def test_layer_benchmark_writes_json_markdown_and_plot(tmp_path):
     out = tmp_path / "layers"
     report = bench.run_layers(out, [(32, 2)], [128, 256], ["bst-sh-s4", "slide", "brt"],
-                              repeats=1, budget_s=1.0, command="test", log=lambda _: None)
+                              repeats=1, budget_s=1.0, command="test", log=lambda _: None,
+                              memory=False)  # (test_cpu_peak_memory_tracks_the_tensors)
     assert len(report["results"]) == 6
     data = json.loads(out.with_suffix(".json").read_text())
     r = data["results"][0]
@@ -55,9 +57,23 @@ def test_layer_benchmark_writes_json_markdown_and_plot(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_cpu_peak_memory_tracks_the_tensors():
+    """Measured in a process of its own (whose allocator maps every large block), the peak of the
+    slide layer's forward+backward holds at least its input, output and their gradients, and
+    grows in proportion to L (the layer is linear in L)."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    peaks = [bench.cpu_peak_memory("slide", bench.layer_config(64, 2, length, block=16, state=4,
+                                                               context_states=4),
+                                   1, torch.float32) for length in (4096, 16384)]
+    assert peaks[0] > 4 * 4096 * 64 * 4
+    assert 3 < peaks[1] / peaks[0] < 5
+
+
 def test_long_lengths_are_skipped_by_extrapolation(tmp_path):
     report = bench.run_layers(None, [(32, 2)], [128, 256, 1 << 20], ["slide"], repeats=1,
-                              budget_s=0.1, max_seconds=1.0, log=lambda _: None)
+                              budget_s=0.1, max_seconds=1.0, log=lambda _: None, memory=False)
     assert [s["length"] for s in report["skipped"]] == [1 << 20]
     assert math.isclose(bench._extrapolate([(1, 1.0), (2, 4.0)], 4), 16.0)
     assert math.isclose(bench._extrapolate([(1, 2.0), (2, 2.0)], 4), 4.0)  # at least linear

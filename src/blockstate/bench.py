@@ -31,6 +31,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -122,16 +123,12 @@ def flop_formulas() -> dict:
 
 
 class PeakMemory:
-    """Peak memory of a call: CUDA allocator statistics, or the rise of the CPU process's peak RSS."""
+    """Peak memory of a call: CUDA allocator statistics, or the rise of the CPU process's peak RSS
+    (meaningful after `map_large_blocks`, in a process of its own: see `cpu_peak_memory`)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.available = device.type == "cuda" or Path("/proc/self/clear_refs").exists()
-        if device.type == "cpu" and self.available:
-            try:  # M_MMAP_THRESHOLD = -3: freed large blocks return to the OS, so RSS tracks tensors
-                ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
-            except OSError:
-                pass
 
     @staticmethod
     def _status(key: str) -> int:
@@ -163,35 +160,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def map_large_blocks() -> bool:
+    """Make glibc map every block of 64 KiB or more afresh and unmap it when freed, so that the
+    process's RSS tracks its live tensors (M_MMAP_THRESHOLD). Process-wide and for good: timing
+    under it would charge every temporary tensor a page fault per page, which a long-running
+    process does not pay (glibc's own threshold settles near 32 MiB), so only the processes of
+    `cpu_peak_memory` set it."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16))
+    except OSError:
+        return False
+
+
 def measure_call(fn: Callable[[], None], device: torch.device, repeats: int, budget_s: float,
                  count: Callable[[], None] | None = None) -> dict:
     """Warm-up with FLOPs counted (by running `count`, default fn, under a FLOP counter), then timed
-    repeats of fn with peak memory, stopping early once budget_s is spent."""
+    repeats of fn, stopping early once budget_s is spent; on CUDA also the peak memory of those
+    (on the CPU, `cpu_peak_memory` measures it in a process of its own)."""
     with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
         (count or fn)()
     flops = counter.get_total_flops()
-    memory = PeakMemory(device)
+    memory = PeakMemory(device) if device.type == "cuda" else None
     times, peaks = [], []
     spent = 0.0
     while len(times) < repeats and (not times or spent < budget_s):
-        memory.start()
+        if memory is not None:
+            memory.start()
         _sync(device)
         t0 = time.perf_counter()
         fn()
         _sync(device)
         elapsed = time.perf_counter() - t0
-        peak = memory.stop()
-        times.append(elapsed)
-        if peak is not None:
+        if memory is not None and (peak := memory.stop()) is not None:
             peaks.append(peak)
+        times.append(elapsed)
         spent += elapsed
     return {"seconds": statistics.median(times), "all_seconds": times, "flops": flops,
             "peak_bytes": min(peaks) if peaks else None}
 
 
-def measure_layer(name: str, config: ModelConfig, batch: int, device: torch.device,
-                  dtype: torch.dtype, repeats: int, budget_s: float, passes: tuple[str, ...],
-                  compile_layer: bool = False) -> dict:
+def layer_calls(name: str, config: ModelConfig, batch: int, device: torch.device,
+                dtype: torch.dtype, compile_layer: bool = False):
+    """The layer and its three benchmark calls: (layer, forward without gradients, forward with
+    gradients (what the FLOP counter runs), forward+backward)."""
     torch.manual_seed(0)
     layer = build_layer(name, config).to(device)
     x = torch.randn(batch, config.max_seq_len, config.d_model, device=device)
@@ -204,27 +215,77 @@ def measure_layer(name: str, config: ModelConfig, batch: int, device: torch.devi
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return call(inp, memory) if memory is not None else call(inp)
 
+    def forward():
+        _clear_ssm_caches(layer)
+        with torch.no_grad():
+            run(x)
+
+    grad = torch.randn_like(x)
+    xg = x.clone().requires_grad_(True)
+
+    def forward_backward():
+        layer.zero_grad(set_to_none=True)
+        xg.grad = None
+        run(xg).float().backward(grad)
+
+    return layer, forward, (lambda: run(x)), forward_backward
+
+
+def measure_layer(name: str, config: ModelConfig, batch: int, device: torch.device,
+                  dtype: torch.dtype, repeats: int, budget_s: float, passes: tuple[str, ...],
+                  compile_layer: bool = False, memory: bool = True) -> dict:
+    layer, forward, counted, forward_backward = layer_calls(name, config, batch, device, dtype,
+                                                            compile_layer)
     result = {"layer": name + ("+compile" if compile_layer else ""), "length": config.max_seq_len,
               "width": config.d_model, "heads": config.n_heads, "batch": batch,
               "parameters": sum(p.numel() for p in layer.parameters())}
     if "forward" in passes:
-        def forward():
-            _clear_ssm_caches(layer)
-            with torch.no_grad():
-                run(x)
         # FLOPs are counted with gradients on (the counter's module tracker needs them): the same
         # operations run.
-        result["forward"] = measure_call(forward, device, repeats, budget_s, count=lambda: run(x))
+        result["forward"] = measure_call(forward, device, repeats, budget_s, count=counted)
     if "backward" in passes:
-        grad = torch.randn_like(x)
-        xg = x.clone().requires_grad_(True)
-
-        def forward_backward():
-            layer.zero_grad(set_to_none=True)
-            xg.grad = None
-            run(xg).float().backward(grad)
         result["forward_backward"] = measure_call(forward_backward, device, repeats, budget_s)
+        if device.type == "cpu" and memory:
+            del layer, forward, counted, forward_backward
+            result["forward_backward"]["peak_bytes"] = cpu_peak_memory(name, config, batch, dtype,
+                                                                       compile_layer)
     return result
+
+
+def cpu_peak_memory(name: str, config: ModelConfig, batch: int, dtype: torch.dtype,
+                    compile_layer: bool = False) -> int | None:
+    """Peak memory of the layer's forward+backward on the CPU (bytes; None where it cannot be
+    measured): the rise of peak RSS over a call, the smaller of two after a warm-up, in a fresh
+    Python process whose allocator maps every large block (`map_large_blocks`)."""
+    spec = {"name": name, "config": config.to_dict(), "batch": batch, "dtype": str(dtype),
+            "compile": compile_layer, "threads": torch.get_num_threads()}
+    done = subprocess.run([sys.executable, "-c", "from blockstate.bench import _child_peak_memory;"
+                           " _child_peak_memory()"], input=json.dumps(spec), capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring the peak memory of {name} at L = {config.max_seq_len} "
+                           f"failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def _child_peak_memory() -> None:
+    """`cpu_peak_memory`'s process: reads its spec from stdin, prints {"peak_bytes": ...}."""
+    mapped = map_large_blocks()
+    spec = json.loads(sys.stdin.read())
+    torch.set_num_threads(spec["threads"])
+    dtype = {"torch.float32": torch.float32, "torch.bfloat16": torch.bfloat16}[spec["dtype"]]
+    device = torch.device("cpu")
+    *_, forward_backward = layer_calls(spec["name"], ModelConfig.from_dict(spec["config"]),
+                                       spec["batch"], device, dtype, spec["compile"])
+    forward_backward()  # warm-up: caches, lazily built buffers
+    memory, peaks = PeakMemory(device), []
+    for _ in range(2):
+        memory.start()
+        forward_backward()
+        peak = memory.stop()
+        if peak is not None:
+            peaks.append(peak)
+    print(json.dumps({"peak_bytes": min(peaks) if peaks and mapped else None}))
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -306,7 +367,10 @@ def run_layers(out: Path | None, widths: list[tuple[int, int]], lengths: list[in
                layers: list[str], batch: int = 1, device: str = "cpu", dtype: str = "float32",
                repeats: int = 3, budget_s: float = 20.0, max_seconds: float = 30.0,
                max_memory_fraction: float = 0.5, compile_layers: tuple[str, ...] = (),
-               command: str = "", log: Callable[[str], None] = print) -> dict:
+               command: str = "", log: Callable[[str], None] = print, memory: bool = True) -> dict:
+    """Time every layer at every width and length (forward, forward+backward) and measure its peak
+    memory (`memory`: on the CPU, in a child process per measurement); lengths predicted to take
+    more than max_seconds, or more than max_memory_fraction of the device's memory, are skipped."""
     dev = torch.device(device)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     total_memory = (torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda"
@@ -314,6 +378,8 @@ def run_layers(out: Path | None, widths: list[tuple[int, int]], lengths: list[in
     report = {"kind": "layers", "command": command, "machine": machine_info(dev), "batch": batch,
               "dtype": dtype, "widths": [list(w) for w in widths], "lengths": lengths,
               "machine_limits": {}, "results": [], "skipped": []}
+    if dev.type == "cpu":  # timed with glibc's own thresholds; memory in a child (map_large_blocks)
+        report["cpu_peak_memory"] = "child process"
     for width, heads in widths:
         report["machine_limits"][str(width)] = limits = measure_machine(dev, width, lengths, torch_dtype)
         log(f"width {width}: matmul peak {limits['matmul_peak_gflops']:.1f} GFLOP/s")
@@ -333,7 +399,7 @@ def run_layers(out: Path | None, widths: list[tuple[int, int]], lengths: list[in
                     continue
                 config = layer_config(width, heads, length)
                 r = measure_layer(base, config, batch, dev, torch_dtype, repeats, budget_s,
-                                  ("forward", "backward"), compile_layer=compiled)
+                                  ("forward", "backward"), compile_layer=compiled, memory=memory)
                 fb = r["forward_backward"]
                 seen.append((length, fb["seconds"], fb["peak_bytes"] or 0))
                 report["results"].append(r)
@@ -460,7 +526,9 @@ def layers_markdown(report: dict, reference_length: int = 8192) -> str:
         f"torch {info['torch']}, Python {info['python']}, load average at start "
         f"{', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}. Batch {report['batch']}, "
         f"{report['dtype']}. Times are medians after a warm-up, in ms; forward runs without "
-        f"gradients and recomputes SSM kernels; peak memory is that of forward+backward.", "",
+        f"gradients and recomputes SSM kernels; peak memory is that of forward+backward"
+        + (" (on the CPU, measured in a process of its own: see `cpu_peak_memory`)."
+           if report.get("cpu_peak_memory") == "child process" else "."), "",
     ]
     for width, heads in report["widths"]:
         if str(width) not in report["machine_limits"]:  # not reached yet (written mid-run)
