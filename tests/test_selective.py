@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from blockstate import ModelConfig, build_model
+from blockstate.ssm import selective
 from blockstate.ssm.selective import (
     SelectiveSSM,
     _fused_available,
@@ -196,6 +197,25 @@ def test_rotary_scan_gradients_equal_the_recurrences():
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("group", [None, 1])
+def test_rotary_block_ends_gradients_equal_the_recurrences(group, monkeypatch):
+    """MF's path (B turned block by block, C at the block ends only) has the gradients of the
+    complex recurrence's block-end readouts, for a length that leaves a partial block, whether it
+    turns all blocks at once or one at a time (BLOCK_GROUP = 1)."""
+    if group is not None:
+        monkeypatch.setattr(selective, "BLOCK_GROUP", group)
+    inputs, _ = _rotary_inputs(length=27)
+    inputs = [t.requires_grad_() for t in inputs]
+    y = ssd_rotary_block_ends(*inputs, block=8)
+    assert y.shape[1] == 3
+    grads = torch.autograd.grad(y.square().sum(), inputs)
+    x, dt, a, omega, b, c = inputs
+    y_ref, _ = ssd_reference(x, dt, torch.complex(a.unsqueeze(-1).expand_as(omega), omega), b, c)
+    grads_ref = torch.autograd.grad(y_ref[:, 7::8].square().sum(), inputs)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
 def test_rotary_phases_stay_precise_over_long_float32_sequences():
     """The phases grow with the steps taken (here to about 10^4 radians); summed in float64 and
     reduced modulo 2 pi, the float32 scan keeps the float64 recurrence's readout."""
@@ -203,9 +223,13 @@ def test_rotary_phases_stay_precise_over_long_float32_sequences():
     omega = omega * 4
     decays = torch.complex(decays.real / 20, omega)  # slow decays: old phases stay in the readout
     y_ref, _ = ssd_reference(x, dt, decays, b, c)
-    y, _ = ssd_rotary(*(t.float() if not t.is_complex() else t.to(torch.complex64)
-                        for t in (x, dt, a / 20, omega, b, c)), chunk=64)
+    single = [t.float() if not t.is_complex() else t.to(torch.complex64)
+              for t in (x, dt, a / 20, omega, b, c)]
+    y, _ = ssd_rotary(*single, chunk=64)
     assert (y.double() - y_ref).abs().max() < 1e-4 * y_ref.abs().max()  # 3e-4 summed in float32
+    # MF's block ends take each block's first step as the float64 reference (blocks of 128 steps)
+    ends = ssd_rotary_block_ends(*single, block=128)
+    assert (ends.double() - y_ref[:, 127::128]).abs().max() < 1e-4 * y_ref.abs().max()
 
 
 def test_rotary_decay_starts_as_the_complex_one():

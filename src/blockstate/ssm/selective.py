@@ -51,6 +51,10 @@ CONV_WIDTH = 4        # taps of the causal depthwise convolution before the SSM 
 # initialization). Heads of at least 4 dimensions, at most 8 per channel (the in-chunk decay
 # matrices grow with channels x heads).
 MIN_HEAD_DIM, MAX_HEADS = 4, 8
+# decay="rotary": steps whose phases are formed from one float64 reference (see `_rotations`)
+PHASE_GROUP = 16
+# decay="rotary", MF: numbers of turned B formed at a time (a few MB: kept in cache)
+BLOCK_GROUP = 2 ** 20
 
 
 def segment_sums(a: torch.Tensor) -> torch.Tensor:
@@ -93,12 +97,21 @@ def _boundary_states(xdt: torch.Tensor, cumulative: torch.Tensor, b: torch.Tenso
     (B, nc, K, G, N', T), b (B, nc, T, K, N) (complex, with the state, for complex modes)."""
     to_end = torch.exp(cumulative[..., -1:] - cumulative)                     # (B, nc, K, G, N', T)
     own = torch.einsum("bzskn,bzkgns,bzskgp->bzkgpn", b, to_end, xdt.to(b.dtype))  # (B, nc, K, G, P, N)
+    return _carried(own, cumulative[..., -1], initial_state)
+
+
+def _carried(own: torch.Tensor, chunk_decay: torch.Tensor, initial_state: torch.Tensor | None
+             ) -> torch.Tensor:
+    """The states at every chunk boundary (B, nc + 1, K, G, P, N) from each chunk's own
+    contribution to the state at its end, own (B, nc, K, G, P, N), the log decay across each
+    chunk, chunk_decay (B, nc, K, G, N'), and the state before the first chunk (B, K, G, P, N)
+    or None (zeros)."""
     if initial_state is None:
         initial_state = own.new_zeros(own[:, :1].shape)
     else:
         initial_state = initial_state.unsqueeze(1).to(own.dtype)
     own = torch.cat([initial_state, own], dim=1)                              # (B, nc+1, K, G, P, N)
-    chunk_decay = F.pad(cumulative[..., -1], (0, 0, 0, 0, 0, 0, 1, 0))        # (B, nc+1, K, G, N')
+    chunk_decay = F.pad(chunk_decay, (0, 0, 0, 0, 0, 0, 1, 0))                # (B, nc+1, K, G, N')
     between = torch.exp(segment_sums(chunk_decay.permute(0, 2, 3, 4, 1)))    # (B, K, G, N', nc+1, nc+1)
     return torch.einsum("bkgnzy,bykgpn->bzkgpn", between, own)
 
@@ -167,28 +180,66 @@ def _from_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.complex(re, im)
 
 
-def _phases(dt: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-    """The rotation of every mode after every step, (B, L, K, G, M): theta_t = omega (dt_1 + ...
-    + dt_t), summed in float64 and reduced modulo 2 pi, so that long sequences keep their phases
-    to float32 precision."""
-    steps = torch.cumsum(dt.double(), dim=1).unsqueeze(-1)
-    return torch.remainder(steps * omega.double(), 2 * math.pi).to(dt.dtype)
+def _phases(start: torch.Tensor, since: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """theta = omega (dt_1 + ... + dt_t), (..., M), to the precision of `since`'s dtype for one
+    product in that dtype per entry. start (..., 1): the float64 sum of dt up to a reference step
+    shortly before (the first of a group of steps, or of a block); since (..., 1): the sum after
+    it, in the dtype of the computation. The phase at the reference is formed and reduced modulo
+    2 pi in float64; omega times the steps since is added to it."""
+    base = torch.remainder(start * omega.double(), 2 * math.pi).to(since.dtype)
+    return torch.addcmul(base, since, omega)
+
+
+def _rotations(dt: torch.Tensor, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every mode's rotation after every step, each (B, L, K, G, M): theta_t =
+    omega (dt_1 + ... + dt_t), with sums of dt in float64 and one float64 reference phase per
+    PHASE_GROUP steps (`_phases`), so that long sequences keep their phases to float32
+    precision."""
+    length = dt.shape[1]
+    steps = torch.cumsum(dt.double(), dim=1)                                  # (B, L, K, G)
+    steps = F.pad(steps, (0, 0, 0, 0, 0, -length % PHASE_GROUP)).unflatten(1, (-1, PHASE_GROUP))
+    steps = steps.unsqueeze(-1)                                               # (B, n, R, K, G, 1)
+    start = steps[:, :, :1]
+    phase = _phases(start, (steps - start).to(dt.dtype), omega).flatten(1, 2)[:, :length]
+    return torch.cos(phase), torch.sin(phase)                                 # (B, L, K, G, M)
+
+
+def _turned_parts(re: torch.Tensor, im: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real and imaginary parts of (re + i im) e^{-i theta}, each in the layout of cos and
+    sin of theta (..., M); re and im broadcast to them (B and C are shared by the heads of a
+    channel). Real arithmetic, four products."""
+    # in place on the fresh products: no third allocation (autograd keeps the factors, not them)
+    return (cos * re).addcmul_(sin, im), (cos * im).addcmul_(sin, re, value=-1)
+
+
+def _turned(re: torch.Tensor, im: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`_turned_parts` as one real tensor (..., 2M), the real parts, then the imaginary parts."""
+    return torch.cat(_turned_parts(re, im, cos, sin), dim=-1)
 
 
 def _rotated(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, omega: torch.Tensor,
-             b: torch.Tensor, c: torch.Tensor):
+             b: torch.Tensor):
     """A rotary problem as a scalar-decay one (see `ssd_rotary`): x (B, L, K*G, 1, P), dt
-    (B, L, K*G, 1), a (K*G, 1), real B_s e^{-i theta_s} and C_t e^{i theta_t} (B, L, K*G, N),
-    and the phases (B, L, K, G, M)."""
+    (B, L, K*G, 1), a (K*G, 1), real B_s e^{-i theta_s} (B, L, K*G, N), and the cos and sin of
+    the phases (B, L, K, G, N/2), to turn C with (`_turned_c`)."""
     batch, length, k, g, p = x.shape
-    phase = _phases(dt, omega)
-    rotation = torch.complex(torch.cos(phase), torch.sin(phase))
-    b = b.unsqueeze(3) * rotation.conj()
-    c = c.unsqueeze(3) * rotation
-    # Re(C h) = C.re h.re - C.im h.im, with h kept as its real and imaginary halves
-    b, c = _halves(b).flatten(2, 3), _halves(c.conj()).flatten(2, 3)
+    cos, sin = _rotations(dt, omega)
     return (x.reshape(batch, length, k * g, 1, p), dt.reshape(batch, length, k * g, 1),
-            a.reshape(k * g, 1), b, c, phase)
+            a.reshape(k * g, 1), _turned(*_parts(b), cos, sin).flatten(2, 3), (cos, sin))
+
+
+def _parts(z: torch.Tensor, conjugate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real and imaginary parts of B or C (B, L, K, M), or of their conjugates, each
+    (B, L, K, 1, M) to broadcast over a channel's heads."""
+    return z.real.unsqueeze(3), (-z.imag if conjugate else z.imag).unsqueeze(3)
+
+
+def _turned_c(c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """C_t (B, L, K, M) complex for the rotary scan: the conjugate of C_t e^{i theta_t}, which is
+    conj(C_t) e^{-i theta_t}, as reals (B, L, K*G, N), so that the real scan's C . h reads
+    Re(C_t e^{i theta_t} h) from h kept as its real and imaginary halves."""
+    return _turned(*_parts(c, conjugate=True), cos, sin).flatten(2, 3)
 
 
 def ssd_rotary(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, omega: torch.Tensor,
@@ -203,27 +254,60 @@ def ssd_rotary(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, omega: torch.
     and C then differ by head (their phases follow each head's steps), so each head is a channel
     of the real scan. Returns y (B, L, K, G, P) and the final state in the fixed frame."""
     batch, length, k, g, p = x.shape
-    xs, dts, a, br, cr, phase = _rotated(x, dt, a, omega, b, c)
+    xs, dts, a, br, (cos, sin) = _rotated(x, dt, a, omega, b)
     if initial_state is not None:  # theta_0 = 0: the two frames agree before the first step
         initial_state = _halves(initial_state).reshape(batch, k * g, 1, p, -1)
-    y, state = ssd_chunked(xs, dts, a, br, cr, chunk, initial_state)
-    return y.reshape(batch, length, k, g, p), _unrotated(state, phase)
+    y, state = ssd_chunked(xs, dts, a, br, _turned_c(c, cos, sin), chunk, initial_state)
+    return y.reshape(batch, length, k, g, p), _unrotated(state, cos[:, -1], sin[:, -1])
 
 
-def _unrotated(state: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+def _unrotated(state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotary scan's final state (B, K*G, 1, P, N) (real and imaginary halves, in the turning
-    frame) as the complex state (B, K, G, P, N/2) of the fixed frame; phase (B, L, K, G, N/2)."""
-    batch, _, k, g, _ = phase.shape
+    frame) as the complex state (B, K, G, P, N/2) of the fixed frame; cos and sin of the last
+    phases (B, K, G, N/2)."""
+    batch, k, g, _ = cos.shape
     state = _from_halves(state.reshape(batch, k, g, state.shape[-2], -1))
-    return state * torch.complex(torch.cos(phase[:, -1]), torch.sin(phase[:, -1])).unsqueeze(-2)
+    return state * torch.complex(cos, sin).unsqueeze(-2)
 
 
 def ssd_rotary_block_ends(x, dt, a, omega, b, c, block: int) -> torch.Tensor:
-    """`ssd_block_ends` for the rotary kind (arguments as `ssd_rotary`): (B, L // block, K, G, P)."""
+    """`ssd_block_ends` for the rotary kind (arguments as `ssd_rotary`): (B, L // block, K, G, P).
+
+    B is turned in a (block, channel, head, step) layout, so that each block's contribution to
+    its end state is one batched product of contiguous matrices, and a few blocks at a time
+    (about BLOCK_GROUP numbers of turned B), so that the turned B stays in cache between its
+    elementwise steps and its product; C is turned at the block ends only. Each block's first
+    step is its float64 reference phase (`_phases`)."""
     batch, length, k, g, p = x.shape
-    xs, dts, a, br, cr, _ = _rotated(x, dt, a, omega, b, c)
-    y = ssd_block_ends(xs, dts, a, br, cr, block)
-    return y.reshape(batch, -1, k, g, p)
+    nb, modes = length // block, omega.shape[-1]
+    cut = nb * block
+    dt_b = dt[:, :cut].unflatten(1, (nb, block)).permute(0, 1, 3, 4, 2).contiguous()  # (B, nb, K, G, T)
+    within = torch.cumsum(dt_b, dim=-1)
+    before = F.pad(torch.cumsum(dt_b.sum(-1, dtype=torch.float64), dim=1)[:, :-1],
+                   (0, 0, 0, 0, 1, 0))                                        # (B, nb, K, G)
+    start = (before + dt_b[..., 0]).unsqueeze(-1).unsqueeze(-1)               # (B, nb, K, G, 1, 1)
+    since = (within - within[..., :1]).unsqueeze(-1)                          # (B, nb, K, G, T, 1)
+    omega = omega.unsqueeze(-2)                                               # (K, G, 1, M)
+    re, im = (t[:, :cut].unflatten(1, (nb, block)).transpose(2, 3).unsqueeze(3)
+              for t in (b.real, b.imag))                                      # (B, nb, K, 1, T, M)
+    cumulative = torch.cumsum(dt_b * a.unsqueeze(-1), dim=-1)                 # (B, nb, K, G, T)
+    weights = torch.exp(cumulative[..., -1:] - cumulative) * dt_b             # (B, nb, K, G, T)
+    xs = x[:, :cut].unflatten(1, (nb, block)).permute(0, 1, 3, 4, 2, 5)      # (B, nb, K, G, T, P)
+    per = max(1, BLOCK_GROUP // (batch * k * g * block * modes))             # blocks at a time
+    own = []
+    for z in range(0, nb, per):
+        part = slice(z, z + per)
+        phase = _phases(start[:, part], since[:, part], omega)                # (B, n, K, G, T, M)
+        cos, sin = torch.cos(phase), torch.sin(phase)
+        xw = (weights[:, part].unsqueeze(-1) * xs[:, part]).transpose(-1, -2)  # (B, n, K, G, P, T)
+        # the real and imaginary parts of B_s e^{-i theta_s} go straight into the products
+        own.append(torch.cat([xw @ t for t in _turned_parts(re[:, part], im[:, part], cos, sin)],
+                             -1))                                             # (B, n, K, G, P, N)
+    states = _carried(torch.cat(own, 1), cumulative[..., -1:], None)[:, 1:]  # (B, nb, K, G, P, N)
+    phase = _phases(start, since[..., -1:, :], omega).squeeze(-2)             # (B, nb, K, G, M)
+    c_turned = _turned(*_parts(c[:, block - 1:cut:block], conjugate=True), torch.cos(phase),
+                       torch.sin(phase))                                      # (B, nb, K, G, N)
+    return torch.einsum("bzkgn,bzkgpn->bzkgp", c_turned, states)
 
 
 def _real(y: torch.Tensor) -> torch.Tensor:
@@ -414,9 +498,9 @@ class SelectiveSSM(nn.Module):
             if a.dim() == 2:  # mamba-ssm's scan: one decay per head
                 return self._fused(xs, dt, a, b, c)
             if rotary is not None:  # the same scan with B and C rotated per head (see ssd_rotary)
-                rxs, rdt, ra, rb, rc, phase = _rotated(xs, dt, *rotary, b, c)
-                y, state = self._fused(rxs, rdt, ra, rb, rc)
-                return y.view(xs.shape), _unrotated(state, phase)
+                rxs, rdt, ra, rb, (cos, sin) = _rotated(xs, dt, *rotary, b)
+                y, state = self._fused(rxs, rdt, ra, rb, _turned_c(c, cos, sin))
+                return y.view(xs.shape), _unrotated(state, cos[:, -1], sin[:, -1])
         return self._chunked(xs, dt, b, c, initial_state)
 
     def _fused(self, xs, dt, a, b, c):

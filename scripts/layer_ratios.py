@@ -1,0 +1,66 @@
+"""Forward time of benchmark layers, interleaved: every round times each layer once, so a slow
+spell of the shared machine hits all of them alike (`blockstate bench layers` times one layer
+after another). Prints each layer's median and its ratio to the S4 layer of the same variant
+(bst-sh-s4 for SH layers, bst-mf-s4 for MF ones), and writes them as JSON with --out.
+
+    python scripts/layer_ratios.py --length 8192 --threads 2 --rounds 5 \
+        --layers bst-sh-s4,bst-sh-ssd-rotary,bst-mf-s4,bst-mf-ssd-rotary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from blockstate.bench import layer_calls, layer_config, machine_info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--layers", default="bst-sh-s4,bst-sh-ssd-rotary,bst-mf-s4,bst-mf-ssd-rotary")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.layers.split(",")
+    config = layer_config(args.width, args.heads, args.length)
+    device = torch.device("cpu")
+    forwards = {name: layer_calls(name, config, 1, device, torch.float32)[1] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:  # warm-up
+        forwards[name]()
+    for _ in range(args.rounds):
+        for name in names:
+            start = time.perf_counter()
+            forwards[name]()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    rows = []
+    for name in names:
+        reference = f"bst-{name.split('-')[1]}-s4"
+        ratio = medians[name] / medians[reference] if reference in medians else None
+        rows.append({"layer": name, "median_ms": round(medians[name] * 1e3, 1),
+                     "all_ms": [round(t * 1e3, 1) for t in times[name]], "reference": reference,
+                     "ratio": None if ratio is None else round(ratio, 3)})
+        print(f"{name:24s} {medians[name] * 1e3:8.0f} ms" + ("" if ratio is None else
+                                                            f"  {ratio:.2f}x {reference}"))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"command": "python scripts/layer_ratios.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None)
+            + f" --out {args.out}", "machine": machine_info(device), "length": args.length,
+            "width": args.width, "threads": args.threads, "rounds": args.rounds, "rows": rows},
+            indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
