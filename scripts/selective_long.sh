@@ -32,10 +32,13 @@ variant() {  # variant SETTING [more options, e.g. --seeds 1]
         --models bst-sh-ssd --set "$1" --set ssm_chunk_size=8 --label "$1" "${@:2}" \
         --out "$OUT/selective_copying_20000" > /dev/null
 }
-mqar_variant() {  # mqar_variant SETTING: MQAR (4 pairs 4+ blocks back) at 20000 steps, batch 64
+mqar_variant() {  # mqar_variant SETTING...: MQAR (4 pairs 4+ blocks back) at 20000 steps, batch 64
+    local sets=() label
+    for setting in "$@"; do sets+=(--set "$setting"); done
+    label=$(IFS=,; echo "$*")
     OMP_NUM_THREADS=1 "${BS[@]}" --steps 20000 --lr 1e-3 --batch-size 64 --task mqar \
-        --param num_pairs=4 --param gap=64 --param seq_len=96 --models bst-sh-ssd --set "$1" \
-        --set ssm_chunk_size=16 --label "$1" --out "$OUT/mqar_20000" > /dev/null
+        --param num_pairs=4 --param gap=64 --param seq_len=96 --models bst-sh-ssd "${sets[@]}" \
+        --set ssm_chunk_size=16 --label "$label" --out "$OUT/mqar_20000" > /dev/null
 }
 variant ssd_heads=16 & first=$!
 variant ssd_decay=state & second=$!
@@ -67,4 +70,11 @@ variant ssd_decay=rotary & first=$!
 mqar_variant ssd_decay=rotary & second=$!
 wait "$first"; wait "$second"
 .venv/bin/blockstate tasks report --out "$OUT/selective_copying_20000" > /dev/null
+.venv/bin/blockstate tasks report --out "$OUT/mqar_20000" > /dev/null
+# MQAR with 4x the state (N = 32 per head, B and C of 32 numbers), the rotary and the default
+# kinds (docs/results/long_range.md, 8d): is the state's capacity what holds MQAR back? The same
+# 20000 steps, one core each.
+mqar_variant ssd_decay=rotary ssm_state_size=32 & first=$!
+mqar_variant ssm_state_size=32 & second=$!
+wait "$first"; wait "$second"
 .venv/bin/blockstate tasks report --out "$OUT/mqar_20000" > /dev/null
