@@ -160,6 +160,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # bench layers --dtype
+
+
 def map_large_blocks() -> bool:
     """Make glibc map every block of 64 KiB or more afresh and unmap it when freed, so that the
     process's RSS tracks its live tensors (M_MMAP_THRESHOLD). Process-wide and for good: timing
@@ -257,7 +260,8 @@ def cpu_peak_memory(name: str, config: ModelConfig, batch: int, dtype: torch.dty
     """Peak memory of the layer's forward+backward on the CPU (bytes; None where it cannot be
     measured): the rise of peak RSS over a call, the smaller of two after a warm-up, in a fresh
     Python process whose allocator maps every large block (`map_large_blocks`)."""
-    spec = {"name": name, "config": config.to_dict(), "batch": batch, "dtype": str(dtype),
+    spec = {"name": name, "config": config.to_dict(), "batch": batch,
+            "dtype": str(dtype).removeprefix("torch."),
             "compile": compile_layer, "threads": torch.get_num_threads()}
     done = subprocess.run([sys.executable, "-c", "from blockstate.bench import _child_peak_memory;"
                            " _child_peak_memory()"], input=json.dumps(spec), capture_output=True,
@@ -273,7 +277,7 @@ def _child_peak_memory() -> None:
     mapped = map_large_blocks()
     spec = json.loads(sys.stdin.read())
     torch.set_num_threads(spec["threads"])
-    dtype = {"torch.float32": torch.float32, "torch.bfloat16": torch.bfloat16}[spec["dtype"]]
+    dtype = DTYPES[spec["dtype"]]
     device = torch.device("cpu")
     *_, forward_backward = layer_calls(spec["name"], ModelConfig.from_dict(spec["config"]),
                                        spec["batch"], device, dtype, spec["compile"])
@@ -372,7 +376,7 @@ def run_layers(out: Path | None, widths: list[tuple[int, int]], lengths: list[in
     memory (`memory`: on the CPU, in a child process per measurement); lengths predicted to take
     more than max_seconds, or more than max_memory_fraction of the device's memory, are skipped."""
     dev = torch.device(device)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = DTYPES[dtype]
     total_memory = (torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda"
                     else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     report = {"kind": "layers", "command": command, "machine": machine_info(dev), "batch": batch,

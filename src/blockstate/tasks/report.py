@@ -15,9 +15,14 @@ from ..fileio import atomic_write
 from ..registry import PRESETS
 
 
+def record_paths(out: str | Path) -> list[Path]:
+    """The record files of the finished runs under `out`/runs, sorted."""
+    return sorted((Path(out) / "runs").glob("*/*.json"))
+
+
 def load_records(out: str | Path) -> list[dict[str, Any]]:
     """Every finished run under `out`/runs, in a stable order."""
-    paths = sorted((Path(out) / "runs").glob("*/*.json"))
+    paths = record_paths(out)
     if not paths:
         raise ValueError(f"no finished task runs under {Path(out) / 'runs'}; run `blockstate tasks "
                          f"run --out {out}` first")
@@ -183,8 +188,7 @@ def write_report(out: str | Path, command: str = "", log: Callable[[str], None] 
     previous_path = out / "report.json"
     previous = json.loads(previous_path.read_text()) if previous_path.exists() else None
     # with no run records (e.g. a fresh clone) the existing report is rewritten as it is
-    has_records = any((out / "runs").glob("*/*.json"))
-    summary = summarize(load_records(out)) if has_records or previous is None else {}
+    summary = summarize(load_records(out)) if record_paths(out) or previous is None else {}
     if previous is not None:
         summary = merge_previous(summary, previous, log)
     text = report_markdown(summary)
