@@ -11,6 +11,8 @@ import argparse
 
 import torch
 
+from blockstate.checkpoint import load_checkpoint
+from blockstate.config import ModelConfig
 from blockstate.loading import load_model
 from blockstate.tasks import make_task
 from blockstate.tasks.runner import evaluate
@@ -23,10 +25,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     regions = [int(r) for r in args.regions.split(",")]
-    model, _ = load_model(args.checkpoint)
-    trained = model.config.max_seq_len
-    if max(regions) + 64 > trained:  # room for the longer sequences
-        model, _ = load_model(args.checkpoint, max_seq_len=max(regions) + 64)
+    trained = ModelConfig.from_dict(load_checkpoint(args.checkpoint).model_config).max_seq_len
+    # room for the longer sequences (max_seq_len does not change the weights)
+    model, _ = load_model(args.checkpoint, max_seq_len=max(trained, max(regions) + 64))
     config = model.config
     print(f"{args.checkpoint} (trained at max_seq_len {trained})\n")
     print("| region | L | accuracy | accuracy by distance (tokens: accuracy) |")

@@ -37,12 +37,13 @@ def load_with_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
         raise CheckpointError(f"checkpoint {checkpoint.path} carries no tokenizer; "
                               f"blockstate.loading.load_model loads the model alone")
     tokenizer = load_tokenizer(checkpoint.tokenizer_dir)
-    vocab = ModelConfig.from_dict(checkpoint.model_config).vocab_size
+    model = _model(checkpoint, device)
+    vocab = model.config.vocab_size
     if tokenizer.vocab_size != vocab:
         raise CheckpointError(
             f"tokenizer mismatch in {checkpoint.path}: the tokenizer has {tokenizer.vocab_size} "
             f"tokens but the model was built for vocab_size={vocab}")
-    return _model(checkpoint, device), tokenizer, checkpoint
+    return model, tokenizer, checkpoint
 
 
 def load(path: str | Path, device: torch.device | str = "cpu"):
