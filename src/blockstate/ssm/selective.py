@@ -40,6 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..cache import SelectiveSSMCache
 from ..config import PAIRED_SSD_DECAYS, SSD_DECAYS
@@ -294,20 +295,35 @@ def ssd_rotary_block_ends(x, dt, a, omega, b, c, block: int) -> torch.Tensor:
     weights = torch.exp(cumulative[..., -1:] - cumulative) * dt_b             # (B, nb, K, G, T)
     xs = x[:, :cut].unflatten(1, (nb, block)).permute(0, 1, 3, 4, 2, 5)      # (B, nb, K, G, T, P)
     per = max(1, BLOCK_GROUP // (batch * k * g * block * modes))             # blocks at a time
+    # When training, each group's phases, cosines, sines and turned B are formed again in the
+    # backward pass instead of kept: they are T x M numbers per block and head, several times
+    # what the block ends need.
+    recompute = torch.is_grad_enabled()
     own = []
     for z in range(0, nb, per):
         part = slice(z, z + per)
-        phase = _phases(start[:, part], since[:, part], omega)                # (B, n, K, G, T, M)
-        cos, sin = torch.cos(phase), torch.sin(phase)
-        xw = (weights[:, part].unsqueeze(-1) * xs[:, part]).transpose(-1, -2)  # (B, n, K, G, P, T)
-        # the real and imaginary parts of B_s e^{-i theta_s} go straight into the products
-        own.append(torch.cat([xw @ t for t in _turned_parts(re[:, part], im[:, part], cos, sin)],
-                             -1))                                             # (B, n, K, G, P, N)
+        inputs = (start[:, part], since[:, part], omega, weights[:, part], xs[:, part],
+                  re[:, part], im[:, part])
+        own.append(checkpoint(_group_states, *inputs, use_reentrant=False) if recompute
+                   else _group_states(*inputs))                              # (B, n, K, G, P, N)
     states = _carried(torch.cat(own, 1), cumulative[..., -1:], None)[:, 1:]  # (B, nb, K, G, P, N)
     phase = _phases(start, since[..., -1:, :], omega).squeeze(-2)             # (B, nb, K, G, M)
     c_turned = _turned(*_parts(c[:, block - 1:cut:block], conjugate=True), torch.cos(phase),
                        torch.sin(phase))                                      # (B, nb, K, G, N)
     return torch.einsum("bzkgn,bzkgpn->bzkgp", c_turned, states)
+
+
+def _group_states(start, since, omega, weights, xs, re, im) -> torch.Tensor:
+    """The contribution of each block of a group to the state at its end (B, n, K, G, P, N), in
+    the turning frame: sum over s of weights_s x_s (B_s e^{-i theta_s}) as real and imaginary
+    halves. start (B, n, K, G, 1, 1) and since (B, n, K, G, T, 1) give the phases (`_phases`),
+    omega (K, G, 1, M), weights (B, n, K, G, T) (decay to the block end times dt), xs
+    (B, n, K, G, T, P), re and im (B, n, K, 1, T, M) the parts of B."""
+    phase = _phases(start, since, omega)                                      # (B, n, K, G, T, M)
+    cos, sin = torch.cos(phase), torch.sin(phase)
+    xw = (weights.unsqueeze(-1) * xs).transpose(-1, -2)                       # (B, n, K, G, P, T)
+    # the real and imaginary parts of B_s e^{-i theta_s} go straight into the products
+    return torch.cat([xw @ t for t in _turned_parts(re, im, cos, sin)], -1)
 
 
 def _real(y: torch.Tensor) -> torch.Tensor:
