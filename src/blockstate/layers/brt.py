@@ -66,16 +66,19 @@ class BlockRecurrentLayer(ResidualTail):
         state_k, state_v = self._heads(self.state_kv(sn).unflatten(-1, (2, -1))).unbind(2)
         return sn, state_k, state_v                                                 # (B, S, H, Dh)
 
-    def _read_state(self, state: torch.Tensor, q: torch.Tensor, dropout: float) -> torch.Tensor:
-        """Token queries q (B, W, H, Dh) attend to the state -> (B, H, W, Dh)."""
-        _, state_k, state_v = self._state_keys(state)
+    def _read_state(self, keys: tuple[torch.Tensor, ...], q: torch.Tensor, dropout: float
+                    ) -> torch.Tensor:
+        """Token queries q (B, W, H, Dh) attend to the state whose `_state_keys` are `keys`
+        -> (B, H, W, Dh)."""
+        _, state_k, state_v = keys
         q, sk = self.token_qk_norm(q, state_k)
         return attend(q.transpose(1, 2), sk.transpose(1, 2), state_v.transpose(1, 2), dropout=dropout)
 
-    def _update_state(self, state: torch.Tensor, token_k: torch.Tensor, token_v: torch.Tensor,
-                      dropout: float) -> torch.Tensor:
-        """The state after a block whose tokens have keys/values (B, W, H, Dh)."""
-        sn, state_k, state_v = self._state_keys(state)
+    def _update_state(self, state: torch.Tensor, keys: tuple[torch.Tensor, ...],
+                      token_k: torch.Tensor, token_v: torch.Tensor, dropout: float) -> torch.Tensor:
+        """The state after a block whose tokens have keys/values (B, W, H, Dh), from `state` and
+        its `_state_keys`, `keys` (formed once per block, read by the tokens and by the update)."""
+        sn, state_k, state_v = keys
         q_self, q_cross = self._heads(self.state_q(sn).unflatten(-1, (2, -1))).unbind(2)
         q_self, sk = self.state_qk_norm(q_self, state_k)
         q_cross, tk = self.state_qk_norm(q_cross, token_k)
@@ -118,9 +121,12 @@ class BlockRecurrentLayer(ResidualTail):
         token_q = to_blocks(self._heads(self.token_q(h)), w)                        # (B, nb, W, H, Dh)
         token_k, token_v = (to_blocks(t, w) for t in self._token_keys_values(h))    # (B, nb, W, H, Dh)
         cross, states = [], []
-        for k in range(token_q.shape[1]):  # the recurrence: block k reads the state left by k-1
-            cross.append(self._read_state(state, token_q[:, k], dropout))           # (B, H, W, Dh)
-            state = self._update_state(state, token_k[:, k], token_v[:, k], dropout)
+        # the recurrence: block k reads the state left by k - 1. The blocks are unbound once: the
+        # backward of indexing block by block would fill a gradient of the whole tensor per block
+        for q, k, v in zip(token_q.unbind(1), token_k.unbind(1), token_v.unbind(1), strict=True):
+            keys = self._state_keys(state)
+            cross.append(self._read_state(keys, q, dropout))                        # (B, H, W, Dh)
+            state = self._update_state(state, keys, k, v, dropout)
             states.append(state)
         cross_out = heads_last(torch.stack(cross, 1).flatten(0, 1), batch)          # (B, L, H Dh)
         return self.tail(x, self_out, cross_out), states
@@ -153,9 +159,10 @@ class BlockRecurrentLayer(ResidualTail):
         x = x.unsqueeze(1)
         h = self.norm(x)
         self_out = self.self_attn.extend(h, cache.attention, offset)
-        cross = self._read_state(cache.state, self._heads(self.token_q(h)), 0.0)     # (B, H, 1, Dh)
+        keys = self._state_keys(cache.state)
+        cross = self._read_state(keys, self._heads(self.token_q(h)), 0.0)           # (B, H, 1, Dh)
         k, v = self._token_keys_values(h)                                           # (B, 1, H, Dh)
         cache.token_k[:, offset], cache.token_v[:, offset] = k[:, 0], v[:, 0]
         if offset == self.block_size - 1:
-            cache.state = self._update_state(cache.state, cache.token_k, cache.token_v, 0.0)
+            cache.state = self._update_state(cache.state, keys, cache.token_k, cache.token_v, 0.0)
         return self.tail(x, self_out, cross.transpose(1, 2).flatten(2))[:, 0]

@@ -300,10 +300,11 @@ def ssd_rotary_block_ends(x, dt, a, omega, b, c, block: int) -> torch.Tensor:
     # what the block ends need.
     recompute = torch.is_grad_enabled()
     own = []
-    for z in range(0, nb, per):
-        part = slice(z, z + per)
-        inputs = (start[:, part], since[:, part], omega, weights[:, part], xs[:, part],
-                  re[:, part], im[:, part])
+    # split, not sliced group by group: the backward of a slice fills a gradient of the whole
+    # tensor, once per group (quadratic in L); that of a split is one concatenation
+    for start_z, since_z, weights_z, xs_z, re_z, im_z in zip(
+            *(t.split(per, dim=1) for t in (start, since, weights, xs, re, im)), strict=True):
+        inputs = (start_z, since_z, omega, weights_z, xs_z, re_z, im_z)
         own.append(checkpoint(_group_states, *inputs, use_reentrant=False) if recompute
                    else _group_states(*inputs))                              # (B, n, K, G, P, N)
     states = _carried(torch.cat(own, 1), cumulative[..., -1:], None)[:, 1:]  # (B, nb, K, G, P, N)
