@@ -1,10 +1,12 @@
-"""Forward time of benchmark layers, interleaved: every round times each layer once, so a slow
-spell of the shared machine hits all of them alike (`blockstate bench layers` times one layer
-after another). Prints each layer's median and its ratio to the S4 layer of the same variant
-(bst-sh-s4 for SH layers, bst-mf-s4 for MF ones), and writes them as JSON with --out.
+"""Forward (or forward+backward) time of benchmark layers, interleaved: every round times each
+layer once, so a slow spell of the shared machine hits all of them alike (`blockstate bench
+layers` times one layer after another). Prints each layer's median and its ratio to the S4 layer
+of the same variant (bst-sh-s4 for SH layers, bst-mf-s4 for MF ones), or to the layer named by
+--against, and writes them as JSON with --out.
 
     python scripts/layer_ratios.py --length 8192 --threads 2 --rounds 5 \
         --layers bst-sh-s4,bst-sh-ssd-rotary,bst-mf-s4,bst-mf-ssd-rotary
+    python scripts/layer_ratios.py --backward --against bst-sh-s4 --layers bst-sh-s4,brt,slide
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", default="bst-sh-s4,bst-sh-ssd-rotary,bst-mf-s4,bst-mf-ssd-rotary")
+    parser.add_argument("--backward", action="store_true", help="time forward+backward")
+    parser.add_argument("--against", help="the layer every ratio is taken to (default: the S4 "
+                        "layer of each layer's variant)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = args.layers.split(",")
     config = layer_config(args.width, args.heads, args.length)
     device = torch.device("cpu")
-    forwards = {name: layer_calls(name, config, 1, device, torch.float32)[1] for name in names}
+    call = 3 if args.backward else 1  # layer_calls: (layer, forward, forward with grad, fwd+bwd)
+    forwards = {name: layer_calls(name, config, 1, device, torch.float32)[call] for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for name in names:  # warm-up
         forwards[name]()
@@ -46,7 +52,8 @@ def main() -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
     rows = []
     for name in names:
-        reference = f"bst-{name.split('-')[1]}-s4"
+        parts = name.split("-")
+        reference = args.against or (f"bst-{parts[1]}-s4" if parts[0] == "bst" else None)
         ratio = medians[name] / medians[reference] if reference in medians else None
         rows.append({"layer": name, "median_ms": round(medians[name] * 1e3, 1),
                      "all_ms": [round(t * 1e3, 1) for t in times[name]], "reference": reference,
@@ -56,8 +63,10 @@ def main() -> None:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"command": "python scripts/layer_ratios.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None)
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items() if k != "out" and v is not None and v is not False)
             + f" --out {args.out}", "machine": machine_info(device), "length": args.length,
+            "timed": "forward+backward" if args.backward else "forward",
             "width": args.width, "threads": args.threads, "rounds": args.rounds, "rows": rows},
             indent=1) + "\n")
 
