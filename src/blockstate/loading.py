@@ -37,13 +37,14 @@ def load_with_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
         raise CheckpointError(f"checkpoint {checkpoint.path} carries no tokenizer; "
                               f"blockstate.loading.load_model loads the model alone")
     tokenizer = load_tokenizer(checkpoint.tokenizer_dir)
-    model = _model(checkpoint, device)
-    vocab = model.config.vocab_size
+    # checked before the model is built: with a mismatched vocab_size in the saved config, the
+    # weights would fail to load with a less useful message
+    vocab = ModelConfig.from_dict(checkpoint.model_config).vocab_size
     if tokenizer.vocab_size != vocab:
         raise CheckpointError(
             f"tokenizer mismatch in {checkpoint.path}: the tokenizer has {tokenizer.vocab_size} "
             f"tokens but the model was built for vocab_size={vocab}")
-    return model, tokenizer, checkpoint
+    return _model(checkpoint, device), tokenizer, checkpoint
 
 
 def load(path: str | Path, device: torch.device | str = "cpu"):
