@@ -78,3 +78,10 @@ mqar_variant ssd_decay=rotary ssm_state_size=32 & first=$!
 mqar_variant ssm_state_size=32 & second=$!
 wait "$first"; wait "$second"
 .venv/bin/blockstate tasks report --out "$OUT/mqar_20000" > /dev/null
+# MQAR with the SSM on the full model width (ssm_width_divisor=1: 64 channels instead of 16) and
+# N = 16, the default and rotary kinds (docs/results/long_range.md, 8e): is BST's narrow SSM what
+# holds MQAR back? The same 20000 steps, one core each.
+mqar_variant ssm_width_divisor=1 ssm_state_size=16 & first=$!
+mqar_variant ssd_decay=rotary ssm_width_divisor=1 ssm_state_size=16 & second=$!
+wait "$first"; wait "$second"
+.venv/bin/blockstate tasks report --out "$OUT/mqar_20000" > /dev/null
