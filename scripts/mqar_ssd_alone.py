@@ -7,6 +7,9 @@ and the accuracy on 256 held-out sequences; --out writes the record as JSON.
 
     python scripts/mqar_ssd_alone.py --width 64 --state 16 --steps 3000 [--small-init]
 
+--chain reads the SSM through three linear maps in series (width -> d with a bias, d -> d, d -> d),
+as BST's SH context path does (lift, value projection, output projection), instead of one;
+--suite-optimizer uses the task suite's AdamW betas (0.9, 0.98) and cosine to 10% of the lr.
 --small-init gives it BST's initialization (BlockStateLM.reset_parameters: Normal(0, 0.02)
 embeddings and projections, residual outputs scaled by 1/sqrt(2 layers), the SSM's own left as
 they are); without it, PyTorch's defaults.
@@ -29,11 +32,13 @@ from blockstate.tasks.generators import IGNORE
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, width: int, state: int, decay: str):
+    def __init__(self, d: int, width: int, state: int, decay: str, chain: bool = False):
         super().__init__()
         self.norm, self.mlp_norm = nn.RMSNorm(d), nn.RMSNorm(d)
         self.inp = nn.Linear(d, width, bias=False)
-        self.out = nn.Linear(width, d, bias=False)
+        self.out = (nn.Sequential(nn.Linear(width, d), nn.Linear(d, d, bias=False),
+                                  nn.Linear(d, d, bias=False)) if chain
+                    else nn.Linear(width, d, bias=False))
         self.ssm = SelectiveSSM(1, width, state, 1e-3, 1e-1, chunk_size=16, decay=decay)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
@@ -43,10 +48,11 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    def __init__(self, vocab: int, d: int, layers: int, width: int, state: int, decay: str):
+    def __init__(self, vocab: int, d: int, layers: int, width: int, state: int, decay: str,
+                 chain: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, width, state, decay) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, width, state, decay, chain) for _ in range(layers))
         self.norm, self.head = nn.RMSNorm(d), nn.Linear(d, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -60,7 +66,7 @@ class Stack(nn.Module):
         for name, module in self.named_modules():
             if ".kernel" in name or not isinstance(module, nn.Linear):
                 continue
-            scale = 1 / math.sqrt(2 * layers) if name.endswith((".out", "mlp.2")) else 1.0
+            scale = 1 / math.sqrt(2 * layers) if name.endswith((".out", ".out.2", "mlp.2")) else 1.0
             nn.init.normal_(module.weight, std=0.02 * scale)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -78,19 +84,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small-init", action="store_true")
+    parser.add_argument("--chain", action="store_true")
+    parser.add_argument("--suite-optimizer", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     task = make_task("mqar", num_pairs=4, gap=64, seq_len=96)
-    model = Stack(task.vocab_size, args.d, args.layers, args.width, args.state, args.decay)
+    model = Stack(task.vocab_size, args.d, args.layers, args.width, args.state, args.decay,
+                  args.chain)
     if args.small_init:
         model.small_init(args.layers)
     params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    betas, floor = ((0.9, 0.98), 0.1) if args.suite_optimizer else ((0.9, 0.999), 0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=betas, weight_decay=0.0)
     warmup = 50
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / warmup)
-                                                 * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / warmup) * (
+        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * s / args.steps))))
     losses, started = [], time.time()
     for step in range(args.steps):
         batch = task.sample(args.batch, seed=1000 + step)
