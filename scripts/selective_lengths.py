@@ -25,9 +25,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     regions = [int(r) for r in args.regions.split(",")]
-    trained = ModelConfig.from_dict(load_checkpoint(args.checkpoint).model_config).max_seq_len
+    checkpoint = load_checkpoint(args.checkpoint)  # verified and read once
+    trained = ModelConfig.from_dict(checkpoint.model_config).max_seq_len
     # room for the longer sequences (max_seq_len does not change the weights)
-    model, _ = load_model(args.checkpoint, max_seq_len=max(trained, max(regions) + 64))
+    model, _ = load_model(checkpoint, max_seq_len=max(trained, max(regions) + 64))
     config = model.config
     print(f"{args.checkpoint} (trained at max_seq_len {trained})\n")
     print("| region | L | accuracy | accuracy by distance (tokens: accuracy) |")

@@ -76,6 +76,9 @@ def test_an_interrupted_run_continues_to_the_uninterrupted_result(tmp_path, monk
     # the checkpoint of a task run (synthetic tokens, no tokenizer) loads as a model for probes
     model, checkpoint = load_model(run.partial_path(tmp_path), max_seq_len=512)
     assert checkpoint.step == 8 and model.config.max_seq_len == 512 and not model.training
+    again, same = load_model(checkpoint, max_seq_len=512)  # a Checkpoint already loaded
+    pairs = zip(model.state_dict().values(), again.state_dict().values(), strict=True)
+    assert same is checkpoint and all(torch.equal(a, b) for a, b in pairs)
     with pytest.raises(CheckpointError, match="carries no tokenizer; .*load_model"):
         load_with_checkpoint(run.partial_path(tmp_path))
     with pytest.raises(ValueError, match="other settings"):

@@ -11,12 +11,13 @@ from .config import ModelConfig
 from .model import BlockStateLM
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", **overrides):
-    """(model in eval mode, checkpoint) from a run directory (its newest intact checkpoint) or a
-    checkpoint step directory, with no tokenizer needed (e.g. the task suite's runs, whose
-    tokens are synthetic). `overrides` replace fields of the saved configuration that do not
-    change the weights (such as `max_seq_len`, to evaluate longer sequences)."""
-    checkpoint: Checkpoint = load_checkpoint(path)
+def load_model(path: str | Path | Checkpoint, device: torch.device | str = "cpu", **overrides):
+    """(model in eval mode, checkpoint) from a run directory (its newest intact checkpoint), a
+    checkpoint step directory, or a `Checkpoint` already loaded (to read its configuration
+    first without verifying the files twice), with no tokenizer needed (e.g. the task suite's
+    runs, whose tokens are synthetic). `overrides` replace fields of the saved configuration that
+    do not change the weights (such as `max_seq_len`, to evaluate longer sequences)."""
+    checkpoint = path if isinstance(path, Checkpoint) else load_checkpoint(path)
     return _model(checkpoint, device, overrides), checkpoint
 
 
