@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 
 import torch
@@ -30,7 +31,28 @@ def _silent(self, h: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return h.new_zeros(*h.shape[:2], self.n_heads * self.head_dim)
 
 
-def _value(text: str) -> int | str:
+def _with_read(init):
+    def __init__(self, config):
+        init(self, config)
+        self.probe_read = torch.nn.Linear(config.ssm_width, config.d_model, bias=False)
+    return __init__
+
+
+def _read_forward(self, x: torch.Tensor) -> torch.Tensor:
+    h = self.attn_norm(x)
+    k, v, _, outputs = self.context._forward(h)
+    read = self.probe_read(outputs[:, :, 0])
+    return self.tail(x + read, self.self_attn(h), self.cross_attention(h, k, v))
+
+
+def _unit_context(self) -> None:
+    torch.nn.init.normal_(self.lift.weight, std=1 / math.sqrt(self.lift.in_features))
+    torch.nn.init.normal_(self.kv.weight, std=1 / math.sqrt(self.kv.in_features))
+
+
+def _value(text: str) -> int | bool | str:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         return int(text)
     except ValueError:
@@ -46,6 +68,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--diagonal", action="store_true")
     parser.add_argument("--no-self-attention", action="store_true")
+    parser.add_argument("--direct-read", action="store_true")
+    parser.add_argument("--unit-context", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -53,6 +77,11 @@ def main() -> None:
         bst._PositionContext.mask = _diagonal
     if args.no_self_attention:
         bst.BlockSelfAttention.forward = _silent
+    if args.direct_read:  # SH only: each layer also adds a linear read of its context outputs
+        bst.BSTLayer.__init__ = _with_read(bst.BSTLayer.__init__)
+        bst.BSTLayer.forward = _read_forward
+    if args.unit_context:  # SH: lift and key/value projection at unit scale (std 1/sqrt(fan-in))
+        bst.SHContext.reset_parameters = _unit_context
     overrides = tuple(sorted((k, _value(v)) for k, v in (s.split("=", 1) for s in args.set)))
     run = Run("mqar", (("gap", 64), ("num_pairs", 4), ("seq_len", 96)), args.model, args.seed,
               overrides)

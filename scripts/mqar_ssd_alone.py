@@ -32,14 +32,16 @@ from blockstate.tasks.generators import IGNORE
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, width: int, state: int, decay: str, chain: bool = False):
+    def __init__(self, d: int, width: int, state: int, decay: str, chain: bool = False,
+                 bc_norm: bool = False):
         super().__init__()
         self.norm, self.mlp_norm = nn.RMSNorm(d), nn.RMSNorm(d)
         self.inp = nn.Linear(d, width, bias=False)
         self.out = (nn.Sequential(nn.Linear(width, d), nn.Linear(d, d, bias=False),
                                   nn.Linear(d, d, bias=False)) if chain
                     else nn.Linear(width, d, bias=False))
-        self.ssm = SelectiveSSM(1, width, state, 1e-3, 1e-1, chunk_size=16, decay=decay)
+        self.ssm = SelectiveSSM(1, width, state, 1e-3, 1e-1, chunk_size=16, decay=decay,
+                                bc_norm=bc_norm)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,10 +51,10 @@ class Block(nn.Module):
 
 class Stack(nn.Module):
     def __init__(self, vocab: int, d: int, layers: int, width: int, state: int, decay: str,
-                 chain: bool = False):
+                 chain: bool = False, bc_norm: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, width, state, decay, chain) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, width, state, decay, chain, bc_norm) for _ in range(layers))
         self.norm, self.head = nn.RMSNorm(d), nn.Linear(d, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -86,13 +88,17 @@ def main() -> None:
     parser.add_argument("--small-init", action="store_true")
     parser.add_argument("--chain", action="store_true")
     parser.add_argument("--suite-optimizer", action="store_true")
+    parser.add_argument("--bc-norm", action="store_true", help="ssd_bc_norm: RMS-normalized B_t, C_t")
+    parser.add_argument("--pairs", type=int, default=4, help="key-value pairs")
+    parser.add_argument("--gap", type=int, default=64, help="filler between the pairs and the queries")
+    parser.add_argument("--seq-len", type=int, default=96)
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    task = make_task("mqar", num_pairs=4, gap=64, seq_len=96)
+    task = make_task("mqar", num_pairs=args.pairs, gap=args.gap, seq_len=args.seq_len)
     model = Stack(task.vocab_size, args.d, args.layers, args.width, args.state, args.decay,
-                  args.chain)
+                  args.chain, args.bc_norm)
     if args.small_init:
         model.small_init(args.layers)
     params = sum(p.numel() for p in model.parameters())

@@ -12,14 +12,16 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 import blockstate.hf  # noqa: E402,F401  (registers the Auto classes)
 
 
-@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mf-s4", "brt"])
-def test_auto_model_gives_blockstate_logits_loss_and_greedy_tokens(name, tmp_path):
+@pytest.mark.parametrize("name,tie", [("bst-sh-s4", True), ("bst-mf-s4", True), ("brt", True),
+                                      ("bst-sh-ssd", False)])
+def test_auto_model_gives_blockstate_logits_loss_and_greedy_tokens(name, tie, tmp_path):
     torch.manual_seed(0)
-    model = build_model(name, "tiny", init_std=0.1).eval()     # logits of O(1): distinct tokens
+    model = build_model(name, "tiny", init_std=0.1, tie_embeddings=tie).eval()  # logits of O(1)
     model.save_pretrained(tmp_path / "m")
     assert AutoConfig.from_pretrained(tmp_path / "m").to_model_config() == model.config
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert isinstance(hf, blockstate.hf.BlockStateForCausalLM)
+    assert hf.config.tie_word_embeddings is tie
     tokens = torch.randint(0, 256, (2, 37))
     out = hf(tokens, labels=tokens)
     torch.testing.assert_close(out.logits, model(tokens), rtol=0, atol=1e-6)

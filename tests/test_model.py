@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import blockstate
 from blockstate import build_model, list_models
 from blockstate.config import ModelConfig
 from blockstate.layers import build_context_states
@@ -153,6 +154,26 @@ def test_every_parameter_gets_a_gradient(name):
     loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{pname} gets no gradient"
+
+
+@pytest.mark.parametrize("name", ["bst-sh-ssd", "transformer"])
+def test_untied_output_head(name, tmp_path):
+    tied, untied = build_model(name, "tiny"), build_model(name, "tiny", tie_embeddings=False)
+    assert untied.head.weight.shape == (256, 64) and tied.head is None
+    extra = sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in tied.parameters())
+    assert extra == 256 * 64
+    tokens = torch.randint(0, 256, (2, 2 * W + 3))
+    loss = F.cross_entropy(untied(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    assert untied.head.weight.grad.abs().sum() > 0 and untied.embedding.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # the logits read the head's weight, not the embedding's
+        before = untied(tokens)
+        untied.head.weight[7] += 1.0
+        after = untied(tokens)
+    assert torch.equal(after[..., :7], before[..., :7]) and not torch.equal(after[..., 7], before[..., 7])
+    untied.save_pretrained(tmp_path / "m")
+    again, _ = blockstate.load(tmp_path / "m")
+    assert again.config.tie_embeddings is False and torch.equal(again(tokens), untied(tokens))
 
 
 def test_deterministic_under_a_fixed_seed():

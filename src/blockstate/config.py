@@ -161,6 +161,11 @@ class ModelConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # The output head shares the embedding's weights (the paper's and GPT-2's choice); False gives
+    # it a weight of its own (vocab_size x d_model more parameters). Tied, the logits start near
+    # zero and a value token's output row is also its input embedding: on MQAR that held training
+    # at ln(values) for thousands of steps (docs/results/long_range.md, section 8f).
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
         if self.bst_layers is not None:

@@ -66,7 +66,7 @@ class BlockStateConfig(_BaseConfig):
         model_config = ModelConfig.from_dict(fields)                      # validates
         for name, value in model_config.to_dict().items():
             setattr(self, name, value)
-        kwargs.setdefault("tie_word_embeddings", True)
+        kwargs.setdefault("tie_word_embeddings", model_config.tie_embeddings)
         super().__init__(**kwargs)
 
     def to_model_config(self) -> ModelConfig:

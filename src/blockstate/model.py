@@ -1,5 +1,6 @@
 """The Block-State Transformer language model: embedding, a stack of BST and block attention
-layers, final norm and an output head tied to the embedding."""
+layers, final norm and an output head (tied to the embedding unless `config.tie_embeddings` is
+False)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class BlockStateLM(nn.Module):
                 special(config) if i in placed else BlockAttentionLayer(config)
                 for i in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.head = (None if config.tie_embeddings
+                     else nn.Linear(config.d_model, config.vocab_size, bias=False))
         # Recompute each layer's activations in the backward pass instead of storing them (less
         # memory, about one more forward pass of compute); training only.
         self.activation_checkpointing = False
@@ -102,7 +105,12 @@ class BlockStateLM(nn.Module):
                              f"{cache.batch}")
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(x), self.embedding.weight.to(x.dtype))
+        return F.linear(self.norm(x), self.output_weight.to(x.dtype))
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output head's weight (V, D): the embedding's when tied."""
+        return self.embedding.weight if self.head is None else self.head.weight
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
@@ -227,4 +235,4 @@ class BlockStateLM(nn.Module):
         else:
             x = run_carried(self, x, carry, keep)
         x = self.norm(x[:, :length])                                              # (B, L, D)
-        return F.linear(x, self.embedding.weight.to(x.dtype))                     # (B, L, V)
+        return F.linear(x, self.output_weight.to(x.dtype))                        # (B, L, V)

@@ -1,7 +1,7 @@
 """A trained model as a self-contained directory in the Hugging Face layout:
 
     config.json         "model_type": "blockstate", "architectures", and every ModelConfig field
-    model.safetensors   the weights (the output head is tied to the embedding and not stored twice)
+    model.safetensors   the weights (a tied output head is the embedding, not stored twice)
     tokenizer/          the tokenizer's files (`blockstate.data.load_tokenizer` reads them)
 
 `BlockStateLM.save_pretrained(directory, tokenizer)` writes it, `BlockStateLM.from_pretrained(
