@@ -4,7 +4,12 @@ settings as `blockstate tasks run --set`. With --diagonal, SH's cross-attention 
 context state at the query's own position (the mask cut to the diagonal): a probe of whether
 reading the SSM outputs through a softmax over the block's positions is what slows the task.
 With --no-self-attention, the layers' block self-attention outputs zeros (the cross-attention to
-the context states is then the only attention). --out writes the run's record as JSON.
+the context states is then the only attention). --direct-read (SH) adds to each layer a linear
+read of its context outputs into the residual stream (width -> d_model, no bias, Normal(0,
+init_std)), beside the cross-attention, as the SSM stack of scripts/mqar_ssd_alone.py reads its
+SSM; --unit-context initializes SH's lift and key/value projection at unit scale (std
+1/sqrt(fan-in)) instead of init_std. Both are probes of this process, not model options.
+--out writes the run's record as JSON.
 
     python scripts/mqar_bst_probe.py --steps 3000 --set ssm_width_divisor=1 --set ssm_state_size=16 \\
         --set ssm_chunk_size=16 [--diagonal]

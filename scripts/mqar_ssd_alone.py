@@ -9,7 +9,9 @@ and the accuracy on 256 held-out sequences; --out writes the record as JSON.
 
 --chain reads the SSM through three linear maps in series (width -> d with a bias, d -> d, d -> d),
 as BST's SH context path does (lift, value projection, output projection), instead of one;
---suite-optimizer uses the task suite's AdamW betas (0.9, 0.98) and cosine to 10% of the lr.
+--suite-optimizer uses the task suite's AdamW betas (0.9, 0.98) and cosine to 10% of the lr;
+--bc-norm RMS-normalizes B_t and C_t (`ssd_bc_norm`); --pairs, --gap and --seq-len change the task
+(default 4, 64, 96; --gap 0 --seq-len 32 puts the queries right after the pairs).
 --small-init gives it BST's initialization (BlockStateLM.reset_parameters: Normal(0, 0.02)
 embeddings and projections, residual outputs scaled by 1/sqrt(2 layers), the SSM's own left as
 they are); without it, PyTorch's defaults.
