@@ -10,7 +10,8 @@ and the accuracy on 256 held-out sequences; --out writes the record as JSON.
 --chain reads the SSM through three linear maps in series (width -> d with a bias, d -> d, d -> d),
 as BST's SH context path does (lift, value projection, output projection), instead of one;
 --suite-optimizer uses the task suite's AdamW betas (0.9, 0.98) and cosine to 10% of the lr;
---bc-norm RMS-normalizes B_t and C_t (`ssd_bc_norm`); --pairs, --gap and --seq-len change the task
+--bc-norm RMS-normalizes B_t and C_t (`ssd_bc_norm`); --tied ties the output head to the
+embedding, as BST's language model does; --pairs, --gap and --seq-len change the task
 (default 4, 64, 96; --gap 0 --seq-len 32 puts the queries right after the pairs).
 --small-init gives it BST's initialization (BlockStateLM.reset_parameters: Normal(0, 0.02)
 embeddings and projections, residual outputs scaled by 1/sqrt(2 layers), the SSM's own left as
@@ -58,11 +59,14 @@ class Stack(nn.Module):
         self.embedding = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList(Block(d, width, state, decay, chain, bc_norm) for _ in range(layers))
         self.norm, self.head = nn.RMSNorm(d), nn.Linear(d, vocab)
+        self.tied = False
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embedding(ids)
         for block in self.blocks:
             x = block(x)
+        if self.tied:  # BST's output head: the embedding's weight, no bias
+            return F.linear(self.norm(x), self.embedding.weight)
         return self.head(self.norm(x))
 
     def small_init(self, layers: int) -> None:
@@ -91,6 +95,7 @@ def main() -> None:
     parser.add_argument("--chain", action="store_true")
     parser.add_argument("--suite-optimizer", action="store_true")
     parser.add_argument("--bc-norm", action="store_true", help="ssd_bc_norm: RMS-normalized B_t, C_t")
+    parser.add_argument("--tied", action="store_true", help="output head tied to the embedding")
     parser.add_argument("--pairs", type=int, default=4, help="key-value pairs")
     parser.add_argument("--gap", type=int, default=64, help="filler between the pairs and the queries")
     parser.add_argument("--seq-len", type=int, default=96)
@@ -101,6 +106,9 @@ def main() -> None:
     task = make_task("mqar", num_pairs=args.pairs, gap=args.gap, seq_len=args.seq_len)
     model = Stack(task.vocab_size, args.d, args.layers, args.width, args.state, args.decay,
                   args.chain, args.bc_norm)
+    if args.tied:
+        del model.head
+        model.tied = True
     if args.small_init:
         model.small_init(args.layers)
     params = sum(p.numel() for p in model.parameters())

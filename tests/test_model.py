@@ -176,6 +176,34 @@ def test_untied_output_head(name, tmp_path):
     assert again.config.tie_embeddings is False and torch.equal(again(tokens), untied(tokens))
 
 
+@pytest.mark.parametrize("variant", ["sh", "mh"])
+def test_direct_context_read(variant):
+    # context_direct adds a linear read of the context outputs to the residual stream: causal,
+    # trained, and with its weight at zero the model is the one without it.
+    model = _tiny("bst-sh-ssd", context_variant=variant, context_direct=True, bst_layers=[0])
+    assert model.layers[0].context.direct.weight.shape == (64, 16 * (1 if variant == "sh" else 2))
+    tokens = torch.randint(0, 256, (2, 3 * W + 5))
+    base = model(tokens)
+    for t in (0, W - 1, W, 2 * W + 3):
+        changed = tokens.clone()
+        changed[:, t] = (changed[:, t] + 1) % 256
+        out = model(changed)
+        assert _maxdiff(out[:, :t], base[:, :t]) < 1e-10
+        assert _maxdiff(out[:, t:], base[:, t:]) > 1e-6
+    plain = _tiny("bst-sh-ssd", context_variant=variant, bst_layers=[0])
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert missing == [] and unexpected == ["layers.0.context.direct.weight"]
+    assert _maxdiff(plain(tokens), base) > 1e-6
+    with torch.no_grad():
+        model.layers[0].context.direct.weight.zero_()
+    assert _maxdiff(plain(tokens), model(tokens)) < 1e-12
+    model.train()
+    F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    assert model.layers[0].context.direct.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="context_direct=True reads the SSM outputs at every position"):
+        ModelConfig(context_variant="mf", context_direct=True)
+
+
 def test_deterministic_under_a_fixed_seed():
     tokens = torch.randint(0, 256, (2, 40))
     outs = []

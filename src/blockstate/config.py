@@ -126,6 +126,10 @@ class ModelConfig:
     # at the scale of self-attention's; "none" chains three Normal(0, init_std) maps instead.
     context_activation: str = "gelu"
     context_norm: str = "none"
+    # SH/MH, not in the paper: each BST layer also adds a linear map of its context outputs (after
+    # the activation) to the residual stream, beside the cross-attention (docs/results/
+    # long_range.md, section 8f: with it BST learns MQAR as the SSM alone does).
+    context_direct: bool = False
     # How the SSM convolution is computed (same function, different cost): "fft", "chunked" (S4/S4D
     # only: chunk-wise matrix products and a state scan, no FFT) or "auto" (chunked on CPU for
     # S4/S4D, FFT otherwise); `ssm_chunk_size` is the chunk length T of the chunked path.
@@ -252,6 +256,9 @@ class ModelConfig:
         _choice("ssm_method", self.ssm_method, SSM_METHODS)
         _choice("context_norm", self.context_norm, CONTEXT_NORMS)
         _choice("context_activation", self.context_activation, CONTEXT_ACTIVATIONS)
+        if self.context_direct and self.context_variant == "mf":
+            raise ValueError("context_direct=True reads the SSM outputs at every position, which MF "
+                             "does not compute (it reads block ends); use context_variant 'sh' or 'mh'")
         if self.ssm_kernel == "ssd" and self.ssm_method == "fft":
             raise ValueError("ssm_kernel='ssd' is input-dependent and has no kernel to FFT; use "
                              "ssm_method='auto' or 'chunked'")

@@ -52,6 +52,9 @@ class ContextStates(nn.Module):
         self.activation = nn.GELU() if config.context_activation == "gelu" else nn.Identity()
         self.norm = (nn.RMSNorm(width, eps=config.norm_eps) if config.context_norm == "rms"
                      else nn.Identity())
+        # context_direct (SH/MH): a linear read of the context outputs into the residual stream
+        self.direct = (nn.Linear(config.ssm_channels * width, config.d_model, bias=False)
+                       if config.context_direct else None)
 
     def reset_parameters(self) -> None:
         """With normalized SSM outputs, a unit-scale lift (std 1/sqrt(width)) makes the lifted
@@ -66,6 +69,10 @@ class ContextStates(nn.Module):
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v, _, _ = self._forward(h)
         return k, v
+
+    def read(self, outputs: torch.Tensor) -> torch.Tensor | None:
+        """The direct read (..., D) of context outputs (..., C, Hs); None without context_direct."""
+        return None if self.direct is None else self.direct(outputs.flatten(-2))
 
     def _forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(keys, values, SSM input u, the context outputs the keys/values were made from)."""
@@ -122,29 +129,30 @@ class _PositionContext(ContextStates):
                 KVCache.empty(batch, self.n_heads, self.head_dim, self.block_size, device, dtype))
 
     def prefill(self, h: torch.Tensor, length: int, cache, key_norm=_identity
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward(h)` for h (B, L', D) whose first `length` positions are real, filling the
-        layer's cache (a `BSTCache`) for the position after them; cached keys pass `key_norm`
-        (see `step`)."""
-        k, v, u, _ = self._forward(h)
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`forward(h)` and `read` for h (B, L', D) whose first `length` positions are real,
+        filling the layer's cache (a `BSTCache`) for the position after them; cached keys pass
+        `key_norm` (see `step`)."""
+        k, v, u, outputs = self._forward(h)
         self.ssm.prefill_cache(u[:, :length], cache.ssm)
         w, complete = self.block_size, length // self.block_size
         if length % w:
             part = slice(0, length % w)
             cache.context.append(key_norm(k[:, complete, part].transpose(1, 2)),
                                  v[:, complete, part].transpose(1, 2))
-        return k, v
+        return k, v, self.read(outputs)
 
     def step(self, u: torch.Tensor, cache, offset: int, key_norm=_identity
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Advance by one position whose down-projected input is u (B, Hs), at in-block `offset`;
-        the context keys/values (B, H, T, Dh) its query sees. `key_norm` (the cross-attention's
-        key normalization) is applied once, when a key enters the cache."""
+        the context keys/values (B, H, T, Dh) its query sees, and its direct read (B, D) or None.
+        `key_norm` (the cross-attention's key normalization) is applied once, when a key enters
+        the cache."""
         outputs = self._context_outputs(self.ssm.step(u, cache.ssm), u.dtype)       # (B, C, Hs)
         k, v = self._step_kv(outputs, cache).unbind(1)                              # (B, H, 1, Dh)
         if offset == 0:
             cache.context.keep_last(0)
-        return cache.context.append(key_norm(k), v)
+        return *cache.context.append(key_norm(k), v), self.read(outputs)
 
 
 class SHContext(_PositionContext):
@@ -246,7 +254,7 @@ class MFContext(ContextStates):
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def prefill(self, h: torch.Tensor, length: int, cache, key_norm=_identity
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, None]:
         """As `_PositionContext.prefill`; the cache keeps the summary of the last whole block."""
         k, v, u, ends = self._forward(h)
         self.ssm.prefill_cache(u[:, :length], cache.ssm)
@@ -254,10 +262,10 @@ class MFContext(ContextStates):
         outputs = ends[:, complete - 1] if complete else None
         k_next, v_next = self._summary_step(outputs, h.shape[0], h.dtype)
         cache.summary = key_norm(k_next), v_next
-        return k, v
+        return k, v, None
 
     def step(self, u: torch.Tensor, cache, offset: int, key_norm=_identity
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             ) -> tuple[torch.Tensor, torch.Tensor, None]:
         """As `_PositionContext.step`: the context is fixed within a block and refreshed at its
         end (the SSM's outputs are computed only there)."""
         batch, last = u.shape[0], offset == self.block_size - 1
@@ -269,7 +277,7 @@ class MFContext(ContextStates):
         if last:  # the outputs at this block's end summarize it for the next block
             k_next, v_next = self._summary_step(self._context_outputs(y, u.dtype), batch, u.dtype)
             cache.summary = key_norm(k_next), v_next
-        return k, v
+        return k, v, None
 
 
 CONTEXT_CLASSES: dict[str, type[ContextStates]] = {"sh": SHContext, "mh": MHContext, "mf": MFContext}
@@ -312,7 +320,11 @@ class BSTLayer(ResidualTail):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.attn_norm(x)
-        return self.tail(x, self.self_attn(h), self.cross_attention(h, *self.context(h)))
+        k, v, _, outputs = self.context._forward(h)
+        read = self.context.read(outputs)
+        if read is not None:  # context_direct
+            x = x + self.dropout(read)
+        return self.tail(x, self.self_attn(h), self.cross_attention(h, k, v))
 
     # ---- inference (blockstate.cache)
     def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> BSTCache:
@@ -331,7 +343,9 @@ class BSTLayer(ResidualTail):
         """`forward(x)` for x (B, L', D) whose first `length` positions are real, filling the
         empty `cache` for the position after them."""
         h = self.attn_norm(x)
-        k, v = self.context.prefill(h, length, cache, self.cross_qk_norm.keys)
+        k, v, read = self.context.prefill(h, length, cache, self.cross_qk_norm.keys)
+        if read is not None:
+            x = x + read
         return self.tail(x, self.self_attn.prefill(h, length, cache.attention),
                          self.cross_attention(h, k, v))
 
@@ -345,6 +359,8 @@ class BSTLayer(ResidualTail):
         heads = proj[:, :4 * inner].view(batch, 4, self.n_heads, 1, self.head_dim)
         q, k, cross_q = (self.cross_qk_norm.keys(heads[:, :3]) * cache.qk_scale).unbind(1)  # (B, H, 1, Dh)
         self_out = self.self_attn.attend_cached(q, k, heads[:, 3], cache.attention, offset)  # (B, H, 1, Dh)
-        k, v = self.context.step(proj[:, 4 * inner:], cache, offset, self.cross_qk_norm.keys)
+        k, v, read = self.context.step(proj[:, 4 * inner:], cache, offset, self.cross_qk_norm.keys)
         cross = F.scaled_dot_product_attention(cross_q, k, v, scale=1.0)            # (B, H, 1, Dh)
+        if read is not None:
+            x = x + read
         return self.step_tail(x, torch.cat([self_out.view(batch, inner), cross.view(batch, inner)], -1))
