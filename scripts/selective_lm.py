@@ -32,6 +32,16 @@ SETTINGS = [  # (label, preset, overrides beyond the tiny scale's)
     ("bst-sh-ssd, ssd_decay=complex", "bst-sh-ssd", {"ssd_decay": "complex", "ssm_chunk_size": 16}),
     # One real decay per head with rotating modes: the scalar-decay scan, chunks of 64 as the default
     ("bst-sh-ssd, ssd_decay=rotary", "bst-sh-ssd", {"ssd_decay": "rotary"}),
+    # The configuration that learns MQAR (docs/results/long_range.md, 8f): normalized B and C, an
+    # output head of its own (V x D more parameters) and the context outputs read directly
+    ("bst-sh-ssd, ssd_bc_norm, untied head, context_direct", "bst-sh-ssd",
+     {"ssd_bc_norm": True, "tie_embeddings": False, "context_direct": True}),
+    # ... and the parts of it (is the gain the head's?)
+    ("bst-sh-s4, untied head", "bst-sh-s4", {"tie_embeddings": False}),
+    ("bst-sh-ssd, ssd_bc_norm, untied head", "bst-sh-ssd", {"ssd_bc_norm": True, "tie_embeddings": False}),
+    ("bst-sh-s4, context_direct", "bst-sh-s4", {"context_direct": True}),
+    ("bst-sh-s4, untied head, context_direct", "bst-sh-s4",
+     {"tie_embeddings": False, "context_direct": True}),
 ]
 
 
