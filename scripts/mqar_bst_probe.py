@@ -9,6 +9,7 @@ read of its context outputs into the residual stream (width -> d_model, no bias,
 init_std)), beside the cross-attention, as the SSM stack of scripts/mqar_ssd_alone.py reads its
 SSM; --unit-context initializes SH's lift and key/value projection at unit scale (std
 1/sqrt(fan-in)) instead of init_std. Both are probes of this process, not model options.
+--pairs and --seq-len change the task (default 4 pairs, length 96; the gap stays 64).
 --out writes the run's record as JSON.
 
     python scripts/mqar_bst_probe.py --steps 3000 --set ssm_width_divisor=1 --set ssm_state_size=16 \\
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--diagonal", action="store_true")
     parser.add_argument("--no-self-attention", action="store_true")
+    parser.add_argument("--pairs", type=int, default=4, help="key-value pairs")
+    parser.add_argument("--seq-len", type=int, default=96)
     parser.add_argument("--direct-read", action="store_true")
     parser.add_argument("--unit-context", action="store_true")
     parser.add_argument("--out")
@@ -88,8 +91,8 @@ def main() -> None:
     if args.unit_context:  # SH: lift and key/value projection at unit scale (std 1/sqrt(fan-in))
         bst.SHContext.reset_parameters = _unit_context
     overrides = tuple(sorted((k, _value(v)) for k, v in (s.split("=", 1) for s in args.set)))
-    run = Run("mqar", (("gap", 64), ("num_pairs", 4), ("seq_len", 96)), args.model, args.seed,
-              overrides)
+    task = (("gap", 64), ("num_pairs", args.pairs), ("seq_len", args.seq_len))
+    run = Run("mqar", task, args.model, args.seed, overrides)
     record = train_run(run, Settings(steps=args.steps, batch_size=64, lr=args.lr,
                                      eval_sequences=256), log=print)
     losses = dict(map(tuple, record["losses"]))
