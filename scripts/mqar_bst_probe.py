@@ -1,7 +1,8 @@
 """BST on the MQAR task of docs/results/long_range.md, 8e (4 pairs, queried 4 blocks of 16 or
 more later), trained by the task suite's own `train_run` for a short schedule, with model
-settings as `blockstate tasks run --set`. With --diagonal, SH's cross-attention sees only the
-context state at the query's own position (the mask cut to the diagonal): a probe of whether
+settings as `blockstate tasks run --set` (parsed by its `parse_override`). With --diagonal, SH's
+cross-attention sees only the context state at the query's own position (the mask cut to the
+diagonal): a probe of whether
 reading the SSM outputs through a softmax over the block's positions is what slows the task.
 With --no-self-attention, the layers' block self-attention outputs zeros (the cross-attention to
 the context states is then the only attention). --direct-read (SH) adds to each layer a linear
@@ -25,6 +26,7 @@ import statistics
 
 import torch
 
+from blockstate.cli import parse_override
 from blockstate.layers import bst
 from blockstate.tasks.runner import Run, Settings, train_run
 
@@ -56,15 +58,6 @@ def _unit_context(self) -> None:
     torch.nn.init.normal_(self.kv.weight, std=1 / math.sqrt(self.kv.in_features))
 
 
-def _value(text: str) -> int | bool | str:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="bst-sh-ssd")
@@ -90,7 +83,7 @@ def main() -> None:
         bst.BSTLayer.forward = _read_forward
     if args.unit_context:  # SH: lift and key/value projection at unit scale (std 1/sqrt(fan-in))
         bst.SHContext.reset_parameters = _unit_context
-    overrides = tuple(sorted((k, _value(v)) for k, v in (s.split("=", 1) for s in args.set)))
+    overrides = tuple(sorted(parse_override(s) for s in args.set))
     task = (("gap", 64), ("num_pairs", args.pairs), ("seq_len", args.seq_len))
     run = Run("mqar", task, args.model, args.seed, overrides)
     record = train_run(run, Settings(steps=args.steps, batch_size=64, lr=args.lr,
