@@ -11,7 +11,9 @@ init_std)), beside the cross-attention, as the SSM stack of scripts/mqar_ssd_alo
 SSM; --unit-context initializes SH's lift and key/value projection at unit scale (std
 1/sqrt(fan-in)) instead of init_std. Both are probes of this process, not model options.
 --pairs and --seq-len change the task (default 4 pairs, length 96; the gap stays 64).
---out writes the run's record as JSON.
+--out writes the run's record as JSON; --checkpoints DIR saves the run there every
+--checkpoint-every steps (default 500), and a run started again with the same arguments continues
+from the last one.
 
     python scripts/mqar_bst_probe.py --steps 3000 --set ssm_width_divisor=1 --set ssm_state_size=16 \\
         --set ssm_chunk_size=16 [--diagonal]
@@ -23,6 +25,7 @@ import argparse
 import json
 import math
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -72,6 +75,8 @@ def main() -> None:
     parser.add_argument("--direct-read", action="store_true")
     parser.add_argument("--unit-context", action="store_true")
     parser.add_argument("--out")
+    parser.add_argument("--checkpoints", type=Path, help="directory: save and resume the run")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.diagonal:  # a probe, not a model option: every SH/MH layer of this process
@@ -87,7 +92,8 @@ def main() -> None:
     task = (("gap", 64), ("num_pairs", args.pairs), ("seq_len", args.seq_len))
     run = Run("mqar", task, args.model, args.seed, overrides)
     record = train_run(run, Settings(steps=args.steps, batch_size=64, lr=args.lr,
-                                     eval_sequences=256), log=print)
+                                     eval_sequences=256), log=print,
+                       checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every)
     losses = dict(map(tuple, record["losses"]))
     for high in range(500, args.steps + 1, 500):
         window = [loss for step, loss in losses.items() if high - 500 <= step < high]
@@ -97,7 +103,8 @@ def main() -> None:
           f"parameters {record['parameters']}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), **record}, f)
+            json.dump({"args": {k: str(v) if isinstance(v, Path) else v
+                                for k, v in vars(args).items()}, **record}, f)
 
 
 if __name__ == "__main__":
