@@ -2,11 +2,15 @@
 layer once, so a slow spell of the shared machine hits all of them alike (`blockstate bench
 layers` times one layer after another). Prints each layer's median and its ratio to the S4 layer
 of the same variant (bst-sh-s4 for SH layers, bst-mf-s4 for MF ones), or to the layer named by
---against, and writes them as JSON with --out.
+--against, and writes them as JSON with --out. A layer name may end in "+FIELD=VALUE" settings
+(ModelConfig fields, as `--set` of the CLI), each applied to that layer only: the ratio of
+"bst-sh-ssd+context_direct=true" is then still taken to bst-sh-s4.
 
     python scripts/layer_ratios.py --length 8192 --threads 2 --rounds 5 \
         --layers bst-sh-s4,bst-sh-ssd-rotary,bst-mf-s4,bst-mf-ssd-rotary
     python scripts/layer_ratios.py --backward --against bst-sh-s4 --layers bst-sh-s4,brt,slide
+    python scripts/layer_ratios.py --against bst-sh-ssd \
+        --layers bst-sh-s4,bst-sh-ssd,bst-sh-ssd+context_direct=true
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ from pathlib import Path
 import torch
 
 from blockstate.bench import layer_calls, layer_config, machine_info
+from blockstate.cli import parse_override
+
+
+def _calls(name: str, config, call: int):
+    """The timed call of layer `name` ("LAYER" or "LAYER+FIELD=VALUE+..."), on the CPU."""
+    base, *settings = name.split("+")
+    config = config.replace(**dict(parse_override(s) for s in settings))
+    return layer_calls(base, config, 1, torch.device("cpu"), torch.float32)[call]
 
 
 def main() -> None:
@@ -40,7 +52,7 @@ def main() -> None:
     config = layer_config(args.width, args.heads, args.length)
     device = torch.device("cpu")
     call = 3 if args.backward else 1  # layer_calls: (layer, forward, forward with grad, fwd+bwd)
-    forwards = {name: layer_calls(name, config, 1, device, torch.float32)[call] for name in names}
+    forwards = {name: _calls(name, config, call) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for name in names:  # warm-up
         forwards[name]()
@@ -52,13 +64,13 @@ def main() -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
     rows = []
     for name in names:
-        parts = name.split("-")
+        parts = name.split("+")[0].split("-")
         reference = args.against or (f"bst-{parts[1]}-s4" if parts[0] == "bst" else None)
         ratio = medians[name] / medians[reference] if reference in medians else None
         rows.append({"layer": name, "median_ms": round(medians[name] * 1e3, 1),
                      "all_ms": [round(t * 1e3, 1) for t in times[name]], "reference": reference,
                      "ratio": None if ratio is None else round(ratio, 3)})
-        print(f"{name:24s} {medians[name] * 1e3:8.0f} ms" + ("" if ratio is None else
+        print(f"{name:32s} {medians[name] * 1e3:8.0f} ms" + ("" if ratio is None else
                                                             f"  {ratio:.2f}x {reference}"))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
