@@ -234,5 +234,4 @@ class BlockStateLM(nn.Module):
                 x = self._layer(layer, x)
         else:
             x = run_carried(self, x, carry, keep)
-        x = self.norm(x[:, :length])                                              # (B, L, D)
-        return F.linear(x, self.output_weight.to(x.dtype))                        # (B, L, V)
+        return self._logits(x[:, :length])                                        # (B, L, V)
