@@ -11,6 +11,8 @@ init_std)), beside the cross-attention, as the SSM stack of scripts/mqar_ssd_alo
 SSM; --unit-context initializes SH's lift and key/value projection at unit scale (std
 1/sqrt(fan-in)) instead of init_std. Both are probes of this process, not model options.
 --pairs and --seq-len change the task (default 4 pairs, length 96; the gap stays 64).
+--init-from CHECKPOINT starts the model from another run's weights (a curriculum: e.g. a run
+trained on 8 pairs, then trained here on 16); the optimizer, schedule and batches start afresh.
 --out writes the run's record as JSON; --checkpoints DIR saves the run there every
 --checkpoint-every steps (default 500), and a run started again with the same arguments continues
 from the last one.
@@ -31,6 +33,8 @@ import torch
 
 from blockstate.cli import parse_override
 from blockstate.layers import bst
+from blockstate.loading import load_model
+from blockstate.tasks import runner
 from blockstate.tasks.runner import Run, Settings, train_run
 
 
@@ -61,6 +65,21 @@ def _unit_context(self) -> None:
     torch.nn.init.normal_(self.kv.weight, std=1 / math.sqrt(self.kv.in_features))
 
 
+def _initialized(build, source: Path):
+    def build_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        trained, checkpoint = load_model(source)
+        ours, theirs = model.config.to_dict(), trained.config.to_dict()
+        differ = sorted(k for k in ours.keys() | theirs.keys()
+                        if k != "max_seq_len" and ours.get(k) != theirs.get(k))
+        if differ:
+            raise ValueError(f"{source} holds another model than this run builds (fields {differ})")
+        model.load_state_dict(trained.state_dict())
+        print(f"model initialized from {checkpoint.path} (step {checkpoint.step})")
+        return model
+    return build_model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="bst-sh-ssd")
@@ -74,6 +93,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=96)
     parser.add_argument("--direct-read", action="store_true")
     parser.add_argument("--unit-context", action="store_true")
+    parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                        help="a run or step directory whose weights the model starts from")
     parser.add_argument("--out")
     parser.add_argument("--checkpoints", type=Path, help="directory: save and resume the run")
     parser.add_argument("--checkpoint-every", type=int, default=500)
@@ -88,6 +109,8 @@ def main() -> None:
         bst.BSTLayer.forward = _read_forward
     if args.unit_context:  # SH: lift and key/value projection at unit scale (std 1/sqrt(fan-in))
         bst.SHContext.reset_parameters = _unit_context
+    if args.init_from:  # a probe, not a model option: the model is built, then given these weights
+        runner.build_model = _initialized(runner.build_model, args.init_from)
     overrides = tuple(sorted(parse_override(s) for s in args.set))
     task = (("gap", 64), ("num_pairs", args.pairs), ("seq_len", args.seq_len))
     run = Run("mqar", task, args.model, args.seed, overrides)
