@@ -13,8 +13,6 @@ SSM; --unit-context initializes SH's lift and key/value projection at unit scale
 --pairs and --seq-len change the task (default 4 pairs, length 96; the gap stays 64).
 --init-from CHECKPOINT starts the model from another run's weights (a curriculum: e.g. a run
 trained on 8 pairs, then trained here on 16); the optimizer, schedule and batches start afresh.
---still-modes K (rotating kinds, `ssd_decay` "complex" or "rotary") starts the first K modes of
-every head at frequency zero instead of pi m, so that they decay without turning (trainable).
 --out writes the run's record as JSON; --checkpoints DIR saves the run there every
 --checkpoint-every steps (default 500), and a run started again with the same arguments continues
 from the last one.
@@ -82,23 +80,6 @@ def _initialized(build, source: Path):
     return build_model
 
 
-def _still(build, modes: int):
-    def build_model(*args, **kwargs):
-        model = build(*args, **kwargs)
-        kernels = [m for m in model.modules() if getattr(m, "a_imag", None) is not None]
-        if not kernels:
-            raise ValueError("--still-modes needs a rotating selective kernel (ssd_decay complex or "
-                             "rotary)")
-        for kernel in kernels:
-            if modes > kernel.a_imag.shape[-1]:
-                raise ValueError(f"--still-modes {modes}: the kernel has {kernel.a_imag.shape[-1]} "
-                                 f"modes per head")
-            with torch.no_grad():
-                kernel.a_imag[..., :modes] = 0
-        return model
-    return build_model
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="bst-sh-ssd")
@@ -114,8 +95,6 @@ def main() -> None:
     parser.add_argument("--unit-context", action="store_true")
     parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                         help="a run or step directory whose weights the model starts from")
-    parser.add_argument("--still-modes", type=int, default=0, metavar="K",
-                        help="rotating kinds: the first K modes of each head start at frequency 0")
     parser.add_argument("--out")
     parser.add_argument("--checkpoints", type=Path, help="directory: save and resume the run")
     parser.add_argument("--checkpoint-every", type=int, default=500)
@@ -132,8 +111,6 @@ def main() -> None:
         bst.SHContext.reset_parameters = _unit_context
     if args.init_from:  # a probe, not a model option: the model is built, then given these weights
         runner.build_model = _initialized(runner.build_model, args.init_from)
-    if args.still_modes:  # a probe: the frequencies of the first K modes start at zero
-        runner.build_model = _still(runner.build_model, args.still_modes)
     overrides = tuple(sorted(parse_override(s) for s in args.set))
     task = (("gap", 64), ("num_pairs", args.pairs), ("seq_len", args.seq_len))
     run = Run("mqar", task, args.model, args.seed, overrides)

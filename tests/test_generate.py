@@ -50,6 +50,7 @@ def test_prefill_then_steps_equal_the_parallel_forward(name, prompt_len):
     {"context_variant": "mf", "ssm_kernel": "ssd", "ssd_decay": "complex", "ssd_bc_norm": True},
     {"ssm_kernel": "ssd", "ssd_decay": "rotary"},           # one real decay per head, rotating modes
     {"context_variant": "mf", "ssm_kernel": "ssd", "ssd_decay": "rotary"},
+    {"ssm_kernel": "ssd", "ssd_decay": "rotary", "ssd_still_modes": 2},   # modes that do not turn
     {"ssm_kernel": "ssd", "ssd_bc_norm": True, "tie_embeddings": False,  # an output head of its own
      "context_direct": True},                            # and the context outputs read directly
     {"context_variant": "mh", "ssm_kernel": "s4d", "context_direct": True},

@@ -1,6 +1,8 @@
 """The selective SSM ("ssd" kernel): the chunked algorithm against the step-by-step recurrence,
 block-end outputs for MF, block-wise inference, and the optional fused CUDA kernel."""
 
+import math
+
 import pytest
 import torch
 
@@ -261,8 +263,35 @@ def test_normalized_b_and_c_carry_distant_tokens_near_the_skip_terms_scale():
             state = ssm(u)
         return (state.norm() / (y - state).norm()).item()
     assert state_to_skip(False) < 0.05 < 0.2 < state_to_skip(True)
-    with pytest.raises(ValueError, match="ssd_bc_norm configure"):
+    with pytest.raises(ValueError, match="ssd_bc_norm and ssd_still_modes configure"):
         ModelConfig(ssm_kernel="s4", ssd_bc_norm=True)
+
+
+def test_still_modes_start_at_frequency_zero_and_are_checked():
+    """ssd_still_modes=K: the first K modes of every head start without rotation (the others at pi m,
+    as before), stay trainable, and the setting is refused where there are no rotating modes."""
+    torch.manual_seed(0)
+    ssm = SelectiveSSM(2, 16, 8, 1e-3, 1e-1, heads=4, decay="rotary", still_modes=3)
+    torch.manual_seed(0)
+    turning = SelectiveSSM(2, 16, 8, 1e-3, 1e-1, heads=4, decay="rotary")
+    expected = math.pi * torch.tensor([0.0, 0.0, 0.0, 3.0]).expand(2, 4, 4)
+    torch.testing.assert_close(ssm.kernel.a_imag.detach(), expected)
+    assert ssm.kernel.a_imag.requires_grad
+    # nothing else changes: the same draws of every other parameter
+    others = {k: v for k, v in ssm.state_dict().items() if k != "kernel.a_imag"}
+    for name, value in others.items():
+        torch.testing.assert_close(value, turning.state_dict()[name])
+    config = ModelConfig(ssm_kernel="ssd", ssd_decay="complex", ssm_state_size=8, ssd_still_modes=4)
+    assert config.ssd_still_modes == 4
+    for bad, match in [({"ssd_decay": "head", "ssd_still_modes": 2}, "has none"),
+                       ({"ssd_decay": "rotary", "ssm_state_size": 8, "ssd_still_modes": 5},
+                        "accepted: 0 to the 4 modes"),
+                       ({"ssd_decay": "rotary", "ssd_still_modes": -1}, "accepted: 0 to"),
+                       ({"ssm_kernel": "s4", "ssd_still_modes": 1}, "configure ssm_kernel='ssd'")]:
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(**{"ssm_kernel": "ssd", **bad})
+    with pytest.raises(ValueError, match="rotating kind"):
+        SelectiveSSM(1, 16, 8, 1e-3, 1e-1, decay="head", still_modes=1)
 
 
 @pytest.mark.skipif(not _fused_available(torch.device("cuda")) if torch.cuda.is_available() else True,

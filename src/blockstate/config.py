@@ -148,6 +148,12 @@ class ModelConfig:
     ssd_heads: int | None = None
     ssd_decay: str = "head"
     ssd_bc_norm: bool = False       # RMS-normalize the selective kernel's B_t and C_t (learned gains)
+    # Rotating kinds ("complex", "rotary"): the first `ssd_still_modes` modes of each head start at
+    # frequency zero instead of pi m, so that they decay without turning (still learned). A key
+    # held in a turning mode is read back with a phase that depends on how far back it was written;
+    # still modes hold it unturned (docs/results/long_range.md, section 8i: with 16 of 32 still,
+    # the rotary kind leaves MQAR's plateau where it stayed with none).
+    ssd_still_modes: int = 0
     dt_min: float = 1e-3            # range of the initial SSM step size (log-uniform)
     dt_max: float = 1e-1
     unstruct_decay: float = 2.0     # alpha in K(t) = exp(-alpha t) MLP(PosEmb(t)), t in [0, 1)
@@ -264,9 +270,16 @@ class ModelConfig:
                              "ssm_method='auto' or 'chunked'")
         _choice("ssd_decay", self.ssd_decay, SSD_DECAYS)
         if self.ssm_kernel != "ssd" and (self.ssd_heads is not None or self.ssd_decay != "head"
-                                         or self.ssd_bc_norm):
-            raise ValueError(f"ssd_heads, ssd_decay and ssd_bc_norm configure ssm_kernel='ssd', not "
-                             f"ssm_kernel={self.ssm_kernel!r}")
+                                         or self.ssd_bc_norm or self.ssd_still_modes):
+            raise ValueError(f"ssd_heads, ssd_decay, ssd_bc_norm and ssd_still_modes configure "
+                             f"ssm_kernel='ssd', not ssm_kernel={self.ssm_kernel!r}")
+        if self.ssd_still_modes and self.ssd_decay not in PAIRED_SSD_DECAYS:
+            raise ValueError(f"ssd_still_modes={self.ssd_still_modes} sets the frequencies of rotating "
+                             f"modes; ssd_decay={self.ssd_decay!r} has none (use "
+                             f"{' or '.join(repr(d) for d in PAIRED_SSD_DECAYS)})")
+        if not 0 <= self.ssd_still_modes <= self.ssm_state_size // 2:
+            raise ValueError(f"ssd_still_modes={self.ssd_still_modes}; accepted: 0 to the "
+                             f"{self.ssm_state_size // 2} modes of a head (ssm_state_size / 2)")
         if self.ssd_decay in PAIRED_SSD_DECAYS and self.ssm_state_size % 2:
             raise ValueError(f"ssd_decay={self.ssd_decay!r} pairs state dimensions into complex modes and "
                              f"needs an even ssm_state_size, not {self.ssm_state_size}")

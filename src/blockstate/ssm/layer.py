@@ -24,7 +24,7 @@ def build_ssm(config: ModelConfig, channels: int, width: int) -> SSM | Selective
     if config.ssm_kernel == "ssd":
         return SelectiveSSM(channels, width, config.ssm_state_size, config.dt_min, config.dt_max,
                             config.ssm_chunk_size, config.ssd_heads, config.ssd_decay,
-                            config.ssd_bc_norm)
+                            config.ssd_bc_norm, config.ssd_still_modes)
     return SSM(build_kernel(config, channels, width), config.ssm_method, config.ssm_chunk_size)
 
 

@@ -383,7 +383,8 @@ class SelectiveParameters(nn.Module):
     max_length = None  # defined at any length (a state-space system)
 
     def __init__(self, channels: int, width: int, state_size: int, dt_min: float, dt_max: float,
-                 heads: int | None = None, decay: str = "head", bc_norm: bool = False):
+                 heads: int | None = None, decay: str = "head", bc_norm: bool = False,
+                 still_modes: int = 0):
         super().__init__()
         self.channels, self.width, self.state_size = channels, width, state_size
         if heads is None:
@@ -395,6 +396,9 @@ class SelectiveParameters(nn.Module):
             raise ValueError(f"ssd_decay={decay!r}; accepted: {', '.join(SSD_DECAYS)}")
         if decay in PAIRED_SSD_DECAYS and state_size % 2:
             raise ValueError(f"ssd_decay={decay!r} needs an even state size, not {state_size}")
+        if still_modes and (decay not in PAIRED_SSD_DECAYS or not 0 < still_modes <= state_size // 2):
+            raise ValueError(f"ssd_still_modes={still_modes} needs a rotating kind (complex, rotary) "
+                             f"and at most state_size / 2 = {state_size // 2} modes")
         self.heads, self.decay = heads, decay
         # The SSM input is RMS-normalized first: B, C and x enter the state as a product, so with the
         # small inputs of BST's 0.02-std down-projection the selective path would start about 1e-3
@@ -422,8 +426,9 @@ class SelectiveParameters(nn.Module):
             # (K, G, N/2), or (K, G) for "rotary" (one per head): the same numbers at initialization
             modes = state_size // 2
             a = torch.full((channels, heads) + ((modes,) if decay == "complex" else ()), 0.5)
-            self.a_imag = nn.Parameter(math.pi * torch.arange(modes, dtype=torch.float32)
-                                       .repeat(channels, heads, 1))
+            frequencies = math.pi * torch.arange(modes, dtype=torch.float32)
+            frequencies[:still_modes] = 0  # still modes: decay without turning
+            self.a_imag = nn.Parameter(frequencies.repeat(channels, heads, 1))
         self.log_a = nn.Parameter(torch.log(a))
         for p in (self.to_dt.bias, self.log_a, self.bc_gain, self.a_imag):
             if p is not None:
@@ -437,10 +442,10 @@ class SelectiveSSM(nn.Module):
 
     def __init__(self, channels: int, width: int, state_size: int, dt_min: float, dt_max: float,
                  chunk_size: int = 64, heads: int | None = None, decay: str = "head",
-                 bc_norm: bool = False):
+                 bc_norm: bool = False, still_modes: int = 0):
         super().__init__()
         self.kernel = SelectiveParameters(channels, width, state_size, dt_min, dt_max, heads, decay,
-                                          bc_norm)
+                                          bc_norm, still_modes)
         self.chunk_size = chunk_size
         self.D = nn.Parameter(torch.randn(channels, width))
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
