@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
+from blockstate.checkpoint import load_checkpoint
 from blockstate.cli import parse_override
+from blockstate.config import ModelConfig
 from blockstate.layers import bst
-from blockstate.loading import load_model
 from blockstate.tasks import runner
 from blockstate.tasks.runner import Run, Settings, train_run
 
@@ -68,13 +69,12 @@ def _unit_context(self) -> None:
 def _initialized(build, source: Path):
     def build_model(*args, **kwargs):
         model = build(*args, **kwargs)
-        trained, checkpoint = load_model(source)
-        ours, theirs = model.config.to_dict(), trained.config.to_dict()
-        differ = sorted(k for k in ours.keys() | theirs.keys()
-                        if k != "max_seq_len" and ours.get(k) != theirs.get(k))
+        checkpoint = load_checkpoint(source)
+        ours, theirs = model.config.to_dict(), ModelConfig.from_dict(checkpoint.model_config).to_dict()
+        differ = sorted(k for k in ours if k != "max_seq_len" and ours[k] != theirs[k])
         if differ:
             raise ValueError(f"{source} holds another model than this run builds (fields {differ})")
-        model.load_state_dict(trained.state_dict())
+        checkpoint.load_model(model)  # strict: every weight present, of the same shape
         print(f"model initialized from {checkpoint.path} (step {checkpoint.step})")
         return model
     return build_model

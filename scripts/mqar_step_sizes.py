@@ -1,10 +1,11 @@
 """How far a selective BST's state turns and decays between the pairs and the queries of MQAR: for
-each layer and head of a checkpoint (`ssm_kernel="ssd"`), the sum of the input-chosen step sizes
-dt over the pair region and over the 64 positions after it (medians over held-out sequences), the
-head's decay rate a (the state shrinks by exp(-a * sum dt)) and, for the rotating kinds
-("complex", "rotary"), how many of the head's modes turn by less than one radian over those 64
-positions (mode m turns by omega_m * sum dt). A key written in the pairs and read at a query is
-matched through C_t . B_s; a mode that has turned by a sequence-dependent angle no longer matches.
+each layer and head of a checkpoint (`ssm_kernel="ssd"`; its first SSM channel, the only one in
+SH), the sum of the input-chosen step sizes dt over the pair region and over the 64 positions
+after it (medians over held-out sequences), the head's decay rate a (the state shrinks by
+exp(-a * sum dt)) and, for the rotating kinds ("complex", "rotary"), how many of the head's modes
+turn by less than one radian over those 64 positions (mode m turns by omega_m * sum dt). A key
+written in the pairs and read at a query is matched through C_t . B_s; a mode that has turned by
+a sequence-dependent angle no longer matches.
 
     python scripts/mqar_step_sizes.py runs/ck/NAME [more checkpoints] [--pairs 8 --seq-len 96]
 """
@@ -17,6 +18,7 @@ import json
 import torch
 
 from blockstate.loading import load_model
+from blockstate.ssm.selective import SelectiveSSM
 from blockstate.tasks.generators import make_task
 from blockstate.tasks.runner import EVAL_SEED
 
@@ -38,7 +40,7 @@ def step_sizes(model, task, sequences: int = 64) -> list[dict]:
     pairs = 2 * task.num_pairs
     rows = []
     for i, (ssm, u) in sorted(inputs.items()):
-        if not hasattr(ssm, "kernel") or not hasattr(ssm.kernel, "log_a"):
+        if not isinstance(ssm, SelectiveSSM):
             raise SystemExit(f"layer {i} does not use the selective kernel (ssm_kernel='ssd')")
         _, _, dt, _, _ = ssm._inputs(u.float())                                   # (B, L, K, G)
         dt = dt[:, :, 0]                                                          # (B, L, G)
