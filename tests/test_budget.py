@@ -81,7 +81,8 @@ def test_quick_start_command_sizes_its_model_records_the_plan_and_resumes(tmp_pa
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] > 0
     # the same request resumes the planned run (what the plan chose is not a change)
-    more = train(TrainConfig(data=str(root), max_time=8.0, eval_batches=1, sample_tokens=30,
+    more = train(TrainConfig(data=str(root), max_time=summary["elapsed_s"] + 2.0, eval_batches=1,
+                             sample_tokens=30,
                              cache_dir=str(tmp_path / "cache")), run, resume=True, quiet=True)
     assert more["step"] > summary["step"]
     assert Path(more["out"]) == run

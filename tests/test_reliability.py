@@ -430,3 +430,318 @@ def test_python_api_raises_value_errors():
     model = build_model("bst-sh-s4", "tiny")
     with pytest.raises(ValueError, match="integers"):
         model.generate([[1.5, 2.0]], 3)
+
+
+# ---------------------------------------------------------------- red-team cases (second pass)
+# Each case below failed before: data deleted or replaced, a silently wrong run, or a traceback.
+
+def _one_line_error(capsys, argv: list[str], message: str, code: int = 2) -> str:
+    assert _argparse_exit(argv) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _train_argv(corpus: Path, run: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["train", "--model", "bst-sh-s4", "--size", "tiny", "--data", str(corpus), "--out",
+            str(run), "--seq-len", "64", "--batch-size", "4", "--sample-tokens", "0", "--quiet",
+            "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "newer-version"])
+def test_resume_never_restarts_over_checkpoints_that_fail_verification(corpus, tmp_path, capsys,
+                                                                        damage):
+    run = tmp_path / "run"
+    train(_config(corpus, tmp_path, max_steps=4, save_every=2), run, quiet=True)
+    steps = sorted((run / "checkpoints").glob("step-*"))
+    assert len(steps) == 2
+    for step in steps:
+        if damage == "corrupt":
+            path = step / "optimizer.safetensors"
+            data = bytearray(path.read_bytes())
+            data[-3:] = bytes(b ^ 0xFF for b in data[-3:])
+            path.write_bytes(bytes(data))
+        else:
+            manifest = json.loads((step / "checkpoint.json").read_text())
+            (step / "checkpoint.json").write_text(json.dumps({**manifest, "version": 99}))
+    before = _snapshot(run)
+    err = _one_line_error(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "6"],
+                          "nothing was changed")
+    assert all(step.name in err for step in steps)
+    assert _snapshot(run) == before  # the intact model weights included
+
+
+@pytest.mark.parametrize("files", [
+    {"checkpoints/epoch1/model.pt": b"weights", "tokenizer/vocab.txt": b"a\nb", "README.md": b"#"},
+    {"tensorboard/events.out": b"scalars", "eval.json": b"{}"},
+])
+def test_overwrite_never_removes_another_tools_files(corpus, tmp_path, capsys, files):
+    out = tmp_path / "theirs"
+    for name, data in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    _one_line_error(capsys, _train_argv(corpus, out, tmp_path, "--max-steps", "1", "--overwrite"),
+                    "is not a blockstate run")
+    assert _snapshot(out) == files
+
+
+def test_training_into_a_foreign_directory_never_replaces_its_files(corpus, tmp_path, capsys):
+    out = tmp_path / "theirs"
+    files = {"summary.json": b'{"mine": 1}', "tokenizer/tokenizer.json": b'{"mine": 2}'}
+    for name, data in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    _one_line_error(capsys, _train_argv(corpus, out, tmp_path, "--max-steps", "1"),
+                    "which a run would replace")
+    assert _snapshot(out) == files
+    # a directory of other files only is used, and --overwrite later keeps those files
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    assert main(_train_argv(corpus, notes, tmp_path, "--max-steps", "1")) == 0
+    assert main(_train_argv(corpus, notes, tmp_path, "--max-steps", "1", "--overwrite")) == 0
+    assert (notes / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_written_before_the_marker_is_still_a_run(corpus, tmp_path):
+    from blockstate.rundir import RUN_MARKER, is_run_dir
+
+    run = tmp_path / "run"
+    train(_config(corpus, tmp_path, max_steps=2, save_every=2), run, quiet=True)
+    (run / RUN_MARKER).unlink()  # as an older blockstate left it
+    assert is_run_dir(run)
+    assert train(_config(corpus, tmp_path, max_steps=3, save_every=2), run, resume=True,
+                 quiet=True)["step"] == 3
+    assert (run / RUN_MARKER).is_file()
+    train(_config(corpus, tmp_path, max_steps=1), run, overwrite=True, quiet=True)
+    assert load_checkpoint(run).step == 1
+
+
+def test_a_token_cache_corrupted_in_place_is_rebuilt_not_trained_on(corpus, tmp_path, capsys):
+    config = _config(corpus, tmp_path, max_steps=3)
+    train(config, tmp_path / "a", quiet=True)
+    (tokens,) = [p for p in (tmp_path / "cache").glob("*-train-*/tokens.bin")]
+    data = bytearray(tokens.read_bytes())
+    data[100:110] = bytes(10)  # same length, other tokens
+    tokens.write_bytes(bytes(data))
+    train(config, tmp_path / "b", quiet=True)
+    assert "does not match the sha256" in capsys.readouterr().err
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")  # trained on the true tokens
+    assert tokens.read_bytes() != bytes(data)
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_a_changed_corpus(tmp_path):
+    data = _write_corpus(tmp_path / "data", 40)
+    run = tmp_path / "run"
+    train(_config(data, tmp_path, max_steps=1, save_every=1), run, quiet=True)
+    doc = data / "doc005.txt"
+    status = doc.stat()
+    text = doc.read_text()
+    doc.write_text(text.replace("alpha", "ALPHA") if "alpha" in text else text.upper())
+    os.utime(doc, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert doc.stat().st_size == status.st_size and doc.stat().st_mtime_ns == status.st_mtime_ns
+    with pytest.raises(ValueError, match="changed since"):
+        train(_config(data, tmp_path, max_steps=2, save_every=1), run, resume=True, quiet=True)
+
+
+def test_resume_refuses_a_tokenizer_put_in_place_of_the_runs_own(corpus, tmp_path, capsys):
+    from blockstate.data import build_tokenizer, resolve_corpus
+
+    run = tmp_path / "run"
+    fields = dict(tokenizer="bpe", vocab_size=300, max_steps=1, save_every=1)
+    train(_config(corpus, tmp_path, **fields), run, quiet=True)
+    other = _write_corpus(tmp_path / "other", 30)
+    for path in other.iterdir():
+        path.write_text(path.read_text().upper() + " zz yy xx ww\n")
+    foreign = build_tokenizer("bpe", corpus=resolve_corpus(str(other)), vocab_size=300,
+                              directory=tmp_path / "foreign")
+    assert foreign.vocab_size == 300
+    foreign.save(run / "tokenizer")
+    before = _snapshot(run)
+    _one_line_error(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "2"],
+                    "is not the tokenizer that")
+    assert _snapshot(run) == before
+    # a run whose tokenizer/ was lost gets it back from the checkpoint's verified copy
+    import shutil
+
+    shutil.rmtree(run / "tokenizer")
+    assert train(_config(corpus, tmp_path, **{**fields, "max_steps": 2}), run, resume=True,
+                 quiet=True)["step"] == 2
+    checkpoint = load_checkpoint(run)
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == (
+        checkpoint.tokenizer_dir / "tokenizer.json").read_bytes()
+
+
+def test_resume_budgets_replace_the_runs_and_a_spent_budget_says_so(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(_config(corpus, tmp_path, max_steps=4), run, quiet=True)
+    tokens = load_checkpoint(run).train_state["tokens"]
+    # a token budget given on resume is the budget (the run's max_steps=4 no longer stops it)
+    summary = train(_config(corpus, tmp_path, max_steps=None, max_tokens=tokens * 6 // 4), run,
+                    resume=True, quiet=True)
+    assert summary["step"] == 6
+    summary = train(_config(corpus, tmp_path, max_steps=None, max_time=3600), run, resume=True,
+                    quiet=True, on_step=lambda step, record: step == 7 and os.kill(os.getpid(),
+                                                                                   signal.SIGINT))
+    assert summary["step"] == 7  # time-budgeted from step 6 on (stopped by the signal here)
+    capsys.readouterr()
+    train(_config(corpus, tmp_path, max_steps=7), run, resume=True, quiet=True)
+    err = capsys.readouterr().err
+    assert "already meets the budget max_steps=7; nothing to train" in err
+
+
+def test_empty_data_is_refused_and_a_local_folder_never_shadows_a_registered_corpus(
+        corpus, tmp_path, monkeypatch, capsys):
+    from blockstate.data import resolve_corpus
+    from blockstate.train import local_corpus_path
+
+    _one_line_error(capsys, _train_argv(corpus, tmp_path / "run", tmp_path, "--max-steps", "1",
+                                        "--data", ""), "is empty")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.chdir(tmp_path)
+    _write_corpus(tmp_path / "python-stdlib", 3)
+    notes = []
+    assert local_corpus_path("python-stdlib", notes.append) is None
+    assert "./python-stdlib" in notes[0]
+    assert resolve_corpus("python-stdlib").name == "python-stdlib"
+    assert type(resolve_corpus("python-stdlib")).__name__ == "StdlibCorpus"
+    assert local_corpus_path("./python-stdlib") == (tmp_path / "python-stdlib").resolve()
+
+
+def test_a_full_disk_inside_safetensors_is_one_line_and_leaves_no_partial_checkpoint(
+        corpus, tmp_path, monkeypatch, capsys):
+    import safetensors
+
+    import blockstate.checkpoint as ck
+
+    run = tmp_path / "run"
+    real, calls = ck.save_file, []
+
+    def full_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > 3:  # the second checkpoint: safetensors' own error, a partial file left
+            Path(path).write_bytes(b"partial")
+            raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
+                                              'StorageFull, message: "No space left on device" })')
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", full_disk)
+    _one_line_error(capsys, _train_argv(corpus, run, tmp_path, "--max-steps", "4", "--save-every",
+                                        "2"), "No space left on device; the previous checkpoint")
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    assert load_checkpoint(run).step == 2
+
+
+@pytest.mark.parametrize("extra", [["--seq-len", "100000000"], ["--set", "n_layers=100000"],
+                                   ["--set", "d_model=1000000"]], ids=["seq_len", "depth", "width"])
+def test_requests_that_cannot_fit_in_memory_are_refused_before_anything_is_written(
+        corpus, tmp_path, capsys, extra):
+    run = tmp_path / "run"
+    argv = [a for a in _train_argv(corpus, run, tmp_path, "--max-steps", "1") if a != "64"]
+    argv.remove("--seq-len")
+    _one_line_error(capsys, argv + extra, "GiB available")
+    assert not run.exists() and not (tmp_path / "cache").exists()
+
+
+def test_evaluation_at_a_huge_length_allocates_only_what_the_documents_hold(corpus, tmp_path,
+                                                                             capsys):
+    run = tmp_path / "run"
+    train(_config(corpus, tmp_path, max_steps=1), run, quiet=True)
+    assert main(["eval", str(run), "--lengths", "1000000000", "--max-tokens", "2000", "--json",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert json.loads(capsys.readouterr().out)["lengths"]["1000000000"]["tokens"] > 0
+
+
+def test_bad_values_anywhere_are_one_line_errors(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(_config(corpus, tmp_path, max_steps=1), run, quiet=True)
+    overrides = _toml(tmp_path, "model_overrides = 5")
+    bench = ["bench", "models", "--models", "bst-sh-s4", "--size", "tiny"]
+    for argv, message in [
+        (["eval", str(run), "--device", "foo"], "is not a device"),
+        (["eval", str(run), "--device", "mps"], "not available"),
+        (["generate", str(run), "--prompt", "hi", "--device", "foo"], "is not a device"),
+        (["generate", str(run), "--prompt", "hi", "--seed", str(10**23)], "out of range"),
+        (bench + ["--device", "foo"], "is not a device"),
+        (bench + ["--length", "-5"], "--length -5 must be >= 1"),
+        (["bench", "imports", "--repeats", "0"], "--repeats 0 must be >= 1"),
+        (["bench", "generation", "--new-tokens", "0"], "--new-tokens 0 must be >= 1"),
+        (["eval", str(run), "--lengths", ","], "--lengths ','"),
+        (["eval", str(run), "--max-tokens", "-5"], "--max-tokens -5"),
+        (_train_argv(corpus, tmp_path / "r", tmp_path, "--config", overrides, "--set",
+                     "n_layers=1", "--max-steps", "1"), "model_overrides=5 is not valid"),
+        (_train_argv(corpus, tmp_path / "r", tmp_path, "--seed", str(10**23), "--max-steps", "1"),
+         "out of range"),
+        (_train_argv(corpus, tmp_path / "r", tmp_path, "--lr", "1e38", "--max-steps", "1"),
+         "lr=1e+38 is out of range"),
+        (_train_argv(corpus, tmp_path / "r", tmp_path, "--config", str(tmp_path), "--max-steps",
+                     "1"), "is a directory"),
+        (_train_argv(corpus, tmp_path / "r", tmp_path, "--max-time", "-5m"), "'-5m' is not a duration"),
+        (_train_argv(corpus, tmp_path / "r", tmp_path, "--max-steps", "x"), "invalid int value"),
+        (["train", "--bogus"], "the following arguments are required: --out"),
+        (["eval"], "the following arguments are required"),
+    ]:
+        _one_line_error(capsys, argv, message)
+    assert not (tmp_path / "r").exists()
+
+
+def _argparse_exit(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def test_argparse_errors_are_one_line(capsys):
+    for argv in (["train", "--seed", "1e23", "--out", "x"], ["eval"], ["nope"],
+                 ["train", "--out", "x", "--max-time", "-5m", "--bogus"]):
+        assert _argparse_exit(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "--help" in err, err
+
+
+def test_a_failed_start_leaves_the_disk_as_it_was(corpus, tmp_path, monkeypatch):
+    import blockstate.train as tr
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no tokenizer for you")
+
+    monkeypatch.setattr(tr, "build_tokenizer", refuse)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        train(_config(corpus, tmp_path, max_steps=1), tmp_path / "new", quiet=True)
+    assert not (tmp_path / "new").exists()  # created by the request: removed again
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no tokenizer"):
+        train(_config(corpus, tmp_path, max_steps=1), tmp_path / "empty", quiet=True)
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+    # --out inside the corpus directory: its files would become training data
+    data = _write_corpus(tmp_path / "data", 40)
+    with pytest.raises(ValueError, match="inside the corpus directory"):
+        train(_config(data, tmp_path, max_steps=1), data / "run", quiet=True)
+    assert not (data / "run").exists()
+
+
+@pytest.mark.parametrize("stage", ["validation", "sample"])
+def test_sigterm_during_the_final_stages_ends_with_a_summary(corpus, tmp_path, monkeypatch, capsys,
+                                                             stage):
+    import blockstate.train as tr
+
+    target = "evaluate_batches" if stage == "validation" else "_sample"
+    real = getattr(tr, target)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while this stage runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, target, signalled)
+    run = tmp_path / "run"
+    argv = _train_argv(corpus, run, tmp_path, "--max-steps", "2")
+    argv[argv.index("--sample-tokens") + 1] = "8"
+    err = _one_line_error(capsys, argv, "SIGTERM: stopped at step 2", code=143)
+    assert "--resume" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] == "SIGTERM" and load_checkpoint(run).step == 2

@@ -173,7 +173,7 @@ def test_cli_run_and_report(tmp_path, capsys):
     (["--param", "lag=-3"], "lag"),
     (["--set", "ssm_state_size=7"], "ssm_state_size=7"),
     (["--eval-param", "length=0"], "length"),
-    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--device", "tpu"], "--device='tpu' is not a device"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys, argv, message):

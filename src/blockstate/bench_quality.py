@@ -14,6 +14,7 @@ stopped); pass --overwrite to train them again.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,8 @@ def run_quality(out: Path | None, corpora: list[str], minutes: float, runs_dir: 
     for corpus in corpora:
         run_dirs, summaries = [], []
         for slug, (name, fields) in ENTRIES.items():
-            run_dir = runs_dir / corpus / slug
+            # one folder per corpus under runs_dir, also for a path (never inside the corpus)
+            run_dir = runs_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", corpus.strip("/")) / slug
             summary = _train_entry(name, fields, corpus, minutes * 60, run_dir, cache_dir, overwrite)
             run_dirs.append(run_dir)
             summaries.append(summary)

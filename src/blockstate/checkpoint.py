@@ -52,6 +52,11 @@ _TEMP_DIR = re.compile(r"\.(step-\d{8,})\.tmp-\d+")          # group 1: the step
 _STALE = re.compile(r"\.step-\d{8,}\.(tmp|old)-\d+|\.latest\.\d+\.tmp")  # + atomic_write's for latest
 
 
+def is_checkpoint_entry(name: str) -> bool:
+    """Whether `name`, inside a run's checkpoints/, is something `save_checkpoint` writes."""
+    return name == LATEST or bool(_STEP_DIR.fullmatch(name) or _STALE.fullmatch(name))
+
+
 class CheckpointError(ValueError):
     """A checkpoint cannot be written or read; the message names the path and the problem."""
 
@@ -189,10 +194,10 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, model_config: di
     temp.mkdir()
     try:
         _write_step_dir(temp, manifest, tensor_files, json_files, copies)
-    except OSError as e:  # e.g. a full disk: leave nothing behind; the previous checkpoint stands
-        shutil.rmtree(temp, ignore_errors=True)
+    except Exception as e:  # a full disk (OSError, or safetensors' own error): leave nothing
+        shutil.rmtree(temp, ignore_errors=True)  # behind; the previous checkpoint stands
         raise CheckpointError(f"could not write the checkpoint of step {step} in {checkpoints}: "
-                              f"{e.strerror or e}; the previous checkpoint is intact") from None
+                              f"{_write_failure(e)}; the previous checkpoint is intact") from None
     _install(checkpoints, temp, final)
     _prune(checkpoints, final.name, keep)
     return final
@@ -228,7 +233,8 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
 def load_latest_intact(run_dir: Path | str, warn: Any = None) -> Checkpoint | None:
     """The newest checkpoint of `run_dir` that loads and verifies: `latest`, or, when it is missing
     or corrupt, the newest intact older step directory; `warn(message)` is told what was skipped.
-    None when the run has no step directory at all."""
+    None when the run has no step directory at all; CheckpointError (naming each directory and
+    why) when it has some and none loads."""
     checkpoints = Path(run_dir) / CHECKPOINTS
     if not checkpoints.is_dir():
         return None
@@ -241,12 +247,17 @@ def load_latest_intact(run_dir: Path | str, warn: Any = None) -> Checkpoint | No
         latest = None
     if latest is not None:
         steps = [latest] + [d for d in steps if d != latest]
+    failures = []
     for step_dir in steps:
         try:
             return load_checkpoint(step_dir)
         except CheckpointError as e:
+            failures.append(f"{step_dir.name}: {e}")
             if warn is not None:
                 warn(f"warning: skipping checkpoint {step_dir.name}: {e}")
+    if failures:  # never treated as "no checkpoint": a caller would start over and prune them
+        raise CheckpointError(f"no checkpoint of {run_dir} loads ({'; '.join(failures)}); nothing was "
+                              f"changed. Restore the files, or pass --overwrite to start the run over")
     return None
 
 
@@ -296,6 +307,16 @@ def _write_step_dir(directory: Path, manifest: dict[str, Any], tensor_files: dic
     fsync_file(directory / MANIFEST)
     for subdir in sorted({(directory / name).parent for name in files}, reverse=True):
         fsync_dir(subdir)
+
+
+def _write_failure(error: Exception) -> str:
+    """One readable phrase for why a checkpoint file could not be written."""
+    if isinstance(error, OSError):
+        return str(error.strerror or error)
+    text = str(error)
+    if "code: 28" in text or "StorageFull" in text:  # safetensors wraps the OS error in its own
+        return "No space left on device"
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _install(checkpoints: Path, temp: Path, final: Path) -> None:

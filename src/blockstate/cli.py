@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +13,18 @@ import torch
 
 from . import __version__
 from .registry import SIZES, build_model, list_models, model_config
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one --help away), and values that start with
+    a minus sign (`--max-time -5m`) read as values, so that their own check names the problem."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\d")
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _count(name: str, size: str) -> int:
@@ -74,6 +87,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields: dict = {}
     if args.config:
         fields.update(read_config_file(args.config))
+    if args.set and not isinstance(fields.get("model_overrides", {}), dict):
+        raise ValueError(f"model_overrides={fields['model_overrides']!r} is not valid; it must be a "
+                         f"table of model fields (e.g. [model_overrides] n_layers = 4)")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if f.name != "model_overrides" and getattr(args, f.name) is not None}
     fields.update(given)
@@ -117,11 +133,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint, plot_loss_by_position
 
     lengths = None
-    if args.lengths:
-        try:
-            lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"--lengths {args.lengths!r}: expected integers like 512,1024,4096") from None
+    if args.lengths is not None:
+        lengths = _int_list(args.lengths, "--lengths")
+    if args.max_tokens < 0:
+        raise ValueError(f"--max-tokens {args.max_tokens} must be >= 1 (or 0 for the whole split)")
+    _device(args.device)
     for flag, path in (("--output", args.output), ("--plot", args.plot)):
         if path and Path(path).is_dir():
             raise ValueError(f"{flag} {path} is a directory; give a file name")
@@ -153,8 +169,12 @@ def _apply_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def _check_seed(seed: int, flag: str = "--seed") -> None:
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{flag} {seed} is out of range; give an integer in [0, 2**63)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .device import resolve_device
     from .loading import load
 
     if (args.prompt is None) == (args.prompt_file is None):
@@ -169,7 +189,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
     else:
         prompt = args.prompt
-    model, tokenizer = load(args.checkpoint, resolve_device(args.device))
+    _check_seed(args.seed)
+    model, tokenizer = load(args.checkpoint, _device(args.device))
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} was saved without a tokenizer; generate from Python "
                          "with token ids instead")
@@ -239,6 +260,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
     _apply_threads(args.threads)
+    _device(args.device)
+    for flag, value in (("--repeats", args.repeats), ("--length", args.length),
+                        ("--new-tokens", args.new_tokens)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
     out = Path(args.out) if args.out else None
     command = "blockstate bench " + " ".join(args.argv)
     if args.suite == "imports":
@@ -372,12 +398,12 @@ def _device(name: str) -> torch.device:
 
     try:
         return resolve_device(name)
-    except RuntimeError:  # torch's own message lists every backend it knows
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    except ValueError as error:
+        raise ValueError(f"--{error}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blockstate", description=__doc__)
+    parser = _Parser(prog="blockstate", description=__doc__)
     parser.add_argument("--version", action="version", version=f"blockstate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -390,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="TOML (or YAML) file of training options")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="STEP_DIR",
                    help="continue the run in --out exactly, from its newest intact checkpoint or "
-                        "from the given checkpoint step directory")
+                        "from the given checkpoint step directory; the budgets given replace the "
+                        "run's (--max-time counts the run's whole training time)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (removes only a run's own files, after "
                         "everything is checked)")

@@ -34,11 +34,27 @@ class Distributed:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The torch device `name` names ("auto": this process's GPU when CUDA is available, else the
+    CPU); ValueError, in one line, for a name torch does not know or a device this machine lacks."""
     if name == "auto":
         name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} requested but CUDA is not available; use --device cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
+                         ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} requested but CUDA is not available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device={name!r} requested but MPS (Apple GPU) is not available "
+                             f"here; use --device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"device={name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 

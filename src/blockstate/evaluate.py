@@ -71,7 +71,7 @@ def iter_losses(model: nn.Module, dataset: PackedSequences, batch_size: int, max
     for b, start in enumerate(range(0, len(indices), batch_size)):
         if max_batches is not None and b >= max_batches:
             break
-        inputs, targets = dataset.batch(indices[start:start + batch_size].tolist())
+        inputs, targets = dataset.batch(indices[start:start + batch_size].tolist(), trim=True)
         used = _scored_columns(targets, model.config.block_size)
         _, losses = token_loss(model, inputs[:, :used].to(device), targets[:, :used].to(device),
                                device, precision=precision)
@@ -169,27 +169,39 @@ def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths:
     if carries_memory(model) and carry:  # whole documents in order, memory carried: lanes
         batch = max(1, min(batch, n))
     lengths = torch.as_tensor(byte_lengths, dtype=torch.float64)
-    pos_loss = torch.zeros(seq_len, dtype=torch.float64)
-    pos_count = torch.zeros(seq_len, dtype=torch.float64)
+    # positions that can hold a target: no window is longer than its document
+    span = max(1, min(seq_len, int((dataset.ends - dataset.starts).max()) if n else 1))
+    pos_loss = torch.zeros(span, dtype=torch.float64)
+    pos_count = torch.zeros(span, dtype=torch.float64)
     nll, n_bytes, sequences = 0.0, 0.0, 0
     for targets, losses in iter_losses(model, dataset, batch, math.ceil(take / batch), device, indices,
                                        carry=carry, precision=precision):
         losses = losses.double()
         valid = targets != -100
-        pos_loss += (losses * valid).sum(0)
-        pos_count += valid.sum(0)
+        width = min(span, targets.shape[1])
+        pos_loss[:width] += (losses * valid).sum(0)[:width]
+        pos_count[:width] += valid.sum(0)[:width]
         nll += float(losses[valid].sum())
         n_bytes += float(lengths[targets[valid]].sum())
         sequences += len(targets)
     count = int(pos_count.sum())
     loss = nll / max(1, count)
-    bins = np.array_split(np.arange(seq_len), min(POSITION_BINS, seq_len))
-    by_position = [{"start": int(b[0]), "end": int(b[-1]) + 1,
-                    "loss": float(pos_loss[b].sum() / max(1.0, float(pos_count[b].sum())))} for b in bins]
+    by_position = [{"start": start, "end": end,
+                    "loss": float(pos_loss[start:end].sum() / max(1.0, float(pos_count[start:end].sum())))}
+                   for start, end in _even_bins(seq_len, min(POSITION_BINS, seq_len))]
     return {"length": seq_len, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": nll / math.log(2) / max(1.0, n_bytes), "tokens": count,
             "bytes": int(n_bytes), "sequences": sequences, "loss_by_position": by_position,
-            "loss_by_block_range": loss_by_block_range(pos_loss, pos_count, model.config.block_size)}
+            "loss_by_block_range": loss_by_block_range(pos_loss, pos_count, model.config.block_size,
+                                                       seq_len)}
+
+
+def _even_bins(length: int, count: int) -> list[tuple[int, int]]:
+    """[start, end) of `count` consecutive bins covering 0..length-1, sizes differing by at most
+    one (the first ones larger), as numpy's array_split cuts them."""
+    size, larger = divmod(length, count)
+    bounds = [i * size + min(i, larger) for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def block_ranges(block_size: int, length: int) -> list[tuple[int, int]]:
@@ -202,13 +214,15 @@ def block_ranges(block_size: int, length: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def loss_by_block_range(pos_loss: torch.Tensor, pos_count: torch.Tensor, block_size: int
-                        ) -> list[dict[str, Any]]:
-    """Mean loss over positions [0, W), [W, 2W), [2W, 4W), ... (the last range cut at the length):
-    a model that uses context beyond its window W keeps improving past W."""
+def loss_by_block_range(pos_loss: torch.Tensor, pos_count: torch.Tensor, block_size: int,
+                        length: int | None = None) -> list[dict[str, Any]]:
+    """Mean loss over positions [0, W), [W, 2W), [2W, 4W), ... (the last range cut at `length`,
+    default len(pos_loss); positions past pos_loss hold no tokens): a model that uses context
+    beyond its window W keeps improving past W."""
     ranges = []
-    for start, end in block_ranges(block_size, len(pos_loss)):
-        stop = min(end, len(pos_loss))
+    length = len(pos_loss) if length is None else length
+    for start, end in block_ranges(block_size, length):
+        stop = min(end, length)
         count = float(pos_count[start:stop].sum())
         ranges.append({"start": start, "end": stop, "tokens": int(count),
                        "loss": float(pos_loss[start:stop].sum() / max(1.0, count))})

@@ -5,6 +5,7 @@ writer, safe removal on `--overwrite`, and append-only metrics that survive a ki
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,11 @@ from .fileio import atomic_write
 
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
+# The file that makes a directory a blockstate run: written when a run starts, before anything else.
+RUN_MARKER = "blockstate-run.json"
+RUN_FORMAT = "blockstate-run"
 # Everything `train` (and `reproduce`, which evaluates into the run) writes in a run directory.
-RUN_ENTRIES = frozenset({"train_config.json", METRICS_FILE, "checkpoints", "tokenizer",
+RUN_ENTRIES = frozenset({RUN_MARKER, "train_config.json", METRICS_FILE, "checkpoints", "tokenizer",
                          "summary.json", "eval.json", "tensorboard", LOCK_FILE})
 
 
@@ -57,21 +61,48 @@ class RunLock:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "train_config.json").is_file() or (path / "checkpoints").is_dir()
+    """Whether `path` is a blockstate run: it holds the run marker, or (a run written before the
+    marker existed) a train_config.json whose content is a blockstate run record. Folder names
+    alone (a `checkpoints/` of another tool) never make a run."""
+    path = Path(path)
+    marker = _json_object(path / RUN_MARKER)
+    if marker is not None:
+        return marker.get("format") == RUN_FORMAT
+    record = _json_object(path / "train_config.json")
+    return record is not None and {"train", "model", "corpus"} <= set(record)
+
+
+def mark_run(run_dir: Path) -> None:
+    """Write the run marker (idempotent), so later requests recognise the directory as a run."""
+    if _json_object(Path(run_dir) / RUN_MARKER) is None:
+        atomic_write(Path(run_dir) / RUN_MARKER, json.dumps({"format": RUN_FORMAT, "version": 1}) + "\n")
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def check_clearable(run_dir: Path, keep_inside: list[Path]) -> None:
-    """Raise ValueError unless `run_dir` may be cleared for a new run: it is a run (other files in
-    it, such as a plot, are then kept by `clear_run`), or holds nothing but what a run writes; and
-    none of `keep_inside` (e.g. the training corpus) lies inside it. Nothing is removed."""
+    """Raise ValueError unless `run_dir` may be cleared for a new run: it does not exist, is
+    empty, or is a run (its other files, such as a plot, are then kept by `clear_run`); and none
+    of `keep_inside` (e.g. the training corpus) lies inside it. Nothing is removed."""
     run_dir = Path(run_dir).resolve()
     if not run_dir.exists():
         return
-    foreign = sorted(entry.name for entry in run_dir.iterdir() if entry.name not in RUN_ENTRIES)
-    if foreign and not is_run_dir(run_dir):
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise ValueError(f"--overwrite: {run_dir} holds files a blockstate run does not write "
-                         f"({shown}); nothing was removed. Move them or choose another --out")
+    if not is_run_dir(run_dir):
+        present = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in run_dir.iterdir()
+                         if entry.name != LOCK_FILE)
+        if present:
+            raise ValueError(f"--overwrite: {run_dir} is not a blockstate run (no {RUN_MARKER}) and "
+                             f"holds {_shown(present)}; nothing was removed. Choose another --out")
     for path in keep_inside:
         path = Path(path).resolve()
         if path == run_dir or run_dir in path.parents:
@@ -79,17 +110,51 @@ def check_clearable(run_dir: Path, keep_inside: list[Path]) -> None:
                              f"nothing was removed. Keep data outside --out")
 
 
+def check_writable(run_dir: Path) -> None:
+    """Raise ValueError when a new run would replace files in `run_dir` that no run wrote: the
+    directory exists, is not a run, and holds entries of the names a run writes."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or is_run_dir(run_dir):
+        return
+    taken = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in run_dir.iterdir()
+                   if entry.name in RUN_ENTRIES and entry.name != LOCK_FILE)
+    if taken:
+        raise ValueError(f"{run_dir} is not a blockstate run (no {RUN_MARKER}) but holds "
+                         f"{_shown(taken)}, which a run would replace; nothing was changed. "
+                         f"Choose another --out")
+
+
 def clear_run(run_dir: Path) -> None:
     """Remove what a run wrote in `run_dir` (after `check_clearable`), keeping the lock file and
-    every other file."""
+    every other file: in checkpoints/ only the step directories, the `latest` pointer and what
+    interrupted saves left."""
     import shutil
 
+    from .checkpoint import is_checkpoint_entry
+
     for entry in Path(run_dir).iterdir():
-        if entry.name in RUN_ENTRIES and entry.name != LOCK_FILE:
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        if entry.name not in RUN_ENTRIES or entry.name in (LOCK_FILE, RUN_MARKER):
+            continue
+        if entry.name == "checkpoints" and entry.is_dir():
+            for item in entry.iterdir():
+                if is_checkpoint_entry(item.name):
+                    shutil.rmtree(item) if item.is_dir() else item.unlink()
+            if not any(entry.iterdir()):
+                entry.rmdir()
+        elif entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with non-finite numbers (a diverged validation loss) as null, named under
+    "non_finite", so that every line stays valid JSON."""
+    bad = sorted(key for key, value in record.items() if isinstance(value, float)
+                 and not math.isfinite(value))
+    if not bad:
+        return record
+    return {**{key: None if key in bad else value for key, value in record.items()}, "non_finite": bad}
 
 
 def read_metrics(path: Path, warn: Any = None) -> list[dict[str, Any]]:
@@ -185,7 +250,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        line = json.dumps(record, allow_nan=False) + "\n"
+        line = json.dumps(_finite(record), allow_nan=False) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode("utf-8"))

@@ -51,7 +51,19 @@ from .memory import Memory, SegmentCarry
 from .model import BlockStateLM
 from .optim import build_optimizer, learning_rate
 from .registry import model_config
-from .rundir import MetricsLog, RunLock, check_clearable, check_metric_sinks, clear_run, is_run_dir
+from .resources import check_training_fits
+from .rundir import (
+    LOCK_FILE,
+    RUN_ENTRIES,
+    MetricsLog,
+    RunLock,
+    check_clearable,
+    check_metric_sinks,
+    check_writable,
+    clear_run,
+    is_run_dir,
+    mark_run,
+)
 from .train_config import BUDGET_FIELDS, TrainConfig
 
 # A run stops after this many consecutive batches with a non-finite loss or gradient norm.
@@ -59,14 +71,18 @@ MAX_SKIPPED_BATCHES = 10
 
 def prepare_tokenizer(config: TrainConfig, corpus, out_dir: Path, is_main: bool,
                       resuming: bool = False,
-                      fall_back: Callable[[str], None] | None = None) -> Tokenizer:
-    """The run's tokenizer, saved in out_dir/tokenizer: a resumed run's own; for a new run, the
+                      fall_back: Callable[[str], None] | None = None,
+                      restore_from: Path | None = None) -> Tokenizer:
+    """The run's tokenizer, saved in out_dir/tokenizer: a resumed run's own (restored from the
+    checkpoint's copy, `restore_from`, when out_dir has none); for a new run, the
     one the config asks for (one left by an earlier attempt is reused only if it was trained with
     the same settings on the same corpus). With `fall_back` (for a tokenizer the budget plan
     chose, not the user), a SentencePiece tokenizer that cannot be trained on the corpus (too
     little text for its vocabulary) gives way to the byte tokenizer, and `fall_back` is given the
     line that says so; without it, that failure is raised."""
     tok_dir = out_dir / "tokenizer"
+    if is_main and restore_from is not None and not (tok_dir / "tokenizer.json").exists():
+        load_tokenizer(restore_from).save(tok_dir)
     if is_main and not (resuming and (tok_dir / "tokenizer.json").exists()):
         try:
             tokenizer = build_tokenizer(config.tokenizer, corpus=corpus,
@@ -107,24 +123,28 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
     if not config.has_budget():
         raise ValueError("no training budget: give --max-steps, --max-tokens or --max-time")
     check_metric_sinks(tuple(config.log_to.split(",")))
-    if Path(config.data).exists():  # store the absolute path, so a resume from elsewhere finds it
-        config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
     messages: list[str] = []  # warnings found before the logger exists
+    local_data = local_corpus_path(config.data, messages.append)
+    if local_data is not None:  # store the absolute path, so a resume from elsewhere finds it
+        config = dataclasses.replace(config, data=str(local_data))
     checkpoint = None
     if resume:
         if resume is not True:  # a step directory (or another run) to resume from
             checkpoint = load_checkpoint(resume)
-        elif out_dir.exists():
+        elif out_dir.exists():  # raises, naming them, when step directories exist but none loads
             checkpoint = load_latest_intact(out_dir, messages.append)
-        if checkpoint is None and not (out_dir / "train_config.json").exists():
+        if checkpoint is None and not is_run_dir(out_dir):
             raise ValueError(f"--resume: {out_dir} holds no checkpoint to resume from")
     if checkpoint is not None:
         config = _resumed_config(config, checkpoint.train_state, requested, override, messages)
+        _check_run_tokenizer(out_dir, checkpoint)
     elif resume:
         messages.append(f"{out_dir} holds no checkpoint (the run stopped before its first); "
                         f"starting it from step 0")
         overwrite = True
-    elif out_dir.exists() and is_run_dir(out_dir) and not overwrite:
+    elif not overwrite:
+        check_writable(out_dir)
+    if checkpoint is None and out_dir.exists() and is_run_dir(out_dir) and not overwrite:
         if (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir()):
             raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or "
                              f"--overwrite to start over")
@@ -138,7 +158,11 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
 
     # ---- validate everything before anything on disk changes
     corpus = resolve_corpus(config.data)
-    local_data = Path(config.data)
+    if local_data is not None and local_data.is_dir():
+        inside = out_dir.resolve()
+        if inside == local_data or local_data in inside.parents:
+            raise ValueError(f"--out {out_dir} lies inside the corpus directory {local_data}: the "
+                             f"run's files would become training data. Choose --out outside it")
     if checkpoint is not None:
         _check_same_data(out_dir, corpus, allow_changed_data)
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -149,22 +173,86 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
         raise ValueError(f"batch_size={config.batch_size} must be divisible by processes x grad_accum "
                          f"= {ddp.world_size} x {config.grad_accum}")
     if overwrite and checkpoint is None and ddp.is_main:
-        check_clearable(out_dir, [local_data] if local_data.exists() else [])
+        check_clearable(out_dir, [local_data] if local_data is not None else [])
+    check_training_fits(config, device, ddp.world_size)
 
     lock = RunLock(out_dir)
+    existed = set(os.listdir(out_dir)) if out_dir.is_dir() else None
+    progress = _Progress()
     if ddp.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     try:
         return _train(config, out_dir, checkpoint, overwrite, corpus, device, ddp, on_step, quiet,
-                      messages, explicit_fields(config, requested))
+                      messages, explicit_fields(config, requested), progress)
+    except BaseException:
+        if ddp.is_main and checkpoint is None and not progress.started:
+            _remove_new_entries(out_dir, existed, lock)  # a refused setup leaves the disk as it was
+        raise
     finally:
         lock.release()
 
 
+@dataclasses.dataclass
+class _Progress:
+    started: bool = False  # the training loop began: from then on the run's files are kept
+
+
+def _remove_new_entries(out_dir: Path, existed: set[str] | None, lock: RunLock) -> None:
+    """Remove what a new run wrote in `out_dir` before it failed to start (the directory itself
+    when this request created it); entries that were there before are left alone."""
+    import shutil
+
+    if not out_dir.is_dir():
+        return
+    for entry in out_dir.iterdir():
+        if (existed is None or entry.name not in existed) and entry.name in RUN_ENTRIES:
+            if entry.name == LOCK_FILE:
+                entry.unlink(missing_ok=True)  # unlinked while still held: no second writer slips in
+            elif entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    if existed is None and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+
+
+def local_corpus_path(data: str, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The absolute path `data` names when it is a local file or directory, None when it is a
+    registered corpus or hf:NAME (a folder of that name in the working directory never shadows
+    a registered corpus: write ./NAME for it)."""
+    from .data.corpora import REGISTRY
+
+    if not data.strip():
+        raise ValueError("--data is empty; give a corpus name (see `blockstate corpora`) or a path")
+    if data in REGISTRY or data.startswith("hf:"):
+        if data in REGISTRY and Path(data).exists() and warn is not None:
+            warn(f"note: --data {data} is the registered corpus; for the folder of that name here, "
+                 f"write ./{data}")
+        return None
+    path = Path(data).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+def _check_run_tokenizer(out_dir: Path, checkpoint) -> None:
+    """Refuse to resume when the run's tokenizer/ differs from the tokenizer the checkpoint was
+    trained with (its verified copy): the token ids would mean other text."""
+    saved = checkpoint.tokenizer_dir
+    current = out_dir / "tokenizer"
+    if saved is None or not current.is_dir():
+        return  # nothing recorded to compare with, or restored from the checkpoint's copy
+    for path in sorted(saved.iterdir()):
+        other = current / path.name
+        if not other.is_file() or other.read_bytes() != path.read_bytes():
+            raise ValueError(f"--resume: {other} is not the tokenizer that {checkpoint.path} was "
+                             f"trained with (its copy: {path}); restore it from there, or start a "
+                             f"new run for another tokenizer")
+
+
 def _resumed_config(config: TrainConfig, train_state: dict[str, Any], requested: set[str] | None,
                     override: bool, messages: list[str]) -> TrainConfig:
-    """The config a resumed run continues with: its own, with the budgets of `config`. Other
+    """The config a resumed run continues with: its own, with the budgets of `config` (all of
+    them: a budget the request does not give no longer applies). Other
     settings among `requested` (all fields when None) that differ are refused unless `override`,
     which applies them. Size "auto" asks for no particular size and the run keeps its own; nor is
     what its budget plan chose a change."""
@@ -184,11 +272,10 @@ def _resumed_config(config: TrainConfig, train_state: dict[str, Any], requested:
         now = ", ".join(f"{name}={getattr(config, name)!r}" for name in changed)
         raise ValueError(f"--resume: the run was trained with {was}; this request has {now}. "
                          f"Only budgets change on resume unless you pass --override")
-    budget = {k: getattr(config, k) for k in BUDGET_FIELDS}
+    budget = {k: getattr(config, k) for k in BUDGET_FIELDS}  # the request's budgets replace the run's
     if changed:
         messages.append(f"resuming with changed settings: {', '.join(changed)}")
-    return dataclasses.replace(saved, **{k: v for k, v in budget.items() if v is not None},
-                               **{name: getattr(config, name) for name in changed})
+    return dataclasses.replace(saved, **budget, **{name: getattr(config, name) for name in changed})
 
 
 def _run_record(out_dir: Path) -> dict[str, Any] | None:
@@ -206,21 +293,25 @@ def _check_same_data(out_dir: Path, corpus, allow_changed_data: bool) -> None:
     recorded = corpus_record.get("fingerprint") if isinstance(corpus_record, dict) else None
     if recorded is None:
         return  # nothing recorded (an older run): nothing to compare
-    if recorded != corpus.fingerprint() and not allow_changed_data:
+    # runs recorded before fingerprints hashed the content carry the names/sizes/mtimes one
+    current = (corpus.fingerprint() if corpus_record.get("fingerprint_kind") else
+               corpus.stats_fingerprint())
+    if recorded != current and not allow_changed_data:
         raise ValueError(f"the corpus {corpus.name!r} changed since {out_dir} started (fingerprint "
-                         f"{corpus.fingerprint()} instead of {recorded}); resuming would train on "
+                         f"{current} instead of {recorded}); resuming would train on "
                          f"other data. Pass --allow-changed-data to resume anyway")
 
 
 def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corpus,
            device: torch.device, ddp: Distributed, on_step, quiet: bool,
-           messages: list[str], explicit: set[str]) -> dict[str, Any]:
+           messages: list[str], explicit: set[str], progress: _Progress) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     if overwrite and checkpoint is None and ddp.is_main:
         clear_run(out_dir)
     if ddp.is_main:
         remove_temporary(out_dir)
+        mark_run(out_dir)
     if dist.is_initialized():
         dist.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +332,8 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         if note:
             log(note)
     tokenizer = prepare_tokenizer(config, corpus, out_dir, ddp.is_main, checkpoint is not None,
-                                  fall_back=log if note else None)
+                                  fall_back=log if note else None,
+                                  restore_from=checkpoint.tokenizer_dir if checkpoint else None)
     if note and tokenizer.kind == "byte":  # the planned tokenizer could not be trained here
         config = dataclasses.replace(config, tokenizer="byte")
     splits = _tokenized_splits(corpus, tokenizer, config, ddp)
@@ -327,6 +419,13 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                unit="step", dynamic_ncols=True, file=sys.stderr)
     model.train()
     skipped = 0  # consecutive batches skipped for a non-finite loss or gradient
+    if checkpoint is not None and ddp.is_main and _budget_spent(config, state, elapsed()):
+        budgets = ", ".join(f"{k}={getattr(config, k)}" for k in BUDGET_FIELDS
+                            if getattr(config, k) is not None)
+        print(f"blockstate: the run is at step {state.step} ({state.tokens:,} tokens, "
+              f"{elapsed():.0f} s of training), which already meets the budget {budgets}; nothing to "
+              f"train. Give a larger budget to continue it", file=sys.stderr)
+    progress.started = True
     stopper = _StopSignals().install()
     try:
         while stopper.received is None and not _budget_spent(config, state, elapsed()):
@@ -405,23 +504,30 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         # newest checkpoint (not this state) is what a resume continues from
         log(f"interrupted again during step {state.step + 1}; not saving the incomplete step "
             f"(resume continues from the newest checkpoint)")
+        stopper.restore()
+        raise
+    except BaseException:
+        stopper.restore()
         raise
     finally:
-        stopper.restore()
         bar.close()
 
-    # ---- the end: final validation, checkpoint, sample and summary
+    # ---- the end: final validation, checkpoint, sample and summary (a signal during them is
+    # still honoured at the next of these stages, and the summary names it)
     train_time, total_time = time.perf_counter() - start, elapsed()
-    interrupted = stopper.received
-    if interrupted is not None:
-        log(f"{interrupted} received: saving a checkpoint at step {state.step} and stopping")
-    elif ddp.is_main and (last_val is None or last_val["step"] != state.step):
-        last_val = validate()
-    save()
-    metrics.close()
-    sample = None
-    if ddp.is_main and interrupted is None:
-        sample = _sample(model, tokenizer, val_data, config, device)
+    try:
+        if stopper.received is not None:
+            log(f"{stopper.received} received: saving a checkpoint at step {state.step} and stopping")
+        elif ddp.is_main and (last_val is None or last_val["step"] != state.step):
+            last_val = validate()
+        save()
+        metrics.close()
+        sample = None
+        if ddp.is_main and stopper.received is None:
+            sample = _sample(model, tokenizer, val_data, config, device)
+        interrupted = stopper.received
+    finally:
+        stopper.restore()
     resumed_tokens = checkpoint.train_state["tokens"] if checkpoint else 0
     summary = {"step": state.step, "tokens": state.tokens, "elapsed_s": total_time,
                "unigram_perplexity": unigram_perplexity(

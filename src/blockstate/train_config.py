@@ -140,6 +140,13 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by "
                              f"grad_accum={self.grad_accum}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed} is out of range; give an integer in [0, 2**63)")
+        if not self.lr <= MAX_LR:
+            raise ValueError(f"lr={self.lr} is out of range; a learning rate above {MAX_LR:g} only "
+                             f"makes the weights diverge")
+        if not self.data.strip():
+            raise ValueError("data='' is empty; give a corpus name (see `blockstate corpora`) or a path")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError(f"need lr > 0 (got {self.lr}), 0 <= min_lr_ratio <= 1 (got "
                              f"{self.min_lr_ratio}) and warmup_steps >= 0 (got {self.warmup_steps})")
@@ -223,11 +230,14 @@ FIELD_CHOICES: dict[str, Callable[[], list[str]]] = {
     "precision": lambda: list(PRECISIONS),
 }
 BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
+MAX_LR = 100.0  # far above any useful AdamW learning rate; refuses typos such as 1e38
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A TOML (or, with PyYAML installed, YAML) file of TrainConfig fields."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory; give a TOML (or YAML) file")
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     text = path.read_text(encoding="utf-8")

@@ -189,6 +189,12 @@ class Corpus:
         """(relative name, size, mtime_ns) of every source file, in a fixed order."""
         raise NotImplementedError
 
+    def _source_files(self) -> Iterator[tuple[str, Path]] | None:
+        """(relative name, path) of every source file, in a fixed order, whose content the
+        fingerprint hashes; None when the sources are not local files (their `_source_stats`
+        then identify them)."""
+        return None
+
     def _settings(self) -> dict[str, Any]:
         """Constructor settings that change the documents, for the fingerprint."""
         return {}
@@ -208,14 +214,32 @@ class Corpus:
                 yield doc
 
     def fingerprint(self) -> str:
-        """sha256 hex of the sources' names, sizes and mtimes, the settings and the split fractions."""
+        """sha256 hex of the settings, the split fractions and the sources: the name and content
+        of every local source file (an edit that keeps a file's size and modification time
+        changes it), else what `_source_stats` says of them."""
+        files = self._source_files()
+        if files is None:
+            return self.stats_fingerprint()
+        digest = self._header_digest()
+        digest.update(b"content\n")
+        for name, path in files:
+            digest.update(f"{name}\0{_content_sha256(path)}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
+
+    def stats_fingerprint(self) -> str:
+        """sha256 hex of the sources' names, sizes and mtimes, the settings and the split fractions
+        (the fingerprint of runs recorded before `fingerprint` read the content)."""
+        digest = self._header_digest()
+        for name, size, mtime_ns in self._source_stats():
+            digest.update(f"{name}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
+
+    def _header_digest(self):
         digest = hashlib.sha256()
         header = {"corpus": type(self).__name__, "name": self.name, "settings": self._settings(),
                   "validation": self.validation, "test": self.test}
         digest.update(json.dumps(header, sort_keys=True).encode())
-        for name, size, mtime_ns in self._source_stats():
-            digest.update(f"{name}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))
-        return digest.hexdigest()
+        return digest
 
     def metadata(self) -> dict[str, Any]:
         """Documents and UTF-8 bytes per split and the number of documents whose stored bytes are not
@@ -232,6 +256,7 @@ class Corpus:
                 n_bytes[split] += size
                 invalid += not valid
             metadata = {"name": self.name, "description": self.description, "fingerprint": fingerprint,
+                        "fingerprint_kind": "stats" if self._source_files() is None else "content",
                         "split_fractions": {"validation": self.validation, "test": self.test},
                         "documents": documents, "bytes": n_bytes, "invalid_utf8_documents": invalid,
                         **self._extra_metadata()}
@@ -244,6 +269,27 @@ class Corpus:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+_CONTENT_HASHES: dict[tuple, str] = {}
+
+
+def _content_sha256(path: Path) -> str:
+    """sha256 hex of a file's bytes, remembered per process while its size, mtime and ctime stay
+    (ctime changes with every write and cannot be set back, unlike mtime)."""
+    status = os.stat(path)
+    key = (str(path), status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    if key not in _CONTENT_HASHES:
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as file:
+                while block := file.read(_READ_BYTES):
+                    digest.update(block)
+        except OSError as error:
+            raise CorpusError(f"cannot read {path} ({error}); check that the file is readable"
+                              ) from error
+        _CONTENT_HASHES[key] = digest.hexdigest()
+    return _CONTENT_HASHES[key]
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -336,6 +382,9 @@ class DirectoryCorpus(Corpus):
         for relative, _, status in self._candidates():
             yield relative, status.st_size, status.st_mtime_ns
 
+    def _source_files(self) -> Iterator[tuple[str, Path]]:
+        return ((relative, path) for relative, path, _ in self._candidates())
+
     def _settings(self) -> dict[str, Any]:
         return {"patterns": self.patterns, "exclude": self.exclude}
 
@@ -410,6 +459,9 @@ class JsonlCorpus(Corpus):
         status = self.path.stat()
         yield self.path.name, status.st_size, status.st_mtime_ns
 
+    def _source_files(self) -> Iterator[tuple[str, Path]]:
+        return iter([(self.path.name, self.path)])
+
     def _settings(self) -> dict[str, Any]:
         return {"text_field": self.text_field, "id_field": self.id_field}
 
@@ -462,6 +514,9 @@ class TextFileCorpus(Corpus):
     def _source_stats(self) -> Iterator[tuple[str, int, int]]:
         status = self.path.stat()
         yield self.path.name, status.st_size, status.st_mtime_ns
+
+    def _source_files(self) -> Iterator[tuple[str, Path]]:
+        return iter([(self.path.name, self.path)])
 
     def _settings(self) -> dict[str, Any]:
         return {"segment_chars": self.segment_chars}
@@ -576,6 +631,9 @@ class KjvCorpus(Corpus):
     def _source_stats(self) -> Iterator[tuple[str, int, int]]:
         status = self.path.stat()
         yield self.path.name, status.st_size, status.st_mtime_ns
+
+    def _source_files(self) -> Iterator[tuple[str, Path]]:
+        return iter([(self.path.name, self.path)])
 
     def _extra_metadata(self) -> dict[str, Any]:
         return {"path": str(self.path), "package": "bible-kjv-text"}

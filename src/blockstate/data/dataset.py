@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .corpora import SPLITS, Corpus, CorpusError
 from .tokenizers import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records the sha256 of the token and offset files
 IGNORE_INDEX = -100                 # target of padded positions (torch's cross-entropy default)
 MANIFEST_FILE = "manifest.json"
 TOKENS_FILE = "tokens.bin"
@@ -74,12 +74,35 @@ def _load_split(directory: Path, key: str) -> TokenizedSplit:
     if manifest.get("key") != key or manifest.get("format_version") != FORMAT_VERSION:
         raise CorpusError(f"cache directory {directory} holds another tokenization "
                           f"(key {manifest.get('key')!r}); delete it")
+    for name in (TOKENS_FILE, OFFSETS_FILE):  # a file changed in place (same size) is caught here
+        if _file_sha256(directory / name) != manifest.get("files_sha256", {}).get(name):
+            raise _CorruptCache(f"token cache {directory}: {name} does not match the sha256 its "
+                                f"manifest records", directory)
     tokens = np.memmap(directory / TOKENS_FILE, dtype=np.dtype(manifest["dtype"]), mode="r")
     doc_offsets = np.load(directory / OFFSETS_FILE)
     if len(tokens) != manifest["n_tokens"] or doc_offsets[-1] != manifest["n_tokens"]:
         raise CorpusError(f"cache directory {directory} is corrupt ({len(tokens)} tokens, manifest says "
                           f"{manifest['n_tokens']}); delete it")
     return TokenizedSplit(tokens, doc_offsets, manifest["n_bytes"], manifest, directory)
+
+
+class _CorruptCache(CorpusError):
+    """A cached split whose files no longer match its manifest: rebuilt by `tokenize_split`."""
+
+    def __init__(self, message: str, directory: Path):
+        super().__init__(message)
+        self.directory = directory
+
+
+def _file_sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            while block := file.read(1 << 22):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _write_split(corpus: Corpus, tokenizer: Tokenizer, split: str, directory: Path, key: str) -> None:
@@ -114,17 +137,49 @@ def _write_split(corpus: Corpus, tokenizer: Tokenizer, split: str, directory: Pa
                 "corpus_fingerprint": corpus.fingerprint(), "tokenizer_fingerprint": tokenizer.fingerprint(),
                 "tokenizer_kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
                 "content_sha256": content.hexdigest(), "n_tokens": n_tokens, "n_docs": len(offsets) - 1,
-                "n_bytes": n_bytes, "dtype": dtype.name, "corpus_metadata": corpus.metadata()}
+                "n_bytes": n_bytes, "dtype": dtype.name, "corpus_metadata": corpus.metadata(),
+                "files_sha256": {name: _file_sha256(directory / name)
+                                 for name in (TOKENS_FILE, OFFSETS_FILE)}}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def tokenize_split(corpus: Corpus, tokenizer: Tokenizer, split: str, cache_dir: str | Path) -> TokenizedSplit:
+def tokenize_split(corpus: Corpus, tokenizer: Tokenizer, split: str, cache_dir: str | Path,
+                   warn: Any = None) -> TokenizedSplit:
     """The tokenized `split` of `corpus`, from the cache under `cache_dir` or written there first.
 
     The cache directory is keyed by `split_cache_key`, so a changed source file or tokenizer gives a
     new one; it is written to a temporary directory and renamed into place, so readers never see a
-    partial split. Documents are streamed: the split is never held in memory.
+    partial split. Documents are streamed: the split is never held in memory. A cached split whose
+    files no longer match the sha256 in its manifest is rebuilt (`warn(message)` is told; by
+    default the message goes to stderr).
     """
+    try:
+        return _tokenize_split(corpus, tokenizer, split, cache_dir)
+    except _CorruptCache as error:
+        (warn or _stderr)(f"warning: {error}; rebuilding it")
+        _discard_cache(error.directory)
+        return _tokenize_split(corpus, tokenizer, split, cache_dir)
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+def _discard_cache(directory: Path) -> None:
+    """Move a corrupt cached split out of the way in one rename (a concurrent reader sees the old
+    directory or none), then remove it."""
+    trash = directory.with_name(f".{directory.name}.corrupt-{os.getpid()}")
+    try:
+        os.rename(directory, trash)
+    except OSError:
+        return  # another process moved it first
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _tokenize_split(corpus: Corpus, tokenizer: Tokenizer, split: str, cache_dir: str | Path
+                    ) -> TokenizedSplit:
     if split not in SPLITS:
         raise CorpusError(f"split {split!r} is not valid; allowed values: {', '.join(SPLITS)}")
     key = split_cache_key(corpus, tokenizer, split)
@@ -181,12 +236,15 @@ class PackedSequences:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def _windows(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _windows(self, indices: Any, trim: bool = False) -> tuple[np.ndarray, np.ndarray]:
         index = np.asarray(indices, dtype=np.int64).reshape(-1)                        # (B,)
         outside = index[(index < 0) | (index >= len(self))]
         if outside.size:
             raise IndexError(f"window {int(outside[0])} is out of range for {len(self)} windows")
-        positions = self.starts[index, None] + np.arange(self.seq_len + 1)             # (B, seq_len + 1)
+        width = self.seq_len + 1
+        if trim and index.size:  # only the columns that hold tokens of one of these windows
+            width = min(width, int((self.ends[index] - self.starts[index]).max()))
+        positions = self.starts[index, None] + np.arange(width)                        # (B, width)
         valid = positions < self.ends[index, None]                                     # (B, seq_len + 1)
         tokens = self.split.tokens[np.minimum(positions, self.split.n_tokens - 1)].astype(np.int64)
         inputs = np.where(valid[:, :-1], tokens[:, :-1], self.pad_id)                  # (B, seq_len)
@@ -199,9 +257,11 @@ class PackedSequences:
         inputs, targets = self._windows([i + len(self) if i < 0 else i])
         return inputs[0], targets[0]
 
-    def batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) of the windows `indices`, each a (B, seq_len) LongTensor."""
-        inputs, targets = self._windows(indices)
+    def batch(self, indices: Any, trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the windows `indices`, each a (B, seq_len) LongTensor; with `trim`,
+        (B, n) where n <= seq_len is the longest of these windows (evaluation at lengths far
+        beyond every document then allocates only what the documents hold)."""
+        inputs, targets = self._windows(indices, trim)
         return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
