@@ -9,8 +9,9 @@ Importing this module registers the model type "blockstate" with `lm_eval`:
                                       tasks=["lambada_openai"])
 
 or from the shell, `python -m blockstate.harness --model blockstate --model_args
-pretrained=runs/my-run --tasks ...` (lm_eval's own command line, with the model registered).
-`pretrained` is anything `blockstate.load` takes: a run directory, a checkpoint
+pretrained=runs/my-run --tasks ...` (lm_eval's own command line, with the model registered;
+`python -m blockstate.harness --tasks-path` prints the folder of the bundled offline tasks, for
+`--include_path`). `pretrained` is anything `blockstate.load` takes: a run directory, a checkpoint
 step directory or a `blockstate export` / `save_pretrained` directory with its tokenizer.
 
 `batch_size` and `device` may come from `--model_args` or from lm_eval's own flags; a value in
@@ -42,6 +43,7 @@ How the three request types are scored:
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -248,7 +250,13 @@ class BlockStateHarnessLM(LM):
 
 
 def main() -> None:
-    """lm_eval's command line with the "blockstate" model registered."""
+    """lm_eval's command line with the "blockstate" model registered; `--tasks-path` alone prints
+    the folder of the bundled offline tasks (for `--include_path`)."""
+    if sys.argv[1:] == ["--tasks-path"]:
+        from .lm_eval_tasks import TASKS_PATH
+
+        print(TASKS_PATH)
+        return
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
