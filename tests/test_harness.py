@@ -232,6 +232,10 @@ def test_model_args_and_command_line_flags_merge_without_a_duplicate_keyword(exp
         lm = BlockStateHarnessLM.create_from_arg_string(f"pretrained={directory},device=cpu,batch_size=2",
                                                         {"batch_size": "16", "device": None})
     assert lm.batch_size == 2 and "batch_size=2 from --model_args overrides --batch_size 16" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="blockstate.harness"):
+        BlockStateHarnessLM.create_from_arg_string(f"pretrained={directory},batchsize=8", {})
+    assert "ignoring model arguments batchsize=8 (known: pretrained, device" in caplog.text
     assert BlockStateHarnessLM(pretrained=str(directory)).device == torch.device("cpu")
 
 

@@ -123,6 +123,10 @@ class BlockStateHarnessLM(LM):
         super().__init__()
         from .loading import load
 
+        if unused:
+            ignored = ", ".join(f"{key}={value}" for key, value in unused.items())
+            logger.warning("blockstate: ignoring model arguments %s (known: pretrained, device, batch_size, "
+                           "max_batch_size, max_length, seed)", ignored)
         target = resolve_device(device)
         automatic = str(batch_size).startswith("auto")
         if automatic and target.type != "cuda":
