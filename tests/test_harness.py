@@ -260,6 +260,17 @@ def test_batch_size_auto_is_a_probe_on_cuda_and_refused_on_the_cpu(exported, mon
     assert largest_batch(runs, 20) == 20 and tried == [1, 2, 4, 8, 16, 20]
     with pytest.raises(RuntimeError, match="even one row"):
         largest_batch(lambda batch: runs(batch + 100), 8)
+
+    def fft(batch):  # the FFT convolution's cuFFT says it differently
+        if batch > 2:
+            raise RuntimeError("cuFFT error: CUFFT_ALLOC_FAILED")
+
+    def broken(batch):  # other errors are not memory
+        raise RuntimeError("shape mismatch")
+
+    assert largest_batch(fft, 64) == 2
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        largest_batch(broken, 8)
     # the probe's forward pass itself (on the cpu here, where nothing runs out of memory)
     lm = BlockStateHarnessLM(pretrained=str(directory), max_length=32)
     assert largest_batch(lm._forward_pad_rows, 4) == 4

@@ -94,6 +94,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return requested
 
 
+def _out_of_memory(error: RuntimeError) -> bool:
+    """Whether `error` is the GPU running out of memory (cuFFT, which the FFT convolution uses, says
+    so in its own words)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or any(
+        words in str(error) for words in ("out of memory", "CUFFT_ALLOC_FAILED"))
+
+
 def largest_batch(runs: Callable[[int], None], limit: int) -> int:
     """The largest of 1, 2, 4, ... (powers of two below `limit`, then `limit`) for which `runs(batch)`
     does not run out of GPU memory, trying them in increasing order until one does."""
@@ -102,7 +109,9 @@ def largest_batch(runs: Callable[[int], None], limit: int) -> int:
     for batch in candidates:
         try:
             runs(batch)
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as error:
+            if not _out_of_memory(error):
+                raise
             break
         finally:
             if torch.cuda.is_available():
