@@ -98,27 +98,33 @@ def test_shipped_task_files_regenerate_exactly_from_this_interpreters_stdlib(tmp
         assert (tmp_path / name).read_bytes() == (TASKS_PATH / name).read_bytes(), name
 
 
-def _documented_command() -> str:
-    """The shell command under "## The command" in docs/lm_eval.md."""
+def _documented(heading: str, language: str) -> str:
+    """The first `language` code block under `heading` in docs/lm_eval.md."""
     text = (ROOT / "docs" / "lm_eval.md").read_text()
-    section = text[text.index("## The command"):]
-    return re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip()
+    section = text[text.index(heading):]
+    return re.search(rf"```{language}\n(.*?)```", section, re.S).group(1).strip()
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """An untrained tiny model with a BPE tokenizer, saved as `blockstate export` saves one."""
+    root = tmp_path_factory.mktemp("lm-eval-tasks")
+    (root / "corpus").mkdir()
+    for i, row in enumerate(_rows(BPB_FILE)[:20]):  # any small Python text trains the tokenizer
+        (root / "corpus" / f"doc{i:02d}.py").write_text(row["text"])
+    tokenizer = train_sentencepiece(DirectoryCorpus(root / "corpus"), 400, root / "tokenizer")
+    torch.manual_seed(0)
+    build_model("bst-sh-s4", "tiny", vocab_size=tokenizer.vocab_size).save_pretrained(root / "model",
+                                                                                    tokenizer)
+    return root / "model"
 
 
 @pytest.mark.slow
-def test_the_documented_command_runs_the_bundled_tasks_on_the_cpu(tmp_path):
+def test_the_documented_command_runs_the_bundled_tasks_on_the_cpu(tiny_export, tmp_path):
     pytest.importorskip("lm_eval")
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for i, row in enumerate(_rows(BPB_FILE)[:20]):  # any small Python text trains the tokenizer
-        (root / f"doc{i:02d}.py").write_text(row["text"])
-    tokenizer = train_sentencepiece(DirectoryCorpus(root), 400, tmp_path / "tokenizer")
-    torch.manual_seed(0)
-    build_model("bst-sh-s4", "tiny", vocab_size=tokenizer.vocab_size).save_pretrained(tmp_path / "model",
-                                                                                    tokenizer)
-    command = _documented_command()
+    command = _documented("## The command", "bash")
     assert "--device" not in command and "runs/my-run" in command
-    command = command.replace("runs/my-run", str(tmp_path / "model")) + " --limit 6"
+    command = command.replace("runs/my-run", str(tiny_export)) + " --limit 6"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -132,3 +138,15 @@ def test_the_documented_command_runs_the_bundled_tasks_on_the_cpu(tmp_path):
     accuracy = float(re.search(r"\|acc\s*\|[^|]*\|\s*([0-9.]+)", output).group(1))
     # an untrained model: about log2(400) bits per token, a token a few bytes
     assert 0.5 < bpb < 12 and 0.0 <= accuracy <= 1.0
+
+
+@pytest.mark.slow
+def test_the_documented_python_example_runs(tiny_export, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    code = _documented("## From Python", "python")
+    assert "simple_evaluate(" in code and "runs/my-run" in code
+    code = code.replace("runs/my-run", str(tiny_export))
+    code = code.replace("simple_evaluate(", "simple_evaluate(limit=2, ")  # a quick look is enough here
+    exec(compile(code, "docs/lm_eval.md", "exec"), {})
+    assert 0.5 < float(capsys.readouterr().out.strip().splitlines()[-1]) < 12

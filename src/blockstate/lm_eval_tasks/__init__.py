@@ -9,7 +9,7 @@ with no download:
   that has at least `MIN_DOCUMENT_CHARS`;
 - `blockstate_stdlib_next_line` (multiple_choice): given `CONTEXT_LINES` lines of one of those
   documents, pick the true next line among it and `DISTRACTORS` lines of the same indentation drawn
-  from the other documents; acc and acc_norm (chance: 0.25).
+  from the other documents; acc, acc_norm and acc_mutual_info (chance: 0.25).
 
 The test split is the one `blockstate train --data python-stdlib` holds out (`split_of`), so a
 model trained there has not seen these documents. `write_task_data` generates the files
