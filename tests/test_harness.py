@@ -3,7 +3,10 @@
 and a local task (JSON data, no downloads) run end to end through `lm_eval.simple_evaluate`."""
 
 import json
+import logging
 import math
+import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,9 +15,15 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from blockstate.data import ByteTokenizer, PackedSequences, TokenizedSplit  # noqa: E402
+from blockstate.data import (  # noqa: E402
+    ByteTokenizer,
+    DirectoryCorpus,
+    PackedSequences,
+    TokenizedSplit,
+    train_sentencepiece,
+)
 from blockstate.evaluate import iter_losses  # noqa: E402
-from blockstate.harness import BlockStateHarnessLM  # noqa: E402
+from blockstate.harness import BlockStateHarnessLM, largest_batch  # noqa: E402
 from blockstate.registry import build_model  # noqa: E402
 
 TEXT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # five\n" * 3
@@ -51,23 +60,31 @@ def test_rolling_loglikelihood_equals_blockstate_eval_on_the_same_tokens(exporte
     assert rolling == pytest.approx(expected, rel=1e-6, abs=1e-4)
 
 
+def _direct_logprob(model, ids: list[int], n: int) -> tuple[float, bool]:
+    """The summed log-probability of the last `n` of `ids` in one forward pass, and whether each is
+    the argmax."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]]))[0].double().log_softmax(-1)
+    positions, targets = torch.arange(len(ids) - 1 - n, len(ids) - 1), torch.tensor(ids[-n:])
+    return float(logits[positions, targets].sum()), bool((logits[positions].argmax(-1) == targets).all())
+
+
 def test_loglikelihood_scores_the_continuation_against_a_direct_forward_pass(exported):
     directory, model = exported
     lm = BlockStateHarnessLM(pretrained=str(directory), batch_size=2)
     tok = ByteTokenizer()
-    pairs = [("def add(a, b", "):"), ("print(", "add(2, 3))"), ("x = ", "1")]
-    results = lm.loglikelihood(_requests(*pairs))
-    for (context, continuation), (logprob, greedy) in zip(pairs, results, strict=True):
-        tokens = [tok.bos_id] + tok.encode(context + continuation)
-        with torch.no_grad():
-            logits = model(torch.tensor([tokens[:-1]]))[0].double().log_softmax(-1)
-        n = len(tok.encode(continuation))
-        picked = logits[torch.arange(len(tokens) - 1 - n, len(tokens) - 1), torch.tensor(tokens[-n:])]
-        assert logprob == pytest.approx(float(picked.sum()), rel=1e-5, abs=1e-4)
-        argmax = logits[len(tokens) - 1 - n:].argmax(-1)
-        assert greedy == bool((argmax == torch.tensor(tokens[-n:])).all())
-    # a continuation of the model's own greedy choice is greedy
-    context = "def "
+    # (context, continuation, the text scored): a context's trailing whitespace moves to the
+    # continuation, as in lm_eval's HF adapter
+    cases = [("def add(a, b", "):", "):"), ("print(", "add(2, 3))", "add(2, 3))"), ("x = ", "1", " 1")]
+    results = lm.loglikelihood(_requests(*[case[:2] for case in cases]))
+    for (context, continuation, scored), (logprob, greedy) in zip(cases, results, strict=True):
+        expected, expected_greedy = _direct_logprob(model, [tok.bos_id] + tok.encode(context + continuation),
+                                                    len(tok.encode(scored)))
+        assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
+        assert greedy == expected_greedy
+    # a continuation of the model's own greedy choice is greedy (a context without trailing
+    # whitespace, which would move into the continuation)
+    context = "def"
     first = lm.generate_until(_requests((context, {"max_gen_toks": 3, "until": []})))[0]
     assert len(first.encode()) <= 3
     if first:
@@ -118,3 +135,142 @@ def test_a_local_task_runs_end_to_end_through_lm_eval(exported, tmp_path, monkey
     bpb = results["blockstate_local_rolling"]["bits_per_byte,none"]
     # an untrained byte model: about ln(259) nats per byte
     assert math.isfinite(bpb) and 6.0 < bpb < 10.0
+
+
+# A SentencePiece BPE tokenizer, whose merges can cross the context/continuation boundary
+
+def _code_corpus(root: Path) -> DirectoryCorpus:
+    rng = random.Random(0)
+    names = ["x", "y", "total", "value", "count", "result"]
+    root.mkdir()
+    for i in range(30):
+        lines = []
+        for _ in range(60):
+            a, b = rng.choice(names), rng.choice(names)
+            lines.append(rng.choice([f"{a} = {rng.randint(1, 3)}", f"{a} = {a} + {b}", f"print({a}, {b})",
+                                     f"def {a}_{b}({a}, {b}):", f"    return {a} * {b}"]))
+        (root / f"doc{i:02d}.py").write_text("\n".join(lines) + "\n")
+    return DirectoryCorpus(root)
+
+
+@pytest.fixture(scope="module")
+def bpe_exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bpe")
+    tokenizer = train_sentencepiece(_code_corpus(root / "corpus"), 340, root / "tokenizer")
+    torch.manual_seed(0)
+    model = build_model("bst-sh-s4", "tiny", vocab_size=tokenizer.vocab_size).eval()
+    model.save_pretrained(root / "export", tokenizer)
+    return root / "export", model, tokenizer
+
+
+def test_loglikelihood_with_bpe_scores_the_continuation_tokens_only(bpe_exported):
+    directory, model, tok = bpe_exported
+    lm = BlockStateHarnessLM(pretrained=str(directory), batch_size=3)
+    pieces = lambda text: [tok.piece(i) for i in tok.encode(text)]  # noqa: E731
+    assert pieces("x = ") == ["x", "▁=", "▁"] and pieces("x = 1") == ["x", "▁=", "▁1"]
+    assert pieces("x = 1\npri")[-2:] == ["pr", "i"] and pieces("x = 1\nprint(x, y)")[4] == "print"
+    # (context, continuation, the pieces scored)
+    cases = [("x = ", "1", ["▁1"]),                     # a space at the context's end merges with "1"
+             ("x =", " 1", ["▁1"]),                     # the same text, split as lm_eval tasks do
+             ("print(x, ", "y)", ["▁y", ")"]),
+             ("def total_", "count(total, count):", ["count", "(", "total", ",", "▁count", "):"]),
+             # mid-word, "pri" + "nt" merging: back to the token boundary before "print"
+             ("x = 1\npri", "nt(x, y)", ["print", "(", "x", ",", "▁y", ")"])]
+    results = lm.loglikelihood(_requests(*[case[:2] for case in cases]))
+    for (context, continuation, scored), (logprob, greedy) in zip(cases, results, strict=True):
+        ids = [tok.bos_id] + tok.encode(context + continuation)
+        assert [tok.piece(i) for i in ids[-len(scored):]] == scored
+        expected, expected_greedy = _direct_logprob(model, ids, len(scored))
+        assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
+        assert greedy == expected_greedy
+        assert lm.split(context, continuation) == (ids[1:], len(scored))
+    assert results[0] == results[1]
+    # cut to the last max_length tokens: the scored ones keep their place at the end
+    short = BlockStateHarnessLM(pretrained=str(directory), max_length=4)
+    (logprob, _), = short.loglikelihood(_requests(cases[3][:2]))
+    ids = ([tok.bos_id] + tok.encode(cases[3][0] + cases[3][1]))[-5:]
+    assert logprob == pytest.approx(_direct_logprob(model, ids, 4)[0], rel=1e-5, abs=1e-4)
+    with pytest.raises(ValueError, match="empty continuation"):
+        lm.loglikelihood(_requests(("x = 1", "")))
+
+
+def test_rolling_and_generation_with_bpe_match_direct_passes(bpe_exported):
+    directory, model, tok = bpe_exported
+    text = "def total_count(total, count):\n    return total * count\nprint(x, y)\n"
+    ids = [tok.bos_id] + tok.encode(text)
+    whole = BlockStateHarnessLM(pretrained=str(directory), max_length=len(ids))
+    (rolling,) = whole.loglikelihood_rolling(_requests((text,)))
+    assert rolling == pytest.approx(_direct_logprob(model, ids, len(ids) - 1)[0], rel=1e-5, abs=1e-4)
+    windowed = BlockStateHarnessLM(pretrained=str(directory), max_length=8, batch_size=2)
+    (rolling,) = windowed.loglikelihood_rolling(_requests((text,)))
+    expected = sum(_direct_logprob(model, ids[k:k + 9], len(ids[k:k + 9]) - 1)[0]
+                   for k in range(0, len(ids) - 1, 8))
+    assert rolling == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    (completion,) = whole.generate_until(_requests(("x = ", {"max_gen_toks": 6, "until": []})))
+    prompt = [tok.bos_id] + tok.encode("x = ")
+    generated = model.generate([prompt], 6, temperature=0)[0][len(prompt):]
+    assert completion == tok.decode([t for t in generated if t != tok.eos_id])
+
+
+# batch_size and device from --model_args or lm_eval's flags
+
+def test_model_args_and_command_line_flags_merge_without_a_duplicate_keyword(exported, monkeypatch, caplog):
+    directory, _ = exported
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # what lm_eval's command line passes when --batch_size and --device are not given
+    cli = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
+    with caplog.at_level(logging.WARNING, logger="blockstate.harness"):
+        lm = BlockStateHarnessLM.create_from_arg_string(f"pretrained={directory},batch_size=8", cli)
+    assert lm.batch_size == 8 and lm.device == torch.device("cpu")
+    assert "cuda:0 is not available on this machine; evaluating on the cpu" in caplog.text
+    assert "overrides" not in caplog.text
+    lm = BlockStateHarnessLM.create_from_arg_obj({"pretrained": str(directory)},
+                                                 {"batch_size": "4", "device": "cpu"})
+    assert lm.batch_size == 4 and lm.device == torch.device("cpu")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="blockstate.harness"):
+        lm = BlockStateHarnessLM.create_from_arg_string(f"pretrained={directory},device=cpu,batch_size=2",
+                                                        {"batch_size": "16", "device": None})
+    assert lm.batch_size == 2 and "batch_size=2 from --model_args overrides --batch_size 16" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="blockstate.harness"):
+        BlockStateHarnessLM.create_from_arg_string(f"pretrained={directory},batchsize=8", {})
+    assert "ignoring model arguments batchsize=8 (known: pretrained, device" in caplog.text
+    assert BlockStateHarnessLM(pretrained=str(directory)).device == torch.device("cpu")
+
+
+def test_batch_size_auto_is_a_probe_on_cuda_and_refused_on_the_cpu(exported, monkeypatch):
+    directory, _ = exported
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="on cpu give a number instead, e.g. batch_size=8"):
+        BlockStateHarnessLM.create_from_arg_string(f"pretrained={directory},batch_size=auto",
+                                                   {"device": "cuda"})
+    for bad in (0, "eight"):
+        with pytest.raises(ValueError, match="give an integer >= 1 or auto"):
+            BlockStateHarnessLM(pretrained=str(directory), batch_size=bad)
+    tried = []
+
+    def runs(batch):  # 24 rows fit
+        tried.append(batch)
+        if batch > 24:
+            raise torch.cuda.OutOfMemoryError("out of memory")
+
+    assert largest_batch(runs, 64) == 16 and tried == [1, 2, 4, 8, 16, 32]
+    tried.clear()
+    assert largest_batch(runs, 20) == 20 and tried == [1, 2, 4, 8, 16, 20]
+    with pytest.raises(RuntimeError, match="even one row"):
+        largest_batch(lambda batch: runs(batch + 100), 8)
+
+    def fft(batch):  # the FFT convolution's cuFFT says it differently
+        if batch > 2:
+            raise RuntimeError("cuFFT error: CUFFT_ALLOC_FAILED")
+
+    def broken(batch):  # other errors are not memory
+        raise RuntimeError("shape mismatch")
+
+    assert largest_batch(fft, 64) == 2
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        largest_batch(broken, 8)
+    # the probe's forward pass itself (on the cpu here, where nothing runs out of memory)
+    lm = BlockStateHarnessLM(pretrained=str(directory), max_length=32)
+    assert largest_batch(lm._forward_pad_rows, 4) == 4
