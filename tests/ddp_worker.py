@@ -1,12 +1,14 @@
 """One torchrun process of the DDP tests: `blockstate train` with test-only hooks.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py \\
-        --report DIR [--slow-rank R --start-delay S --step-delay S] [--sigterm-rank R --sigterm-at-step N] \\
+        --report DIR [--slow-rank R --start-delay S --step-delay S] [--sigterm-rank R --sigterm-at-step N]
+        [--save-delay S] \\
         -- train --config ... --out ...
 
 The hooks live here, not in the product: they slow one process down (a pause between setting up DDP
 and the start of its clock, as a process on a slower node or file system would have, and a pause
-in every step) or send one process SIGTERM at the start of a step. Each process records the
+in every step), send one process SIGTERM at the start of a step, or slow down process 0's
+checkpoint writes. Each process records the
 learning rate it used at each step and, at the end, a hash of its parameters, in DIR/rank<R>.json.
 """
 
@@ -22,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import blockstate.train as train_module
 from blockstate.cli import main
@@ -37,6 +38,7 @@ def _options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--sigterm-rank", type=int, default=-1)
     parser.add_argument("--sigterm-at-step", type=int, default=-1)
+    parser.add_argument("--save-delay", type=float, default=0.0)
     return parser.parse_args(argv[:split]), argv[split + 1:]
 
 
@@ -69,7 +71,17 @@ def run() -> int:
         return lr
 
     train_module.learning_rate = learning_rate
+    save_checkpoint = train_module.save_checkpoint
+
+    def slow_save(*args, **kwargs):  # process 0 writes checkpoints; a slow disk
+        time.sleep(options.save_delay)
+        return save_checkpoint(*args, **kwargs)
+
+    train_module.save_checkpoint = slow_save
     code = main(cli_args)
+    # torchrun stops the other processes (SIGTERM) once one exits with an error, e.g. 143 after
+    # SIGTERM: from here on, this process finishes its report first
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     digest = hashlib.sha256()
     for model in models:
         for name, parameter in model.state_dict().items():
@@ -78,8 +90,6 @@ def run() -> int:
     record = {"rank": rank, "exit": code, "steps": steps,
               "final_step": steps[-1][0] + 1 if steps else None, "parameters": digest.hexdigest()}
     (Path(options.report) / f"rank{rank}.json").write_text(json.dumps(record))
-    if dist.is_initialized():  # every report is written before any process exits (torchrun ends
-        dist.barrier()         # the others once one exits with an error, e.g. 143 after SIGTERM)
     return code
 
 

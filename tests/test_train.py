@@ -228,9 +228,11 @@ def test_ddp_time_budget_is_agreed_with_a_slow_process(corpus, tmp_path):
 def test_ddp_sigterm_to_one_process_stops_all_and_resumes(corpus, tmp_path):
     """SIGTERM sent to process 1 alone: both stop after the same step, a checkpoint of that step is
     written and the run reports the signal; --resume continues from it to the budget with the
-    processes still in step."""
+    processes still in step. Process 0 takes 2 s to write each checkpoint: process 1 waits for it
+    before it exits with 143 (else torchrun, seeing a process fail, stops process 0 mid-write)."""
     cfg, run = _ddp_config(corpus, tmp_path), tmp_path / "run"
-    _torchrun(tmp_path / "stopped", ["--sigterm-rank", "1", "--sigterm-at-step", "2"],
+    _torchrun(tmp_path / "stopped", ["--sigterm-rank", "1", "--sigterm-at-step", "2",
+                                     "--save-delay", "2"],
               ["train", "--config", str(cfg), "--out", str(run), "--max-steps", "6"])
     first, second = _ranks(tmp_path / "stopped")
     assert first["final_step"] == second["final_step"] == 3  # the step under way when it came

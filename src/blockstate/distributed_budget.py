@@ -17,6 +17,9 @@ others waiting in an all-reduce.
   time-based learning rate, so the schedule, and `warmup_end`, are the same everywhere.
 
 With one process no collective runs and the local values are returned unchanged.
+
+`saved_by_main` makes every process wait for process 0's checkpoint, so that a process that stops
+(after a signal, with exit status 143) does not exit before the checkpoint is written.
 """
 
 from __future__ import annotations
@@ -71,3 +74,22 @@ def agree_at_boundary(ddp: Distributed, device: torch.device, received: str | No
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     number, spent, shared = values.tolist()
     return Boundary(_signal_name(int(number)), spent > 0, shared)
+
+
+def saved_by_main(ddp: Distributed, save: Callable[[], None]) -> Callable[[], None]:
+    """`save` (which writes on process 0 only), made to return on every process once process 0 has
+    written: every process calls it at the same points, and no process runs ahead of the
+    checkpoint. At the end of a run this matters: once one process exits with an error status
+    (e.g. 143 after SIGTERM), torchrun stops the others, which would cut process 0's last
+    checkpoint short."""
+    if ddp.world_size == 1:
+        return save
+
+    def save_then_wait() -> None:
+        try:
+            save()
+        finally:
+            if dist.is_initialized():
+                dist.barrier()
+
+    return save_then_wait

@@ -45,7 +45,7 @@ from .data import (
     tokenize_split,
 )
 from .device import Distributed, autocast_dtype, device_peak_flops, resolve_device
-from .distributed_budget import agree_at_boundary
+from .distributed_budget import agree_at_boundary, saved_by_main
 from .evaluate import evaluate_batches, token_loss, unigram_perplexity
 from .fileio import atomic_write
 from .memory import Memory, SegmentCarry
@@ -314,6 +314,8 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         carried = state.memory.tensors() if state.memory is not None and ddp.world_size == 1 else None
         save_checkpoint(out_dir, state.step, model, mconfig.to_dict(), train_state, optimizer,
                         tokenizer_dir=out_dir / "tokenizer", memory=carried)
+
+    save = saved_by_main(ddp, save)  # the other processes wait until the checkpoint is written
 
     def validate() -> dict[str, Any]:
         result = evaluate_batches(model, val_data, tokenizer, micro, config.eval_batches, device,
