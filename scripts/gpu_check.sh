@@ -7,7 +7,8 @@
 # Each stage runs under its own time limit; a stage that fails or times out is recorded and the
 # next one runs. Writes OUT/summary.json and OUT/summary.md (every stage's status, duration and main
 # numbers), each stage's own outputs and log under OUT/<stage>/, and OUT/gpu_check.tar.gz (all of
-# it but the training checkpoints).
+# it but the training checkpoints). To keep only what matters, copy OUT/summary.md, OUT/summary.json
+# and OUT/gpu_check.tar.gz.
 #
 #   bash scripts/gpu_check.sh [--out DIR] [--dry-run] [--python PYTHON]
 #
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
         --out=*) OUT=${1#--out=}; shift ;;
         --dry-run) DRY=1; shift ;;
         --python) PYTHON=$2; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done

@@ -61,18 +61,23 @@ def _tests(out: Path) -> dict[str, Any] | None:
 
 def _train(out: Path) -> dict[str, Any] | None:
     run = out / "train" / "run"
-    summary = _json(run / "summary.json")
-    if summary is None:
-        return None
     records = []
     try:
         records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
     except (OSError, ValueError):
         pass
     steps = [r for r in records if "loss" in r and "split" not in r]
+    summary = _json(run / "summary.json")
+    finished = summary is not None
+    if summary is None:  # stopped before its end (e.g. the stage's time limit): its last logged step
+        if not steps:
+            return None
+        last = steps[-1]
+        summary = {"step": last["step"], "elapsed_s": last.get("elapsed"),
+                   "tokens_per_s": last.get("tokens_per_s")}
     validation = summary.get("validation") or {}
     config = _json(run / "train_config.json") or {}
-    return {"steps": summary.get("step"), "elapsed_s": summary.get("elapsed_s"),
+    return {"finished": finished, "steps": summary.get("step"), "elapsed_s": summary.get("elapsed_s"),
             "tokens_per_s": summary.get("tokens_per_s"), "parameters": summary.get("parameters"),
             "first_loss": steps[0]["loss"] if steps else None,
             "last_loss": steps[-1]["loss"] if steps else None,
@@ -144,7 +149,8 @@ def markdown(summary: dict[str, Any]) -> str:
     if train is None:
         lines.append("no training summary")
     else:
-        lines += [f"- steps: {train['steps']} in {_number(train['elapsed_s'], 1)} s on {train['device']}",
+        lines += [f"- steps: {train['steps']} in {_number(train['elapsed_s'], 1)} s on {train['device']}"
+                  + ("" if train["finished"] else " (did not finish: its last logged step)"),
                   f"- tokens/s: {_number(train['tokens_per_s'], 0)}; MFU at the last logged step: "
                   f"{_number(train['last_mfu'], 3)}",
                   f"- training loss {_number(train['first_loss'], 3)} -> {_number(train['last_loss'], 3)}; "

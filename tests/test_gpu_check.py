@@ -52,15 +52,24 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
 
 
 def test_a_failed_stage_fails_the_check(tmp_path):
-    """The report marks a stage that failed, or whose outputs are missing, and exits 1."""
+    """The report marks a stage that failed or timed out, or whose outputs are missing, shows a
+    training run cut short by its last logged step, and exits 1."""
     out = tmp_path / "gpu_check"
     out.mkdir()
-    (out / "stages.tsv").write_text("tests\tpassed\t0\t3\ntrain\tfailed\t2\t5\nlayers\ttimeout\t124\t150\n")
+    (out / "stages.tsv").write_text("tests\tpassed\t0\t3\ntrain\ttimeout\t124\t180\nlayers\tfailed\t2\t5\n")
+    (out / "train" / "run").mkdir(parents=True)  # cut short: metrics, no summary
+    (out / "train" / "run" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 5.0 - s / 10, "tokens_per_s": 1e5, "elapsed": s / 2}) + "\n"
+        for s in (1, 10, 20)))
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_report.py"), str(out)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     summary = json.loads((out / "summary.json").read_text())
     assert not summary["passed"]
     assert [summary["stages"][s]["status"] for s in ("train", "layers", "generation")] == [
-        "failed", "timeout", "not run"]
-    assert summary["tests"] is None and "no training summary" in (out / "summary.md").read_text()
+        "timeout", "failed", "not run"]
+    train = summary["train"]
+    assert not train["finished"] and train["steps"] == 20 and train["last_loss"] == 3.0
+    markdown = (out / "summary.md").read_text()
+    assert summary["tests"] is None and "no test report" in markdown and "did not finish" in markdown
+    assert "no layer benchmark" in markdown and "NOT PASSED" in markdown
