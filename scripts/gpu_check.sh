@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
         --out=*) OUT=${1#--out=}; shift ;;
         --dry-run) DRY=1; shift ;;
         --python) PYTHON=$2; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
