@@ -148,8 +148,9 @@ def test_ddp_two_processes_match_one(corpus, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "blockstate.cli", "train", "--config", str(cfg), "--out",
                     str(tmp_path / "single"), "--quiet"], check=True, env=env, cwd=ROOT, timeout=120)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", "29517", "-m", "blockstate.cli", "train", "--config", str(cfg),
+    # --standalone: a free port, so that runs of this test side by side do not collide
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                    "2", "-m", "blockstate.cli", "train", "--config", str(cfg),
                     "--out", str(tmp_path / "ddp"), "--quiet"], check=True, env=env, cwd=ROOT,
                    capture_output=True, timeout=180)
     single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
