@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -147,13 +148,107 @@ def test_ddp_two_processes_match_one(corpus, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "blockstate.cli", "train", "--config", str(cfg), "--out",
                     str(tmp_path / "single"), "--quiet"], check=True, env=env, cwd=ROOT, timeout=120)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", "29517", "-m", "blockstate.cli", "train", "--config", str(cfg),
+    # --standalone: a free port, so that runs of this test side by side do not collide
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                    "2", "-m", "blockstate.cli", "train", "--config", str(cfg),
                     "--out", str(tmp_path / "ddp"), "--quiet"], check=True, env=env, cwd=ROOT,
                    capture_output=True, timeout=180)
     single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert sorted(single) == sorted(ddp) == [1, 2, 3]
     assert all(abs(single[s] - ddp[s]) < 1e-5 for s in single), (single, ddp)
+
+
+def _ddp_config(corpus: Path, tmp_path: Path) -> Path:
+    """A tiny run's settings without a budget (each test gives its own on the command line)."""
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(
+        f'model = "bst-sh-s4"\nsize = "tiny"\ndata = "{corpus}"\nseq_len = 64\nbatch_size = 4\n'
+        f'warmup_steps = 2\neval_batches = 1\nlog_every = 1\nsample_tokens = 0\n'
+        f'cache_dir = "{tmp_path / "cache"}"\n[model_overrides]\nblock_size = 16\n')
+    return cfg
+
+
+def _torchrun(report: Path, hooks: list[str], cli: list[str], timeout: float = 90) -> int:
+    """Two gloo processes of `blockstate train` through tests/ddp_worker.py (test-only hooks; each
+    process writes report/rank<R>.json). A run that outlasts `timeout` (processes waiting for each
+    other) is killed with all its processes and fails the test."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", str(ROOT / "tests" / "ddp_worker.py"), "--report", str(report), *hooks, "--",
+               *cli, "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    report.mkdir(parents=True, exist_ok=True)
+    log = report / "output.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # torchrun starts each worker in a session of its own: kill them by the pids they wrote
+            os.killpg(process.pid, signal.SIGKILL)
+            for pid_file in report.glob("pid*"):
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            process.wait()
+            pytest.fail(f"the processes did not finish in {timeout} s (one waits for the other):\n"
+                        f"{log.read_text()[-3000:]}")
+    missing = [r for r in (0, 1) if not (report / f"rank{r}.json").exists()]
+    assert not missing, (f"rank(s) {missing} did not finish (exit {process.returncode}):\n"
+                         f"{log.read_text()[-3000:]}")
+    return process.returncode
+
+
+def _ranks(report: Path) -> list[dict]:
+    return [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_ddp_time_budget_is_agreed_with_a_slow_process(corpus, tmp_path):
+    """Under --max-time the processes stop at the same step and use the same (process 0's) clock for
+    the time-based learning rate, though process 1 starts its clock 1.5 s late and is slower at
+    every step: the same learning rates, the same last step and bitwise equal parameters, and no
+    process left waiting for the other (before, each read its own clock: process 0 stopped first
+    and process 1 waited in an all-reduce, with other learning rates all along)."""
+    report = tmp_path / "report"
+    code = _torchrun(report, ["--slow-rank", "1", "--start-delay", "1.5", "--step-delay", "0.02"],
+                     ["train", "--config", str(_ddp_config(corpus, tmp_path)), "--out",
+                      str(tmp_path / "run"), "--max-time", "4s"])
+    first, second = _ranks(report)
+    assert code == 0 and first["exit"] == second["exit"] == 0
+    assert first["final_step"] == second["final_step"] >= 3
+    assert first["steps"] == second["steps"]  # the same step numbers and learning rates, bitwise
+    assert first["parameters"] == second["parameters"]
+    lrs = [lr for _, lr in first["steps"]]
+    assert len(lrs) == 3 or lrs[-1] < lrs[2]  # after warmup, the cosine on (process 0's) time
+    assert load_latest_intact(tmp_path / "run").train_state["step"] == first["final_step"]
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_to_one_process_stops_all_and_resumes(corpus, tmp_path):
+    """SIGTERM sent to process 1 alone: both stop after the same step, a checkpoint of that step is
+    written and the run reports the signal; --resume continues from it to the budget with the
+    processes still in step. Process 0 takes 2 s to write each checkpoint: process 1 waits for it
+    before it exits with 143 (else torchrun, seeing a process fail, stops process 0 mid-write)."""
+    cfg, run = _ddp_config(corpus, tmp_path), tmp_path / "run"
+    _torchrun(tmp_path / "stopped", ["--sigterm-rank", "1", "--sigterm-at-step", "2",
+                                     "--save-delay", "2"],
+              ["train", "--config", str(cfg), "--out", str(run), "--max-steps", "6"])
+    first, second = _ranks(tmp_path / "stopped")
+    assert first["final_step"] == second["final_step"] == 3  # the step under way when it came
+    assert first["exit"] == second["exit"] == 143  # both report SIGTERM, process 0 never got it
+    assert first["parameters"] == second["parameters"]
+    assert load_latest_intact(run).train_state["step"] == 3
+    assert json.loads((run / "summary.json").read_text())["interrupted"] == "SIGTERM"
+    code = _torchrun(tmp_path / "resumed", [], ["train", "--config", str(cfg), "--out", str(run),
+                                                "--max-steps", "6", "--resume"])
+    first, second = _ranks(tmp_path / "resumed")
+    assert code == 0 and first["exit"] == second["exit"] == 0
+    assert [s for s, _ in first["steps"]] == [3, 4, 5] and first["steps"] == second["steps"]
+    assert first["parameters"] == second["parameters"]
+    assert sorted(_losses(run)) == [1, 2, 3, 4, 5, 6]
+    assert load_latest_intact(run).train_state["step"] == 6
 
 
 def test_eval_json_by_length(corpus, tmp_path, capsys):

@@ -45,6 +45,7 @@ from .data import (
     tokenize_split,
 )
 from .device import Distributed, autocast_dtype, device_peak_flops, resolve_device
+from .distributed_budget import agree_at_boundary, saved_by_main
 from .evaluate import evaluate_batches, token_loss, unigram_perplexity
 from .fileio import atomic_write
 from .memory import Memory, SegmentCarry
@@ -406,6 +407,8 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         save_checkpoint(out_dir, state.step, model, mconfig.to_dict(), train_state, optimizer,
                         tokenizer_dir=out_dir / "tokenizer", memory=carried)
 
+    save = saved_by_main(ddp, save)  # the other processes wait until the checkpoint is written
+
     def validate() -> dict[str, Any]:
         result = evaluate_batches(model, val_data, tokenizer, micro, config.eval_batches, device,
                                   carry=xl, precision=config.precision)
@@ -428,10 +431,17 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     progress.started = True
     stopper = _StopSignals().install()
     try:
-        while stopper.received is None and not _budget_spent(config, state, elapsed()):
+        while True:
+            # every process stops at the same boundary and reads process 0's clock
+            # (distributed_budget): a stop signal received by any process stops them all
+            now = agree_at_boundary(ddp, device, stopper.received, elapsed(),
+                                    lambda spent: _budget_spent(config, state, spent))
+            if now.stop:
+                stopper.received = now.signal
+                break
             step_start = time.perf_counter()
             lr = learning_rate(state.step, config, state.horizon, _time_progress(config, state,
-                                                                                elapsed()))
+                                                                                now.elapsed))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, count, memory = _forward_backward(train_model, stream.next_batch(), state.memory,
