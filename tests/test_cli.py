@@ -40,9 +40,10 @@ def test_console_script_runs():
     assert out.startswith("blockstate ")
 
 
-def test_readme_python_examples_run():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    assert blocks, "README has no python example"
+@pytest.mark.parametrize("page", ["README.md", "docs/generation.md", "docs/python_api.md"])
+def test_readme_python_examples_run(page):
+    text = (ROOT / page).read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, f"{page} has no python example"
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, page, "exec"), {})
