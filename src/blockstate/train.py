@@ -83,7 +83,10 @@ def prepare_tokenizer(config: TrainConfig, corpus, out_dir: Path, is_main: bool,
     line that says so; without it, that failure is raised."""
     tok_dir = out_dir / "tokenizer"
     if is_main and restore_from is not None and not (tok_dir / "tokenizer.json").exists():
-        load_tokenizer(restore_from).save(tok_dir)
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(Path(restore_from).iterdir()):  # the verified copy, byte for byte
+            if path.is_file():
+                atomic_write(tok_dir / path.name, path.read_bytes())
     if is_main and not (resuming and (tok_dir / "tokenizer.json").exists()):
         try:
             tokenizer = build_tokenizer(config.tokenizer, corpus=corpus,
