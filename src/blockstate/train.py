@@ -173,7 +173,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
     ddp = Distributed.from_env(device)
     if ddp.world_size > 1 and config.device == "auto" and device.type == "cuda":
         device = torch.device(f"cuda:{ddp.local_rank}")
-    if config.batch_size % (ddp.world_size * config.grad_accum):
+    if config.context_parallel > 1:
+        _check_context_parallel(config, ddp)
+    if config.batch_size % (_data_processes(config, ddp) * config.grad_accum):
         raise ValueError(f"batch_size={config.batch_size} must be divisible by processes x grad_accum "
                          f"= {ddp.world_size} x {config.grad_accum}")
     if overwrite and checkpoint is None and ddp.is_main:
@@ -195,6 +197,30 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
         raise
     finally:
         lock.release()
+
+
+def _data_processes(config: TrainConfig, ddp: Distributed) -> int:
+    """Processes that read different sequences: all of them, or one group under context parallelism
+    (its processes read the same sequences, each its own blocks of them)."""
+    return 1 if config.context_parallel > 1 else ddp.world_size
+
+
+def _check_context_parallel(config: TrainConfig, ddp: Distributed) -> None:
+    from .context_parallel import check_model
+
+    if ddp.world_size != config.context_parallel:
+        raise ValueError(f"--context-parallel {config.context_parallel} needs exactly that many "
+                         f"processes (torchrun --nproc_per_node {config.context_parallel}), not "
+                         f"{ddp.world_size}; it is not combined with data parallelism")
+    if config.size == "auto":
+        raise ValueError("--context-parallel needs a fixed --size (size auto plans for one process)")
+    mconfig = model_config(config.model, config.size, **config.model_overrides)
+    check_model(mconfig)
+    seq_len = config.seq_len or mconfig.max_seq_len
+    if seq_len % (config.context_parallel * mconfig.block_size):
+        raise ValueError(f"--context-parallel {config.context_parallel}: seq_len={seq_len} must be "
+                         f"a multiple of processes x W = {config.context_parallel} x "
+                         f"{mconfig.block_size}")
 
 
 @dataclasses.dataclass
@@ -351,8 +377,10 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     val_data = PackedSequences(splits["validation"], seq_len, tokenizer.pad_id, config.pack_documents)
     # transformer-xl and brt carry memory from batch to batch (unless told not to)
     xl = mconfig.carries_memory and config.carry_memory
+    data_processes = _data_processes(config, ddp)  # under context parallelism all read one stream
     stream = (SegmentStream if xl else BatchStream)(train_data, config.batch_size, config.seed,
-                                                    ddp.rank, ddp.world_size)
+                                                    ddp.rank if data_processes > 1 else 0,
+                                                    data_processes)
     torch.manual_seed(config.seed)
     model = BlockStateLM(mconfig).to(device)  # the config resolved once, above
     optimizer = build_optimizer(model, config, device)
@@ -369,7 +397,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     model.activation_checkpointing = config.activation_checkpointing
     peak_flops = device_peak_flops(device, config.precision, config.peak_tflops)
     train_model: nn.Module = torch.compile(model) if config.compile else model
-    if ddp.world_size > 1:
+    if data_processes > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -388,7 +416,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     metrics = MetricsLog(out_dir / "metrics.jsonl", state.step if checkpoint else None, ddp.is_main,
                          log, sinks=tuple(x for x in config.log_to.split(",") if x),
                          run_config=resolved)
-    micro = config.batch_size // (ddp.world_size * config.grad_accum)
+    micro = config.batch_size // (data_processes * config.grad_accum)
     start = time.perf_counter()
 
     def elapsed() -> float:
@@ -447,8 +475,9 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                                                                                 now.elapsed))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, count, memory = _forward_backward(train_model, stream.next_batch(), state.memory,
-                                                        config, ddp, device, micro, xl, scaler)
+            loss_sum, count, memory = _forward_backward(
+                train_model, stream.next_batch(), state.memory, config, ddp, device, micro, xl,
+                scaler, split_block=mconfig.block_size if config.context_parallel > 1 else None)
             state.memory = memory  # the batch was read, so the next continues after it
             if scaler is not None:
                 scaler.unscale_(optimizer)  # clip (and report) the true gradient norm
@@ -652,12 +681,19 @@ def _time_progress(config: TrainConfig, state: _RunState, elapsed: float) -> flo
 
 def _forward_backward(train_model: nn.Module, batch: tuple, memory: Memory | None,
                       config: TrainConfig, ddp: Distributed, device: torch.device, micro: int,
-                      xl: bool, scaler=None) -> tuple[float, int, Memory | None]:
+                      xl: bool, scaler=None, split_block: int | None = None
+                      ) -> tuple[float, int, Memory | None]:
     """Gradients of the mean loss over the global batch's tokens, accumulated over micro-batches
     (gradients synchronized across processes on the last; scaled by `scaler` for float16); the
     summed loss, the number of target tokens (over all processes) and the memory the batch leaves
-    (segment-recurrent)."""
+    (segment-recurrent). With `split_block` (context parallelism) every process holds the same
+    sequences and computes its own whole blocks of them; gradients are summed over processes."""
+    from . import context_parallel as cp
+
     inputs, targets, *extra = batch                                              # this rank's slice
+    if split_block is not None:  # (B, L / P) each: this process's blocks
+        inputs = cp.split(inputs, ddp.rank, ddp.world_size, split_block)
+        targets = cp.split(targets, ddp.rank, ddp.world_size, split_block)
     count = (targets != -100).sum().to(torch.float64)
     if dist.is_initialized():
         dist.all_reduce(count)
@@ -671,15 +707,18 @@ def _forward_backward(train_model: nn.Module, batch: tuple, memory: Memory | Non
             carry = SegmentCarry(None if memory is None else memory.rows(rows))
             forward = {"carry": carry, "keep": extra[0][rows].to(device)}
         last = m == config.grad_accum - 1
-        sync = train_model.no_sync() if (ddp.world_size > 1 and not last) else nullcontext()
-        with sync:
+        wrapped = ddp.world_size > 1 and split_block is None  # DDP (see _train)
+        sync = train_model.no_sync() if (wrapped and not last) else nullcontext()
+        with sync, (cp.context_parallel() if split_block is not None else nullcontext()):
             total, _ = token_loss(train_model, x, y, device, precision=config.precision, **forward)
             if xl:
                 memories.append(carry.memory)
             # mean over the global batch's tokens; DDP averages over processes
-            objective = total * ddp.world_size / count.item()
+            objective = total * (ddp.world_size if wrapped else 1) / count.item()
             (scaler.scale(objective) if scaler is not None else objective).backward()
         loss_sum += total.detach().double().cpu()
+    if split_block is not None:
+        cp.all_reduce_gradients(train_model)
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
     return float(loss_sum), int(count.item()), Memory.cat(memories) if xl else None

@@ -70,6 +70,9 @@ class TrainConfig:
     # Mixed precision of the forward pass: "auto" is bfloat16 autocast on CUDA and float32 elsewhere.
     precision: str = "auto"
     activation_checkpointing: bool = False
+    # Processes (torchrun) that split every training sequence by whole blocks, the SSM state handed
+    # from one to the next (blockstate.context_parallel); 1: each process holds whole sequences.
+    context_parallel: int = 1
     # Where metrics go besides metrics.jsonl: comma-separated auto | none | tensorboard | wandb
     log_to: str = "auto"
     # Peak FLOP/s (in TFLOP/s) of one device for the MFU of the progress line and metrics; None
@@ -110,7 +113,7 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
-                     "log_every", "vocab_size"):
+                     "log_every", "vocab_size", "context_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
@@ -218,6 +221,9 @@ FIELD_HELP: dict[str, str] = {
               "none, tensorboard, wandb (WANDB_* environment variables apply)",
     "activation_checkpointing": "recompute each layer's activations in the backward pass "
                                 "(less memory, about a third more compute)",
+    "context_parallel": "split every training sequence by whole blocks over this many processes "
+                        "(torchrun --nproc_per_node P), passing the SSM state between them; BST "
+                        "with SH/MH context and S4/S4D only",
     "cache_dir": "directory of tokenized corpora (default ~/.cache/blockstate)",
     "sample_tokens": "length of the sample printed at the end (0: none)",
     "nonfinite": "on a non-finite loss or gradient: skip the batch or stop the run",

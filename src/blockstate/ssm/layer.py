@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import context_parallel
 from ..cache import ConvSSMCache, RecurrentSSMCache
 from ..config import SSM_METHODS, ModelConfig
 from .chunked import ChunkOperators, chunk_end_states, chunk_operators, chunked_causal_conv, end_outputs
@@ -124,6 +125,8 @@ class SSM(nn.Module):
                 spectrum = self._cached(("fft", length, n),
                                         lambda: kernel_spectrum(self.kernel(length), length, n))
                 y = fft_causal_conv(u_t, spectrum=spectrum)
+            if context_parallel.active():  # this rank's part of a longer sequence
+                y = y + context_parallel.carried_outputs(self.kernel, u_t, self.chunk_size)
             y = self._skip(y, u_t)
         return y.permute(0, 3, 1, 2)                                             # (B, L, C, H)
 
@@ -135,7 +138,7 @@ class SSM(nn.Module):
         length = u.shape[1]
         # No Toeplitz products here, so the chunk can be as long as a block (fewer scan steps).
         chunk = math.gcd(max(self.chunk_size, block_size), block_size)
-        if self.resolve_method(length, u.device) != "chunked" or chunk < 8:
+        if self.resolve_method(length, u.device) != "chunked" or chunk < 8 or context_parallel.active():
             return self.forward(u)[:, block_size - 1::block_size]
         u_t = u.transpose(1, 2)                                                  # (B, H, L)
         with torch.autocast(device_type=u.device.type, enabled=False):

@@ -1,0 +1,180 @@
+"""Context parallelism for BST: one long sequence split by whole blocks across processes.
+
+A BST layer needs no attention across blocks: block self-attention and the cross-attention to
+SH/MH context states read only the current block, and everything else but the SSM is pointwise.
+Only the SSM's state crosses a block boundary. So rank r of P holds positions [r L/P, (r+1) L/P)
+(whole blocks), runs every layer on them as if the sequence started there, and repairs each SSM
+layer's outputs with the state the previous ranks leave:
+
+    x_in(r) = sum_{q < r} dA^((r - 1 - q) L/P) e_q,      y_t += s Re(C dA^(t+1) x_in(r)),
+
+where e_q is rank q's own end state (its inputs alone, from a zero state). The e_q (B, C, H, N per
+layer, independent of the length) are exchanged by one all-gather per SSM layer in the forward
+pass and one all-reduce in the backward pass, so forward and backward run on all ranks at once;
+nothing of size L/P is ever sent, where ring attention passes every block's keys and values
+around the ring. The gathered states are combined by each rank locally (a sequential sum over
+the ranks before it, P terms).
+
+Supported: BST presets with SH or MH context states and an S4 or S4D kernel, with block
+self-attention. MF (its summaries of the previous block cross rank boundaries), the selective
+and unstructured kernels, sliding or full self-attention and the segment-recurrent baselines are
+refused with a one-line error by `check_model`.
+
+Use it as
+
+    with context_parallel(group):            # every process of `group`, same model and seed
+        logits = model(local_tokens)         # this rank's whole blocks; loss over its targets
+
+then sum the parameters' gradients over the group (`all_reduce_gradients`), as data parallelism
+averages them. Outputs and gradients equal the single-process computation up to float rounding
+(tests/test_context_parallel.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .ssm.chunked import ChunkOperators, chunk_end_states, chunk_operators
+
+
+@dataclass(frozen=True)
+class _Group:
+    group: dist.ProcessGroup | None
+    rank: int
+    size: int
+
+
+_ACTIVE: list[_Group] = []
+
+
+@contextmanager
+def context_parallel(group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Within this block, SSM layers treat the input as this rank's part of a sequence split in
+    rank order over `group` (default: the whole world)."""
+    if not dist.is_initialized():
+        raise ValueError("context parallelism needs torch.distributed initialized (torchrun)")
+    _ACTIVE.append(_Group(group, dist.get_rank(group), dist.get_world_size(group)))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def active() -> bool:
+    return bool(_ACTIVE)
+
+
+def check_model(config) -> None:
+    """Raise ValueError, in one line, unless `config` (a ModelConfig) can run context-parallel."""
+    problems = []
+    if config.arch != "bst":
+        problems.append(f"arch {config.arch!r} carries memory or states across blocks")
+    if config.self_attention != "block":
+        problems.append(f"self_attention={config.self_attention!r} reads keys from earlier blocks")
+    if config.resolved_bst_layers:
+        if config.context_variant == "mf":
+            problems.append("MF context states summarise the previous block, which may lie on "
+                            "another rank")
+        if config.ssm_kernel not in ("s4", "s4d"):
+            problems.append(f"ssm_kernel={config.ssm_kernel!r} has no state handed over between "
+                            f"ranks here (s4 and s4d do)")
+    if problems:
+        raise ValueError("context parallelism supports BST with SH/MH context states, an S4 or S4D "
+                         "kernel and block self-attention: " + "; ".join(problems))
+
+
+def split(tokens: torch.Tensor, rank: int, size: int, block_size: int) -> torch.Tensor:
+    """This rank's part of `tokens` (B, L): L must be a multiple of size x block_size."""
+    length = tokens.shape[1]
+    if length % (size * block_size):
+        raise ValueError(f"context parallelism over {size} processes needs a length that is a "
+                         f"multiple of {size} x W = {size * block_size}, not {length}")
+    part = length // size
+    return tokens[:, rank * part:(rank + 1) * part]
+
+
+def all_reduce_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Sum every parameter's gradient over `group`: each rank's holds its own positions' share."""
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad, group=group)
+
+
+class _AllGather(torch.autograd.Function):
+    """Differentiable all-gather along a new first axis (gloo has no reduce-scatter: the backward
+    sums the gradients over ranks with an all-reduce and keeps this rank's slice)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group, rank: int, size: int) -> torch.Tensor:
+        ctx.group, ctx.rank = group, rank
+        parts = [torch.empty_like(tensor) for _ in range(size)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank], None, None, None
+
+
+def _powers(step: torch.Tensor, first: torch.Tensor, count: int, dense: bool) -> torch.Tensor:
+    """[first, step first, ..., step^(count-1) first] along a new axis -2, by doubling:
+    first (B, C, H, N) -> (B, C, H, count, N); step (C, H, N) diagonal or (C, H, N, N) dense."""
+    states = first.unsqueeze(-2)                                             # (B, C, H, 1, N)
+    while states.shape[-2] < count:
+        if dense:
+            moved = torch.einsum("chnm,bchkm->bchkn", step, states)
+        else:
+            moved = step.unsqueeze(-2) * states
+        states = torch.cat([states, moved], dim=-2)
+        step = step @ step if dense else step * step
+    return states[..., :count, :]
+
+
+def _power(step: torch.Tensor, exponent: int, dense: bool) -> torch.Tensor:
+    return torch.linalg.matrix_power(step, exponent) if dense else step ** exponent
+
+
+def _chunk(length: int, chunk_size: int) -> int:
+    """The largest chunk <= chunk_size that divides length."""
+    for chunk in range(min(chunk_size, length), 0, -1):
+        if length % chunk == 0:
+            return chunk
+    return 1
+
+
+def carried_outputs(kernel: nn.Module, u: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The part of the SSM's outputs (B, C, H, L) that the earlier ranks' inputs contribute, for
+    this rank's inputs u (B, H, L): zero on rank 0."""
+    grouping = _ACTIVE[-1]
+    length = u.shape[-1]
+    ops: ChunkOperators = chunk_operators(kernel, _chunk(length, chunk_size))
+    u = u.to(ops.taps.dtype)
+    dense = not ops.decay.is_complex()
+    own = chunk_end_states(u, ops)[..., -1, :]                               # (B, C, H, N)
+    nc = length // ops.taps.shape[-1]
+    span = _power(ops.decay, nc, dense)                                      # dA^(L/P)
+    stored = own if dense else torch.view_as_real(own)
+    gathered = _AllGather.apply(stored, grouping.group, grouping.rank, grouping.size)
+    states = gathered if dense else torch.view_as_complex(gathered)          # (P, B, C, H, N)
+    incoming = torch.zeros_like(own)
+    for q in range(grouping.rank):
+        if dense:
+            incoming = torch.einsum("chnm,bchm->bchn", span, incoming) + states[q]
+        else:
+            incoming = span * incoming + states[q]
+    incoming = incoming + 0.0 * states.sum(0)  # every rank uses the gathered states, so every
+    # rank's backward reaches the gather's all-reduce (a collective all must join)
+    starts = _powers(ops.decay, incoming, nc, dense)                         # (B, C, H, nc, N)
+    if dense:
+        carry = torch.einsum("chtn,bchkn->bchkt", ops.out, starts)
+    else:
+        carry = torch.einsum("chtn,bchkn->bchkt", ops.out, starts).real
+    return carry.reshape(*carry.shape[:3], length)
