@@ -479,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                 nargs="?", const=True, default=False, metavar="STEP_DIR",
                 help="continue the run in --out exactly, from its newest intact checkpoint or from "
                      "the given checkpoint step directory; the budgets given replace the run's "
-                     "(--max-time counts the run's whole training time), and so may the logging "
-                     "and output options; others need --override")),
+                     "(--max-time counts the run's whole training time), and so may the options "
+                     "that change only the output (logging and output, --save-every); others "
+                     "need --override")),
             (("--override",), dict(action="store_true",
                                    help="with --resume, apply settings that differ from the run's "
                                         "(otherwise refused; budgets and output options may always "
