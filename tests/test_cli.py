@@ -203,6 +203,29 @@ def test_init_from_fine_tunes_from_the_weights_and_refuses_another_model(corpus,
     assert load_checkpoint(pretrained).step == 12
 
 
+def test_init_from_in_python_resumes_as_its_own_run(corpus, tmp_path, monkeypatch):
+    """From Python: a TrainConfig that describes the checkpoint's model fine-tunes from it (a
+    relative path is stored absolute); the fine-tune resumes from its own checkpoints with the
+    same config, and a model config that differs is refused."""
+    from blockstate.checkpoint import load_checkpoint
+    from blockstate.train import TrainConfig, train
+
+    monkeypatch.chdir(tmp_path)
+    fields = dict(model="bst-sh-s4", size="tiny", data=str(corpus), seq_len=64, batch_size=4,
+                  warmup_steps=1, eval_batches=1, sample_tokens=0, cache_dir=str(tmp_path / "c"),
+                  model_overrides={"block_size": 16})
+    train(TrainConfig(**fields, max_steps=2), "pre", quiet=True)
+    tuned = TrainConfig(**fields, max_steps=1, init_from="pre", lr=3e-4)
+    train(tuned, "tuned", quiet=True)
+    saved = load_checkpoint(tmp_path / "tuned").train_state["train_config"]
+    assert saved["init_from"] == str(tmp_path / "pre")
+    assert train(TrainConfig(**{**fields, "model_overrides": {"block_size": 16}}, max_steps=2,
+                             init_from="pre", lr=3e-4), "tuned", resume=True, quiet=True)["step"] == 2
+    with pytest.raises(ValueError, match="does not match"):
+        train(TrainConfig(**{**fields, "model_overrides": {"block_size": 32}}, max_steps=1,
+                          init_from="pre"), "other", quiet=True)
+
+
 def test_output_options_change_on_resume_without_override_and_leave_the_weights(corpus, tmp_path,
                                                                                 capsys):
     """Sampling, logging, validation and checkpoint frequency change only what a run writes: a

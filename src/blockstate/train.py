@@ -128,6 +128,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
     local_data = local_corpus_path(config.data, messages.append)
     if local_data is not None:  # store the absolute path, so a resume from elsewhere finds it
         config = dataclasses.replace(config, data=str(local_data))
+    if config.init_from is not None and Path(config.init_from).expanduser().exists():
+        # stored absolute, as data is: the same on resume, and from any directory
+        config = dataclasses.replace(config, init_from=str(Path(config.init_from).expanduser().resolve()))
     init = None  # the checkpoint a new run starts from (--init-from: weights only)
     if config.init_from is not None and not resume:
         init, config = _init_from(config, out_dir, requested)
@@ -293,8 +296,7 @@ def _init_from(config: TrainConfig, out_dir: Path, requested: set[str] | None):
                          f"(drop --size auto)")
     merged = with_init_settings({name: getattr(config, name) for name in given if name in INIT_FIELDS},
                                 init)
-    config = dataclasses.replace(config, **{**merged, "tokenizer": kind},
-                                 init_from=str(Path(config.init_from).resolve()))
+    config = dataclasses.replace(config, **{**merged, "tokenizer": kind})
     if config.size == "auto":  # a checkpoint without its train config: nothing to inherit
         raise ValueError(f"{flag}: give the checkpoint's --model, --size and --set")
     mine = model_config(config.model, config.size, **{**config.model_overrides,
