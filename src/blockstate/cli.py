@@ -503,9 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
     p.add_argument("--data", default=None,
                    help="corpus name, directory, .jsonl or text file (default: the run's corpus)")
-    p.add_argument("--lengths", default=None, help="comma-separated evaluation lengths")
+    p.add_argument("--lengths", default=None,
+                   help="comma-separated evaluation lengths (default: the run's training length)")
     p.add_argument("--cache-dir", default=None,
-                   help="directory of tokenized corpora (default ~/.cache/blockstate)")
+                   help="directory of tokenized corpora (default: ~/.cache/blockstate)")
     p.add_argument("--batch-tokens", type=int, default=8192,
                    help="tokens per evaluation batch (windows per batch = this / length, at least 1)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"],
