@@ -1,5 +1,6 @@
 """Command-line interface: `blockstate train | eval | generate | export | corpora | models | bench |
-reproduce | tasks | demo`."""
+reproduce | tasks` (docs/cli.md; `blockstate COMMAND --help` lists each command's flags and
+defaults)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,32 @@ from . import __version__
 from .registry import SIZES, build_model, list_models, model_config
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, once: "(default: X)" is added unless the text
+    already names its default, or the flag is a switch (store_true) or prints and exits."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or not action.option_strings or action.nargs == 0
+                or action.default is argparse.SUPPRESS or action.default is False or action.required):
+            return text
+        default = "none" if action.default is None else "%(default)s"
+        return f"{text} (default: {default})"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        # never break a flag or a value at its hyphen (--max-time, bst-sh-s4)
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (the usage is one --help away), and values that start with
-    a minus sign (`--max-time -5m`) read as values, so that their own check names the problem."""
+    a minus sign (`--max-time -5m`) read as values, so that their own check names the problem.
+    Help shows every option's default (`_HelpFormatter`)."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-\d")
 
@@ -43,28 +65,49 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_flags(p: argparse.ArgumentParser) -> None:
+def add_train_flags(p: argparse.ArgumentParser,
+                    extra: dict[str, list[tuple[tuple, dict]]] | None = None) -> None:
     """One flag per TrainConfig field (but `model_overrides`, which is --set), with its type,
-    choices and help from the dataclass and `train.FIELD_HELP`. Every default is None, so that
-    the flags a user gave can be told from the config file's and the dataclass's values."""
+    choices and help from the dataclass and `train_config.FIELD_HELP`, in the argument groups of
+    `train_config.FIELD_GROUPS`; `extra` adds the command line's own flags (argparse arguments) to
+    the groups it names. Every TrainConfig flag's default is None, so that the flags a user gave
+    can be told from the config file's and the dataclass's values; the help shows the dataclass's
+    default, once."""
     import dataclasses
 
-    from .train_config import FIELD_CHOICES, FIELD_HELP, TrainConfig
+    from .train_config import FIELD_CHOICES, FIELD_GROUPS, FIELD_HELP, TrainConfig
 
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "model_overrides":
-            continue
-        flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split("|")[0].strip()
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{FIELD_HELP[f.name]} (default: {default})"
-        if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        choices = FIELD_CHOICES[f.name]() if f.name in FIELD_CHOICES else None
-        convert = {"int": int, "float": float}.get(kind, str)
-        if f.name == "max_time":
-            convert = str  # a duration: 90s, 5m, 1.5h
-        p.add_argument(flag, type=convert, default=None, choices=choices, help=help_text)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    extra = dict(extra or {})
+    for title, names in FIELD_GROUPS.items():
+        group = p.add_argument_group(title)
+        for args, kwargs in extra.pop(title, []):
+            group.add_argument(*args, **kwargs)
+        for name in names:
+            if name != "model_overrides":
+                _add_field_flag(group, fields[name], FIELD_HELP[name], FIELD_CHOICES.get(name))
+    if extra:
+        raise ValueError(f"unknown argument group(s) {sorted(extra)}")
+
+
+def _add_field_flag(group, f, help_text: str, choices) -> None:
+    import dataclasses
+
+    flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split("|")[0].strip()
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if "default" not in help_text.lower():  # else the text says what the default is
+        help_text = f"{help_text} (default: {'none' if default is None else default})"
+    if kind == "bool":
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        return
+    convert = {"int": int, "float": float}.get(kind, str)
+    if f.name == "max_time":
+        convert = str  # a duration: 90s, 5m, 1.5h
+    allowed = choices() if choices else None
+    # a long list of choices (the model presets) is named by the help text, not the usage line
+    metavar = f.name.upper() if allowed and len(",".join(allowed)) > 40 else None
+    group.add_argument(flag, type=convert, default=None, choices=allowed, metavar=metavar,
+                       help=help_text)
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -96,6 +139,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.set:
         fields["model_overrides"] = {**fields.get("model_overrides", {}),
                                      **dict(parse_override(t) for t in args.set)}
+    if fields.get("init_from") and not args.resume:  # a fine-tune: the checkpoint's model, unless given
+        from .train import with_init_settings
+
+        fields = with_init_settings(fields, fields["init_from"])
     config = TrainConfig.from_dict(fields)
     requested = set(fields)  # what the user asked for: flags, --set and the config file
     summary = train(config, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
@@ -411,40 +458,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default=None, help="comma-separated sizes (default: all)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("train", help="train a model on a corpus")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, tokenizer)")
-    p.add_argument("--config", default=None, help="TOML (or YAML) file of training options")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="STEP_DIR",
-                   help="continue the run in --out exactly, from its newest intact checkpoint or "
-                        "from the given checkpoint step directory; the budgets given replace the "
-                        "run's (--max-time counts the run's whole training time)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out (removes only a run's own files, after "
-                        "everything is checked)")
-    p.add_argument("--allow-changed-data", action="store_true",
-                   help="resume even though the corpus changed since the run started")
-    p.add_argument("--override", action="store_true",
-                   help="with --resume, apply settings that differ from the run's (otherwise "
-                        "refused; budgets may always change)")
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="model config override, e.g. --set n_layers=4 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    add_train_flags(p)
+    p = sub.add_parser("train", help="train a model on a corpus",
+                       description="Train a model on a corpus into a run directory (--out). Every "
+                                   "option is also a key of a --config file (TOML, JSON or YAML; "
+                                   "flags win over the file); docs/cli.md.")
+    add_train_flags(p, extra={
+        "run": [
+            (("--out",), dict(required=True, help="run directory (checkpoints, metrics, tokenizer)")),
+            (("--config",), dict(default=None, metavar="FILE",
+                                 help="TOML, JSON (or YAML) file of training options; a run's "
+                                      "train_config.json trains that run again")),
+        ],
+        "model": [
+            (("--set",), dict(action="append", metavar="FIELD=VALUE",
+                              help="model config override, e.g. --set n_layers=4 (repeatable; "
+                                   "default: the preset's)")),
+        ],
+        "checkpointing and fine-tuning": [
+            (("--resume",), dict(
+                nargs="?", const=True, default=False, metavar="STEP_DIR",
+                help="continue the run in --out exactly, from its newest intact checkpoint or from "
+                     "the given checkpoint step directory; the budgets given replace the run's "
+                     "(--max-time counts the run's whole training time), and so may the options "
+                     "that change only the output (logging and output, --save-every); others "
+                     "need --override")),
+            (("--override",), dict(action="store_true",
+                                   help="with --resume, apply settings that differ from the run's "
+                                        "(otherwise refused; budgets and output options may always "
+                                        "change)")),
+            (("--overwrite",), dict(action="store_true",
+                                    help="replace the run in --out (removes only a run's own files, "
+                                         "after everything is checked)")),
+            (("--allow-changed-data",), dict(action="store_true",
+                                             help="resume even though the corpus changed since "
+                                                  "the run started")),
+        ],
+        "logging and output": [
+            (("--quiet",), dict(action="store_true", help="no progress bar or log lines")),
+        ],
+    })
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity, bits per byte, by length")
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
     p.add_argument("--data", default=None,
                    help="corpus name, directory, .jsonl or text file (default: the run's corpus)")
-    p.add_argument("--lengths", default=None, help="comma-separated evaluation lengths")
+    p.add_argument("--lengths", default=None,
+                   help="comma-separated evaluation lengths (default: the run's training length)")
     p.add_argument("--cache-dir", default=None,
-                   help="directory of tokenized corpora (default ~/.cache/blockstate)")
+                   help="directory of tokenized corpora (default: ~/.cache/blockstate)")
     p.add_argument("--batch-tokens", type=int, default=8192,
                    help="tokens per evaluation batch (windows per batch = this / length, at least 1)")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                   help="the corpus split evaluated")
     p.add_argument("--max-tokens", type=int, default=200_000,
                    help="tokens evaluated per length, spread over the split (0: all)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     p.add_argument("--plot", default=None, help="PNG of loss by position (needs matplotlib)")
@@ -463,44 +532,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a checkpoint, streamed as produced")
     p.add_argument("checkpoint", help="run directory, checkpoint directory or exported model "
                                       "directory")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--prompt-file", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="the text to continue (or --prompt-file)")
+    p.add_argument("--prompt-file", default=None, metavar="FILE",
+                   help="a UTF-8 text file to continue (or --prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="tokens generated at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample from the K most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="sample from the smallest set of tokens whose probability reaches P "
+                        "(nucleus sampling; default: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document token")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (0: torch's default); on a small CPU, 1 decodes one prompt "
+                   help="torch threads (0: torch's own choice); on a small CPU, 1 decodes one prompt "
                         "faster, since a one-token step is a few hundred tiny operations "
                         "(docs/benchmarks/README.md)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("corpora", help="list known corpora, their availability and size")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
     p.set_defaults(func=cmd_corpora)
 
     p = sub.add_parser("bench", help="layer, model and generation speed/memory benchmarks against "
                                      "the baselines")
-    p.add_argument("suite", choices=["layers", "models", "generation", "imports", "quality"])
+    p.add_argument("suite", choices=["layers", "models", "generation", "imports", "quality"],
+                   help="layers: one layer's forward+backward by length; models: training steps of "
+                        "presets; generation: one-token decoding steps; imports: import times; "
+                        "quality: train each preset for --minutes and score it")
     p.add_argument("--out", default=None,
                    help="output path without suffix: writes OUT.json, OUT.md and (layers) OUT.png")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own choice)")
     p.add_argument("--batch", type=int, default=None,
                    help="batch size (default: 1 for layers, 4 for models)")
     p.add_argument("--widths", default="512:16,256:4",
                    help="layers: WIDTH:HEADS list (default: the paper's 512:16 and this CPU's 256:4)")
     p.add_argument("--lengths", default=None,
-                   help="layers: sequence lengths (default 1024,2048,...,65536); generation: "
-                        "context lengths (default 1024,4096,16384,65536)")
+                   help="layers: sequence lengths; generation: context lengths (defaults: "
+                        "1024,2048,...,65536 and 1024,4096,16384,65536)")
     p.add_argument("--layers", default="all", help="layers: comma-separated names or 'all'")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="layers: parameter and activation type")
     p.add_argument("--repeats", type=int, default=None,
-                   help="layers: timed repeats after a warm-up (default 3); imports: interpreter "
-                        "runs per statement (default 7)")
+                   help="layers: timed repeats after a warm-up; imports: interpreter runs per "
+                        "statement (defaults: 3 and 7)")
     p.add_argument("--budget", type=float, default=20.0,
                    help="layers: stop repeating a measurement after this many seconds")
     p.add_argument("--max-seconds", type=float, default=30.0,
@@ -530,20 +609,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="train and evaluate the model zoo, ablations and length "
                                          "generalization at a scale; write results.md")
-    p.add_argument("--scale", default="tiny", choices=["tiny", "small", "base"])
+    p.add_argument("--scale", default="tiny", choices=["tiny", "small", "base"],
+                   help="model sizes, training tokens and seeds of the runs")
     p.add_argument("--corpora", default="python-stdlib", help="comma-separated corpora")
     p.add_argument("--out", required=True, help="output directory (re-running resumes)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--models", default=None, help="comma-separated presets (default: the whole zoo)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the scale's)")
     p.add_argument("--max-tokens", type=int, default=None, help="training tokens per run "
                                                                  "(default: the scale's)")
-    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--no-ablations", action="store_true", help="train only the zoo, no ablations")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("tasks", help="synthetic long-range tasks: train presets for a fixed number "
                                      "of steps, score accuracy by distance, report")
-    p.add_argument("action", choices=["run", "report", "list"])
+    p.add_argument("action", choices=["run", "report", "list"],
+                   help="run: train and score (then report); report: write report.md from --out; "
+                        "list: the tasks")
     p.add_argument("--task", default="copying", help="task name (see `blockstate tasks list`)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=V[,V...]",
                    help="task parameter; comma-separated values sweep (repeatable)")
@@ -557,14 +639,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="", help="name of the ablation in the report "
                                                "(default: the --set values)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=50, help="steps of linear warmup")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--ssm-lr-scale", type=float, default=1.0,
                    help="learning rate of the SSM kernel parameters relative to --lr")
     p.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences per run")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own choice)")
     p.add_argument("--device", default="cpu",
                    help="where runs train: cpu (default), cuda, cuda:N or auto (CUDA when available)")
     p.add_argument("--checkpoint-every", type=int, default=200,

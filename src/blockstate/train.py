@@ -65,7 +65,7 @@ from .rundir import (
     is_run_dir,
     mark_run,
 )
-from .train_config import BUDGET_FIELDS, TrainConfig
+from .train_config import BUDGET_FIELDS, OUTPUT_FIELDS, TrainConfig
 
 # A run stops after this many consecutive batches with a non-finite loss or gradient norm.
 MAX_SKIPPED_BATCHES = 10
@@ -131,6 +131,12 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
     local_data = local_corpus_path(config.data, messages.append)
     if local_data is not None:  # store the absolute path, so a resume from elsewhere finds it
         config = dataclasses.replace(config, data=str(local_data))
+    if config.init_from is not None and Path(config.init_from).expanduser().exists():
+        # stored absolute, as data is: the same on resume, and from any directory
+        config = dataclasses.replace(config, init_from=str(Path(config.init_from).expanduser().resolve()))
+    init = None  # the checkpoint a new run starts from (--init-from: weights only)
+    if config.init_from is not None and not resume:
+        init, config = _init_from(config, out_dir, requested)
     checkpoint = None
     if resume:
         if resume is not True:  # a step directory (or another run) to resume from
@@ -190,7 +196,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
         lock.acquire()
     try:
         return _train(config, out_dir, checkpoint, overwrite, corpus, device, ddp, on_step, quiet,
-                      messages, explicit_fields(config, requested), progress)
+                      messages, explicit_fields(config, requested), progress, init)
     except BaseException:
         if ddp.is_main and checkpoint is None and not progress.started:
             _remove_new_entries(out_dir, existed, lock)  # a refused setup leaves the disk as it was
@@ -279,6 +285,60 @@ def _check_run_tokenizer(out_dir: Path, checkpoint) -> None:
                              f"new run for another tokenizer")
 
 
+# What --init-from takes from the checkpoint's run unless given: the model and its tokenizer.
+INIT_FIELDS = ("model", "size", "model_overrides", "tokenizer", "vocab_size")
+
+
+def with_init_settings(fields: dict[str, Any], init_from) -> dict[str, Any]:
+    """`fields` (TrainConfig fields a user gave) completed by the model and tokenizer settings of
+    the run whose checkpoint `init_from` (a path, or a loaded Checkpoint) is: its INIT_FIELDS where
+    `fields` has none, and its model_overrides under those given."""
+    init = load_checkpoint(init_from) if isinstance(init_from, str | Path) else init_from
+    saved = init.train_state.get("train_config") or {}
+    inherited = {name: saved[name] for name in INIT_FIELDS if name in saved}
+    merged = {**inherited, **fields}
+    if isinstance(inherited.get("model_overrides"), dict):
+        merged["model_overrides"] = {**inherited["model_overrides"], **fields.get("model_overrides", {})}
+    return merged
+
+
+def _init_from(config: TrainConfig, out_dir: Path, requested: set[str] | None):
+    """The checkpoint `config.init_from` names (verified) and the config of a new run that starts
+    from its weights: the checkpoint's model and tokenizer settings where the request gives none
+    (`with_init_settings`); refused, in one line, when the model the request describes is not the
+    checkpoint's."""
+    init = load_checkpoint(config.init_from)
+    flag = f"--init-from {config.init_from}"
+    inside = out_dir.resolve()
+    if inside == init.path.resolve() or inside in init.path.resolve().parents:
+        raise ValueError(f"{flag} lies inside --out {out_dir}; fine-tune into another directory")
+    if init.tokenizer_dir is None:
+        raise ValueError(f"{flag}: the checkpoint was saved without its tokenizer; a fine-tune needs "
+                         f"the tokenizer the weights were trained with")
+    given = explicit_fields(config, requested)
+    kind = load_tokenizer(init.tokenizer_dir).kind
+    if "tokenizer" in given and config.tokenizer not in ("auto", kind):
+        raise ValueError(f"{flag}: the checkpoint's tokenizer is {kind}; a fine-tune keeps it (drop "
+                         f"--tokenizer {config.tokenizer})")
+    if "size" in given and config.size == "auto":
+        raise ValueError(f"{flag}: size auto plans a new model; a fine-tune keeps the checkpoint's "
+                         f"(drop --size auto)")
+    merged = with_init_settings({name: getattr(config, name) for name in given if name in INIT_FIELDS},
+                                init)
+    config = dataclasses.replace(config, **{**merged, "tokenizer": kind})
+    if config.size == "auto":  # a checkpoint without its train config: nothing to inherit
+        raise ValueError(f"{flag}: give the checkpoint's --model, --size and --set")
+    mine = model_config(config.model, config.size, **{**config.model_overrides,
+                                                        "vocab_size": init.model_config.get("vocab_size")})
+    theirs = init.model_config
+    differ = sorted(k for k in set(theirs) | set(mine.to_dict()) if mine.to_dict().get(k) != theirs.get(k))
+    if differ:
+        shown = ", ".join(f"{k}={mine.to_dict().get(k)!r} (checkpoint: {theirs.get(k)!r})" for k in differ)
+        raise ValueError(f"{flag}: the model config does not match the checkpoint's: {shown}; drop "
+                         f"the model flags to use the checkpoint's")
+    return init, config
+
+
 def _resumed_config(config: TrainConfig, train_state: dict[str, Any], requested: set[str] | None,
                     override: bool, messages: list[str]) -> TrainConfig:
     """The config a resumed run continues with: its own, with the budgets of `config` (all of
@@ -295,8 +355,11 @@ def _resumed_config(config: TrainConfig, train_state: dict[str, Any], requested:
             names -= set(PLANNED_FIELDS) - given
     if config.tokenizer == "auto":  # nor does tokenizer "auto" ask for a particular tokenizer
         names = set(names) - {"tokenizer"} - ({"vocab_size"} - given)
-    changed = sorted(name for name in names - set(BUDGET_FIELDS)
+    changed = sorted(name for name in names - set(BUDGET_FIELDS) - set(OUTPUT_FIELDS)
                      if getattr(config, name) != getattr(saved, name))
+    # what a run writes or shows (samples, metrics lines, checkpoints) may change without --override
+    output = sorted(name for name in set(names) & set(OUTPUT_FIELDS)
+                    if getattr(config, name) != getattr(saved, name))
     if changed and not override:
         was = ", ".join(f"{name}={getattr(saved, name)!r}" for name in changed)
         now = ", ".join(f"{name}={getattr(config, name)!r}" for name in changed)
@@ -305,7 +368,11 @@ def _resumed_config(config: TrainConfig, train_state: dict[str, Any], requested:
     budget = {k: getattr(config, k) for k in BUDGET_FIELDS}  # the request's budgets replace the run's
     if changed:
         messages.append(f"resuming with changed settings: {', '.join(changed)}")
-    return dataclasses.replace(saved, **budget, **{name: getattr(config, name) for name in changed})
+    if output:
+        messages.append(f"resuming with changed output settings: "
+                        f"{', '.join(f'{name}={getattr(config, name)!r}' for name in output)}")
+    return dataclasses.replace(saved, **budget,
+                               **{name: getattr(config, name) for name in changed + output})
 
 
 def _run_record(out_dir: Path) -> dict[str, Any] | None:
@@ -334,7 +401,8 @@ def _check_same_data(out_dir: Path, corpus, allow_changed_data: bool) -> None:
 
 def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corpus,
            device: torch.device, ddp: Distributed, on_step, quiet: bool,
-           messages: list[str], explicit: set[str], progress: _Progress) -> dict[str, Any]:
+           messages: list[str], explicit: set[str], progress: _Progress,
+           init=None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     if overwrite and checkpoint is None and ddp.is_main:
@@ -361,7 +429,10 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         config, note = plan_tokenizer(config, explicit)
         if note:
             log(note)
-    tokenizer = prepare_tokenizer(config, corpus, out_dir, ddp.is_main, checkpoint is not None,
+    if init is not None and ddp.is_main:  # a fine-tune reads text as its weights were trained to
+        load_tokenizer(init.tokenizer_dir).save(out_dir / "tokenizer")
+    tokenizer = prepare_tokenizer(config, corpus, out_dir, ddp.is_main,
+                                  checkpoint is not None or init is not None,
                                   fall_back=log if note else None,
                                   restore_from=checkpoint.tokenizer_dir if checkpoint else None)
     if note and tokenizer.kind == "byte":  # the planned tokenizer could not be trained here
@@ -383,6 +454,13 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                                                     data_processes)
     torch.manual_seed(config.seed)
     model = BlockStateLM(mconfig).to(device)  # the config resolved once, above
+    if init is not None:  # weights only: the optimizer, schedule and step start afresh
+        if init.model_config != mconfig.to_dict():
+            raise ValueError(f"--init-from {init.path}: the checkpoint's model config is not this "
+                             f"run's (its tokenizer's vocabulary differs?)")
+        init.load_model(model)
+        log(f"initialized from {init.path} (step {init.step}): weights only; a new optimizer and "
+            f"schedule from step 0")
     optimizer = build_optimizer(model, config, device)
     # float16 needs its loss scaled against underflow of small gradients (bf16 and fp32 do not)
     fp16 = autocast_dtype(config.precision, device) == torch.float16
@@ -394,6 +472,10 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         state = _restore(checkpoint, model, optimizer, stream, mconfig, state.horizon, xl, device, log)
         if scaler is not None and checkpoint.train_state.get("grad_scaler"):
             scaler.load_state_dict(checkpoint.train_state["grad_scaler"])
+    if state.horizon is not None and config.warmup_steps >= state.horizon > state.step:
+        log(f"warning: warmup_steps={config.warmup_steps} is not shorter than the run's "
+            f"{state.horizon} planned steps: the learning rate never reaches lr={config.lr:g}; lower "
+            f"--warmup-steps")
     model.activation_checkpointing = config.activation_checkpointing
     peak_flops = device_peak_flops(device, config.precision, config.peak_tflops)
     train_model: nn.Module = torch.compile(model) if config.compile else model
@@ -540,6 +622,12 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                 last_val = validate()
                 log(f"step {step}: validation loss {last_val['loss']:.4f} "
                     f"ppl {last_val['perplexity']:.2f} bpb {last_val['bits_per_byte']:.3f}")
+            if config.sample_every and step % config.sample_every == 0 and ddp.is_main:
+                sample_now = _sample(model, tokenizer, val_data, config, device)
+                if sample_now is not None:
+                    metrics.write({"step": step, "split": "sample", **sample_now})
+                    log(f"step {step}: sample: {sample_now['prompt']}\u2502"
+                        f"{sample_now['continuation']}")
             if step % config.save_every == 0:
                 save()
     except KeyboardInterrupt:  # a second Ctrl-C during a step: the step is incomplete, so the
@@ -752,10 +840,14 @@ class _StopSignals:
 
 def _sample(model: nn.Module, tokenizer: Tokenizer, val_data: PackedSequences, config: TrainConfig,
             device: torch.device) -> dict[str, str] | None:
-    """Continue the start of the first validation sequence, for a look at what the model learned."""
+    """Continue `config.sample_prompt` (default: the start of the first validation sequence), for
+    a look at what the model learned. Its own random generator: training's RNG is left as it was."""
     if config.sample_tokens <= 0:
         return None
-    inputs, _ = val_data[0]
-    prompt = [int(t) for t in inputs[:48] if t not in (tokenizer.pad_id, tokenizer.bos_id)]
+    if config.sample_prompt is not None:
+        prompt = tokenizer.encode(config.sample_prompt)
+    else:
+        inputs, _ = val_data[0]
+        prompt = [int(t) for t in inputs[:48] if t not in (tokenizer.pad_id, tokenizer.bos_id)]
     out = model.generate([prompt], config.sample_tokens, temperature=0.8, top_k=40, seed=config.seed)[0]
     return {"prompt": tokenizer.decode(prompt), "continuation": tokenizer.decode(out[len(prompt):])}

@@ -87,6 +87,11 @@ class TrainConfig:
     # next of the same document, reading lanes of consecutive windows; false trains (and evaluates)
     # them on shuffled windows without memory, like every other model.
     carry_memory: bool = True
+    # Start from this checkpoint's weights (a run directory or a step directory): a new run with a
+    # new optimizer and schedule from step 0, the checkpoint's model and tokenizer (fine-tuning).
+    init_from: str | None = None
+    sample_every: int = 0               # also sample every N steps during training (0: at the end only)
+    sample_prompt: str | None = None    # the samples' prompt; default: the first validation sequence's start
 
     def __post_init__(self) -> None:
         self.max_time = parse_duration(self.max_time)
@@ -135,6 +140,13 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
         if self.sample_tokens < 0:
             raise ValueError(f"sample_tokens={self.sample_tokens} must be >= 0")
+        if self.sample_every < 0:
+            raise ValueError(f"sample_every={self.sample_every} must be >= 0 (0: sample at the end only)")
+        if self.sample_prompt is not None and not self.sample_prompt:
+            raise ValueError("sample_prompt='' is empty; give some text, or leave it out for the start "
+                             "of the first validation sequence")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ValueError("init_from='' is empty; give a run directory or checkpoint step directory")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"seq_len={self.seq_len} must be >= 2 (a training sequence needs an "
                              f"input and a next token)")
@@ -224,8 +236,13 @@ FIELD_HELP: dict[str, str] = {
     "context_parallel": "split every training sequence by whole blocks over this many processes "
                         "(torchrun --nproc_per_node P), passing the SSM state between them; BST "
                         "with SH/MH context and S4/S4D only",
-    "cache_dir": "directory of tokenized corpora (default ~/.cache/blockstate)",
-    "sample_tokens": "length of the sample printed at the end (0: none)",
+    "cache_dir": "directory of tokenized corpora (default: ~/.cache/blockstate)",
+    "sample_tokens": "tokens per sample: the one printed at the end and those of --sample-every "
+                     "(0: no samples)",
+    "sample_every": "also sample every N steps, into metrics.jsonl and the log (0: at the end only)",
+    "sample_prompt": "prompt of the samples (default: the start of the first validation sequence)",
+    "init_from": "fine-tune: start from this run's or checkpoint step directory's weights, with its "
+                 "model and tokenizer, a new optimizer and schedule, at step 0",
     "nonfinite": "on a non-finite loss or gradient: skip the batch or stop the run",
     "carry_memory": "transformer-xl/brt: carry memory across consecutive windows of a document "
                     "(else shuffled windows without memory)",
@@ -236,18 +253,49 @@ FIELD_CHOICES: dict[str, Callable[[], list[str]]] = {
     "precision": lambda: list(PRECISIONS),
 }
 BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
+# Settings that change only what a run writes or shows, never its trained weights: a resume may
+# change them without --override.
+OUTPUT_FIELDS = ("sample_tokens", "sample_every", "sample_prompt", "log_every", "log_to", "eval_every",
+                 "eval_batches", "save_every", "peak_tflops")
+# The groups of `blockstate train --help`, in order: every TrainConfig field is in exactly one
+# (model_overrides is the command line's --set); the command line's own flags (--out, --resume,
+# ...) join them by title in `cli.build_parser`.
+FIELD_GROUPS: dict[str, tuple[str, ...]] = {
+    "run": (),
+    "data": ("data", "tokenizer", "vocab_size", "seq_len", "pack_documents", "cache_dir"),
+    "model": ("model", "size", "model_overrides", "carry_memory"),
+    "optimizer and schedule": ("batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
+                               "schedule", "weight_decay", "beta1", "beta2", "grad_clip", "nonfinite"),
+    "budget (at least one; training stops at the first spent)": BUDGET_FIELDS,
+    "checkpointing and fine-tuning": ("save_every", "init_from"),
+    "logging and output": ("log_every", "eval_every", "eval_batches", "log_to", "peak_tflops",
+                           "sample_tokens", "sample_every", "sample_prompt"),
+    "system": ("device", "precision", "compile", "activation_checkpointing", "context_parallel",
+               "seed"),
+}
 MAX_LR = 100.0  # far above any useful AdamW learning rate; refuses typos such as 1e38
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A TOML (or, with PyYAML installed, YAML) file of TrainConfig fields."""
+    """A TOML, JSON (or, with PyYAML installed, YAML) file of TrainConfig fields. A run's own
+    train_config.json gives the run's resolved settings (its "train" table: what size "auto" and
+    tokenizer "auto" chose), so `--config RUN/train_config.json` trains the same run again."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"config file {path} is a directory; give a TOML (or YAML) file")
+        raise ValueError(f"config file {path} is a directory; give a TOML, JSON (or YAML) file")
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix == ".json":
+        import json
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if isinstance(data, dict) and isinstance(data.get("train"), dict):
+            data = data["train"]  # a run's train_config.json: its resolved training settings
+    elif path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
