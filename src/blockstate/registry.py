@@ -36,6 +36,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # GSS-Hybrid (Mehta et al. 2022) is mostly GSS layers with an attention layer after every
     # three: its layers are placed by `gss_hybrid_layers`, not at BST's positions.
     "gss-hybrid": {"arch": "gss-hybrid", "ssm_kernel": "s4d", "gss_expansion": 6},
+    # Samba (Ren et al. 2024; not in the paper): [Mamba, MLP, SWA, MLP] repeated, the Mamba
+    # layers of the selective SSM at the even positions (`samba_layers`), the odd ones Slide's
+    # sliding-window attention layers (see layers/samba.py).
+    "samba": {"arch": "samba", "ssm_kernel": "ssd", "self_attention": "sliding"},
 }
 GSS_ATTENTION_EVERY = 4
 
@@ -46,6 +50,13 @@ def gss_hybrid_layers(n_layers: int) -> tuple[int, ...]:
     attention = {i for i in range(n_layers) if (i + 1) % GSS_ATTENTION_EVERY == 0} or {n_layers - 1}
     return tuple(i for i in range(n_layers) if i not in attention)
 
+
+def samba_layers(n_layers: int) -> tuple[int, ...]:
+    """Indices of Samba's Mamba layers: every other layer from the first, so that each Mamba layer
+    is followed by a sliding-window attention layer ([Mamba, MLP, SWA, MLP] repeated)."""
+    return tuple(range(0, n_layers, 2))
+
+
 # Where a baseline would fall more than 10% short of the BST presets' parameter count at a size,
 # its MLP is widened so that comparisons are at a matched parameter budget.
 PRESET_SIZE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
@@ -55,6 +66,7 @@ PRESET_SIZE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     # GSS layers have no MLP; the expansion F / D brings gss-hybrid within 10% of bst-sh-s4.
     ("gss-hybrid", "tiny"): {"gss_expansion": 8},
     ("gss-hybrid", "large"): {"gss_expansion": 11},
+    ("samba", "tiny"): {"d_ff": 352},
 }
 
 # Sizes shared by all presets. `base` and `large` are the paper's (~200M / ~400M with a 32k vocab).
@@ -95,7 +107,7 @@ def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfi
 
     Unless `bst_layers` is overridden, the preset's (or size's) layer placement is scaled to the
     depth, keeping the first layer for BST; gss-hybrid places its GSS layers by
-    `gss_hybrid_layers`.
+    `gss_hybrid_layers` and samba its Mamba layers by `samba_layers`.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; available models: {', '.join(PRESETS)}")
@@ -115,6 +127,8 @@ def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfi
         pass
     elif fields.get("arch") == "gss-hybrid":
         fields["bst_layers"] = gss_hybrid_layers(n_layers)
+    elif fields.get("arch") == "samba":
+        fields["bst_layers"] = samba_layers(n_layers)
     elif "bst_layers" in preset:
         fields["bst_layers"] = scale_bst_layers(n_layers, tuple(preset["bst_layers"]), PAPER_DEPTH)
     elif SIZES[size].get("bst_layers") is not None:
