@@ -223,7 +223,7 @@ def test_samba_reaches_past_the_window_only_through_its_mamba_layers():
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
-@pytest.mark.parametrize("name", ["samba"])
+@pytest.mark.parametrize("name", ["samba", "bst-recommended"])
 def test_samba_and_recommended_match_bst_within_10_percent_at_every_size(name, size):
     bst = _count("bst-sh-s4", size)
     assert abs(_count(name, size) - bst) <= 0.10 * bst
