@@ -21,7 +21,7 @@ def test_distance_bins_double_from_one_block():
     assert block_ranges(16, 0 + 1) == [(0, 16)]
 
 
-@pytest.mark.parametrize("model", ["slide", "bst-mf-s4", "bst-mh-s4", "transformer"])
+@pytest.mark.parametrize("model", ["slide", "bst-mf-s4", "bst-mh-s4", "transformer", "samba"])
 def test_presets_are_matched_to_the_reference_budget(model):
     run = Run("copying", (("lag", 8),), model, 0)
     target = count_parameters("bst-sh-s4", SUITE_SIZE, **model_overrides(
