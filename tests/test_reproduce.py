@@ -38,7 +38,7 @@ def test_tiny_plan_matches_parameters_within_five_percent():
     scale = rp.SCALES["tiny"]
     fixed = {**scale.overrides, "vocab_size": 259}
     target = count_parameters("bst-sh-s4", scale.size, **fixed)
-    for name in rp.BASELINES:
+    for name in rp.BASELINES + rp.OTHER_BASELINES:
         params = count_parameters(name, scale.size, **fixed, **rp.matched_overrides(name, scale))
         assert abs(params - target) <= 0.05 * target, name
     runs = rp.plan(scale, ["python-stdlib", "books"])

@@ -34,8 +34,10 @@ from .registry import PRESETS, matched_mlp_width
 BST_PRESETS = tuple(name for name in PRESETS
                     if name.startswith("bst-") and PRESETS[name].get("ssm_kernel") != "ssd")
 BASELINES = ("transformer", "slide", "transformer-xl", "brt", "gss-hybrid")
+# Baselines not in the paper: run only when asked for (--models), MLP matched as the paper's are.
+OTHER_BASELINES = ("samba",)
 ZOO = BST_PRESETS + BASELINES
-KNOWN = tuple(name for name in PRESETS if name.startswith("bst-")) + BASELINES
+KNOWN = tuple(name for name in PRESETS if name.startswith("bst-")) + BASELINES + OTHER_BASELINES
 ABLATION_MODEL = "bst-sh-s4"
 EVAL_RATIOS = (0.5, 1, 4, 16)
 
@@ -93,7 +95,7 @@ def _vocab(scale: Scale) -> int:
 def matched_overrides(name: str, scale: Scale, tolerance: float = 0.05) -> dict[str, Any]:
     """Overrides that bring a baseline within `tolerance` of BST:SH:S4's parameter count by choosing
     its MLP width; BST presets are left as they are."""
-    if name not in BASELINES:
+    if name not in BASELINES + OTHER_BASELINES:
         return {}
     overrides = {**scale.overrides, "vocab_size": _vocab(scale)}
     return matched_mlp_width(name, scale.size, overrides, ABLATION_MODEL, tolerance)
