@@ -161,17 +161,26 @@ def count_parameters(name: str, size: str = "small", **overrides: Any) -> int:
 
 
 def matched_mlp_width(name: str, size: str, overrides: dict[str, Any], reference: str = "bst-sh-s4",
-                      tolerance: float = 0.1) -> dict[str, Any]:
+                      tolerance: float = 0.1, own: dict[str, Any] | None = None) -> dict[str, Any]:
     """`{"d_ff": width}` that brings preset `name` within `tolerance` of `reference`'s parameter
     count at the same size and overrides (the paper compares models of similar size), or `{}` when
-    it is within already. The count is affine in the MLP width, so two counts give the width."""
+    it is within already; `own` are further overrides of `name` alone. The count is affine in the
+    MLP width, so two counts give the width."""
     target = count_parameters(reference, size, **overrides)
+    overrides = {**overrides, **(own or {})}
     if abs(count_parameters(name, size, **overrides) - target) <= tolerance * target:
         return {}
     low, high = 16, 32
     p_low, p_high = (count_parameters(name, size, **{**overrides, "d_ff": f}) for f in (low, high))
     slope = (p_high - p_low) / (high - low)
     return {"d_ff": max(16, 16 * round((low + (target - p_low) / slope) / 16))}
+
+
+def mlp_sized_per_size(name: str) -> bool:
+    """Whether preset `name` sets its MLP width per size (`PRESET_SIZE_OVERRIDES`) to meet the
+    parameter budget, so that a caller changing the model's width must choose it again."""
+    return any(preset == name and "d_ff" in fields
+               for (preset, _), fields in PRESET_SIZE_OVERRIDES.items())
 
 
 def build_model(name: str, size: str = "small", **overrides: Any) -> nn.Module:
