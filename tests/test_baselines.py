@@ -4,9 +4,9 @@ import torch
 from blockstate import build_model, list_models, model_config
 from blockstate.cli import _count
 from blockstate.memory import Memory, SegmentCarry
-from blockstate.registry import gss_hybrid_layers
+from blockstate.registry import gss_hybrid_layers, samba_layers
 
-BASELINES = ["transformer", "slide", "transformer-xl", "brt", "gss-hybrid"]
+BASELINES = ["transformer", "slide", "transformer-xl", "brt", "gss-hybrid", "samba"]
 W = 16
 
 
@@ -193,3 +193,37 @@ def test_memory_is_rejected_by_models_without_it_and_checked_for_shape():
         model(torch.zeros(2, 16, dtype=torch.long), keep=torch.tensor([True, True]))
     with pytest.raises(ValueError, match="holds a blockstate.memory.Memory"):
         SegmentCarry({"inputs": []})
+
+
+def test_samba_alternates_mamba_and_sliding_window_layers():
+    """[Mamba, MLP, SWA, MLP] repeated: Mamba layers (selective SSM, width 2D) at even positions,
+    Slide's sliding-window attention layers at odd ones, each with its MLP."""
+    kinds = lambda size: [type(l).__name__ for l in build_model("samba", size).layers]  # noqa: E731
+    assert kinds("tiny") == ["MambaLayer", "BlockAttentionLayer"]
+    assert kinds("small") == ["MambaLayer", "BlockAttentionLayer"] * 3
+    assert samba_layers(12) == (0, 2, 4, 6, 8, 10) and samba_layers(3) == (0, 2)
+    config = model_config("samba", "small")
+    assert config.self_attention == "sliding" and config.ssm_kernel == "ssd"
+    assert config.ssm_width == 2 * config.d_model and config.constant_inference_state
+    assert model_config("samba", "small", ssm_width_divisor=2).ssm_width == 128
+    layer = build_model("samba", "tiny").layers[0]
+    assert layer.in_proj.weight.shape == (2 * 128, 64) and layer.out.weight.shape == (64, 128)
+    assert layer.mlp.up.weight.shape[1] == 64
+
+
+def test_samba_reaches_past_the_window_only_through_its_mamba_layers():
+    model = build_model("samba", "tiny").double().eval()
+    tokens = torch.randint(0, 256, (1, 4 * W))
+    changed = tokens.clone()
+    changed[0, 3] = (changed[0, 3] + 1) % 256
+    later = slice(3 * W, 4 * W)   # the window of block 3 covers blocks 2 and 3 only
+    assert (model(changed)[:, later] - model(tokens)[:, later]).abs().max() > 1e-6
+    no_ssm = build_model("samba", "tiny", bst_layers=[]).double().eval()
+    assert (no_ssm(changed)[:, later] - no_ssm(tokens)[:, later]).abs().max() == 0
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
+@pytest.mark.parametrize("name", ["samba", "bst-recommended"])
+def test_samba_and_recommended_match_bst_within_10_percent_at_every_size(name, size):
+    bst = _count("bst-sh-s4", size)
+    assert abs(_count(name, size) - bst) <= 0.10 * bst

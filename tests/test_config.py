@@ -109,3 +109,26 @@ def test_ssm_width_divisor_sets_the_width_the_ssm_runs_on():
         a, b = model(tokens), model(changed)
     assert a.shape == (1, 48, 256)
     assert (a[0, :30] - b[0, :30]).abs().max() < 1e-10 < (a[0, 30:] - b[0, 30:]).abs().max()
+
+
+def test_recommended_preset_carries_the_long_range_settings():
+    """docs/presets.md: the selective kernel with normalized B and C, an untied head and the direct
+    context read, on an SSM as wide as the model with N = 64; the MLP pays for them."""
+    for size in ("tiny", "small", "base", "large"):
+        config = model_config("bst-recommended", size)
+        assert (config.ssm_kernel, config.context_variant) == ("ssd", "sh")
+        assert config.ssd_bc_norm and config.context_direct and not config.tie_embeddings
+        assert config.ssm_width == config.d_model and config.ssm_state_size == 64
+        assert config.resolved_d_ff < model_config("bst-sh-s4", size).resolved_d_ff
+    assert model_config("bst-recommended", "tiny").resolved_d_ff == 96
+
+
+def test_constant_inference_state_is_declared_by_the_config():
+    """What tests/test_generate.py selects the constant-state presets by: full attention and
+    unstructured kernels keep a history that grows; windows and state-space states do not."""
+    assert not model_config("transformer", "tiny").constant_inference_state
+    assert not model_config("bst-sh-unstruct", "tiny").constant_inference_state
+    assert not model_config("bst-sh-s4", "tiny", self_attention="full").constant_inference_state
+    for name in ("bst-sh-s4", "bst-sh-ssd-rotary", "bst-recommended", "slide", "samba", "brt"):
+        assert model_config(name, "tiny").constant_inference_state
+    assert model_config("slide", "tiny", ssm_kernel="unstruct").constant_inference_state  # no SSM layer

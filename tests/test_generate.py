@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from blockstate import build_model, list_models
+from blockstate import build_model, list_models, model_config
 
 from reference import greedy_by_full_forward
 
 MODELS = list_models()
 W = 16
-CONSTANT_STATE = [n for n in MODELS if n.endswith(("-s4", "-s4d", "-ssd"))]
+# the presets whose generation cache does not grow with the context, by what their config declares
+CONSTANT_STATE = [n for n in MODELS if model_config(n, "tiny").constant_inference_state]
 
 
 def _model(name, **overrides):
@@ -62,7 +63,7 @@ def test_other_context_settings_step_like_the_parallel_forward(overrides):
     torch.testing.assert_close(got, model(tokens), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mh-s4", "bst-mf-s4", "slide", "brt"])
+@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mh-s4", "bst-mf-s4", "slide", "brt", "samba"])
 def test_one_row_steps_and_training_afterwards(name):
     """Batch 1 (S4's dense state update takes another product there), and the step's inference
     mode leaves nothing behind that autograd refuses: its outputs train the model afterwards."""
@@ -136,7 +137,7 @@ def test_greedy_generation_equals_greedy_full_forward(name):
     assert out == greedy_by_full_forward(model, prompt, 2 * W)
 
 
-@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mf-s4", "gss-hybrid", "brt"])
+@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mf-s4", "gss-hybrid", "brt", "samba"])
 def test_batched_prompts_of_different_lengths_match_single_generation(name):
     model = _model(name)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, W, 5, 2 * W + 1, 1)]

@@ -13,7 +13,8 @@ import blockstate.hf  # noqa: E402,F401  (registers the Auto classes)
 
 
 @pytest.mark.parametrize("name,tie", [("bst-sh-s4", True), ("bst-mf-s4", True), ("brt", True),
-                                      ("bst-sh-ssd", False)])
+                                      ("bst-sh-ssd", False), ("samba", True),
+                                      ("bst-recommended", False)])
 def test_auto_model_gives_blockstate_logits_loss_and_greedy_tokens(name, tie, tmp_path):
     torch.manual_seed(0)
     model = build_model(name, "tiny", init_std=0.1, tie_embeddings=tie).eval()  # logits of O(1)

@@ -11,7 +11,7 @@ from blockstate.checkpoint import CheckpointError
 from blockstate.data import ByteTokenizer
 
 
-@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mf-ssd", "brt", "gss-hybrid"])
+@pytest.mark.parametrize("name", blockstate.list_models())
 def test_save_and_load_pretrained_round_trip(name, tmp_path):
     torch.manual_seed(0)
     model = build_model(name, "tiny", vocab_size=259).eval()

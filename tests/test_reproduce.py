@@ -38,9 +38,12 @@ def test_tiny_plan_matches_parameters_within_five_percent():
     scale = rp.SCALES["tiny"]
     fixed = {**scale.overrides, "vocab_size": 259}
     target = count_parameters("bst-sh-s4", scale.size, **fixed)
-    for name in rp.BASELINES:
-        params = count_parameters(name, scale.size, **fixed, **rp.matched_overrides(name, scale))
+    for name in rp.BASELINES + rp.OTHER_BASELINES + ("bst-recommended",):
+        params = count_parameters(name, scale.size, **{**fixed, **rp.matched_overrides(name, scale)})
         assert abs(params - target) <= 0.05 * target, name
+    # bst-recommended keeps its own state size over the scale's, its MLP chosen again
+    assert rp.matched_overrides("bst-recommended", scale)["ssm_state_size"] == 64
+    assert rp.matched_overrides("bst-sh-ssd", scale) == {}
     runs = rp.plan(scale, ["python-stdlib", "books"])
     main_runs = [r for r in runs if r.group == "main"]
     assert len(main_runs) == len(rp.ZOO) * 2 * len(scale.seeds)

@@ -21,7 +21,7 @@ def test_distance_bins_double_from_one_block():
     assert block_ranges(16, 0 + 1) == [(0, 16)]
 
 
-@pytest.mark.parametrize("model", ["slide", "bst-mf-s4", "bst-mh-s4", "transformer"])
+@pytest.mark.parametrize("model", ["slide", "bst-mf-s4", "bst-mh-s4", "transformer", "samba"])
 def test_presets_are_matched_to_the_reference_budget(model):
     run = Run("copying", (("lag", 8),), model, 0)
     target = count_parameters("bst-sh-s4", SUITE_SIZE, **model_overrides(
@@ -162,6 +162,29 @@ def test_cli_run_and_report(tmp_path, capsys):
     assert record["model_config"]["context_norm"] == "rms" and record["device"] == "cpu"
     assert (out / "report.md").exists()
     assert main(["tasks", "report", "--out", str(out)]) == 0
+
+
+def test_cli_passkey_trains_at_one_length_and_reports_the_depth_by_length_grid(tmp_path):
+    """The whole passkey pipeline on tiny settings (it need not learn): trained at L = 32 with the
+    key anywhere, evaluated at 5 depths and at L, 4L and 16L; the report has a grid per model,
+    passkey.json and the heat map passkey.png."""
+    out = tmp_path / "passkey"
+    assert main(["tasks", "run", "--task", "passkey", "--param", "seq_len=32", "--models",
+                 "bst-recommended,samba", "--seeds", "0", "--steps", "2", "--batch-size", "2",
+                 "--eval-sequences", "2", "--eval-param", "depth=0,25,50,75,100",
+                 "--eval-param", "seq_len=32,128,512", "--out", str(out)]) == 0
+    grids = json.loads((out / "passkey.json").read_text())
+    assert list(grids) == ["passkey-seq_len32 bst-recommended", "passkey-seq_len32 samba"]
+    for grid in grids.values():
+        assert grid["train_len"] == 32 and grid["seeds"] == [0]
+        assert grid["depths"] == [0, 25, 50, 75, 100] and grid["lengths"] == [32, 128, 512]
+        assert all(0.0 <= v <= 1.0 for row in grid["exact"] for v in row)
+    text = (out / "report.md").read_text()
+    assert "### passkey grid: passkey-seq_len32 samba" in text
+    assert "| depth | L = 32 (1x) | L = 128 (4x) | L = 512 (16x) |" in text and "| 50% |" in text
+    assert (out / "passkey.png").stat().st_size > 0
+    record = json.loads(next((out / "runs").glob("*/samba-seed0.json")).read_text())
+    assert len(record["evaluations"]) == 1 + 5 * 3 and "exact" in record["evaluations"][0]
 
 
 @pytest.mark.parametrize("argv, message", [

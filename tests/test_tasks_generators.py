@@ -11,6 +11,7 @@ from blockstate.tasks.generators import (
     AssociativeRecall,
     CopyingMemory,
     InductionHead,
+    Passkey,
     SelectiveCopying,
     TaskBatch,
     make_task,
@@ -32,6 +33,11 @@ SETTINGS = [
     InductionHead(num_symbols=1, seq_len=3),
     InductionHead(num_symbols=4, seq_len=12, min_distance=10),
     InductionHead(num_symbols=4, seq_len=40, min_distance=7),
+    Passkey(),
+    Passkey(seq_len=3, digits=1),                      # key, digit, question: nothing else
+    Passkey(seq_len=40, depth=0, digits=3),
+    Passkey(seq_len=41, depth=100, digits=5),
+    Passkey(seq_len=1000, depth=37, digits=2),
 ]
 DEFAULTS = [cls() for cls in TASKS.values()]
 
@@ -47,6 +53,8 @@ def answers(task) -> range:
     """The tokens that can be an answer."""
     if isinstance(task, AssociativeRecall):
         return range(task.num_keys, task.num_keys + task.num_values)
+    if isinstance(task, Passkey):
+        return range(10)
     return range(task.num_symbols)
 
 
@@ -55,6 +63,8 @@ def scored_per_row(task) -> int:
         return task.num_pairs
     if isinstance(task, InductionHead):
         return 1
+    if isinstance(task, Passkey):
+        return task.digits
     return task.length
 
 
@@ -128,6 +138,14 @@ def test_answer_is_only_available_at_the_distance(task):
             assert sorted(queried.tolist()) == sorted(keys.tolist())
     if isinstance(task, InductionHead):
         assert ((inputs == task.trigger).sum(dim=1) == 2).all()
+    if isinstance(task, Passkey):  # digits only after the key marker and from the question on
+        key = (inputs == task.KEY).nonzero()[:, 1]
+        assert torch.equal((inputs == task.KEY).nonzero()[:, 0], torch.arange(len(inputs)))
+        for b, row in enumerate(inputs):
+            digits = (row < 10).nonzero().flatten().tolist()
+            question = task.seq_len - task.digits
+            expected = [*range(key[b] + 1, key[b] + 1 + task.digits), *range(question + 1, task.seq_len)]
+            assert digits == expected and row[question] == task.QUESTION
 
 
 def test_distances_cover_their_whole_range():
@@ -166,6 +184,10 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(task):
     (InductionHead, {"seq_len": 10, "min_distance": 9}, "seq_len"),
     (InductionHead, {"min_distance": -1}, "min_distance"),
     (InductionHead, {"num_symbols": 0}, "num_symbols"),
+    (Passkey, {"digits": 0}, "digits"),
+    (Passkey, {"depth": 101}, "depth"),
+    (Passkey, {"depth": -2}, "depth"),
+    (Passkey, {"seq_len": 10, "digits": 5}, "seq_len"),
 ])
 def test_invalid_parameters_are_rejected_naming_the_field(cls, params, field):
     with pytest.raises(ValueError, match=rf"\.{field}="):
@@ -181,8 +203,9 @@ def test_make_task_converts_strings_and_rejects_unknown_names():
     assert make_task("copying", lag="32") == CopyingMemory(lag=32)
     assert make_task("mqar", num_pairs=4, seq_len="64") == AssociativeRecall(num_pairs=4, seq_len=64)
     assert {name: cls.name for name, cls in TASKS.items()} == {name: name for name in TASKS}
-    assert set(TASKS) == {"copying", "mqar", "selective_copying", "induction"}
-    with pytest.raises(ValueError, match="unknown task 'copy'.*copying, induction, mqar, selective_copying"):
+    assert set(TASKS) == {"copying", "mqar", "selective_copying", "induction", "passkey"}
+    with pytest.raises(ValueError, match="unknown task 'copy'.*copying, induction, mqar, passkey, "
+                                         "selective_copying"):
         make_task("copy")
     with pytest.raises(ValueError, match="unknown parameter 'delay'.*num_symbols, length, lag"):
         make_task("copying", delay="3")
@@ -211,3 +234,42 @@ def test_induction_at_a_longer_length_keeps_the_vocabulary():
     assert trained.vocab_size == longer.vocab_size
     batch = longer.sample(4, seed=0)
     assert torch.equal(longer.solve(batch.inputs), batch.targets)
+
+
+def test_passkey_reference_solver_scores_one():
+    task = Passkey(seq_len=128, depth=40)
+    batch = task.sample(32, seed=0)
+    correct, _ = score(task.solve(batch.inputs), batch)
+    assert correct.float().mean().item() == 1.0 and len(correct) == 32 * 5
+
+
+@pytest.mark.parametrize("seq_len", [11, 64, 257, 4096])
+def test_passkey_depth_places_the_key_from_the_start_to_the_question(seq_len):
+    """depth 0: the key marker first; 100: the last digit right before the question; between, the
+    marker at that fraction of its range; -1 (training): anywhere in it. Every length is exact."""
+    digits = 5
+    key_at = {}
+    for depth in (0, 25, 50, 75, 100):
+        task = Passkey(seq_len=seq_len, depth=depth, digits=digits)
+        batch = task.sample(4, seed=depth)
+        assert batch.inputs.shape == (4, seq_len)
+        positions = (batch.inputs == task.KEY).nonzero()[:, 1]
+        assert (positions == positions[0]).all()
+        key_at[depth] = positions[0].item()
+        assert key_at[depth] == round(depth / 100 * (seq_len - 2 * digits - 1))
+    assert key_at[0] == 0 and key_at[100] + digits + 1 == seq_len - digits  # then the question
+    assert list(key_at.values()) == sorted(key_at.values())
+    uniform = Passkey(seq_len=seq_len, digits=digits).sample(2000, seed=0)
+    positions = (uniform.inputs == Passkey.KEY).nonzero()[:, 1]
+    assert positions.min() >= 0 and positions.max() <= key_at[100]
+    if seq_len <= 64:
+        assert set(positions.tolist()) == set(range(key_at[100] + 1))
+
+
+def test_passkey_evaluated_longer_keeps_the_vocabulary_and_is_seeded():
+    trained, longer = Passkey(seq_len=64), Passkey(seq_len=4096, depth=50)
+    assert trained.vocab_size == longer.vocab_size == 28
+    first, again = longer.sample(3, seed=9), longer.sample(3, seed=9)
+    assert torch.equal(first.inputs, again.inputs) and torch.equal(first.targets, again.targets)
+    assert not torch.equal(first.targets, longer.sample(3, seed=10).targets)
+    assert make_task("passkey", seq_len="128", depth="50") == Passkey(seq_len=128, depth=50)

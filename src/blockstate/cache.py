@@ -20,6 +20,8 @@ entry points fill it: `prefill(tokens, cache)` (the prompt, in parallel) and `st
 - `BRTCache`: the window `KVCache`, the S recurrent states and the current block's token
   keys/values, which update the states when the block completes.
 - `GSSCache`: the GSS layer's SSM cache.
+- `MambaCache`: the SSM cache of a Samba baseline's Mamba layer (its attention layers keep a
+  `KVCache` of the sliding window).
 
 States are kept in float32 (float64 for float64 models) whatever the model's dtype.
 """
@@ -186,7 +188,12 @@ class GSSCache:
     ssm: SSMCache
 
 
-LayerCache = KVCache | BSTCache | BRTCache | GSSCache
+@dataclass
+class MambaCache:
+    ssm: SSMCache
+
+
+LayerCache = KVCache | BSTCache | BRTCache | GSSCache | MambaCache
 
 
 @dataclass
@@ -213,5 +220,5 @@ class InferenceCache:
 
 __all__ = [
     "BRTCache", "BSTCache", "ConvSSMCache", "GSSCache", "InferenceCache", "KVCache", "LayerCache",
-    "RecurrentSSMCache", "SSMCache", "SelectiveSSMCache", "nbytes", "select_rows",
+    "MambaCache", "RecurrentSSMCache", "SSMCache", "SelectiveSSMCache", "nbytes", "select_rows",
 ]

@@ -28,8 +28,9 @@ CONTEXT_ACTIVATIONS = ("gelu", "none")
 # "bst": the paper's model. Baselines (paper section 4): "gss-hybrid" puts Gated State Space layers
 # and "brt" Block-Recurrent layers where "bst" puts BST layers; "transformer-xl" makes every layer a
 # segment-recurrent one. The Transformer and Slide baselines are "bst" with no BST layers and full
-# or sliding-window self-attention.
-ARCHS = ("bst", "gss-hybrid", "brt", "transformer-xl")
+# or sliding-window self-attention. "samba" (Ren et al. 2024, not in the paper) alternates Mamba
+# layers of the selective SSM (at `bst_layers`) with sliding-window attention layers.
+ARCHS = ("bst", "gss-hybrid", "brt", "transformer-xl", "samba")
 
 # The paper's 12-layer model puts BST layers at layers 1, 7 and 9 (0-based 0, 6, 8).
 PAPER_DEPTH = 12
@@ -89,7 +90,7 @@ class ModelConfig:
     S = `num_context_states`, L = `max_seq_len` (training length).
     """
 
-    arch: str = "bst"               # bst | gss-hybrid | brt | transformer-xl (see ARCHS)
+    arch: str = "bst"               # bst | gss-hybrid | brt | transformer-xl | samba (see ARCHS)
     vocab_size: int = 256
     d_model: int = 256              # D: residual stream width
     n_layers: int = 6
@@ -118,7 +119,8 @@ class ModelConfig:
     memory_length: int | None = None
     gss_expansion: int = 3          # F / D of Gated State Space layers (gss-hybrid)
     # The SSM runs on a down-projection of width d_model // ssm_width_divisor
-    # (paper: D/4 for SH and MH, D/8 for MF; None picks that default).
+    # (paper: D/4 for SH and MH, D/8 for MF; None picks that default, and for arch "samba" the
+    # Mamba layers' expansion to 2D).
     ssm_width_divisor: int | None = None
     # How SSM outputs become context states before their key/value maps (docs/results/long_range.md
     # has the measured effect of each): the activation on the SSM outputs, and "rms" to
@@ -217,10 +219,23 @@ class ModelConfig:
 
     @property
     def ssm_width(self) -> int:
+        if self.arch == "samba" and self.ssm_width_divisor is None:
+            return 2 * self.d_model  # Mamba's expansion E = 2D
         divisor = self.ssm_width_divisor
         if divisor is None:
             divisor = 8 if self.context_variant == "mf" else 4
         return max(1, self.d_model // divisor)
+
+    @property
+    def constant_inference_state(self) -> bool:
+        """Whether generation keeps a cache whose size does not grow with the context: false with
+        full self-attention (its keys/values grow) and with unstructured or explicit kernels in an
+        SSM layer (their streamed convolution keeps the input history); true otherwise (sliding or
+        block attention windows, S4/S4D/selective states, recurrent states, bounded memories)."""
+        if self.self_attention == "full" and self.arch != "transformer-xl":  # XL always slides
+            return False
+        has_ssm = self.arch in ("bst", "gss-hybrid", "samba") and bool(self.resolved_bst_layers)
+        return not (has_ssm and self.ssm_kernel in ("unstruct", "explicit"))
 
     @property
     def ssm_channels(self) -> int:

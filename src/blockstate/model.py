@@ -14,12 +14,13 @@ from torch import nn
 
 from .cache import InferenceCache
 from .config import ModelConfig
-from .layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer, XLLayer
+from .layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer, MambaLayer, XLLayer
 from .layers.bst import ContextStates
 from .memory import SegmentCarry, run_carried
 
 # The layer each architecture puts at the positions `bst_layers`; attention layers go elsewhere.
-SPECIAL_LAYERS = {"bst": BSTLayer, "gss-hybrid": GSSLayer, "brt": BlockRecurrentLayer}
+SPECIAL_LAYERS = {"bst": BSTLayer, "gss-hybrid": GSSLayer, "brt": BlockRecurrentLayer,
+                  "samba": MambaLayer}
 
 
 class BlockStateLM(nn.Module):

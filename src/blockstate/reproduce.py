@@ -28,14 +28,16 @@ import torch
 
 from .bench import machine_info, markdown_table
 from .fileio import atomic_write
-from .registry import PRESETS, matched_mlp_width
+from .registry import PRESETS, matched_mlp_width, mlp_sized_per_size
 
 # The paper's 7 BST presets; the selective ones (not in the paper) run only when asked for.
 BST_PRESETS = tuple(name for name in PRESETS
                     if name.startswith("bst-") and PRESETS[name].get("ssm_kernel") != "ssd")
 BASELINES = ("transformer", "slide", "transformer-xl", "brt", "gss-hybrid")
+# Baselines not in the paper: run only when asked for (--models), MLP matched as the paper's are.
+OTHER_BASELINES = ("samba",)
 ZOO = BST_PRESETS + BASELINES
-KNOWN = tuple(name for name in PRESETS if name.startswith("bst-")) + BASELINES
+KNOWN = tuple(name for name in PRESETS if name.startswith("bst-")) + BASELINES + OTHER_BASELINES
 ABLATION_MODEL = "bst-sh-s4"
 EVAL_RATIOS = (0.5, 1, 4, 16)
 
@@ -91,12 +93,15 @@ def _vocab(scale: Scale) -> int:
 
 
 def matched_overrides(name: str, scale: Scale, tolerance: float = 0.05) -> dict[str, Any]:
-    """Overrides that bring a baseline within `tolerance` of BST:SH:S4's parameter count by choosing
-    its MLP width; BST presets are left as they are."""
-    if name not in BASELINES:
+    """Overrides that bring a baseline, or a preset whose MLP width pays for its other settings
+    (bst-recommended), within `tolerance` of BST:SH:S4's parameter count by choosing its MLP width;
+    such a preset's own settings also win over the scale's (bst-recommended keeps N = 64). The
+    paper's BST presets are left as they are."""
+    if name not in BASELINES + OTHER_BASELINES and not mlp_sized_per_size(name):
         return {}
+    own = {k: v for k, v in PRESETS[name].items() if k in scale.overrides}
     overrides = {**scale.overrides, "vocab_size": _vocab(scale)}
-    return matched_mlp_width(name, scale.size, overrides, ABLATION_MODEL, tolerance)
+    return {**own, **matched_mlp_width(name, scale.size, overrides, ABLATION_MODEL, tolerance, own)}
 
 
 @dataclasses.dataclass

@@ -1,8 +1,9 @@
 """Synthetic long-range tasks: do context states carry information past the attention window?
 
 `generators` samples the tasks (copying memory, multi-query associative recall, selective copying,
-induction heads at a distance), each with a reference solver; `runner` trains presets on them for a
-fixed number of optimizer steps and scores accuracy by distance; `report` tabulates and plots.
+induction heads at a distance, passkey retrieval), each with a reference solver; `runner` trains
+presets on them for a fixed number of optimizer steps and scores accuracy by distance; `report`
+tabulates and plots (for passkey, a depth x length grid and its heat map).
 """
 
 from .generators import TASKS, TaskBatch, make_task, score

@@ -267,7 +267,79 @@ class InductionHead:
         return 1 / self.num_symbols
 
 
-Task = CopyingMemory | AssociativeRecall | SelectiveCopying | InductionHead
+@dataclass(frozen=True)
+class Passkey:
+    """Passkey retrieval (Mohtashami and Jaggi 2023, "Landmark Attention"): repeated
+    filler text with `digits` random digits after a key marker at `depth` percent of the way from
+    the start to the question (-1: a uniform depth per sequence), and at the end a question marker;
+    from it on, the model outputs the digits in order."""
+
+    name: ClassVar[str] = "passkey"
+    seq_len: int = 256
+    depth: int = -1       # percent: 0 puts the key first, 100 right before the question
+    digits: int = 5
+    # tokens: the digits 0-9, the key marker ("the pass key is"), the question marker ("what is
+    # the pass key?"), then a filler sentence of FILLER tokens repeated ("the grass is green. ...")
+    KEY: ClassVar[int] = 10
+    QUESTION: ClassVar[int] = 11
+    FILLER: ClassVar[int] = 16
+
+    def __post_init__(self) -> None:
+        least = 2 * self.digits + 1
+        _validate(self, [("digits", self.digits >= 1, "accepted: >= 1"),
+                         ("depth", -1 <= self.depth <= 100, "accepted: -1 (uniform) or 0..100"),
+                         ("seq_len", self.seq_len >= least,
+                          f"accepted: >= 2 * digits + 1 = {least} (key, digits, question, digits)")])
+
+    @property
+    def vocab_size(self) -> int:
+        return 12 + self.FILLER
+
+    @property
+    def key_positions(self) -> int:
+        """How many positions the key marker can take: from 0 to right before the question."""
+        return self.seq_len - 2 * self.digits
+
+    def key_position(self, depth: float) -> int:
+        """The key marker's position at `depth` (a fraction in [0, 1])."""
+        return round(depth * (self.key_positions - 1))
+
+    def sample(self, batch_size: int, seed: int) -> TaskBatch:
+        generator = torch.Generator().manual_seed(seed)
+        n, length = self.digits, self.seq_len
+        passkey = torch.randint(0, 10, (batch_size, n), generator=generator)             # (B, n)
+        if self.depth < 0:
+            key = torch.randint(0, self.key_positions, (batch_size, 1), generator=generator)  # (B, 1)
+        else:
+            key = torch.full((batch_size, 1), self.key_position(self.depth / 100))       # (B, 1)
+        filler = 12 + torch.arange(length) % self.FILLER                                 # (L,)
+        inputs = filler.expand(batch_size, -1).clone()                                   # (B, L)
+        inputs.scatter_(1, key, self.KEY)
+        inputs.scatter_(1, key + 1 + torch.arange(n), passkey)
+        question = length - n
+        inputs[:, question] = self.QUESTION
+        inputs[:, question + 1:] = passkey[:, :-1]  # the digits given so far (teacher forcing)
+        targets = torch.full_like(inputs, IGNORE)                                        # (B, L)
+        targets[:, question:] = passkey
+        distance = torch.full_like(inputs, -1)                                           # (B, L)
+        distance[:, question:] = question - 1 - key                                      # (B, n)
+        return TaskBatch(inputs, targets, distance)
+
+    def solve(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Read the digits after the key marker; from the question marker on, output them."""
+        predictions = []
+        for row in inputs.tolist():
+            key, question = row.index(self.KEY), row.index(self.QUESTION)
+            prediction = [IGNORE] * len(row)
+            prediction[question:] = row[key + 1:key + 1 + self.digits]
+            predictions.append(prediction)
+        return torch.tensor(predictions, dtype=torch.long).view_as(inputs)  # (B, L)
+
+    def chance(self) -> float:
+        return 1 / 10
+
+
+Task = CopyingMemory | AssociativeRecall | SelectiveCopying | InductionHead | Passkey
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in typing.get_args(Task)}
 
 

@@ -1,5 +1,6 @@
 """Summaries of task runs: `blockstate tasks report DIR` writes report.md, report.json and
-accuracy-against-distance plots from the run files under DIR/runs."""
+accuracy-against-distance plots from the run files under DIR/runs, and for passkey runs a depth x
+length grid of retrieval accuracy (in report.md, passkey.json and the heat map passkey.png)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 from ..bench import markdown_table
 from ..fileio import atomic_write
 from ..registry import PRESETS
+from .generators import make_task
 
 
 def record_paths(out: str | Path) -> list[Path]:
@@ -147,6 +149,83 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def passkey_grids(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The passkey runs as grids of whole-passkey accuracy (every digit right), mean over seeds,
+    one per training configuration and model: {"<task_key> <label>": {"train_len", "seeds",
+    "depths" (percent), "lengths", "exact" (depths x lengths, None where not evaluated)}}. Cells
+    come from the evaluations at a fixed depth (`--eval-param depth=...`); the evaluation at the
+    training's uniform depth (-1) is not a cell."""
+    cells: dict[str, dict[tuple[int, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+    grids: dict[str, Any] = {}
+    for record in records:
+        if record["task"] != "passkey":
+            continue
+        key = f"{record['task_key']} {record['label']}"
+        grid = grids.setdefault(key, {"train_len": make_task("passkey", **record["params"]).seq_len,
+                                      "seeds": []})
+        grid["seeds"] = sorted(set(grid["seeds"]) | {record["seed"]})
+        for evaluation in record["evaluations"]:
+            task = make_task("passkey", **{**record["params"], **(evaluation.get("params") or {})})
+            if task.depth >= 0:
+                cells[key][(task.depth, task.seq_len)].append(evaluation["exact"])
+    for key, grid in grids.items():
+        depths = sorted({d for d, _ in cells[key]})
+        lengths = sorted({n for _, n in cells[key]})
+        grid.update(depths=depths, lengths=lengths, exact=[
+            [statistics.fmean(cells[key][(d, n)]) if (d, n) in cells[key] else None for n in lengths]
+            for d in depths])
+    return {key: grid for key, grid in grids.items() if grid["depths"]}
+
+
+def passkey_markdown(grids: dict[str, Any]) -> str:
+    """One table per grid: rows the depth of the key, columns the evaluation length."""
+    parts = []
+    for key, grid in grids.items():
+        train = grid["train_len"]
+        header = ["depth"] + [f"L = {n} ({n / train:g}x)" for n in grid["lengths"]]
+        rows = [[f"{d}%"] + ["-" if v is None else f"{v:.2f}" for v in row]
+                for d, row in zip(grid["depths"], grid["exact"], strict=True)]
+        parts.append(f"### passkey grid: {key}\n\nTrained at L = {train}; the fraction of "
+                     f"sequences whose whole passkey is retrieved (every digit right), mean over "
+                     f"seeds {grid['seeds']}; depth: where the key lies, in percent of the way "
+                     f"from the start to the question.\n\n" + markdown_table(header, rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_passkey(grids: dict[str, Any], path: Path) -> bool:
+    """A heat map per grid (depth x evaluation length, whole-passkey accuracy); False without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = list(grids)
+    fig, axes = plt.subplots(1, len(keys), figsize=(1.5 + 3.6 * len(keys), 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, key in zip(axes[0], keys, strict=True):
+        grid = grids[key]
+        values = [[float("nan") if v is None else v for v in row] for row in grid["exact"]]
+        image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid["exact"]):
+            for j, v in enumerate(row):
+                if v is not None:
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if v > 0.5 else "white")
+        ax.set_xticks(range(len(grid["lengths"])), [str(n) for n in grid["lengths"]])
+        ax.set_yticks(range(len(grid["depths"])), [f"{d}%" for d in grid["depths"]])
+        ax.set_xlabel(f"evaluation length (trained at {grid['train_len']})")
+        if ax is axes[0, 0]:
+            ax.set_ylabel("depth of the passkey")
+        ax.set_title(key, fontsize=8)
+    fig.colorbar(image, ax=axes[0].tolist(), label="passkey retrieved")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def merge_previous(summary: dict[str, Any], previous: dict[str, Any],
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """`summary` (from the run records under runs/) with what an earlier report.json held that the
@@ -188,10 +267,16 @@ def write_report(out: str | Path, command: str = "", log: Callable[[str], None] 
     previous_path = out / "report.json"
     previous = json.loads(previous_path.read_text()) if previous_path.exists() else None
     # with no run records (e.g. a fresh clone) the existing report is rewritten as it is
-    summary = summarize(load_records(out)) if record_paths(out) or previous is None else {}
+    records = load_records(out) if record_paths(out) or previous is None else []
+    summary = summarize(records) if records else {}
     if previous is not None:
         summary = merge_previous(summary, previous, log)
     text = report_markdown(summary)
+    grids = passkey_grids(records)
+    if grids:
+        text += "\n" + passkey_markdown(grids)
+        atomic_write(out / "passkey.json", json.dumps(grids, indent=1) + "\n")
+        plot_passkey(grids, out / "passkey.png")
     if command:
         text = f"Command: `{command}`\n\n" + text
     atomic_write(out / "report.md", text)

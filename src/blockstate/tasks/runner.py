@@ -125,16 +125,18 @@ def model_overrides(run: Run, vocab_size: int, seq_len: int) -> dict[str, Any]:
 def evaluate(model: torch.nn.Module, task, sequences: int, batch_size: int, block_size: int
              ) -> dict[str, Any]:
     """Accuracy overall and per distance bin on `sequences` held-out sequences of `task` (generated
-    on the CPU, scored on the model's device)."""
+    on the CPU, scored on the model's device), and `exact`: the fraction of sequences whose every
+    scored position is right (a whole passkey, every copied symbol)."""
     model.eval()
     device = next(model.parameters()).device
-    correct, distance = [], []
+    correct, distance, exact = [], [], []
     for start in range(0, sequences, batch_size):
         batch = task.sample(min(batch_size, sequences - start), EVAL_SEED + start)
         predictions = model(batch.inputs.to(device)).argmax(-1).cpu()             # (B, L)
         c, d = score(predictions, batch)
         correct.append(c)
         distance.append(d)
+        exact.append(((predictions == batch.targets) | (batch.targets == IGNORE)).all(1))  # (B,)
     c, d = torch.cat(correct).float(), torch.cat(distance)
     bins = []
     for low, high in block_ranges(block_size, int(d.max()) + 1):  # distance bins
@@ -142,8 +144,8 @@ def evaluate(model: torch.nn.Module, task, sequences: int, batch_size: int, bloc
         if inside.any():
             bins.append({"low": low, "high": high, "count": int(inside.sum()),
                          "accuracy": float(c[inside].mean())})
-    return {"accuracy": float(c.mean()), "count": len(c), "bins": bins, "chance": task.chance(),
-            "seq_len": task.seq_len}
+    return {"accuracy": float(c.mean()), "exact": float(torch.cat(exact).float().mean()),
+            "count": len(c), "bins": bins, "chance": task.chance(), "seq_len": task.seq_len}
 
 
 def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | None = None,
