@@ -36,13 +36,15 @@ def test_auto_model_gives_blockstate_logits_loss_and_greedy_tokens(name, tie, tm
     assert torch.equal(again(tokens), model(tokens))
 
 
-def test_padding_masks_are_refused(tmp_path):
+def test_masks_other_than_left_padding_are_refused(tmp_path):
     build_model("bst-sh-s4", "tiny").save_pretrained(tmp_path / "m")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     tokens = torch.ones(2, 5, dtype=torch.long)
     hf(tokens, attention_mask=torch.ones(2, 5))                  # masks nothing: fine
     with pytest.raises(ValueError, match="padding"):
-        hf(tokens, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+        hf(tokens, attention_mask=torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="padding"):
+        hf(tokens, attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
 
 
 TEXTS = ["def f(x):\n    return x ** 2  # square", "naïve café — ünïcode ✓", "", "  leading spaces"]

@@ -25,97 +25,16 @@ prepends BOS itself where it scores or generates).
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 try:
     import transformers
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        GenerationMixin,
-        PreTrainedModel,
-        PreTrainedTokenizer,
-    )
-    from transformers.modeling_outputs import CausalLMOutput
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("blockstate.hf needs the `transformers` package: pip install "
                       "'blockstate[hf]'") from e
 
-try:
-    from transformers import PreTrainedConfig as _BaseConfig
-except ImportError:  # transformers < 5
-    from transformers import PretrainedConfig as _BaseConfig
-
-from .config import ModelConfig
-from .model import BlockStateLM
-from .pretrained import MODEL_TYPE, TOKENIZER_DIR
-
-_FIELDS = ModelConfig.field_names()
-
-
-class BlockStateConfig(_BaseConfig):
-    """A `ModelConfig` as a `transformers` config: every field is an attribute (and a key of
-    config.json), validated by `ModelConfig`."""
-
-    model_type = MODEL_TYPE
-
-    def __init__(self, **kwargs):
-        fields = {name: kwargs.pop(name) for name in list(kwargs) if name in _FIELDS}
-        model_config = ModelConfig.from_dict(fields)                      # validates
-        for name, value in model_config.to_dict().items():
-            setattr(self, name, value)
-        kwargs.setdefault("tie_word_embeddings", model_config.tie_embeddings)
-        super().__init__(**kwargs)
-
-    def to_model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict({name: getattr(self, name) for name in _FIELDS})
-
-
-class BlockStateForCausalLM(PreTrainedModel, GenerationMixin):
-    """`BlockStateLM` behind the `transformers` causal-LM interface: `forward(input_ids, labels)`
-    returns logits and, with labels, the next-token cross-entropy."""
-
-    config_class = BlockStateConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-
-    def __init__(self, config: BlockStateConfig):
-        super().__init__(config)
-        self.model = BlockStateLM(config.to_model_config())
-        self.post_init()
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        """No `transformers` Cache: `generate()` runs the full forward pass per new token."""
-        return False
-
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        """BlockStateLM initializes itself; loaded weights replace it anyway."""
-
-    def get_input_embeddings(self) -> torch.nn.Module:
-        return self.model.embedding
-
-    def set_input_embeddings(self, value: torch.nn.Module) -> None:
-        self.model.embedding = value
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("blockstate models have no padding semantics: attention_mask must "
-                             "mask nothing (batch prompts of different lengths with "
-                             "blockstate's own generate)")
-        logits = self.model(input_ids)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=logits)
-
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask=None,
-                                      **kwargs) -> dict:
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+from .hf_config import MODEL_TYPE, BlockStateConfig
+from .hf_modeling import BlockStateCache, BlockStateForCausalLM
+from .pretrained import TOKENIZER_DIR
 
 
 class BlockStateTokenizer(PreTrainedTokenizer):
@@ -182,4 +101,5 @@ AutoConfig.register(MODEL_TYPE, BlockStateConfig, exist_ok=True)
 AutoModelForCausalLM.register(BlockStateConfig, BlockStateForCausalLM, exist_ok=True)
 AutoTokenizer.register(BlockStateConfig, slow_tokenizer_class=BlockStateTokenizer, exist_ok=True)
 
-__all__ = ["BlockStateConfig", "BlockStateForCausalLM", "BlockStateTokenizer", "transformers"]
+__all__ = ["BlockStateCache", "BlockStateConfig", "BlockStateForCausalLM", "BlockStateTokenizer",
+           "transformers"]
