@@ -34,25 +34,35 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from .hf_config import MODEL_TYPE, BlockStateConfig
 from .hf_modeling import BlockStateCache, BlockStateForCausalLM
-from .pretrained import TOKENIZER_DIR
+from .pretrained import BLOCKSTATE_TOKENIZER_FILE, TOKENIZER_DIR
 
 
 class BlockStateTokenizer(PreTrainedTokenizer):
-    """blockstate's tokenizer (from the `tokenizer/` directory beside the model) behind the
-    `transformers` tokenizer interface; see the module docstring."""
+    """blockstate's tokenizer (blockstate_tokenizer.json and, for SentencePiece, tokenizer.model
+    beside the model; tokenizer/ in older exports) behind the `transformers` tokenizer interface;
+    see the module docstring."""
 
-    vocab_files_names = {"blockstate_tokenizer": f"{TOKENIZER_DIR}/tokenizer.json"}
+    vocab_files_names = {"blockstate_tokenizer": BLOCKSTATE_TOKENIZER_FILE,
+                         "sentencepiece_model": "tokenizer.model",
+                         "legacy_tokenizer": f"{TOKENIZER_DIR}/tokenizer.json",
+                         "legacy_sentencepiece_model": f"{TOKENIZER_DIR}/tokenizer.model"}
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, blockstate_tokenizer: str | None = None, **kwargs):
+    def __init__(self, blockstate_tokenizer: str | None = None, sentencepiece_model=None,
+                 legacy_tokenizer: str | None = None, legacy_sentencepiece_model=None, **kwargs):
         from pathlib import Path
 
         from .data import load_tokenizer
 
-        if blockstate_tokenizer is None:
-            raise ValueError("BlockStateTokenizer needs the tokenizer/ directory of a model saved "
-                             "by blockstate's save_pretrained with its tokenizer")
-        self.inner = load_tokenizer(Path(blockstate_tokenizer).parent)
+        if blockstate_tokenizer is not None and Path(blockstate_tokenizer).is_file():
+            path = Path(blockstate_tokenizer)
+            self.inner = load_tokenizer(path.parent, config_name=path.name)
+        elif legacy_tokenizer is not None and Path(legacy_tokenizer).is_file():
+            self.inner = load_tokenizer(Path(legacy_tokenizer).parent)
+        else:
+            raise ValueError("BlockStateTokenizer needs the blockstate_tokenizer.json (or "
+                             "tokenizer/ directory) of a model saved by blockstate's "
+                             "save_pretrained with its tokenizer")
         special = {self.inner.pad_id: "<pad>", self.inner.bos_id: "<s>", self.inner.eos_id: "</s>"}
         self._tokens = [special.get(i) or self._token_of(i) for i in range(self.inner.vocab_size)]
         self._ids = {token: i for i, token in enumerate(self._tokens)}
@@ -92,9 +102,12 @@ class BlockStateTokenizer(PreTrainedTokenizer):
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         from pathlib import Path
 
-        target = Path(save_directory) / TOKENIZER_DIR
-        self.inner.save(target)
-        return (str(target / "tokenizer.json"),)
+        directory = Path(save_directory)
+        self.inner.save(directory, config_name=BLOCKSTATE_TOKENIZER_FILE)
+        saved = [directory / BLOCKSTATE_TOKENIZER_FILE]
+        if self.inner.kind != "byte":
+            saved.append(directory / "tokenizer.model")
+        return tuple(str(path) for path in saved)
 
 
 AutoConfig.register(MODEL_TYPE, BlockStateConfig, exist_ok=True)

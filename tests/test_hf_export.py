@@ -1,0 +1,198 @@
+"""Exports on the Hub's terms: plain transformers loads them with trust_remote_code=True without
+blockstate, older exports still load, Hub repo ids and push_to_hub (offline)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import blockstate
+from blockstate import build_model
+from blockstate.data import ByteTokenizer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "export_v0.1"   # written by blockstate 0.1.0's main
+
+# Runs with the same interpreter, but `import blockstate` fails and blockstate's source is off the
+# path: what transformers loads comes from the export alone.
+ISOLATED = textwrap.dedent("""
+    import importlib.abc, json, sys
+    class NoBlockstate(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "blockstate" or name.startswith("blockstate."):
+                raise ImportError("blockstate is not importable here")
+    sys.meta_path.insert(0, NoBlockstate())
+    sys.path = [p for p in sys.path if "blockstate" not in p and not p.endswith("src")]
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    results = {}
+    for directory in sys.argv[1:]:
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+        ids = tokenizer(["def f(x):", "return x"], return_tensors="pt", padding=True,
+                        padding_side="left")
+        out = model.generate(**ids, max_new_tokens=6, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        short = ids.input_ids[1:, ids.attention_mask[1].argmax():]
+        torch.save(model(short).logits, directory + "/logits.pt")
+        results[directory] = {"class": type(model).__module__ + "." + type(model).__name__,
+                              "input_ids": ids.input_ids.tolist(), "out": out.tolist(),
+                              "text": tokenizer.decode(ids.input_ids[1], skip_special_tokens=True)}
+    assert not [m for m in sys.modules if m == "blockstate" or m.startswith("blockstate.")]
+    print(json.dumps(results))
+""")
+
+
+def isolated_env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN")}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", PYTHONNOUSERSITE="1",
+               TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.mark.slow
+def test_plain_transformers_loads_the_export_without_blockstate(tmp_path):
+    pytest.importorskip("transformers")
+    models = {}
+    for name in ("bst-sh-ssd", "brt"):        # ssd: the optional mamba-ssm import is carried
+        torch.manual_seed(0)
+        models[name] = build_model(name, "tiny", vocab_size=259, init_std=0.1).eval()
+        models[name].save_pretrained(tmp_path / name, ByteTokenizer())
+    dirs = [str(tmp_path / name) for name in models]
+    run = subprocess.run([sys.executable, "-c", ISOLATED, *dirs], capture_output=True, text=True,
+                         env=isolated_env(tmp_path), cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, model in models.items():
+        result = results[str(tmp_path / name)]
+        assert result["class"].startswith("transformers_modules.")
+        assert result["class"].endswith("modeling_blockstate.BlockStateForCausalLM")
+        short, long = b"return x", b"def f(x):"
+        pad = len(long) - len(short)
+        assert result["input_ids"] == [list(long), [256] * pad + list(short)]   # left padding
+        assert result["text"] == "return x"
+        expected = [model.generate([list(long)], 6, temperature=0)[0],
+                    model.generate([list(short)], 6, temperature=0)[0]]
+        assert result["out"][0] == expected[0]
+        assert result["out"][1][pad:] == expected[1]
+        logits = torch.load(tmp_path / name / "logits.pt")
+        assert torch.equal(logits, model(torch.tensor([list(short)])))
+
+
+def test_export_layout_card_and_generation_config(tmp_path):
+    model = build_model("bst-sh-s4", "tiny", vocab_size=259)
+    model.save_pretrained(tmp_path / "m", ByteTokenizer(),
+                          card={"model": "bst-sh-s4", "size": "tiny", "data": "python-stdlib",
+                                "tokens": 123456, "validation bpb": 1.2345})
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"config.json", "model.safetensors", "configuration_blockstate.py",
+            "modeling_blockstate.py", "blockstate_model.py", "generation_config.json",
+            "tokenizer.json", "tokenizer_config.json", "blockstate_tokenizer.json",
+            "README.md"} <= files
+    assert "tokenizer" not in files                       # no second tokenizer.json
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_blockstate.BlockStateConfig",
+                                  "AutoModelForCausalLM": "modeling_blockstate.BlockStateForCausalLM"}
+    assert json.loads((tmp_path / "m" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    generation = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"],
+            generation["pad_token_id"]) == (257, 258, 256)
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers")
+    for text in ("bst-sh-s4", "tiny", "python-stdlib", "123456", "1.234", "trust_remote_code=True",
+                 f"{model.num_parameters():,} parameters"):
+        assert text in card, text
+    again, tokenizer = blockstate.load(tmp_path / "m")
+    assert isinstance(tokenizer, ByteTokenizer)
+    tokens = torch.randint(0, 259, (1, 20))
+    assert torch.equal(again(tokens), model.eval()(tokens))
+
+
+def test_bundle_carries_only_flat_relative_imports():
+    from blockstate.remote_code import bundle
+
+    files = bundle()
+    assert "modeling_blockstate.py" in files and "blockstate_ssm_selective.py" in files
+    assert not any(name.startswith("blockstate_data") for name in files)   # no tokenizer code
+    text = files["blockstate_model.py"]
+    assert "from .blockstate_layers import" in text and "from .pretrained" not in text
+    selective = files["blockstate_ssm_selective.py"]
+    assert "= __import__('importlib').import_module('mamba_ssm." in selective
+    for name, source in files.items():
+        compile(source, name, "exec")
+
+
+def test_old_exports_still_load():
+    """An export written before the remote code (tokenizer/tokenizer.json) loads as before."""
+    model, tokenizer = blockstate.load(FIXTURE)
+    assert isinstance(tokenizer, ByteTokenizer)
+    last = model(torch.tensor([[10, 20, 30, 40, 50]]))[0, -1, :4]
+    torch.testing.assert_close(last, torch.tensor([-0.07829547, 0.02799209, 0.01377762,
+                                                   0.08638986]))
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from blockstate.hf import BlockStateTokenizer  # registers the Auto classes
+
+    hf = AutoModelForCausalLM.from_pretrained(FIXTURE)
+    assert torch.equal(hf(torch.tensor([[10, 20, 30, 40, 50]])).logits[0, -1, :4], last)
+    slow = BlockStateTokenizer.from_pretrained(FIXTURE)
+    assert slow("héllo")["input_ids"] == list("héllo".encode())
+
+
+def test_from_pretrained_takes_a_hub_repo_id(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    model = build_model("bst-sh-s4", "tiny", vocab_size=259).eval()
+    model.save_pretrained(tmp_path / "snapshot", ByteTokenizer())
+    asked = []
+
+    def snapshot_download(repo_id, revision=None, token=None, **kwargs):
+        asked.append((repo_id, revision))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    loaded = blockstate.BlockStateLM.from_pretrained("someone/bst-tiny", revision="v1")
+    again, tokenizer = blockstate.load("someone/bst-tiny")
+    assert asked == [("someone/bst-tiny", "v1"), ("someone/bst-tiny", None)]
+    tokens = torch.randint(0, 259, (1, 12))
+    assert torch.equal(loaded(tokens), model(tokens)) and torch.equal(again(tokens), model(tokens))
+    assert isinstance(tokenizer, ByteTokenizer)
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(blockstate.checkpoint.CheckpointError, match="could not be downloaded"):
+        blockstate.BlockStateLM.from_pretrained("someone/missing")
+
+
+def test_push_to_hub_uploads_an_export(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, repo_type=None, commit_message=None):
+            names = sorted(p.name for p in Path(folder_path).iterdir())
+            calls.append(("upload", repo_id, commit_message, names))
+            return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = build_model("bst-sh-s4", "tiny", vocab_size=259)
+    assert model.push_to_hub("me/bst", ByteTokenizer(), private=True, token="t") == "commit-info"
+    assert calls[:2] == [("token", "t"), ("create", "me/bst", True, True)]
+    kind, repo, message, names = calls[2]
+    assert (kind, repo, message) == ("upload", "me/bst", "Upload blockstate model")
+    assert {"config.json", "modeling_blockstate.py", "tokenizer.json", "README.md"} <= set(names)
