@@ -196,3 +196,45 @@ def test_push_to_hub_uploads_an_export(tmp_path, monkeypatch):
     kind, repo, message, names = calls[2]
     assert (kind, repo, message) == ("upload", "me/bst", "Upload blockstate model")
     assert {"config.json", "modeling_blockstate.py", "tokenizer.json", "README.md"} <= set(names)
+
+
+def test_cli_export_writes_the_run_into_the_card_and_pushes(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from blockstate import loading
+    from blockstate.checkpoint import Checkpoint
+    from blockstate.cli import main
+
+    run = tmp_path / "run"
+    step_dir = run / "checkpoints" / "step-00000040"
+    step_dir.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"step": 40, "validation": {"bpb": 2.5}}))
+    train = {"model": "bst-mf-s4", "size": "tiny", "data": "python-stdlib", "tokenizer": "byte",
+             "max_tokens": 5000}
+    checkpoint = Checkpoint(step_dir, 40, {}, {"step": 40, "tokens": 4096, "elapsed": 12.5,
+                                               "train_config": train})
+    model = build_model("bst-mf-s4", "tiny", vocab_size=259)
+    monkeypatch.setattr(loading, "load_with_checkpoint",
+                        lambda path, device="cpu": (model, ByteTokenizer(), checkpoint))
+    uploads = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            uploads.append(("create", repo_id, kwargs.get("private")))
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploads.append(("upload", repo_id, folder_path))
+            return "commit"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "export"
+    assert main(["export", str(run), str(out), "--push-to-hub", "me/bst-mf", "--private"]) == 0
+    assert uploads == [("create", "me/bst-mf", True), ("upload", "me/bst-mf", str(out))]
+    card = (out / "README.md").read_text()
+    for text in ("# bst-mf-s4", "size `tiny`", "| data | python-stdlib |", "| tokens | 4096 |",
+                 "| max_tokens | 5000 |", "| validation bpb | 2.5 |", "| steps | 40 |"):
+        assert text in card, text
+    assert "uploaded to https://huggingface.co/me/bst-mf" in capsys.readouterr().out

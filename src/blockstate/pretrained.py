@@ -148,7 +148,10 @@ def model_card(model, tokenizer=None, card: dict[str, Any] | None = None,
                         f"`{config.ssm_kernel}`")
     tokenizer_line = ("none saved" if tokenizer is None else
                       f"{tokenizer.kind} ({tokenizer.vocab_size} tokens)")
-    training = _card_rows(card)
+    evaluation = _card_rows({key: value for key, value in card.items()
+                             if key.startswith(("validation", "eval"))})
+    training = _card_rows({key: value for key, value in card.items()
+                           if not key.startswith(("validation", "eval"))})
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation",
         "tags:", "- blockstate", "- block-state-transformer", "- custom_code", "---", "",
@@ -162,18 +165,22 @@ def model_card(model, tokenizer=None, card: dict[str, Any] | None = None,
         lines += ["| | |", "|---|---|", *training]
     else:
         lines += ["Not recorded (saved with `save_pretrained` outside a training run)."]
+    lines += ["", "## Evaluation", ""]
+    if evaluation:
+        lines += ["Measured on the training data's validation split at the end of training:", "",
+                  "| | |", "|---|---|", *evaluation]
+    else:
+        lines += ["Not recorded; `blockstate eval PATH --data CORPUS` measures loss and bits per "
+                  "byte."]
     lines += [
-        "", "## Evaluation", "",
-        "See the training table (validation) where it was recorded; `blockstate eval` measures "
-        "loss and bits per byte on a corpus.", "",
-        "## How to load", "",
+        "", "## How to load", "",
         "With plain `transformers` (the modeling code ships in this repository):", "",
         "```python",
         "from transformers import AutoModelForCausalLM" + (", AutoTokenizer" if tokenizer else ""),
         "model = AutoModelForCausalLM.from_pretrained(PATH_OR_REPO, trust_remote_code=True)",
     ]
     if tokenizer is not None and hf_tokenizer:
-        lines += ["tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO)",
+        lines += ["tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO, trust_remote_code=True)",
                   'ids = tokenizer("def ", return_tensors="pt").input_ids',
                   "print(tokenizer.decode(model.generate(ids, max_new_tokens=50)[0]))"]
     lines += ["```", "", "With blockstate (`pip install blockstate`):", "", "```python",
