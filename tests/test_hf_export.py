@@ -238,3 +238,20 @@ def test_cli_export_writes_the_run_into_the_card_and_pushes(tmp_path, monkeypatc
                  "| max_tokens | 5000 |", "| validation bpb | 2.5 |", "| steps | 40 |"):
         assert text in card, text
     assert "uploaded to https://huggingface.co/me/bst-mf" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_user_guide_python_examples_run(tmp_path):
+    """docs/huggingface.md's ```python blocks run (```py blocks need the Hub), in a subprocess
+    whose transformers module cache is under tmp_path."""
+    import re
+
+    pytest.importorskip("transformers")
+    guide = (Path(__file__).parents[1] / "docs" / "huggingface.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", guide, flags=re.S)
+    assert blocks
+    env = {**isolated_env(tmp_path), "PYTHONPATH": str(Path(blockstate.__file__).parents[1])}
+    for block in blocks:
+        run = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,
+                             env=env, cwd=tmp_path, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]

@@ -1,26 +1,50 @@
 """Hugging Face `transformers` classes for blockstate models (optional: `pip install blockstate[hf]`).
 
-Importing this module registers `BlockStateConfig` with `AutoConfig` and `BlockStateForCausalLM`
-with `AutoModelForCausalLM` under model_type "blockstate", so a directory written by
-`BlockStateLM.save_pretrained` or `blockstate export` loads with
+An export (`BlockStateLM.save_pretrained` or `blockstate export`; layout in
+`blockstate.pretrained`) carries its own modeling code and an `auto_map`, so plain `transformers`
+loads it, locally or from the Hub, without blockstate installed:
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("exported-dir-or-repo", trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained("exported-dir-or-repo", trust_remote_code=True)
+
+(the classes then come from the export's `modeling_blockstate.py`, a copy of
+`blockstate.hf_modeling`). Importing this module instead registers the installed classes,
+`BlockStateConfig` with `AutoConfig` and `BlockStateForCausalLM` with `AutoModelForCausalLM` under
+model_type "blockstate", which load the same directories (and exports written before the remote
+code) without `trust_remote_code`:
 
     import blockstate.hf  # noqa: F401  (registers the classes)
-    from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("exported-dir")
 
-and gives the same logits as `blockstate.load`, and the same greedy tokens from `generate()`.
+Either way the model gives the same logits as `blockstate.load`, and `generate()` the same tokens
+as blockstate's own `generate` for greedy decoding and for sampling with the same seed
+(`torch.manual_seed(seed)` before `generate`, the same temperature and top_k; with top_p, not
+checked: the two nucleus filters may differ at its boundary): it runs on blockstate's one-token
+inference cache (`BlockStateCache`, a `transformers` `Cache` around
+`blockstate.cache.InferenceCache`), prefilling the prompt once and then costing one step per
+token. Beam search reorders the cache's rows. Batches of prompts of
+different lengths are accepted left-padded (`attention_mask` zeros first in each row; the export's
+tokenizer pads on the left): each row then runs through a cache of its own and equals generating
+it alone; any other mask is refused, naming blockstate's own `generate`. `use_cache=False`
+recomputes the whole sequence per token (exact, slow). Not supported: assisted decoding (the cache
+cannot be cropped), `inputs_embeds`.
 
-Not supported: `transformers`' key/value cache. The model declares that it takes no `Cache`, so
-`generate()` runs the full forward pass over the sequence at every new token (exact, slower);
-blockstate's own `model.generate` uses the one-token steps of `blockstate.cache`. Attention masks
-are accepted only when they mask nothing (the model has no padding semantics: batch prompts of
-different lengths through blockstate's `generate`).
+Tokenizers. The export's `tokenizer.json` is in the `tokenizers` library's format, so
+`AutoTokenizer` gives a fast tokenizer without custom code (`blockstate.tokenizer_export`: the
+same ids as blockstate's tokenizer for any text, except a literal U+2581, and special-token text
+for unigram models). `BlockStateTokenizer` wraps blockstate's own tokenizer (the export's
+`blockstate_tokenizer.json`, or `tokenizer/` in older exports) behind the `transformers` tokenizer
+interface, with exactly blockstate's ids; `AutoTokenizer` picks it for older exports once this
+module is imported. Its token strings are the SentencePiece pieces, or "<0xNN>" for bytes;
+`add_special_tokens` adds nothing (blockstate prepends BOS itself where it scores or generates).
 
-The tokenizer saved with the model (byte-level or SentencePiece) loads through `AutoTokenizer` as
-`BlockStateTokenizer`, a `transformers` tokenizer around blockstate's own: the same ids as
-`blockstate.load`'s tokenizer for any text, and the same text back. Its token strings are the
-SentencePiece pieces, or "<0xNN>" for bytes; `add_special_tokens` adds nothing (blockstate
-prepends BOS itself where it scores or generates).
+Hub: `BlockStateLM.from_pretrained("owner/name")` and `blockstate.load("owner/name")` download
+with `huggingface_hub`; `BlockStateLM.push_to_hub(repo_id, tokenizer)` and `blockstate export RUN
+DIR --push-to-hub REPO_ID` upload a complete export. `BlockStateForCausalLM.save_pretrained` /
+`push_to_hub` (transformers' own) write transformers' layout instead: weights under "model."
+(`blockstate.load` reads them), no tokenizer, no model card, and the modeling code only when the
+model was itself loaded as remote code.
 """
 
 from __future__ import annotations

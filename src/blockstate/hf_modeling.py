@@ -195,10 +195,15 @@ class BlockStateForCausalLM(PreTrainedModel, GenerationMixin):
             if attention_mask is not None and not bool(
                     attention_mask[:, -input_ids.shape[1]:].bool().all()):
                 raise ValueError(_PADDING_MESSAGE)
+            def feed(tokens: torch.Tensor, inner: InferenceCache) -> torch.Tensor:
+                if tokens.shape[1] == 1:                                 # one step
+                    return model.step(tokens, inner)[:, None]
+                return model.prefill(tokens, inner)                      # steps, one by one
+
             if cache.batched is not None:
-                logits = model.prefill(input_ids, cache.batched)
+                logits = feed(input_ids, cache.batched)
             else:
-                logits = torch.cat([model.prefill(input_ids[row:row + 1], row_cache)
+                logits = torch.cat([feed(input_ids[row:row + 1], row_cache)
                                     for row, row_cache in enumerate(cache.rows)])
         cache.seen += input_ids.shape[1]
         return logits

@@ -170,8 +170,8 @@ def model_card(model, tokenizer=None, card: dict[str, Any] | None = None,
         lines += ["Measured on the training data's validation split at the end of training:", "",
                   "| | |", "|---|---|", *evaluation]
     else:
-        lines += ["Not recorded; `blockstate eval PATH --data CORPUS` measures loss and bits per "
-                  "byte."]
+        lines += ["Not recorded with this export (`blockstate eval` on the training run measures "
+                  "loss and bits per byte)."]
     lines += [
         "", "## How to load", "",
         "With plain `transformers` (the modeling code ships in this repository):", "",
