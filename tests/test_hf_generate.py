@@ -66,6 +66,10 @@ def test_left_padded_rows_equal_generating_each_alone():
     assert out[1].tolist() == model.generate([long], 7, temperature=0)[0]
     logits = hf(ids, attention_mask=mask).logits                  # without a cache, the same rows
     torch.testing.assert_close(logits[0, pad:], model(torch.tensor([short]))[0])
+    beams = {use_cache: hf.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2,
+                                    do_sample=False, pad_token_id=0, use_cache=use_cache)
+             for use_cache in (True, False)}               # per-row caches reordered by beam
+    assert torch.equal(beams[True], beams[False])
 
 
 def test_other_masks_and_caches_are_refused():
