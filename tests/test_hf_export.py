@@ -134,7 +134,7 @@ def test_old_exports_still_load():
     torch.testing.assert_close(last, torch.tensor([-0.07829547, 0.02799209, 0.01377762,
                                                    0.08638986]))
     pytest.importorskip("transformers")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from blockstate.hf import BlockStateTokenizer  # registers the Auto classes
 
@@ -142,6 +142,9 @@ def test_old_exports_still_load():
     assert torch.equal(hf(torch.tensor([[10, 20, 30, 40, 50]])).logits[0, -1, :4], last)
     slow = BlockStateTokenizer.from_pretrained(FIXTURE)
     assert slow("héllo")["input_ids"] == list("héllo".encode())
+    auto = AutoTokenizer.from_pretrained(FIXTURE)           # no tokenizer_config.json: registered
+    assert isinstance(auto, BlockStateTokenizer)
+    assert auto("héllo")["input_ids"] == list("héllo".encode())
 
 
 def test_from_pretrained_takes_a_hub_repo_id(tmp_path, monkeypatch):

@@ -29,7 +29,9 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 ENTRY_MODULES = {"hf_config": "configuration_blockstate", "hf_modeling": "modeling_blockstate"}
 NOT_BUNDLED = {"pretrained"}  # BlockStateLM.save_pretrained/from_pretrained: blockstate itself
-REQUIRED = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
+# transformers and its own dependencies: installed wherever remote code runs
+REQUIRED = ({"torch", "transformers", "numpy", "safetensors", "huggingface_hub", "tokenizers",
+             "__future__"} | set(sys.stdlib_module_names))
 _TRANSFORMERS_RELATIVE = re.compile(r"^\s*from\s+\.(\S+)\s+import", flags=re.MULTILINE)
 
 
