@@ -30,16 +30,17 @@ ISOLATED = textwrap.dedent("""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     results = {}
-    for directory in sys.argv[1:]:
-        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+    for argument in sys.argv[1:]:
+        name, source = argument.split("=", 1)        # a directory, or a repo id in the Hub cache
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
         ids = tokenizer(["def f(x):", "return x"], return_tensors="pt", padding=True,
                         padding_side="left")
         out = model.generate(**ids, max_new_tokens=6, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         short = ids.input_ids[1:, ids.attention_mask[1].argmax():]
-        torch.save(model(short).logits, directory + "/logits.pt")
-        results[directory] = {"class": type(model).__module__ + "." + type(model).__name__,
+        torch.save(model(short).logits, name + ".pt")
+        results[name] = {"class": type(model).__module__ + "." + type(model).__name__,
                               "input_ids": ids.input_ids.tolist(), "out": out.tolist(),
                               "text": tokenizer.decode(ids.input_ids[1], skip_special_tokens=True)}
     assert not [m for m in sys.modules if m == "blockstate" or m.startswith("blockstate.")]
@@ -54,21 +55,37 @@ def isolated_env(tmp_path):
     return env
 
 
+def fake_hub_snapshot(hf_home: Path, repo_id: str, export: Path) -> None:
+    """Put `export` into the Hub cache under `hf_home` as repo_id's main revision, the way
+    huggingface_hub leaves a download (read offline with HF_HUB_OFFLINE=1)."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(export, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
 @pytest.mark.slow
 def test_plain_transformers_loads_the_export_without_blockstate(tmp_path):
+    """From a directory and, through the Hub code path (files resolved from the Hub cache,
+    offline), from a repo id."""
     pytest.importorskip("transformers")
     models = {}
     for name in ("bst-sh-ssd", "brt"):        # ssd: the optional mamba-ssm import is carried
         torch.manual_seed(0)
         models[name] = build_model(name, "tiny", vocab_size=259, init_std=0.1).eval()
         models[name].save_pretrained(tmp_path / name, ByteTokenizer())
-    dirs = [str(tmp_path / name) for name in models]
-    run = subprocess.run([sys.executable, "-c", ISOLATED, *dirs], capture_output=True, text=True,
-                         env=isolated_env(tmp_path), cwd=tmp_path, timeout=300)
+    fake_hub_snapshot(tmp_path / "hf-home", "someone/brt-tiny", tmp_path / "brt")
+    sources = [f"bst-sh-ssd={tmp_path / 'bst-sh-ssd'}", "brt=someone/brt-tiny"]
+    run = subprocess.run([sys.executable, "-c", ISOLATED, *sources], capture_output=True,
+                         text=True, env=isolated_env(tmp_path), cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "someone" in results["brt"]["class"] and "0123456789abcdef" in results["brt"]["class"]
     for name, model in models.items():
-        result = results[str(tmp_path / name)]
+        result = results[name]
         assert result["class"].startswith("transformers_modules.")
         assert result["class"].endswith("modeling_blockstate.BlockStateForCausalLM")
         short, long = b"return x", b"def f(x):"
@@ -79,7 +96,7 @@ def test_plain_transformers_loads_the_export_without_blockstate(tmp_path):
                     model.generate([list(short)], 6, temperature=0)[0]]
         assert result["out"][0] == expected[0]
         assert result["out"][1][pad:] == expected[1]
-        logits = torch.load(tmp_path / name / "logits.pt")
+        logits = torch.load(tmp_path / f"{name}.pt")
         assert torch.equal(logits, model(torch.tensor([list(short)])))
 
 
