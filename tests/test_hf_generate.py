@@ -49,6 +49,11 @@ def test_sampling_with_a_seed_and_beam_search():
     sampled = hf.generate(tokens, max_new_tokens=10, do_sample=True, temperature=0.7, top_k=20,
                           top_p=1.0)
     assert sampled.tolist() == model.generate(tokens, 10, temperature=0.7, top_k=20, seed=7)
+    for top_p in (None, 0.5, 0.9):     # top_k=0: transformers would otherwise apply top_k=50
+        torch.manual_seed(3)
+        sampled = hf.generate(tokens, max_new_tokens=12, do_sample=True, temperature=1.3, top_k=0,
+                              top_p=top_p)
+        assert sampled.tolist() == model.generate(tokens, 12, temperature=1.3, top_p=top_p, seed=3)
     cached = hf.generate(tokens, max_new_tokens=8, num_beams=3, do_sample=False)
     full = hf.generate(tokens, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False)
     assert torch.equal(cached, full)                   # reordered cache rows = full recomputation

@@ -19,12 +19,13 @@ code) without `trust_remote_code`:
 
 Either way the model gives the same logits as `blockstate.load`, and `generate()` the same tokens
 as blockstate's own `generate` for greedy decoding and for sampling with the same seed
-(`torch.manual_seed(seed)` before `generate`, the same temperature and top_k; with top_p, not
-checked: the two nucleus filters may differ at its boundary): it runs on blockstate's one-token
-inference cache (`BlockStateCache`, a `transformers` `Cache` around
+(`torch.manual_seed(seed)` before `generate`, the same temperature, top_k and top_p, and
+`top_k=0` where blockstate's has none: `transformers` applies top_k=50 unless told; tested at
+top_p 0.5 and 0.9, though the two nucleus filters could part at exact ties): it runs on
+blockstate's one-token inference cache (`BlockStateCache`, a `transformers` `Cache` around
 `blockstate.cache.InferenceCache`), prefilling the prompt once and then costing one step per
-token. Beam search reorders the cache's rows. Batches of prompts of
-different lengths are accepted left-padded (`attention_mask` zeros first in each row; the export's
+token. Beam search reorders the cache's rows. Batches of prompts of different lengths are
+accepted left-padded (`attention_mask` zeros first in each row; the export's
 tokenizer pads on the left): each row then runs through a cache of its own and equals generating
 it alone; any other mask is refused, naming blockstate's own `generate`. `use_cache=False`
 recomputes the whole sequence per token (exact, slow). Not supported: assisted decoding (the cache
