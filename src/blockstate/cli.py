@@ -271,10 +271,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty directory; choose a new one")
     model, tokenizer, checkpoint = load_with_checkpoint(args.run)
-    model.save_pretrained(out, tokenizer)
+    model.save_pretrained(out, tokenizer, export_card(checkpoint))
     print(f"{checkpoint.path} (step {checkpoint.step}) -> {out}: config.json, model.safetensors, "
-          f"tokenizer/ ({model.num_parameters():,} parameters)")
+          f"remote code, tokenizer, generation config, README.md "
+          f"({model.num_parameters():,} parameters)")
+    if args.push_to_hub:
+        from .pretrained import push_to_hub
+
+        info = push_to_hub(model, args.push_to_hub, private=args.private or None, directory=out)
+        print(f"uploaded to https://huggingface.co/{args.push_to_hub} "
+              f"({getattr(info, 'oid', None) or info})")
     return 0
+
+
+def export_card(checkpoint) -> dict:
+    """What an export's model card says about its training run: the training config's model,
+    size, data, tokenizer and budget, the steps, tokens and time trained, and the run's last
+    validation numbers (its summary.json) when the run finished at this checkpoint."""
+    state = checkpoint.train_state or {}
+    train = state.get("train_config") or {}
+    card = {key: train.get(key) for key in ("model", "size", "data", "tokenizer", "vocab_size",
+                                            "seq_len", "batch_size", "lr", "max_steps",
+                                            "max_tokens", "max_time")}
+    card.update({"steps": state.get("step", checkpoint.step), "tokens": state.get("tokens"),
+                 "training time (s)": state.get("elapsed")})
+    summary = Path(checkpoint.path).parent.parent / "summary.json"
+    try:
+        finished = json.loads(summary.read_text(encoding="utf-8"))
+        validation = (finished.get("validation") if finished.get("step") == checkpoint.step
+                      else None)                     # the summary of this checkpoint's step only
+    except (OSError, ValueError, AttributeError):
+        validation = None
+    if isinstance(validation, dict):
+        card.update({f"validation {key}": value for key, value in validation.items()})
+    elif validation is not None:
+        card["validation"] = validation
+    return card
 
 
 def cmd_corpora(args: argparse.Namespace) -> int:
@@ -523,10 +555,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a run's model and tokenizer as a self-contained "
-                                      "directory (Hugging Face layout: config.json, "
-                                      "model.safetensors, tokenizer/)")
+                                      "directory that plain transformers loads "
+                                      "(trust_remote_code=True): config.json, model.safetensors, "
+                                      "the modeling code, tokenizer files, generation config, "
+                                      "model card")
     p.add_argument("run", help="run directory or checkpoint directory")
     p.add_argument("out", help="new (or empty) output directory")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="then upload the export to this Hugging Face Hub repository (created if "
+                        "missing; log in first with `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint, streamed as produced")

@@ -1,139 +1,93 @@
 """Hugging Face `transformers` classes for blockstate models (optional: `pip install blockstate[hf]`).
 
-Importing this module registers `BlockStateConfig` with `AutoConfig` and `BlockStateForCausalLM`
-with `AutoModelForCausalLM` under model_type "blockstate", so a directory written by
-`BlockStateLM.save_pretrained` or `blockstate export` loads with
+An export (`BlockStateLM.save_pretrained` or `blockstate export`; layout in
+`blockstate.pretrained`) carries its own modeling code and an `auto_map`, so plain `transformers`
+loads it, locally or from the Hub, without blockstate installed:
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("exported-dir-or-repo", trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained("exported-dir-or-repo", trust_remote_code=True)
+
+(the classes then come from the export's `modeling_blockstate.py`, a copy of
+`blockstate.hf_modeling`). Importing this module instead registers the installed classes,
+`BlockStateConfig` with `AutoConfig` and `BlockStateForCausalLM` with `AutoModelForCausalLM` under
+model_type "blockstate", which load the same directories (and exports written before the remote
+code) without `trust_remote_code`:
 
     import blockstate.hf  # noqa: F401  (registers the classes)
-    from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("exported-dir")
 
-and gives the same logits as `blockstate.load`, and the same greedy tokens from `generate()`.
+Either way the model gives the same logits as `blockstate.load`, and `generate()` the same tokens
+as blockstate's own `generate` for greedy decoding and for sampling with the same seed
+(`torch.manual_seed(seed)` before `generate`, the same temperature, top_k and top_p, and
+`top_k=0` where blockstate's has none: `transformers` applies top_k=50 unless told; tested at
+top_p 0.5 and 0.9, though the two nucleus filters could part at exact ties): it runs on
+blockstate's one-token inference cache (`BlockStateCache`, a `transformers` `Cache` around
+`blockstate.cache.InferenceCache`), prefilling the prompt once and then costing one step per
+token. Beam search reorders the cache's rows. Batches of prompts of different lengths are
+accepted left-padded (`attention_mask` zeros first in each row; the export's
+tokenizer pads on the left): each row then runs through a cache of its own and equals generating
+it alone; any other mask is refused, naming blockstate's own `generate`. `use_cache=False`
+recomputes the whole sequence per token (exact, slow). Not supported: assisted decoding (the cache
+cannot be cropped), `inputs_embeds`.
 
-Not supported: `transformers`' key/value cache. The model declares that it takes no `Cache`, so
-`generate()` runs the full forward pass over the sequence at every new token (exact, slower);
-blockstate's own `model.generate` uses the one-token steps of `blockstate.cache`. Attention masks
-are accepted only when they mask nothing (the model has no padding semantics: batch prompts of
-different lengths through blockstate's `generate`).
+Tokenizers. The export's `tokenizer.json` is in the `tokenizers` library's format, so
+`AutoTokenizer` gives a fast tokenizer without custom code (`blockstate.tokenizer_export`: the
+same ids as blockstate's tokenizer for any text, except a literal U+2581, and special-token text
+for unigram models). `BlockStateTokenizer` wraps blockstate's own tokenizer (the export's
+`blockstate_tokenizer.json`, or `tokenizer/` in older exports) behind the `transformers` tokenizer
+interface, with exactly blockstate's ids; `AutoTokenizer` picks it for older exports once this
+module is imported. Its token strings are the SentencePiece pieces, or "<0xNN>" for bytes;
+`add_special_tokens` adds nothing (blockstate prepends BOS itself where it scores or generates).
 
-The tokenizer saved with the model (byte-level or SentencePiece) loads through `AutoTokenizer` as
-`BlockStateTokenizer`, a `transformers` tokenizer around blockstate's own: the same ids as
-`blockstate.load`'s tokenizer for any text, and the same text back. Its token strings are the
-SentencePiece pieces, or "<0xNN>" for bytes; `add_special_tokens` adds nothing (blockstate
-prepends BOS itself where it scores or generates).
+Hub: `BlockStateLM.from_pretrained("owner/name")` and `blockstate.load("owner/name")` download
+with `huggingface_hub`; `BlockStateLM.push_to_hub(repo_id, tokenizer)` and `blockstate export RUN
+DIR --push-to-hub REPO_ID` upload a complete export. `BlockStateForCausalLM.save_pretrained` /
+`push_to_hub` (transformers' own) write transformers' layout instead: weights under "model."
+(`blockstate.load` reads them), no tokenizer, no model card, and the modeling code only when the
+model was itself loaded as remote code.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 try:
     import transformers
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        GenerationMixin,
-        PreTrainedModel,
-        PreTrainedTokenizer,
-    )
-    from transformers.modeling_outputs import CausalLMOutput
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("blockstate.hf needs the `transformers` package: pip install "
                       "'blockstate[hf]'") from e
 
-try:
-    from transformers import PreTrainedConfig as _BaseConfig
-except ImportError:  # transformers < 5
-    from transformers import PretrainedConfig as _BaseConfig
-
-from .config import ModelConfig
-from .model import BlockStateLM
-from .pretrained import MODEL_TYPE, TOKENIZER_DIR
-
-_FIELDS = ModelConfig.field_names()
-
-
-class BlockStateConfig(_BaseConfig):
-    """A `ModelConfig` as a `transformers` config: every field is an attribute (and a key of
-    config.json), validated by `ModelConfig`."""
-
-    model_type = MODEL_TYPE
-
-    def __init__(self, **kwargs):
-        fields = {name: kwargs.pop(name) for name in list(kwargs) if name in _FIELDS}
-        model_config = ModelConfig.from_dict(fields)                      # validates
-        for name, value in model_config.to_dict().items():
-            setattr(self, name, value)
-        kwargs.setdefault("tie_word_embeddings", model_config.tie_embeddings)
-        super().__init__(**kwargs)
-
-    def to_model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict({name: getattr(self, name) for name in _FIELDS})
-
-
-class BlockStateForCausalLM(PreTrainedModel, GenerationMixin):
-    """`BlockStateLM` behind the `transformers` causal-LM interface: `forward(input_ids, labels)`
-    returns logits and, with labels, the next-token cross-entropy."""
-
-    config_class = BlockStateConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-
-    def __init__(self, config: BlockStateConfig):
-        super().__init__(config)
-        self.model = BlockStateLM(config.to_model_config())
-        self.post_init()
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        """No `transformers` Cache: `generate()` runs the full forward pass per new token."""
-        return False
-
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        """BlockStateLM initializes itself; loaded weights replace it anyway."""
-
-    def get_input_embeddings(self) -> torch.nn.Module:
-        return self.model.embedding
-
-    def set_input_embeddings(self, value: torch.nn.Module) -> None:
-        self.model.embedding = value
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("blockstate models have no padding semantics: attention_mask must "
-                             "mask nothing (batch prompts of different lengths with "
-                             "blockstate's own generate)")
-        logits = self.model(input_ids)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=logits)
-
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask=None,
-                                      **kwargs) -> dict:
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+from .hf_config import MODEL_TYPE, BlockStateConfig
+from .hf_modeling import BlockStateCache, BlockStateForCausalLM
+from .pretrained import BLOCKSTATE_TOKENIZER_FILE, TOKENIZER_DIR
 
 
 class BlockStateTokenizer(PreTrainedTokenizer):
-    """blockstate's tokenizer (from the `tokenizer/` directory beside the model) behind the
-    `transformers` tokenizer interface; see the module docstring."""
+    """blockstate's tokenizer (blockstate_tokenizer.json and, for SentencePiece, tokenizer.model
+    beside the model; tokenizer/ in older exports) behind the `transformers` tokenizer interface;
+    see the module docstring."""
 
-    vocab_files_names = {"blockstate_tokenizer": f"{TOKENIZER_DIR}/tokenizer.json"}
+    vocab_files_names = {"blockstate_tokenizer": BLOCKSTATE_TOKENIZER_FILE,
+                         "sentencepiece_model": "tokenizer.model",
+                         "legacy_tokenizer": f"{TOKENIZER_DIR}/tokenizer.json",
+                         "legacy_sentencepiece_model": f"{TOKENIZER_DIR}/tokenizer.model"}
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, blockstate_tokenizer: str | None = None, **kwargs):
+    def __init__(self, blockstate_tokenizer: str | None = None, sentencepiece_model=None,
+                 legacy_tokenizer: str | None = None, legacy_sentencepiece_model=None, **kwargs):
         from pathlib import Path
 
         from .data import load_tokenizer
 
-        if blockstate_tokenizer is None:
-            raise ValueError("BlockStateTokenizer needs the tokenizer/ directory of a model saved "
-                             "by blockstate's save_pretrained with its tokenizer")
-        self.inner = load_tokenizer(Path(blockstate_tokenizer).parent)
+        if blockstate_tokenizer is not None and Path(blockstate_tokenizer).is_file():
+            path = Path(blockstate_tokenizer)
+            self.inner = load_tokenizer(path.parent, config_name=path.name)
+        elif legacy_tokenizer is not None and Path(legacy_tokenizer).is_file():
+            self.inner = load_tokenizer(Path(legacy_tokenizer).parent)
+        else:
+            raise ValueError("BlockStateTokenizer needs the blockstate_tokenizer.json (or "
+                             "tokenizer/ directory) of a model saved by blockstate's "
+                             "save_pretrained with its tokenizer")
         special = {self.inner.pad_id: "<pad>", self.inner.bos_id: "<s>", self.inner.eos_id: "</s>"}
         self._tokens = [special.get(i) or self._token_of(i) for i in range(self.inner.vocab_size)]
         self._ids = {token: i for i, token in enumerate(self._tokens)}
@@ -173,13 +127,17 @@ class BlockStateTokenizer(PreTrainedTokenizer):
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         from pathlib import Path
 
-        target = Path(save_directory) / TOKENIZER_DIR
-        self.inner.save(target)
-        return (str(target / "tokenizer.json"),)
+        directory = Path(save_directory)
+        self.inner.save(directory, config_name=BLOCKSTATE_TOKENIZER_FILE)
+        saved = [directory / BLOCKSTATE_TOKENIZER_FILE]
+        if self.inner.kind != "byte":
+            saved.append(directory / "tokenizer.model")
+        return tuple(str(path) for path in saved)
 
 
 AutoConfig.register(MODEL_TYPE, BlockStateConfig, exist_ok=True)
 AutoModelForCausalLM.register(BlockStateConfig, BlockStateForCausalLM, exist_ok=True)
 AutoTokenizer.register(BlockStateConfig, slow_tokenizer_class=BlockStateTokenizer, exist_ok=True)
 
-__all__ = ["BlockStateConfig", "BlockStateForCausalLM", "BlockStateTokenizer", "transformers"]
+__all__ = ["BlockStateCache", "BlockStateConfig", "BlockStateForCausalLM", "BlockStateTokenizer",
+           "transformers"]

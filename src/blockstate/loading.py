@@ -57,8 +57,19 @@ def load(path: str | Path, device: torch.device | str = "cpu"):
         ids = model.generate([tokenizer.encode("def ")], 50, temperature=0)[0]
         print(tokenizer.decode(ids))
     """
-    from .pretrained import is_pretrained_dir, load_pretrained, load_pretrained_tokenizer
+    from .pretrained import (
+        is_pretrained_dir,
+        load_pretrained,
+        load_pretrained_tokenizer,
+        looks_like_repo_id,
+        resolve_pretrained,
+    )
 
+    if looks_like_repo_id(path):
+        try:
+            path = resolve_pretrained(path)
+        except CheckpointError:
+            pass            # neither: the checkpoint loader below names the missing directory
     if is_pretrained_dir(path):
         return load_pretrained(path, device), load_pretrained_tokenizer(path)
     model, tokenizer, _ = load_with_checkpoint(path, device)

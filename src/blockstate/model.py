@@ -156,18 +156,29 @@ class BlockStateLM(nn.Module):
         cache.position += 1
         return logits.clone()
 
-    def save_pretrained(self, directory, tokenizer=None):
-        """Write the model (and `tokenizer`) in the Hugging Face layout; see `blockstate.pretrained`."""
+    def save_pretrained(self, directory, tokenizer=None, card=None):
+        """Write the model (and `tokenizer`) in the Hugging Face layout, with the remote code
+        plain `transformers` loads it by and a model card; see `blockstate.pretrained`."""
         from .pretrained import save_pretrained
 
-        return save_pretrained(self, directory, tokenizer)
+        return save_pretrained(self, directory, tokenizer, card)
+
+    def push_to_hub(self, repo_id: str, tokenizer=None, card=None, private: bool | None = None,
+                    token=None, commit_message: str = "Upload blockstate model"):
+        """Upload the model (and `tokenizer`) as an export to the Hugging Face Hub repository
+        `repo_id` (created if missing); see `blockstate.pretrained.push_to_hub`."""
+        from .pretrained import push_to_hub
+
+        return push_to_hub(self, repo_id, tokenizer, card, private, token, commit_message)
 
     @classmethod
-    def from_pretrained(cls, directory, device: torch.device | str = "cpu") -> BlockStateLM:
-        """A model written by `save_pretrained`, in eval mode (its tokenizer: `blockstate.load`)."""
+    def from_pretrained(cls, directory, device: torch.device | str = "cpu",
+                        revision: str | None = None, token=None) -> BlockStateLM:
+        """A model written by `save_pretrained`, in eval mode (its tokenizer: `blockstate.load`):
+        a local directory or a Hugging Face Hub repo id ("owner/name")."""
         from .pretrained import load_pretrained
 
-        return load_pretrained(directory, device)
+        return load_pretrained(directory, device, revision, token)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -90,12 +90,14 @@ class Tokenizer(abc.ABC):
     def _files(self) -> dict[str, bytes]:
         """The files `save` writes, by name, tokenizer.json last."""
 
-    def save(self, directory: str | Path) -> None:
-        """Write tokenizer.json (and the SentencePiece model) into `directory`, each file atomically."""
+    def save(self, directory: str | Path, config_name: str = TOKENIZER_FILE) -> None:
+        """Write tokenizer.json (and the SentencePiece model) into `directory`, each file atomically;
+        `config_name` renames tokenizer.json (exported models: blockstate_tokenizer.json, beside
+        the `tokenizers` library's tokenizer.json)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, content in self._files().items():
-            atomic_write(directory / name, content)
+            atomic_write(directory / (config_name if name == TOKENIZER_FILE else name), content)
 
     def fingerprint(self) -> str:
         """sha256 hex of the files `save` writes."""
@@ -245,11 +247,11 @@ def train_sentencepiece(corpus: Corpus, vocab_size: int, directory: str | Path, 
     return tokenizer
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """The tokenizer saved in `directory` (by `Tokenizer.save`)."""
-    path = Path(directory) / TOKENIZER_FILE
+def load_tokenizer(directory: str | Path, config_name: str = TOKENIZER_FILE) -> Tokenizer:
+    """The tokenizer saved in `directory` (by `Tokenizer.save`, with the same `config_name`)."""
+    path = Path(directory) / config_name
     if not path.is_file():
-        raise TokenizerError(f"no tokenizer in {directory}: {TOKENIZER_FILE} is missing; build one with "
+        raise TokenizerError(f"no tokenizer in {directory}: {config_name} is missing; build one with "
                              "build_tokenizer or save one with Tokenizer.save")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

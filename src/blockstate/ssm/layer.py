@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import context_parallel
 from ..cache import ConvSSMCache, RecurrentSSMCache
 from ..config import SSM_METHODS, ModelConfig
+from ..context_parallel import active as context_parallel_active
+from ..context_parallel import carried_outputs
 from .chunked import ChunkOperators, chunk_end_states, chunk_operators, chunked_causal_conv, end_outputs
 from .conv import fft_causal_conv, kernel_spectrum, next_fast_len
 from .eager import eager
@@ -125,8 +126,8 @@ class SSM(nn.Module):
                 spectrum = self._cached(("fft", length, n),
                                         lambda: kernel_spectrum(self.kernel(length), length, n))
                 y = fft_causal_conv(u_t, spectrum=spectrum)
-            if context_parallel.active():  # this rank's part of a longer sequence
-                y = y + context_parallel.carried_outputs(self.kernel, u_t, self.chunk_size)
+            if context_parallel_active():  # this rank's part of a longer sequence
+                y = y + carried_outputs(self.kernel, u_t, self.chunk_size)
             y = self._skip(y, u_t)
         return y.permute(0, 3, 1, 2)                                             # (B, L, C, H)
 
@@ -138,7 +139,7 @@ class SSM(nn.Module):
         length = u.shape[1]
         # No Toeplitz products here, so the chunk can be as long as a block (fewer scan steps).
         chunk = math.gcd(max(self.chunk_size, block_size), block_size)
-        if self.resolve_method(length, u.device) != "chunked" or chunk < 8 or context_parallel.active():
+        if self.resolve_method(length, u.device) != "chunked" or chunk < 8 or context_parallel_active():
             return self.forward(u)[:, block_size - 1::block_size]
         u_t = u.transpose(1, 2)                                                  # (B, H, L)
         with torch.autocast(device_type=u.device.type, enabled=False):
