@@ -150,3 +150,9 @@ def test_the_documented_python_example_runs(tiny_export, monkeypatch, capsys):
     code = code.replace("simple_evaluate(", "simple_evaluate(limit=2, ")  # a quick look is enough here
     exec(compile(code, "docs/lm_eval.md", "exec"), {})
     assert 0.5 < float(capsys.readouterr().out.strip().splitlines()[-1]) < 12
+
+
+def test_the_readme_shows_the_documented_command():
+    """The command the slow test above runs is the one the README shows."""
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text(encoding="utf-8")
+    assert _documented("## The command", "bash").strip() in readme
