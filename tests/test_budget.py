@@ -103,7 +103,7 @@ def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkey
     nano = {**bench_quality.NANOGPT_CPU, "sample_tokens": 20, "eval_batches": 1}
     monkeypatch.setattr(bench_quality, "ENTRIES", {
         "main": ("main job", {**bench_quality.MAIN_JOB, "sample_tokens": 20, "eval_batches": 1}),
-        "nanogpt-cpu": ("nanoGPT CPU recipe", nano)})
+        "nanogpt-cpu": ("transformer preset, nanoGPT's CPU hyperparameters", nano)})
     report = bench_quality.run_quality(tmp_path / "quality", [str(root)], minutes=0.05,
                                        runs_dir=tmp_path / "runs", eval_tokens=4096,
                                        cache_dir=str(tmp_path / "cache"), command="test")
@@ -115,7 +115,7 @@ def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkey
     assert main["seq_len"] % baseline["seq_len"] == 0
     assert baseline["model"]["d_model"] == 128 and baseline["batch_size"] == 12
     text = (tmp_path / "quality.md").read_text()
-    assert "nanoGPT CPU recipe" in text and "bits per byte" in text
+    assert "nanoGPT's CPU hyperparameters" in text and "bits per byte" in text
     assert json.loads((tmp_path / "quality.json").read_text())["kind"] == "quality"
 
 

@@ -1,4 +1,5 @@
-"""`blockstate bench quality`: the README's main job against nanoGPT's CPU recipe, equal minutes.
+"""`blockstate bench quality`: the README's main job against this project's `transformer` preset
+trained with nanoGPT's CPU hyperparameters (not nanoGPT itself), in equal minutes.
 
 For each corpus, one after the other in this process (same threads): the main job (`bst-sh-s4`,
 size "auto" planned for the time budget, every other setting at its default) and the `transformer`
@@ -35,7 +36,7 @@ MAIN_JOB: dict[str, Any] = {"model": "bst-sh-s4"}
 # Each entry's run directory name (under --runs-dir/CORPUS), label and training fields.
 ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
     "main": ("main job (bst-sh-s4, size auto)", MAIN_JOB),
-    "nanogpt-cpu": ("nanoGPT CPU recipe (transformer)", NANOGPT_CPU),
+    "nanogpt-cpu": ("transformer preset, nanoGPT's CPU hyperparameters", NANOGPT_CPU),
 }
 
 
@@ -158,7 +159,8 @@ def quality_markdown(report: dict[str, Any]) -> str:
                      f"{r['batch_size']} / {r['lr']:g}", f"{r['steps']:,}",
                      f"{r['tokens'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.0%}",
                      f"**{r['test']['bits_per_byte']:.3f}**"])
-    lines = ["# Quality in equal minutes: the main job against nanoGPT's CPU recipe", "",
+    lines = ["# Quality in equal minutes: the main job against the transformer preset with nanoGPT's "
+             "CPU hyperparameters", "",
              f"`{report['command']}`: {report['minutes']:g} minutes of training each, one after "
              f"the other, {report['threads']} torch thread(s); held-out bits per byte on the "
              f"same ~{report['eval_tokens']:,} bytes (whole documents) of each corpus's test "
@@ -175,7 +177,8 @@ def quality_markdown(report: dict[str, Any]) -> str:
     for corpus, results in by_corpus.items():
         if len(results) == 2:
             a, b = (r["test"]["bits_per_byte"] for r in results)
-            lines.append(f"- {corpus}: main job {a:.3f} vs nanoGPT recipe {b:.3f} bits per byte "
+            lines.append(f"- {corpus}: main job {a:.3f} vs transformer (nanoGPT hyperparameters) "
+                         f"{b:.3f} bits per byte "
                          f"({'better' if a < b else 'worse'} by {abs(a - b):.3f}, "
                          f"{abs(a - b) / b:.1%}).")
     for r in report["results"]:
