@@ -17,6 +17,7 @@ from blockstate.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from blockstate.fileio import sha256_file
 
 
 def make_model(**overrides):
@@ -221,7 +222,7 @@ def test_unparsable_safetensors_is_detected(tmp_path):
     path = save(tmp_path, 1)
     (path / "rng.safetensors").write_bytes(b"not a safetensors file")
     manifest = json.loads((path / "checkpoint.json").read_text())
-    manifest["files"]["rng.safetensors"] = ckpt._sha256(path / "rng.safetensors")
+    manifest["files"]["rng.safetensors"] = sha256_file(path / "rng.safetensors")
     (path / "checkpoint.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"rng\.safetensors is corrupted"):
         load_checkpoint(path)

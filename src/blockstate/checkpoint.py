@@ -18,7 +18,6 @@ One process writes to a run directory at a time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .fileio import atomic_write, fsync_dir, fsync_file
+from .fileio import atomic_write, fsync_dir, fsync_file, sha256_file
 
 FORMAT = "blockstate-checkpoint"
 FORMAT_VERSION = 1
@@ -302,7 +301,7 @@ def _write_step_dir(directory: Path, manifest: dict[str, Any], tensor_files: dic
     files = {}
     for name in [*tensor_files, *json_files, *copies]:
         fsync_file(directory / name)
-        files[name] = _sha256(directory / name)
+        files[name] = sha256_file(directory / name)
     (directory / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2), encoding="utf-8")
     fsync_file(directory / MANIFEST)
     for subdir in sorted({(directory / name).parent for name in files}, reverse=True):
@@ -491,7 +490,7 @@ def _verify_files(step_dir: Path, files: dict[str, Any]) -> None:
                                   f"{name!r}, which lies outside the checkpoint")
         if not path.is_file():
             raise CheckpointError(f"checkpoint file {path} is missing (listed in {step_dir / MANIFEST})")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise CheckpointError(f"checkpoint file {path} is corrupted: its sha256 {actual[:16]}... "
                                   f"differs from the recorded {str(expected)[:16]}...")
@@ -501,14 +500,6 @@ def _verify_files(step_dir: Path, files: dict[str, Any]) -> None:
                     f.keys()
             except SafetensorError as e:
                 raise CheckpointError(f"checkpoint file {path} is corrupted: {e}") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _like(value: Any, live: Any) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .registry import SIZES, build_model, list_models, model_config
+from .registry import SIZES, list_models, model_config
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -50,8 +50,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _count(name: str, size: str) -> int:
-    with torch.device("meta"):
-        return build_model(name, size).num_parameters()
+    from .resources import count_parameters
+
+    return count_parameters(name, size, {})
 
 
 def cmd_models(args: argparse.Namespace) -> int:

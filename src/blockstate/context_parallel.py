@@ -32,7 +32,7 @@ averages them. Outputs and gradients equal the single-process computation up to 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .ssm.chunked import ChunkOperators, chunk_end_states, chunk_operators
+from .ssm.chunked import ChunkOperators, chunk_end_states
 
 
 @dataclass(frozen=True)
@@ -150,12 +150,14 @@ def _chunk(length: int, chunk_size: int) -> int:
     return 1
 
 
-def carried_outputs(kernel: nn.Module, u: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def carried_outputs(operators: Callable[[int], ChunkOperators], u: torch.Tensor, chunk_size: int
+                    ) -> torch.Tensor:
     """The part of the SSM's outputs (B, C, H, L) that the earlier ranks' inputs contribute, for
-    this rank's inputs u (B, H, L): zero on rank 0."""
+    this rank's inputs u (B, H, L): zero on rank 0. `operators(chunk)`: the SSM's chunk matrices
+    (`SSM._operators`, cached while gradients are off)."""
     grouping = _ACTIVE[-1]
     length = u.shape[-1]
-    ops: ChunkOperators = chunk_operators(kernel, _chunk(length, chunk_size))
+    ops = operators(_chunk(length, chunk_size))
     u = u.to(ops.taps.dtype)
     dense = not ops.decay.is_complex()
     own = chunk_end_states(u, ops)[..., -1, :]                               # (B, C, H, N)

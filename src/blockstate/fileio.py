@@ -7,6 +7,7 @@ also flushes the data and the directory entry to disk (checkpoint pointers, metr
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -53,4 +54,13 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None],
     return path
 
 
-__all__ = ["atomic_write", "fsync_dir", "fsync_file"]
+def sha256_file(path: str | Path, block_bytes: int = 1 << 22) -> str:
+    """sha256 hex of a file's bytes, read in blocks (OSError when it cannot be read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(block_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["atomic_write", "fsync_dir", "fsync_file", "sha256_file"]

@@ -86,6 +86,13 @@ def _json_object(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _entries(run_dir: Path, names: frozenset[str] | None = None) -> list[str]:
+    """The entries of `run_dir` (only those among `names` when given) but the lock file, sorted,
+    directories with a trailing slash."""
+    return sorted(entry.name + ("/" if entry.is_dir() else "") for entry in run_dir.iterdir()
+                  if entry.name != LOCK_FILE and (names is None or entry.name in names))
+
+
 def _shown(names: list[str]) -> str:
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
@@ -98,8 +105,7 @@ def check_clearable(run_dir: Path, keep_inside: list[Path]) -> None:
     if not run_dir.exists():
         return
     if not is_run_dir(run_dir):
-        present = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in run_dir.iterdir()
-                         if entry.name != LOCK_FILE)
+        present = _entries(run_dir)
         if present:
             raise ValueError(f"--overwrite: {run_dir} is not a blockstate run (no {RUN_MARKER}) and "
                              f"holds {_shown(present)}; nothing was removed. Choose another --out")
@@ -116,8 +122,7 @@ def check_writable(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or is_run_dir(run_dir):
         return
-    taken = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in run_dir.iterdir()
-                   if entry.name in RUN_ENTRIES and entry.name != LOCK_FILE)
+    taken = _entries(run_dir, RUN_ENTRIES)
     if taken:
         raise ValueError(f"{run_dir} is not a blockstate run (no {RUN_MARKER}) but holds "
                          f"{_shown(taken)}, which a run would replace; nothing was changed. "

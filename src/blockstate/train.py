@@ -199,7 +199,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
                       messages, explicit_fields(config, requested), progress, init)
     except BaseException:
         if ddp.is_main and checkpoint is None and not progress.started:
-            _remove_new_entries(out_dir, existed, lock)  # a refused setup leaves the disk as it was
+            _remove_new_entries(out_dir, existed)  # a refused setup leaves the disk as it was
         raise
     finally:
         lock.release()
@@ -234,7 +234,7 @@ class _Progress:
     started: bool = False  # the training loop began: from then on the run's files are kept
 
 
-def _remove_new_entries(out_dir: Path, existed: set[str] | None, lock: RunLock) -> None:
+def _remove_new_entries(out_dir: Path, existed: set[str] | None) -> None:
     """Remove what a new run wrote in `out_dir` before it failed to start (the directory itself
     when this request created it); entries that were there before are left alone."""
     import shutil

@@ -27,6 +27,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..fileio import sha256_file
+
 SPLITS = ("train", "validation", "test")
 SNIFF_BYTES = 8192          # a file with a NUL byte in its first 8 KiB is binary
 _READ_BYTES = 1 << 20
@@ -280,15 +282,11 @@ def _content_sha256(path: Path) -> str:
     status = os.stat(path)
     key = (str(path), status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
     if key not in _CONTENT_HASHES:
-        digest = hashlib.sha256()
         try:
-            with open(path, "rb") as file:
-                while block := file.read(_READ_BYTES):
-                    digest.update(block)
+            _CONTENT_HASHES[key] = sha256_file(path, _READ_BYTES)
         except OSError as error:
             raise CorpusError(f"cannot read {path} ({error}); check that the file is readable"
                               ) from error
-        _CONTENT_HASHES[key] = digest.hexdigest()
     return _CONTENT_HASHES[key]
 
 

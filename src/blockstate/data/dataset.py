@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..fileio import sha256_file
 from .corpora import SPLITS, Corpus, CorpusError
 from .tokenizers import Tokenizer
 
@@ -95,14 +96,10 @@ class _CorruptCache(CorpusError):
 
 
 def _file_sha256(path: Path) -> str | None:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as file:
-            while block := file.read(1 << 22):
-                digest.update(block)
+        return sha256_file(path)
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 def _write_split(corpus: Corpus, tokenizer: Tokenizer, split: str, directory: Path, key: str) -> None:

@@ -127,7 +127,7 @@ class SSM(nn.Module):
                                         lambda: kernel_spectrum(self.kernel(length), length, n))
                 y = fft_causal_conv(u_t, spectrum=spectrum)
             if context_parallel_active():  # this rank's part of a longer sequence
-                y = y + carried_outputs(self.kernel, u_t, self.chunk_size)
+                y = y + carried_outputs(self._operators, u_t, self.chunk_size)
             y = self._skip(y, u_t)
         return y.permute(0, 3, 1, 2)                                             # (B, L, C, H)
 
