@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv and install blockstate with its test and lint tools (the `dev` extra) and
-# the integrations the test-suite covers (the `hf` and `lm-eval` extras; their tests skip without).
+# the integrations the test-suite covers (the `hf`, `lm-eval`, `tensorboard` and `wandb` extras;
+# their tests skip without them).
 # PyTorch is installed first, as $BLOCKSTATE_TORCH (default: torch==2.13.0, the tested release), so
 # that no later requirement chooses it: from /opt/wheels where that folder holds a matching wheel
 # (a CPU build on the CI machines), otherwise whatever pip resolves from its index (on Linux x86_64
@@ -10,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${BLOCKSTATE_TORCH:-torch==2.13.0}
-EXTRAS=${BLOCKSTATE_EXTRAS:-dev,hf,lm-eval}
+EXTRAS=${BLOCKSTATE_EXTRAS:-dev,hf,lm-eval,tensorboard,wandb}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi

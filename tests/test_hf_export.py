@@ -17,16 +17,11 @@ from blockstate.data import ByteTokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "export_v0.1"   # written by blockstate 0.1.0's main
 
-# Runs with the same interpreter, but `import blockstate` fails and blockstate's source is off the
-# path: what transformers loads comes from the export alone.
+# Runs in a fresh virtual environment (`fresh_venv`) in which blockstate is not installed: what
+# transformers loads comes from the export alone.
 ISOLATED = textwrap.dedent("""
-    import importlib.abc, json, sys
-    class NoBlockstate(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "blockstate" or name.startswith("blockstate."):
-                raise ImportError("blockstate is not importable here")
-    sys.meta_path.insert(0, NoBlockstate())
-    sys.path = [p for p in sys.path if "blockstate" not in p and not p.endswith("src")]
+    import importlib.util, json, sys
+    assert importlib.util.find_spec("blockstate") is None, "blockstate is importable here"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     results = {}
@@ -46,6 +41,22 @@ ISOLATED = textwrap.dedent("""
     assert not [m for m in sys.modules if m == "blockstate" or m.startswith("blockstate.")]
     print(json.dumps(results))
 """)
+
+
+def fresh_venv(root: Path) -> Path:
+    """A new virtual environment at `root` without blockstate, whose only packages are torch,
+    transformers and what they import, taken from this environment's site-packages (added as a
+    plain path: the .pth files there, among them blockstate's editable install, are not read).
+    Returns its python."""
+    import venv
+
+    import transformers
+
+    venv.EnvBuilder(with_pip=False).create(root)
+    (site,) = root.glob("lib/python*/site-packages")
+    packages = {str(Path(module.__file__).parents[1]) for module in (torch, transformers)}
+    (site / "dependencies.pth").write_text("\n".join(sorted(packages)) + "\n")
+    return root / "bin" / "python"
 
 
 def isolated_env(tmp_path):
@@ -69,8 +80,8 @@ def fake_hub_snapshot(hf_home: Path, repo_id: str, export: Path) -> None:
 
 @pytest.mark.slow
 def test_plain_transformers_loads_the_export_without_blockstate(tmp_path):
-    """From a directory and, through the Hub code path (files resolved from the Hub cache,
-    offline), from a repo id."""
+    """In a fresh virtual environment without blockstate: from a directory and, through the Hub
+    code path (files resolved from the Hub cache, offline), from a repo id."""
     pytest.importorskip("transformers")
     models = {}
     for name in ("bst-sh-ssd", "brt"):        # ssd: the optional mamba-ssm import is carried
@@ -79,7 +90,8 @@ def test_plain_transformers_loads_the_export_without_blockstate(tmp_path):
         models[name].save_pretrained(tmp_path / name, ByteTokenizer())
     fake_hub_snapshot(tmp_path / "hf-home", "someone/brt-tiny", tmp_path / "brt")
     sources = [f"bst-sh-ssd={tmp_path / 'bst-sh-ssd'}", "brt=someone/brt-tiny"]
-    run = subprocess.run([sys.executable, "-c", ISOLATED, *sources], capture_output=True,
+    python = fresh_venv(tmp_path / "fresh-venv")
+    run = subprocess.run([str(python), "-c", ISOLATED, *sources], capture_output=True,
                          text=True, env=isolated_env(tmp_path), cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])

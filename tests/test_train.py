@@ -305,6 +305,31 @@ def test_precision_and_activation_checkpointing_options(corpus, tmp_path, capsys
         _config(corpus, tmp_path, precision="fp8")
 
 
+def test_metrics_sinks_with_the_real_packages(corpus, tmp_path, monkeypatch):
+    """The tensorboard and wandb extras themselves (setup.sh installs both): TensorBoard's event
+    files hold metrics.jsonl's losses; an offline Weights & Biases run records the train and
+    validation metrics and the run config in the run directory; --overwrite removes both."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    train(_config(corpus, tmp_path, max_steps=2, log_to="tensorboard,wandb", eval_every=2), run,
+          quiet=True)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert logged == pytest.approx(_losses(run), rel=1e-6)
+    assert "validation/loss" in events.Tags()["scalars"]
+    (record,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    data = record.read_bytes()
+    assert b"train/loss" in data and b"validation/loss" in data and b"max_steps" in data
+    train(_config(corpus, tmp_path, max_steps=1, log_to="none"), run, overwrite=True, quiet=True)
+    assert not (run / "wandb").exists() and not (run / "tensorboard").exists()
+
+
 def test_metrics_sinks(corpus, tmp_path, monkeypatch):
     """--log-to: none writes metrics.jsonl only; wandb gets the run config and every float metric
     (a stand-in module records the calls); a sink that is not installed is named with its pip

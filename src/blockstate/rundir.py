@@ -19,7 +19,7 @@ RUN_MARKER = "blockstate-run.json"
 RUN_FORMAT = "blockstate-run"
 # Everything `train` (and `reproduce`, which evaluates into the run) writes in a run directory.
 RUN_ENTRIES = frozenset({RUN_MARKER, "train_config.json", METRICS_FILE, "checkpoints", "tokenizer",
-                         "summary.json", "eval.json", "tensorboard", LOCK_FILE})
+                         "summary.json", "eval.json", "tensorboard", "wandb", LOCK_FILE})
 
 
 class RunLock:
