@@ -56,3 +56,50 @@ def test_setup_installs_the_extras_the_test_suite_covers():
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     assert "dev,hf,lm-eval,tensorboard,wandb" in setup and "pinned CPU build" not in setup
     assert "torch.cuda.is_available()" in setup  # says which build it installed
+
+
+def _imports_of_the_package() -> dict[str, set[str]]:
+    """blockstate's modules -> the blockstate modules each imports, at the top or inside a
+    function, read from the source."""
+    import ast
+
+    package = ROOT / "src"
+    paths = {".".join(p.relative_to(package).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (package / "blockstate").rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = here[:len(here) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            found |= {t for t in (target, *(f"{target}.{a.name}" for a in node.names)) if t in paths}
+        graph[name] = found - {name}
+    return graph
+
+
+def test_no_import_circles():
+    """No module of blockstate imports, directly or through others, a module that imports it
+    back (lazy imports inside functions included)."""
+    graph = _imports_of_the_package()
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        return seen
+
+    circles = sorted(name for name in graph if name in reachable(name))
+    assert not circles, f"modules on an import circle: {circles}"
+    assert "blockstate.model" in graph["blockstate"]   # the reader sees the package's imports
+
+
+def test_version_is_pyproject_version():
+    from blockstate import __version__
+
+    assert __version__ == _project()["version"]

@@ -59,7 +59,6 @@ def load(path: str | Path, device: torch.device | str = "cpu"):
     """
     from .pretrained import (
         is_pretrained_dir,
-        load_pretrained,
         load_pretrained_tokenizer,
         looks_like_repo_id,
         resolve_pretrained,
@@ -71,7 +70,7 @@ def load(path: str | Path, device: torch.device | str = "cpu"):
         except CheckpointError:
             pass            # neither: the checkpoint loader below names the missing directory
     if is_pretrained_dir(path):
-        return load_pretrained(path, device), load_pretrained_tokenizer(path)
+        return BlockStateLM.from_pretrained(path, device), load_pretrained_tokenizer(path)
     model, tokenizer, _ = load_with_checkpoint(path, device)
     return model, tokenizer
 

@@ -176,9 +176,14 @@ class BlockStateLM(nn.Module):
                         revision: str | None = None, token=None) -> BlockStateLM:
         """A model written by `save_pretrained`, in eval mode (its tokenizer: `blockstate.load`):
         a local directory or a Hugging Face Hub repo id ("owner/name")."""
-        from .pretrained import load_pretrained
+        from .checkpoint import load_weights_strictly
+        from .pretrained import read_pretrained
 
-        return load_pretrained(directory, device, revision, token)
+        config, state, weights = read_pretrained(directory, revision, token)
+        model = cls(config)
+        load_weights_strictly(model, state, str(weights),
+                              "the file does not belong to this config.json")
+        return model.to(device).eval()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, load_weights_strictly
+from .checkpoint import CheckpointError
 from .config import ModelConfig
 from .fileio import atomic_write
 
@@ -62,7 +62,7 @@ def save_pretrained(model, directory: str | Path, tokenizer=None,
     directory."""
     from safetensors.torch import save_file
 
-    from . import __version__
+    from ._version import __version__
     from .remote_code import write_bundle
 
     directory = Path(directory)
@@ -259,14 +259,13 @@ def push_to_hub(model, repo_id: str, tokenizer=None, card: dict[str, Any] | None
                                  commit_message=commit_message)
 
 
-def load_pretrained(directory: str | Path, device: torch.device | str = "cpu",
-                    revision: str | None = None, token: str | bool | None = None):
-    """The model saved in `directory` (or a Hub repo id, downloaded), in eval mode on `device`.
-    Nothing is unpickled."""
+def read_pretrained(directory: str | Path, revision: str | None = None,
+                    token: str | bool | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], Path]:
+    """(config, weights, weights file) of the model saved in `directory` (or a Hub repo id,
+    downloaded); `BlockStateLM.from_pretrained` builds the model from them. Nothing is
+    unpickled."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from .model import BlockStateLM
 
     directory = resolve_pretrained(directory, revision, token)
     config, _ = read_config(directory)
@@ -280,9 +279,7 @@ def load_pretrained(directory: str | Path, device: torch.device | str = "cpu",
     prefix = "model."  # written by transformers' save_pretrained of blockstate.hf's model
     if state and all(name.startswith(prefix) for name in state):
         state = {name[len(prefix):]: t for name, t in state.items()}
-    model = BlockStateLM(config)
-    load_weights_strictly(model, state, str(weights), "the file does not belong to this config.json")
-    return model.to(device).eval()
+    return config, state, weights
 
 
 def load_pretrained_tokenizer(directory: str | Path):
@@ -297,6 +294,6 @@ def load_pretrained_tokenizer(directory: str | Path):
     return load_tokenizer(path) if path.is_dir() else None
 
 
-__all__ = ["ARCHITECTURE", "AUTO_MAP", "MODEL_TYPE", "is_pretrained_dir", "load_pretrained",
+__all__ = ["ARCHITECTURE", "AUTO_MAP", "MODEL_TYPE", "is_pretrained_dir", "read_pretrained",
            "load_pretrained_tokenizer", "looks_like_repo_id", "model_card", "push_to_hub",
            "read_config", "resolve_pretrained", "save_pretrained"]
