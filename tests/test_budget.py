@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,8 +92,8 @@ def test_quick_start_command_sizes_its_model_records_the_plan_and_resumes(tmp_pa
 @pytest.mark.slow
 def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkeypatch):
     """`blockstate bench quality` end to end at a few seconds per model: both runs are scored on
-    the same test bytes (whole documents, each model with its own tokenizer), and the report
-    renders."""
+    the same test bytes (pieces from every test document, each model with its own tokenizer),
+    and the report renders with the paired spread."""
     from blockstate import bench_quality, budget
 
     monkeypatch.setattr(budget, "AUTO_VOCAB", 300)  # a vocabulary this small corpus can give
@@ -109,14 +110,41 @@ def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkey
                                        cache_dir=str(tmp_path / "cache"), command="test")
     main, baseline = report["results"]
     assert main["test"]["bytes"] == baseline["test"]["bytes"] > 500
-    assert main["test"]["documents"] == baseline["test"]["documents"]
+    assert main["test"]["pieces"] == baseline["test"]["pieces"] == len(main["test"]["piece_bits_per_byte"])
+    assert main["test"]["pieces"] >= 2
     assert (main["test"]["tokenizer"], baseline["test"]["tokenizer"]) == ("sentencepiece 300", "byte")
     assert main["test"]["tokens"] < baseline["test"]["tokens"]    # fewer, longer tokens
     assert main["seq_len"] % baseline["seq_len"] == 0
     assert baseline["model"]["d_model"] == 128 and baseline["batch_size"] == 12
     text = (tmp_path / "quality.md").read_text()
     assert "nanoGPT's CPU hyperparameters" in text and "bits per byte" in text
+    assert "standard errors" in text
     assert json.loads((tmp_path / "quality.json").read_text())["kind"] == "quality"
+
+
+def test_quality_pieces_come_from_every_test_document_in_turn(tmp_path):
+    """A corpus of a few long documents (books) gives pieces cut at line ends from all of them,
+    round-robin, until the byte budget; the paired difference counts where the first is lower."""
+    from blockstate.bench_quality import _test_pieces, paired_difference
+    from blockstate.data import resolve_corpus
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(200):
+        (root / f"book{i:03d}.txt").write_text("".join(f"book {i} line {j}\n" for j in range(400)))
+    source = resolve_corpus(str(root))
+    test_docs = [d.text for d in source.documents("test")]
+    assert len(test_docs) >= 2
+    pieces = _test_pieces(source, 40_000, 2_000)
+    assert 40_000 <= sum(len(p.encode()) for p in pieces) < 40_000 + 2_100
+    assert len(pieces) > len(test_docs)                   # more than one piece of some documents
+    assert all(p.endswith("\n") and len(p) >= 2_000 for p in pieces)
+    assert all(any(p in doc for doc in test_docs) for p in pieces)
+    assert {p.split()[1] for p in pieces[:len(test_docs)]} == {d.split()[1] for d in test_docs}
+    assert pieces[len(test_docs)].split()[3] != "0"       # a second turn: each document goes on
+    d = paired_difference([1.0, 2.0, 3.0], [1.5, 1.5, 3.5])
+    assert d["mean"] == pytest.approx(-1 / 6) and d["lower"] == 2 and d["pieces"] == 3
+    assert d["standard_error"] == pytest.approx(np.std([-0.5, 0.5, -0.5], ddof=1) / np.sqrt(3))
 
 
 def test_resuming_with_size_auto_keeps_the_runs_own_size(tmp_path):

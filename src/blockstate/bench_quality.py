@@ -6,15 +6,18 @@ size "auto" planned for the time budget, every other setting at its default) and
 preset configured as nanoGPT's published CPU recipe (4 layers, 4 heads, width 128, context 64,
 batch 12, lr 1e-3 decaying to 1e-4, warmup 100, beta2 0.99, weight decay 0.1, clip 1.0), each
 trained for the same minutes on the same training split (the recipe with the byte tokenizer, the
-main job with the tokenizer its plan picks). Both are then scored on the same bytes: whole
-documents of the test split, each model reading them with its own tokenizer in windows of its own
-training length. The report is held-out bits per byte. Finished runs are kept (the benchmark resumes where it
-stopped); pass --overwrite to train them again.
+main job with the tokenizer its plan picks). Both are then scored on the same bytes: pieces of
+about 16 KB taken in turn from every document of the test split, each model reading each piece
+from its start with its own tokenizer, in windows of its own training length. The report is
+held-out bits per byte, and the paired difference over the pieces (mean and standard error).
+Finished runs are kept (the benchmark resumes where it stopped); pass --overwrite to train them
+again.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -52,66 +55,94 @@ def _train_entry(name: str, fields: dict[str, Any], corpus: str, seconds: float,
     return train(config, run_dir, overwrite=True, quiet=True)
 
 
-def _same_documents(split, byte_lengths: np.ndarray, max_bytes: int) -> np.ndarray:
-    """Test documents (indices, in a fixed pseudo-random order) that together hold about
-    `max_bytes` bytes, counted from `split` tokenized with the tokenizer of `byte_lengths`."""
-    order = np.random.default_rng(0).permutation(split.n_docs)
-    chosen, total = [], 0
-    for d in order:
-        if total >= max_bytes:
-            break
-        start, end = split.doc_offsets[d], split.doc_offsets[d + 1]
-        total += int(byte_lengths[np.asarray(split.tokens[start:end], np.int64)].sum())
-        chosen.append(int(d))
-    return np.sort(np.asarray(chosen, np.int64))
+def _test_pieces(source, max_bytes: int, piece_bytes: int) -> list[str]:
+    """Pieces of the test split's text holding about `max_bytes` UTF-8 bytes in all: each
+    document cut at line ends into pieces of about `piece_bytes` (a shorter document is one
+    piece), taken in turn from every document, in a fixed pseudo-random order of documents, so
+    that a corpus of a few long documents (books) still gives many pieces from all of them."""
+    per_document = []
+    for document in source.documents("test"):
+        pieces, current, size = [], [], 0
+        for line in document.text.splitlines(keepends=True):
+            current.append(line)
+            size += len(line.encode("utf-8"))
+            if size >= piece_bytes:
+                pieces.append("".join(current))
+                current, size = [], 0
+        if current:
+            pieces.append("".join(current))
+        per_document.append(pieces)
+    if not per_document:
+        raise ValueError(f"corpus {source.name!r} has no test documents to score")
+    order = np.random.default_rng(0).permutation(len(per_document))
+    chosen, total, turn = [], 0, 0
+    while total < max_bytes and any(turn < len(per_document[d]) for d in order):
+        for d in order:
+            if turn < len(per_document[d]) and total < max_bytes:
+                chosen.append(per_document[d][turn])
+                total += len(chosen[-1].encode("utf-8"))
+        turn += 1
+    return chosen
 
 
-def _sub_split(split, docs: np.ndarray):
-    """The documents `docs` of a tokenized split, as a split of their own."""
-    from .data.dataset import TokenizedSplit
-
-    pieces = [np.asarray(split.tokens[split.doc_offsets[d]:split.doc_offsets[d + 1]]) for d in docs]
-    offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
-    return TokenizedSplit(np.concatenate(pieces), offsets, 0, {}, split.path)
-
-
-def _score_same_bytes(run_dirs: list[Path], corpus: str, eval_tokens: int, cache_dir: str | None,
-                      batch_tokens: int = 8192) -> list[dict[str, Any]]:
-    """Test-split loss of each run on the same bytes: whole test documents holding about
-    `eval_tokens` bytes, each run reading them with its own tokenizer in windows of its own
-    training length (every byte is predicted exactly once, whatever the tokenizer)."""
-    from .data import default_cache_dir, resolve_corpus, tokenize_split
-    from .data.dataset import PackedSequences
+def _score_pieces(model, tokenizer, pieces: list[str], length: int, batch_tokens: int
+                  ) -> tuple[list[float], list[int], int]:
+    """(loss in nats summed over each piece's tokens, bytes of each piece, tokens scored): each
+    piece read from a BOS token in windows of `length`, every byte predicted once."""
+    from .data.dataset import PackedSequences, TokenizedSplit
     from .evaluate import evaluate_length
+
+    widths = np.asarray(tokenizer.token_byte_lengths(), dtype=np.float64)
+    nats, sizes, tokens = [], [], 0
+    for piece in pieces:
+        ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(piece)], dtype=np.int64)  # (n,)
+        split = TokenizedSplit(ids, np.asarray([0, len(ids)], np.int64), 0, {}, Path("."))
+        dataset = PackedSequences(split, length, tokenizer.pad_id)
+        result = evaluate_length(model, dataset, widths, None, batch_tokens, torch.device("cpu"),
+                                 np.arange(len(dataset)), carry=False)
+        nats.append(result["loss"] * result["tokens"])
+        sizes.append(int(result["bytes"]))
+        tokens += result["tokens"]
+    return nats, sizes, tokens
+
+
+def _score_same_bytes(run_dirs: list[Path], corpus: str, eval_tokens: int,
+                      piece_bytes: int = 16384, batch_tokens: int = 8192) -> list[dict[str, Any]]:
+    """Test-split loss of each run on the same bytes (`_test_pieces`), each run reading them with
+    its own tokenizer in windows of its own training length, with bits per byte of every piece
+    for the spread."""
+    from .data import resolve_corpus
     from .loading import load
 
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    source = resolve_corpus(corpus)
-    loaded = [load(d) for d in run_dirs]
-    lengths = [json.loads((d / "train_config.json").read_text())["seq_len"] for d in run_dirs]
-    splits = [tokenize_split(source, tokenizer, "test", cache) for _, tokenizer in loaded]
-    widths = [np.asarray(tokenizer.token_byte_lengths(), dtype=np.float64) for _, tokenizer in loaded]
-    docs = _same_documents(splits[0], widths[0], eval_tokens)
+    pieces = _test_pieces(resolve_corpus(corpus), eval_tokens, piece_bytes)
     results = []
-    for (model, tokenizer), length, split, width in zip(loaded, lengths, splits, widths, strict=True):
-        part = _sub_split(split, docs)
-        dataset = PackedSequences(part, length, tokenizer.pad_id)
-        # all windows: every token but a document's first is a target once
-        result = evaluate_length(model, dataset, width, None, batch_tokens, torch.device("cpu"),
-                                 np.arange(len(dataset)), carry=False)
-        results.append({"length": length, "loss": result["loss"], "tokens": result["tokens"],
-                        "bytes": result["bytes"], "documents": len(docs),
+    for run_dir in run_dirs:
+        model, tokenizer = load(run_dir)
+        length = json.loads((run_dir / "train_config.json").read_text())["seq_len"]
+        nats, sizes, tokens = _score_pieces(model, tokenizer, pieces, length, batch_tokens)
+        if sizes != [len(p.encode("utf-8")) for p in pieces]:
+            raise ValueError(f"{run_dir}: its tokenizer does not count the bytes of the test text "
+                             f"exactly, so bits per byte would not compare")
+        results.append({"length": length, "tokens": tokens, "bytes": sum(sizes),
+                        "loss": sum(nats) / tokens, "pieces": len(pieces),
                         "tokenizer": tokenizer.kind if tokenizer.kind == "byte"
                         else f"{tokenizer.kind} {tokenizer.vocab_size}",
-                        "bits_per_byte": result["bits_per_byte"]})
-    if len({r["bytes"] for r in results}) != 1:
-        raise ValueError(f"the runs predicted different numbers of bytes of the same documents "
-                         f"({[r['bytes'] for r in results]}): a tokenizer does not count bytes exactly")
+                        "bits_per_byte": sum(nats) / math.log(2) / sum(sizes),
+                        "piece_bits_per_byte": [n / math.log(2) / b
+                                                for n, b in zip(nats, sizes, strict=True)]})
     return results
 
 
+def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
+    """Mean and standard error of a - b over paired pieces, and in how many a is lower."""
+    diff = np.asarray(a) - np.asarray(b)                                      # (pieces,)
+    error = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return {"mean": float(diff.mean()), "standard_error": error,
+            "lower": int((diff < 0).sum()), "pieces": len(diff)}
+
+
 def run_quality(out: Path | None, corpora: list[str], minutes: float, runs_dir: Path,
-                eval_tokens: int = 200_000, cache_dir: str | None = None, overwrite: bool = False,
+                eval_tokens: int = 400_000, cache_dir: str | None = None, overwrite: bool = False,
                 command: str = "") -> dict[str, Any]:
     """Train and score every entry on every corpus; write `out`.{json,md} after each corpus."""
     report: dict[str, Any] = {"kind": "quality", "command": command, "minutes": minutes,
@@ -128,7 +159,7 @@ def run_quality(out: Path | None, corpora: list[str], minutes: float, runs_dir: 
             summary = _train_entry(name, fields, corpus, minutes * 60, run_dir, cache_dir, overwrite)
             run_dirs.append(run_dir)
             summaries.append(summary)
-        scores = _score_same_bytes(run_dirs, corpus, eval_tokens, cache_dir)
+        scores = _score_same_bytes(run_dirs, corpus, eval_tokens)
         for (slug, (name, _)), run_dir, summary, score in zip(ENTRIES.items(), run_dirs,
                                                               summaries, scores, strict=True):
             record = json.loads((run_dir / "train_config.json").read_text())
@@ -163,8 +194,9 @@ def quality_markdown(report: dict[str, Any]) -> str:
              "CPU hyperparameters", "",
              f"`{report['command']}`: {report['minutes']:g} minutes of training each, one after "
              f"the other, {report['threads']} torch thread(s); held-out bits per byte on the "
-             f"same ~{report['eval_tokens']:,} bytes (whole documents) of each corpus's test "
-             f"split, each model with its own tokenizer (lower is better). Machine: "
+             f"same ~{report['eval_tokens']:,} bytes of each corpus's test split (pieces of about "
+             f"16 KB from every test document), each model with its own tokenizer (lower is "
+             f"better). Machine: "
              f"{report['machine'].get('cpu', '?')}.", "",
              markdown_table(["corpus", "model", "parameters", "shape", "tokenizer", "batch / lr",
                              "steps", "tokens", "tokens/s", "MFU", "test bits/byte"], rows),
@@ -177,10 +209,16 @@ def quality_markdown(report: dict[str, Any]) -> str:
     for corpus, results in by_corpus.items():
         if len(results) == 2:
             a, b = (r["test"]["bits_per_byte"] for r in results)
-            lines.append(f"- {corpus}: main job {a:.3f} vs transformer (nanoGPT hyperparameters) "
-                         f"{b:.3f} bits per byte "
-                         f"({'better' if a < b else 'worse'} by {abs(a - b):.3f}, "
-                         f"{abs(a - b) / b:.1%}).")
+            line = (f"- {corpus}: main job {a:.3f} vs transformer (nanoGPT hyperparameters) "
+                    f"{b:.3f} bits per byte ({'better' if a < b else 'worse'} by "
+                    f"{abs(a - b):.3f}, {abs(a - b) / b:.1%})")
+            pieces = [r["test"].get("piece_bits_per_byte") for r in results]
+            if all(pieces):
+                d = paired_difference(*pieces)
+                line += (f"; over {d['pieces']} pieces the difference is {d['mean']:+.3f} +- "
+                         f"{2 * d['standard_error']:.3f} (mean +- 2 standard errors), the main "
+                         f"job lower on {d['lower']} of {d['pieces']}")
+            lines.append(line + ".")
     for r in report["results"]:
         if r.get("sample") and r["slug"] == "main":
             lines += ["", f"Sample of the main job on {r['corpus']} (prompt, then the model's "
@@ -189,4 +227,5 @@ def quality_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ENTRIES", "MAIN_JOB", "NANOGPT_CPU", "quality_markdown", "run_quality"]
+__all__ = ["ENTRIES", "MAIN_JOB", "NANOGPT_CPU", "paired_difference", "quality_markdown",
+           "run_quality"]

@@ -639,8 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quality: training minutes of each model on each corpus")
     p.add_argument("--runs-dir", default="runs/bench-quality",
                    help="quality: where the trained runs go (finished ones are reused)")
-    p.add_argument("--eval-tokens", type=int, default=200_000,
-                   help="quality: test-split bytes scored per corpus")
+    p.add_argument("--eval-tokens", type=int, default=400_000,
+                   help="quality: test-split bytes scored per corpus, in pieces of about 16 KB "
+                        "taken in turn from every test document")
     p.add_argument("--cache-dir", default=None, help="quality: tokenized corpora")
     p.add_argument("--overwrite", action="store_true",
                    help="quality: train again runs that already finished")
