@@ -6,10 +6,10 @@ of the same variant (bst-sh-s4 for SH layers, bst-mf-s4 for MF ones), or to the 
 (ModelConfig fields, as `--set` of the CLI), each applied to that layer only: the ratio of
 "bst-sh-ssd+context_direct=true" is then still taken to bst-sh-s4.
 
-    python scripts/layer_ratios.py --length 8192 --threads 2 --rounds 5 \
+    python lab/scripts/layer_ratios.py --length 8192 --threads 2 --rounds 5 \
         --layers bst-sh-s4,bst-sh-ssd-rotary,bst-mf-s4,bst-mf-ssd-rotary
-    python scripts/layer_ratios.py --backward --against bst-sh-s4 --layers bst-sh-s4,brt,slide
-    python scripts/layer_ratios.py --against bst-sh-ssd \
+    python lab/scripts/layer_ratios.py --backward --against bst-sh-s4 --layers bst-sh-s4,brt,slide
+    python lab/scripts/layer_ratios.py --against bst-sh-ssd \
         --layers bst-sh-s4,bst-sh-ssd,bst-sh-ssd+context_direct=true
 """
 
@@ -74,7 +74,7 @@ def main() -> None:
                                                             f"  {ratio:.2f}x {reference}"))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": "python scripts/layer_ratios.py " + " ".join(
+        args.out.write_text(json.dumps({"command": "python lab/scripts/layer_ratios.py " + " ".join(
             f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
             for k, v in vars(args).items() if k != "out" and v is not None and v is not False)
             + f" --out {args.out}", "machine": machine_info(device), "length": args.length,
