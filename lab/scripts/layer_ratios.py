@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from blockstate.bench import layer_calls, layer_config, machine_info
+from blockstate.bench import BENCH_LAYERS, layer_calls, layer_config, machine_info
 from blockstate.cli import parse_override
 
 
@@ -64,8 +64,8 @@ def main() -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
     rows = []
     for name in names:
-        parts = name.split("+")[0].split("-")
-        reference = args.against or (f"bst-{parts[1]}-s4" if parts[0] == "bst" else None)
+        variant = BENCH_LAYERS[name.split("+")[0]][1].get("context_variant")  # BST layers only
+        reference = args.against or (f"bst-{variant}-s4" if variant else None)
         ratio = medians[name] / medians[reference] if reference in medians else None
         rows.append({"layer": name, "median_ms": round(medians[name] * 1e3, 1),
                      "all_ms": [round(t * 1e3, 1) for t in times[name]], "reference": reference,

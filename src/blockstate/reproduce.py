@@ -462,7 +462,7 @@ def plot_length_generalization(setup: dict, records: list[dict], path: Path) -> 
             pts = [(ratio, r["ppl"]) for ratio, n in zip(EVAL_RATIOS, eval_lengths(seq), strict=True)
                    if (r := _summarize(records, "main", corpus, model, n))]
             if pts:
-                style = "o-" if model.startswith("bst") else "s--"
+                style = "o-" if model in PRESETS and BST in PRESETS[model].tags else "s--"
                 ax.plot(*zip(*pts, strict=True), style, label=model, linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("evaluation length / training length")
