@@ -35,11 +35,14 @@ def test_every_benchmarked_layer_builds_and_runs(name):
     assert y.shape == x.shape and torch.isfinite(y).all()
     if name == "brt":
         assert layer.initial_state.shape[0] == config.block_size  # S = W, as in the BRT paper
-    if "-ssd-" in name:  # the suffix is the selective kernel's decay kind
+    fields = bench.BENCH_LAYERS[name][1]
+    if fields.get("ssd_decay", "head") != "head":  # a selective kernel of another decay kind
         kernel = layer.context.ssm.kernel
-        assert kernel.decay == name.split("-")[-1]
-        assert kernel.log_a.dim() == (2 if name.endswith("-rotary") else 3)
-        assert (kernel.a_imag is not None) == name.endswith(("-complex", "-rotary"))
+        assert kernel.decay == fields["ssd_decay"]
+        assert kernel.log_a.dim() == (2 if fields["ssd_decay"] == "rotary" else 3)
+        assert (kernel.a_imag is not None) == (fields["ssd_decay"] in ("complex", "rotary"))
+    if fields.get("ssm_method") == "fft":
+        assert layer.context.ssm.method == "fft"
 
 
 def test_layer_benchmark_writes_json_markdown_and_plot(tmp_path):

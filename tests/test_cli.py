@@ -24,7 +24,13 @@ def test_bench_models_reports_parameters_and_throughput(capsys):
 def test_models_table(capsys):
     assert main(["models", "--sizes", "tiny"]) == 0
     out = capsys.readouterr().out
-    assert "bst-mf-unstruct" in out and "tiny" in out
+    assert "bst-mf-unstruct" in out and "tiny" in out and "paper,bst" in out
+    assert main(["models", "--sizes", "tiny", "--tag", "paper,baseline"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["transformer", "slide", "transformer-xl", "brt",
+                                                "gss-hybrid"]
+    assert main(["models", "--tag", "fast"]) == 2
+    assert "unknown tag(s) ['fast']" in capsys.readouterr().err
 
 
 def test_bad_arguments_exit_cleanly(capsys):

@@ -11,7 +11,7 @@ PRESETS = ["bst-sh-s4", "bst-mh-s4", "bst-mf-s4", "bst-sh-s4d", "bst-sh-unstruct
 
 
 def test_registry_lists_the_presets_and_sizes():
-    assert set(PRESETS) <= set(list_models())
+    assert list_models("paper", "bst") == PRESETS   # the paper's Table 1, in its order
     assert blockstate.list_sizes() == ["tiny", "small", "base", "large"]
 
 

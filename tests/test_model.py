@@ -8,7 +8,7 @@ from blockstate.config import ModelConfig
 from blockstate.layers import build_context_states
 from blockstate.memory import SegmentCarry
 
-PRESETS = [m for m in list_models() if m.startswith("bst-")]
+PRESETS = list_models("bst")   # the BST presets, by their tag
 MODELS = list_models()  # BST presets and baselines
 W = 16  # tiny block size
 

@@ -3,7 +3,7 @@
 from ._version import __version__
 from .config import ModelConfig
 from .model import BlockStateLM
-from .registry import build_model, list_models, list_sizes, model_config
+from .registry import Preset, build_model, list_models, list_sizes, model_config, presets
 
 
 def load(path, device="cpu"):
@@ -15,6 +15,6 @@ def load(path, device="cpu"):
 
 
 __all__ = [
-    "BlockStateLM", "ModelConfig", "build_model", "list_models", "list_sizes", "load",
-    "model_config", "__version__",
+    "BlockStateLM", "ModelConfig", "Preset", "build_model", "list_models", "list_sizes", "load",
+    "model_config", "presets", "__version__",
 ]

@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,16 +49,43 @@ from .ssm import SSM
 
 # ----------------------------------------------------------------------------- layers
 
-BST_LAYERS = (tuple(f"bst-{v}-{k}" for v in ("sh", "mh", "mf") for k in ("s4", "s4d", "unstruct"))
-              + ("bst-sh-ssd", "bst-mf-ssd"))
-# The selective kernel with another decay kind (config.SSD_DECAYS): "-state" (S6's decay per state
-# dimension), "-complex" (rotating complex modes) and "-rotary" (the same with one real decay per
-# head).
-SSD_DECAY_LAYERS = ("bst-sh-ssd-state", "bst-sh-ssd-complex", "bst-mf-ssd-complex",
-                    "bst-sh-ssd-rotary", "bst-mf-ssd-rotary")
-FFT_REFERENCE_LAYERS = ("bst-sh-s4-fft", "bst-sh-s4d-fft")
-BASELINE_LAYERS = ("brt", "slide", "transformer-xl", "transformer", "gss")
-LAYERS = BST_LAYERS + SSD_DECAY_LAYERS + FFT_REFERENCE_LAYERS + BASELINE_LAYERS
+# The layer benchmark's layers: single layers at `layer_config`'s shape, not model presets. Each
+# name maps to its layer class and the config fields it sets; where a preset shares the name, the
+# layer is that preset's BST layer (`ssm_method` "auto", as the presets).
+
+
+def _bst(variant: str, kernel: str, **fields: Any) -> tuple[type[nn.Module], dict[str, Any]]:
+    return BSTLayer, {"context_variant": variant, "ssm_kernel": kernel, "ssm_method": "auto",
+                      "ssd_decay": "head", **fields}
+
+
+BENCH_LAYERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    **{f"bst-{v}-{k}": _bst(v, k) for v in ("sh", "mh", "mf") for k in ("s4", "s4d", "unstruct")},
+    "bst-sh-ssd": _bst("sh", "ssd"),
+    "bst-mf-ssd": _bst("mf", "ssd"),
+    # The selective kernel with another decay kind (config.SSD_DECAYS): S6's decay per state
+    # dimension, rotating complex modes, and the same with one real decay per head.
+    "bst-sh-ssd-state": _bst("sh", "ssd", ssd_decay="state"),
+    "bst-sh-ssd-complex": _bst("sh", "ssd", ssd_decay="complex"),
+    "bst-mf-ssd-complex": _bst("mf", "ssd", ssd_decay="complex"),
+    "bst-sh-ssd-rotary": _bst("sh", "ssd", ssd_decay="rotary"),
+    "bst-mf-ssd-rotary": _bst("mf", "ssd", ssd_decay="rotary"),
+    # The FFT path of a structured kernel, the reference the chunked path is timed against.
+    "bst-sh-s4-fft": _bst("sh", "s4", ssm_method="fft"),
+    "bst-sh-s4d-fft": _bst("sh", "s4d", ssm_method="fft"),
+    # BRT keeps S = W recurrent states as in the Block-Recurrent Transformer paper; Transformer-XL
+    # attends over a memory of 4W positions (the paper's Trsf-XL:2048 at W = 512); "gss" is one GSS
+    # layer with F = 3D as in the GSS paper (the gss-hybrid preset stacks them with attention).
+    "brt": (BlockRecurrentLayer, {"arch": "brt", "self_attention": "sliding"}),
+    "slide": (BlockAttentionLayer, {"self_attention": "sliding"}),
+    "transformer-xl": (XLLayer, {"arch": "transformer-xl"}),
+    "transformer": (BlockAttentionLayer, {"self_attention": "full"}),
+    "gss": (GSSLayer, {"ssm_kernel": "s4d", "gss_expansion": 3}),
+}
+LAYERS = tuple(BENCH_LAYERS)
+# Drawn as solid lines in the layer plot: the single-head BST layers and the two main baselines.
+PLOTTED_SOLID = tuple(name for name, (_, fields) in BENCH_LAYERS.items()
+                      if fields.get("context_variant") == "sh") + ("brt", "slide")
 
 
 def layer_config(width: int, heads: int, length: int, block: int = 128, state: int = 16,
@@ -69,27 +97,11 @@ def layer_config(width: int, heads: int, length: int, block: int = 128, state: i
 
 
 def build_layer(name: str, config: ModelConfig) -> nn.Module:
-    """One layer of `LAYERS`. "-fft" forces the FFT path of a structured kernel; "brt" keeps S = W
-    recurrent states as in the Block-Recurrent Transformer paper; "transformer-xl" attends over a
-    memory of 4W positions (the paper's Trsf-XL:2048 at W = 512); "gss" uses F = 3D as in the GSS
-    paper; "bst-*-ssd-<kind>" sets the selective kernel's `ssd_decay`."""
-    if name in BST_LAYERS + SSD_DECAY_LAYERS + FFT_REFERENCE_LAYERS:
-        variant, kernel, *suffix = name.split("-")[1:]
-        fields = {"ssm_method": "auto", "ssd_decay": "head"}
-        if suffix:  # the selective kernel's decay kind, or a structured kernel's method
-            fields["ssd_decay" if kernel == "ssd" else "ssm_method"] = suffix[0]
-        return BSTLayer(config.replace(context_variant=variant, ssm_kernel=kernel, **fields))
-    if name == "brt":
-        return BlockRecurrentLayer(config.replace(arch="brt", self_attention="sliding"))
-    if name == "slide":
-        return BlockAttentionLayer(config.replace(self_attention="sliding"))
-    if name == "transformer":
-        return BlockAttentionLayer(config.replace(self_attention="full"))
-    if name == "transformer-xl":
-        return XLLayer(config.replace(arch="transformer-xl"))
-    if name == "gss":
-        return GSSLayer(config.replace(ssm_kernel="s4d", gss_expansion=3))
-    raise ValueError(f"unknown layer {name!r}; known layers: {', '.join(LAYERS)}")
+    """Layer `name` of `BENCH_LAYERS` on `config` with the layer's own fields set."""
+    if name not in BENCH_LAYERS:
+        raise ValueError(f"unknown layer {name!r}; known layers: {', '.join(LAYERS)}")
+    layer, fields = BENCH_LAYERS[name]
+    return layer(config.replace(**fields))
 
 
 def _clear_ssm_caches(module: nn.Module) -> None:
@@ -629,7 +641,7 @@ def plot_layers(report: dict, path: Path) -> None:
             ax = axes[row][col]
             for name in dict.fromkeys(r["layer"] for r in results):
                 pts = [(r["length"], r[key]["seconds"] * 1e3) for r in results if r["layer"] == name]
-                style = "o-" if name.startswith("bst-sh") or name in ("brt", "slide") else ".--"
+                style = "o-" if name in PLOTTED_SOLID else ".--"
                 ax.plot(*zip(*pts, strict=True), style, label=name, linewidth=1)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -663,6 +675,6 @@ def write_outputs(out: Path, report: dict, plot: bool,
             pass
 
 
-__all__ = ["LAYERS", "build_layer", "flop_formulas", "layer_config", "measure_layer",
+__all__ = ["BENCH_LAYERS", "LAYERS", "build_layer", "flop_formulas", "layer_config", "measure_layer",
            "measure_machine", "run_layers", "run_models", "layers_markdown", "models_markdown",
            "markdown_table", "write_outputs"]

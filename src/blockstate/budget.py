@@ -70,7 +70,8 @@ class Shape:
         out: dict[str, Any] = {"d_model": self.d_model, "n_layers": self.n_layers,
                                "n_heads": self.n_heads, "block_size": self.block_size,
                                "max_seq_len": self.seq_len}
-        own_placement = "bst_layers" in PRESETS[preset] or "arch" in PRESETS[preset]
+        fields = PRESETS[preset].overrides
+        own_placement = "bst_layers" in fields or "arch" in fields
         if self.bst_layers is not None and not own_placement:  # baselines place their own layers
             out["bst_layers"] = self.bst_layers
         return out

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .registry import SIZES, list_models, model_config
+from .registry import SIZES, TAGS, list_models, model_config, presets
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -57,8 +57,10 @@ def _count(name: str, size: str) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     sizes = args.sizes.split(",") if args.sizes else list(SIZES)
-    rows = [[name] + [f"{_count(name, s) / 1e6:.2f}M" for s in sizes] for name in list_models()]
-    header = ["model"] + sizes
+    tags = tuple(t for t in args.tag.split(",") if t) if args.tag else ()
+    rows = [[p.name] + [f"{_count(p.name, s) / 1e6:.2f}M" for s in sizes]
+            + [",".join(t for t in TAGS if t in p.tags)] for p in presets(*tags)]
+    header = ["model"] + sizes + ["tags"]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
@@ -487,8 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"blockstate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list model presets and their parameter counts")
+    p = sub.add_parser("models", help="list model presets, their parameter counts and tags")
     p.add_argument("--sizes", default=None, help="comma-separated sizes (default: all)")
+    p.add_argument("--tag", default=None, help="comma-separated tags: only presets with all of them "
+                                               f"({', '.join(TAGS)})")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train a model on a corpus",

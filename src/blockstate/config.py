@@ -122,15 +122,16 @@ class ModelConfig:
     # (paper: D/4 for SH and MH, D/8 for MF; None picks that default, and for arch "samba" the
     # Mamba layers' expansion to 2D).
     ssm_width_divisor: int | None = None
-    # How SSM outputs become context states before their key/value maps (docs/results/long_range.md
-    # has the measured effect of each): the activation on the SSM outputs, and "rms" to
-    # RMS-normalize them (learned gain) with a unit-scale lift, so that context keys/values start
-    # at the scale of self-attention's; "none" chains three Normal(0, init_std) maps instead.
+    # How SSM outputs become context states before their key/value maps: the activation on the
+    # SSM outputs, and "rms" to RMS-normalize them (learned gain) with a unit-scale lift, so that
+    # context keys/values start at the scale of self-attention's; "none" chains three
+    # Normal(0, init_std) maps instead.
     context_activation: str = "gelu"
     context_norm: str = "none"
     # SH/MH, not in the paper: each BST layer also adds a linear map of its context outputs (after
-    # the activation) to the residual stream, beside the cross-attention (docs/results/
-    # long_range.md, section 8f: with it BST learns MQAR as the SSM alone does).
+    # the activation) to the residual stream, beside the cross-attention: a read of the state
+    # that does not pass through a softmax over the block (bst-recommended sets it; MQAR beyond
+    # the window is learned with it, docs/results/recommended.md).
     context_direct: bool = False
     # How the SSM convolution is computed (same function, different cost): "fft", "chunked" (S4/S4D
     # only: chunk-wise matrix products and a state scan, no FFT) or "auto" (chunked on CPU for
@@ -153,8 +154,8 @@ class ModelConfig:
     # Rotating kinds ("complex", "rotary"): the first `ssd_still_modes` modes of each head start at
     # frequency zero instead of pi m, so that they decay without turning (still learned). A key
     # held in a turning mode is read back with a phase that depends on how far back it was written;
-    # still modes hold it unturned (docs/results/long_range.md, section 8i: with 16 of 32 still,
-    # the rotary kind leaves MQAR's plateau where it stayed with none).
+    # still modes hold it unturned, which associative recall needs, while the turning modes keep
+    # the positions apart that selective copying needs.
     ssd_still_modes: int = 0
     dt_min: float = 1e-3            # range of the initial SSM step size (log-uniform)
     dt_max: float = 1e-1
@@ -175,8 +176,8 @@ class ModelConfig:
     init_std: float = 0.02
     # The output head shares the embedding's weights (the paper's and GPT-2's choice); False gives
     # it a weight of its own (vocab_size x d_model more parameters). Tied, a value token's output
-    # row is also its input embedding: on MQAR the SSM stack of docs/results/long_range.md, section
-    # 8f, stayed at ln(values) with it; the `tiny` books LM is 0.26-0.56 better untied (1 seed).
+    # row is also its input embedding, so a value token's prediction and its reading are one
+    # vector (bst-recommended unties them).
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:

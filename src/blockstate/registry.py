@@ -1,8 +1,11 @@
-"""Named model presets and sizes: `list_models()` and `build_model(name, size, **overrides)`."""
+"""Named model presets and sizes: `list_models(*tags)`, `presets(*tags)` and
+`build_model(name, size, **overrides)`."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -11,44 +14,105 @@ from torch import nn
 from .config import PAPER_BST_LAYERS, PAPER_DEPTH, ModelConfig, check_value_type, scale_bst_layers
 from .model import BlockStateLM
 
-# Architecture of each preset (paper Table 1 names: BST:<variant>:<kernel>).
-PRESETS: dict[str, dict[str, Any]] = {
-    "bst-sh-s4": {"context_variant": "sh", "ssm_kernel": "s4"},
-    "bst-mh-s4": {"context_variant": "mh", "ssm_kernel": "s4"},
-    "bst-mf-s4": {"context_variant": "mf", "ssm_kernel": "s4"},
-    "bst-sh-s4d": {"context_variant": "sh", "ssm_kernel": "s4d"},
-    "bst-sh-unstruct": {"context_variant": "sh", "ssm_kernel": "unstruct"},
-    "bst-mh-unstruct": {"context_variant": "mh", "ssm_kernel": "unstruct"},
-    "bst-mf-unstruct": {"context_variant": "mf", "ssm_kernel": "unstruct"},
+# Tags: what a preset is, for selecting presets without reading their names.
+PAPER = "paper"                  # a model of the paper's Table 1 or one of its baselines (section 4)
+BASELINE = "baseline"            # a model other than BST, to compare BST with
+BST = "bst"                      # a Block-State Transformer (BST layers with context states)
+RECOMMENDED = "recommended"      # this project's recommended BST (docs/presets.md)
+EXPERIMENTAL = "experimental"    # a variant under study, not in the paper nor recommended
+CONSTANT_STATE = "constant-state"  # its generation cache does not grow with the context
+SELECTIVE = "selective"          # its SSM is the selective (input-dependent) kernel, ssm/selective.py
+TAGS = (PAPER, BASELINE, BST, RECOMMENDED, EXPERIMENTAL, CONSTANT_STATE, SELECTIVE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named model: the `ModelConfig` fields it sets over its size's (`SIZES`) and the tags that
+    say what it is (`TAGS`). Tags are declared, not derived from the name; tests check the ones a
+    config also shows (constant-state, selective, bst) against `model_config`."""
+
+    name: str
+    description: str
+    overrides: Mapping[str, Any]
+    tags: frozenset[str]
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tags) - set(TAGS))
+        if unknown:
+            raise ValueError(f"preset {self.name!r}: unknown tag(s) {unknown}; known: {', '.join(TAGS)}")
+        object.__setattr__(self, "tags", frozenset(self.tags))
+        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+
+
+def _preset(name: str, description: str, tags: tuple[str, ...], **overrides: Any) -> Preset:
+    return Preset(name, description, overrides, frozenset(tags))
+
+
+_PRESETS = (
+    # Paper Table 1 names: BST:<variant>:<kernel>.
+    _preset("bst-sh-s4", "BST:SH:S4, single-head context states from an S4 kernel",
+            (PAPER, BST, CONSTANT_STATE), context_variant="sh", ssm_kernel="s4"),
+    _preset("bst-mh-s4", "BST:MH:S4, multi-head context states from an S4 kernel",
+            (PAPER, BST, CONSTANT_STATE), context_variant="mh", ssm_kernel="s4"),
+    _preset("bst-mf-s4", "BST:MF:S4, multi-filter context states from an S4 kernel",
+            (PAPER, BST, CONSTANT_STATE), context_variant="mf", ssm_kernel="s4"),
+    _preset("bst-sh-s4d", "BST:SH:S4D, single-head context states from a diagonal S4D kernel",
+            (PAPER, BST, CONSTANT_STATE), context_variant="sh", ssm_kernel="s4d"),
+    # Unstructured kernels are explicit convolutions: their streamed decode keeps the input history.
+    _preset("bst-sh-unstruct", "BST:SH:UNSTRUCT, single-head context states from an unstructured "
+            "kernel", (PAPER, BST), context_variant="sh", ssm_kernel="unstruct"),
+    _preset("bst-mh-unstruct", "BST:MH:UNSTRUCT, multi-head context states from an unstructured "
+            "kernel", (PAPER, BST), context_variant="mh", ssm_kernel="unstruct"),
+    _preset("bst-mf-unstruct", "BST:MF:UNSTRUCT, multi-filter context states from an unstructured "
+            "kernel", (PAPER, BST), context_variant="mf", ssm_kernel="unstruct"),
     # Selective (input-dependent) context states: not in the paper (see ssm/selective.py).
-    "bst-sh-ssd": {"context_variant": "sh", "ssm_kernel": "ssd"},
-    "bst-mf-ssd": {"context_variant": "mf", "ssm_kernel": "ssd"},
-    # The same with rotating modes whose phases the input advances, one real decay per head
-    # (docs/results/long_range.md, section 8c: they learn selective copying, the default does not).
-    "bst-sh-ssd-rotary": {"context_variant": "sh", "ssm_kernel": "ssd", "ssd_decay": "rotary"},
-    "bst-mf-ssd-rotary": {"context_variant": "mf", "ssm_kernel": "ssd", "ssd_decay": "rotary"},
+    _preset("bst-sh-ssd", "BST:SH with the selective kernel, one decay per head",
+            (EXPERIMENTAL, BST, CONSTANT_STATE, SELECTIVE), context_variant="sh", ssm_kernel="ssd"),
+    _preset("bst-mf-ssd", "BST:MF with the selective kernel, one decay per head",
+            (EXPERIMENTAL, BST, CONSTANT_STATE, SELECTIVE), context_variant="mf", ssm_kernel="ssd"),
+    # The same with rotating modes whose phases the input advances, one real decay per head: the
+    # rotation lets a state tell positions apart, which selective copying needs (learned there; the
+    # default kind does not learn it).
+    _preset("bst-sh-ssd-rotary", "BST:SH with the selective kernel, rotating modes",
+            (EXPERIMENTAL, BST, CONSTANT_STATE, SELECTIVE), context_variant="sh", ssm_kernel="ssd",
+            ssd_decay="rotary"),
+    _preset("bst-mf-ssd-rotary", "BST:MF with the selective kernel, rotating modes",
+            (EXPERIMENTAL, BST, CONSTANT_STATE, SELECTIVE), context_variant="mf", ssm_kernel="ssd",
+            ssd_decay="rotary"),
     # Recommended (docs/presets.md; not in the paper): the selective kernel with normalized B and
     # C, an output head of its own and the context outputs also read directly into the residual
-    # stream, on an SSM as wide as the model with N = 64 (docs/results/long_range.md, sections 8f
-    # and 8g: the settings that learn MQAR beyond the window and lower `tiny` perplexity by 22%).
+    # stream, on an SSM as wide as the model with N = 64: the settings that learn MQAR beyond the
+    # window and lower `tiny` perplexity (docs/results/recommended.md, docs/results/long_range.md).
     # Its MLP is narrowed per size (PRESET_SIZE_OVERRIDES) to stay within 10% of bst-sh-s4.
-    "bst-recommended": {"context_variant": "sh", "ssm_kernel": "ssd", "ssd_bc_norm": True,
-                        "tie_embeddings": False, "context_direct": True, "ssm_width_divisor": 1,
-                        "ssm_state_size": 64},
+    _preset("bst-recommended", "BST:SH with the selective kernel, normalized B and C, a direct read "
+            "of the context outputs and an untied output head", (RECOMMENDED, BST, CONSTANT_STATE,
+                                                                  SELECTIVE),
+            context_variant="sh", ssm_kernel="ssd", ssd_bc_norm=True, tie_embeddings=False,
+            context_direct=True, ssm_width_divisor=1, ssm_state_size=64),
     # Baselines (paper section 4). `bst_layers` of a baseline places its GSS or recurrent layers,
     # given for the paper's 12-layer depth and scaled to the size's depth.
-    "transformer": {"self_attention": "full", "bst_layers": ()},
-    "slide": {"self_attention": "sliding", "bst_layers": ()},
-    "transformer-xl": {"arch": "transformer-xl", "self_attention": "sliding", "bst_layers": ()},
-    "brt": {"arch": "brt", "self_attention": "sliding", "bst_layers": (9,)},
+    _preset("transformer", "Transformer with full causal self-attention", (PAPER, BASELINE),
+            self_attention="full", bst_layers=()),
+    _preset("slide", "Slide: sliding-window self-attention only", (PAPER, BASELINE, CONSTANT_STATE),
+            self_attention="sliding", bst_layers=()),
+    _preset("transformer-xl", "Transformer-XL: segment recurrence over a memory of past blocks",
+            (PAPER, BASELINE, CONSTANT_STATE), arch="transformer-xl", self_attention="sliding",
+            bst_layers=()),
+    _preset("brt", "Block-Recurrent Transformer: one recurrent layer", (PAPER, BASELINE,
+                                                                         CONSTANT_STATE),
+            arch="brt", self_attention="sliding", bst_layers=(9,)),
     # GSS-Hybrid (Mehta et al. 2022) is mostly GSS layers with an attention layer after every
     # three: its layers are placed by `gss_hybrid_layers`, not at BST's positions.
-    "gss-hybrid": {"arch": "gss-hybrid", "ssm_kernel": "s4d", "gss_expansion": 6},
+    _preset("gss-hybrid", "GSS-Hybrid: gated state space layers and an attention layer every four",
+            (PAPER, BASELINE, CONSTANT_STATE), arch="gss-hybrid", ssm_kernel="s4d", gss_expansion=6),
     # Samba (Ren et al. 2024; not in the paper): [Mamba, MLP, SWA, MLP] repeated, the Mamba
     # layers of the selective SSM at the even positions (`samba_layers`), the odd ones Slide's
     # sliding-window attention layers (see layers/samba.py).
-    "samba": {"arch": "samba", "ssm_kernel": "ssd", "self_attention": "sliding"},
-}
+    _preset("samba", "Samba: selective SSM (Mamba) layers alternating with sliding-window "
+            "attention", (BASELINE, CONSTANT_STATE, SELECTIVE), arch="samba", ssm_kernel="ssd",
+            self_attention="sliding"),
+)
+PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 GSS_ATTENTION_EVERY = 4
 
 
@@ -107,9 +171,25 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def list_models() -> list[str]:
-    """Names accepted by `build_model`."""
-    return list(PRESETS)
+def presets(*tags: str) -> list[Preset]:
+    """The presets that carry every one of `tags` (all presets with none), in registry order."""
+    unknown = sorted(set(tags) - set(TAGS))
+    if unknown:
+        raise ValueError(f"unknown tag(s) {unknown}; known tags: {', '.join(TAGS)}")
+    return [p for p in PRESETS.values() if p.tags.issuperset(tags)]
+
+
+def list_models(*tags: str) -> list[str]:
+    """Names accepted by `build_model`; with `tags`, only those of presets carrying all of them
+    (e.g. `list_models("paper", "baseline")`)."""
+    return [p.name for p in presets(*tags)]
+
+
+def get_preset(name: str) -> Preset:
+    """Preset `name`; a ValueError naming the available ones if there is none."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; available models: {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 
 def list_sizes() -> list[str]:
@@ -123,8 +203,7 @@ def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfi
     depth, keeping the first layer for BST; gss-hybrid places its GSS layers by
     `gss_hybrid_layers` and samba its Mamba layers by `samba_layers`.
     """
-    if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(PRESETS)}")
+    preset = get_preset(name).overrides
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; available sizes: {', '.join(SIZES)}")
     unknown = sorted(set(overrides) - set(ModelConfig.field_names()))
@@ -134,7 +213,6 @@ def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfi
     types = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
     for key, value in overrides.items():  # before any of them is used below
         check_value_type(key, value, types[key])
-    preset = PRESETS[name]
     fields = {**SIZES[size], **preset, **PRESET_SIZE_OVERRIDES.get((name, size), {})}
     n_layers = overrides.get("n_layers", fields["n_layers"])
     if "bst_layers" in overrides:

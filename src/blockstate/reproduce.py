@@ -28,16 +28,15 @@ import torch
 
 from .bench import machine_info, markdown_table
 from .fileio import atomic_write
-from .registry import PRESETS, matched_mlp_width, mlp_sized_per_size
+from .registry import BASELINE, BST, PAPER, PRESETS, list_models, matched_mlp_width, mlp_sized_per_size
 
-# The paper's 7 BST presets; the selective ones (not in the paper) run only when asked for.
-BST_PRESETS = tuple(name for name in PRESETS
-                    if name.startswith("bst-") and PRESETS[name].get("ssm_kernel") != "ssd")
-BASELINES = ("transformer", "slide", "transformer-xl", "brt", "gss-hybrid")
+# The paper's 7 BST presets; the others (selective, recommended) run only when asked for.
+BST_PRESETS = tuple(list_models(PAPER, BST))
+BASELINES = tuple(list_models(PAPER, BASELINE))
 # Baselines not in the paper: run only when asked for (--models), MLP matched as the paper's are.
-OTHER_BASELINES = ("samba",)
-ZOO = BST_PRESETS + BASELINES
-KNOWN = tuple(name for name in PRESETS if name.startswith("bst-")) + BASELINES + OTHER_BASELINES
+OTHER_BASELINES = tuple(name for name in list_models(BASELINE) if name not in BASELINES)
+ZOO = tuple(list_models(PAPER))    # every preset tagged "paper", the paper's BST presets first
+KNOWN = tuple(list_models())
 ABLATION_MODEL = "bst-sh-s4"
 EVAL_RATIOS = (0.5, 1, 4, 16)
 
@@ -97,9 +96,9 @@ def matched_overrides(name: str, scale: Scale, tolerance: float = 0.05) -> dict[
     (bst-recommended), within `tolerance` of BST:SH:S4's parameter count by choosing its MLP width;
     such a preset's own settings also win over the scale's (bst-recommended keeps N = 64). The
     paper's BST presets are left as they are."""
-    if name not in BASELINES + OTHER_BASELINES and not mlp_sized_per_size(name):
+    if BASELINE not in PRESETS[name].tags and not mlp_sized_per_size(name):
         return {}
-    own = {k: v for k, v in PRESETS[name].items() if k in scale.overrides}
+    own = {k: v for k, v in PRESETS[name].overrides.items() if k in scale.overrides}
     overrides = {**scale.overrides, "vocab_size": _vocab(scale)}
     return {**own, **matched_mlp_width(name, scale.size, overrides, ABLATION_MODEL, tolerance, own)}
 
@@ -463,7 +462,7 @@ def plot_length_generalization(setup: dict, records: list[dict], path: Path) -> 
             pts = [(ratio, r["ppl"]) for ratio, n in zip(EVAL_RATIOS, eval_lengths(seq), strict=True)
                    if (r := _summarize(records, "main", corpus, model, n))]
             if pts:
-                style = "o-" if model.startswith("bst") else "s--"
+                style = "o-" if model in PRESETS and BST in PRESETS[model].tags else "s--"
                 ax.plot(*zip(*pts, strict=True), style, label=model, linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("evaluation length / training length")

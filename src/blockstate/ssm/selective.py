@@ -409,7 +409,7 @@ class SelectiveParameters(nn.Module):
         self.to_bc = nn.Linear(width, 2 * channels * state_size, bias=False)
         # Optionally B_t and C_t are RMS-normalized over N with learned gains (2, K, N): entries of
         # unit scale, so that what the state carries starts near the skip term's scale instead of
-        # about 1% of it (B and C enter the output as a product; docs/results/long_range.md, 8).
+        # about 1% of it (B and C enter the output as a product).
         self.bc_gain = nn.Parameter(torch.ones(2, channels, state_size)) if bc_norm else None
         # dt starts log-uniform in [dt_min, dt_max] (softplus(bias) = dt)
         dt = torch.exp(torch.rand(channels * self.heads) * (math.log(dt_max) - math.log(dt_min))

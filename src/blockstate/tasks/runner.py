@@ -30,13 +30,13 @@ from ..checkpoint import load_latest_intact, save_checkpoint
 from ..evaluate import block_ranges
 from ..fileio import atomic_write
 from ..optim import parameter_groups
-from ..registry import PRESETS, build_model, matched_mlp_width
+from ..registry import BST, build_model, list_models, matched_mlp_width
 from .generators import IGNORE, make_task, score
 
 SUITE_SIZE = "tiny"             # d_model 64, 2 layers, 2 heads, W = 16, N = 8, S = 4 (registry.SIZES)
 REFERENCE_MODEL = "bst-sh-s4"   # the parameter budget the other presets are matched to
 PARAM_TOLERANCE = 0.10
-BST_PRESETS = tuple(name for name in PRESETS if name.startswith("bst-"))
+BST_PRESETS = tuple(list_models(BST))
 EVAL_SEED = 1_000_003           # held-out sequences: never a training seed (those are seed * 10**6 + step)
 
 

@@ -2,7 +2,7 @@
 sequences, the suite's evaluation) when the symbols are scattered over longer regions than in
 training, the answer still the 8 symbols in order.
 
-    .venv/bin/python scripts/selective_lengths.py CHECKPOINT [--regions 64,128,256,512,1024]
+    .venv/bin/python lab/scripts/selective_lengths.py CHECKPOINT [--regions 64,128,256,512,1024]
 """
 
 from __future__ import annotations

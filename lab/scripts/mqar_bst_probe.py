@@ -1,4 +1,4 @@
-"""BST on the MQAR task of docs/results/long_range.md, 8e (4 pairs, queried 4 blocks of 16 or
+"""BST on the MQAR task of lab/logs/long_range.md, 8e (4 pairs, queried 4 blocks of 16 or
 more later), trained by the task suite's own `train_run` for a short schedule, with model
 settings as `blockstate tasks run --set` (parsed by its `parse_override`). With --diagonal, SH's
 cross-attention sees only the context state at the query's own position (the mask cut to the
@@ -7,7 +7,7 @@ reading the SSM outputs through a softmax over the block's positions is what slo
 With --no-self-attention, the layers' block self-attention outputs zeros (the cross-attention to
 the context states is then the only attention). --direct-read (SH) adds to each layer a linear
 read of its context outputs into the residual stream (width -> d_model, no bias, Normal(0,
-init_std)), beside the cross-attention, as the SSM stack of scripts/mqar_ssd_alone.py reads its
+init_std)), beside the cross-attention, as the SSM stack of lab/scripts/mqar_ssd_alone.py reads its
 SSM; --unit-context initializes SH's lift and key/value projection at unit scale (std
 1/sqrt(fan-in)) instead of init_std. Both are probes of this process, not model options.
 --pairs and --seq-len change the task (default 4 pairs, length 96; the gap stays 64).
@@ -17,7 +17,7 @@ trained on 8 pairs, then trained here on 16); the optimizer, schedule and batche
 --checkpoint-every steps (default 500), and a run started again with the same arguments continues
 from the last one.
 
-    python scripts/mqar_bst_probe.py --steps 3000 --set ssm_width_divisor=1 --set ssm_state_size=16 \\
+    python lab/scripts/mqar_bst_probe.py --steps 3000 --set ssm_width_divisor=1 --set ssm_state_size=16 \\
         --set ssm_chunk_size=16 [--diagonal]
 """
 

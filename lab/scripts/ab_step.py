@@ -4,8 +4,8 @@ Both versions build the same preset and shape from the same seed and alternate o
 each, so machine load hits both alike; the medians and their ratio are printed. The old commit's
 package is extracted with `git archive` and imported under another name.
 
-    python scripts/ab_step.py --old 1c37d17 --threads 1 --steps 80
-    python scripts/ab_step.py --old 1c37d17 --model slide --width 128
+    python lab/scripts/ab_step.py --old 1c37d17 --threads 1 --steps 80
+    python lab/scripts/ab_step.py --old 1c37d17 --model slide --width 128
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def old_package(rev: str) -> str:
     (`blockstate_<rev>`); returns its name."""
     name = "blockstate_" + "".join(c for c in rev if c.isalnum())
     archive = subprocess.run(["git", "archive", rev, "src/blockstate"], check=True,
-                             capture_output=True, cwd=Path(__file__).resolve().parents[1]).stdout
+                             capture_output=True, cwd=Path(__file__).resolve().parents[2]).stdout
     target = Path(tempfile.mkdtemp(prefix="ab_step_"))
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(target, filter="data")

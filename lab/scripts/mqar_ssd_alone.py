@@ -1,11 +1,11 @@
-"""The selective SSM without BST around it, on the MQAR task of docs/results/long_range.md, 8e
+"""The selective SSM without BST around it, on the MQAR task of lab/logs/long_range.md, 8e
 (4 pairs, queried 4 blocks of 16 or more later): a stack of `layers` blocks
 x + Out(SSM(In(Norm x))), then x + MLP(Norm x), with no attention, so the only path from a pair to
 its query is the SSM state. The same task, batch, learning rate and step count as the BST runs
 beside it; the optimizer here is plain AdamW with a cosine to 0. Prints the loss every 250 steps
 and the accuracy on 256 held-out sequences; --out writes the record as JSON.
 
-    python scripts/mqar_ssd_alone.py --width 64 --state 16 --steps 3000 [--small-init]
+    python lab/scripts/mqar_ssd_alone.py --width 64 --state 16 --steps 3000 [--small-init]
 
 --chain reads the SSM through three linear maps in series (width -> d with a bias, d -> d, d -> d),
 as BST's SH context path does (lift, value projection, output projection), instead of one;

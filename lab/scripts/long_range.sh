@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The long-range suite behind docs/results/long_range.md. Every command is resumable (finished runs
+# The long-range suite behind lab/logs/long_range.md. Every command is resumable (finished runs
 # are skipped), so re-running after an interruption continues where it stopped. The queues can run
-# side by side on a 2-core machine (`bash scripts/long_range.sh 0`, `... 1`, ...; each process
+# side by side on a 2-core machine (`bash lab/scripts/long_range.sh 0`, `... 1`, ...; each process
 # uses one thread), or one after the other with no argument.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-docs/results/long_range}
 QUEUE=${1:-all}
 BS=(.venv/bin/blockstate tasks run --threads 1 --seeds 0,1 --eval-sequences 256)
@@ -85,7 +85,7 @@ queue3() {
 queue4() {
     # MF with normalized context states on books (the copying task's best MF setting), 2 seeds at
     # the section 7 budget, evaluated on the same test windows as the main runs.
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/lm_setting.py --model bst-mf-s4 --set context_norm=rms \
+    OMP_NUM_THREADS=1 .venv/bin/python lab/scripts/lm_setting.py --model bst-mf-s4 --set context_norm=rms \
         --corpus books --seeds 0,1 --max-tokens 4800000 --out runs/long-range-lm
     # MQAR: 16 and 64 pairs (64: one seed), and the second seed of 8 and 32 (queries at every
     # distance to 8W).

@@ -1,8 +1,8 @@
 """Where an MQAR model's misses fall: accuracy by the pair's place in the list of pairs (the first
 written is the oldest at query time) and by the query's place among the queries, for a checkpoint
-saved by `scripts/mqar_bst_probe.py --checkpoints` (or any task-suite MQAR run's checkpoint).
+saved by `lab/scripts/mqar_bst_probe.py --checkpoints` (or any task-suite MQAR run's checkpoint).
 
-    python scripts/mqar_pair_accuracy.py runs/ck/NAME [--pairs 16 --seq-len 128] [--out f.json]
+    python lab/scripts/mqar_pair_accuracy.py runs/ck/NAME [--pairs 16 --seq-len 128] [--out f.json]
 
 If misses pile up on the oldest pairs, the state forgets (decay or overwriting); if they spread
 evenly over the pairs, and a miss is mostly another stored pair's value, the keys are not told

@@ -6,7 +6,7 @@ Each run is one `blockstate.reproduce` run (resumable; finished runs are skipped
 OUT/runs/; the table (test perplexity at the training length, mean over seeds +- half the range)
 goes to OUT/report.md and OUT/results.json.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/selective_lm.py [--corpora books,python-stdlib]
+    OMP_NUM_THREADS=1 .venv/bin/python lab/scripts/selective_lm.py [--corpora books,python-stdlib]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ SETTINGS = [  # (label, preset, overrides beyond the tiny scale's)
     ("bst-sh-ssd, ssd_decay=complex", "bst-sh-ssd", {"ssd_decay": "complex", "ssm_chunk_size": 16}),
     # One real decay per head with rotating modes: the scalar-decay scan, chunks of 64 as the default
     ("bst-sh-ssd, ssd_decay=rotary", "bst-sh-ssd", {"ssd_decay": "rotary"}),
-    # The configuration that learns MQAR (docs/results/long_range.md, 8f): normalized B and C, an
+    # The configuration that learns MQAR (lab/logs/long_range.md, 8f): normalized B and C, an
     # output head of its own (V x D more parameters) and the context outputs read directly
     ("bst-sh-ssd, ssd_bc_norm, untied head, context_direct", "bst-sh-ssd",
      {"ssd_bc_norm": True, "tie_embeddings": False, "context_direct": True}),
@@ -100,7 +100,7 @@ def report(records: list[dict], length: int) -> str:
     corpora = list(dict.fromkeys(r["corpus"] for r in records))
     lines = ["Test perplexity per byte at the training length (256), `tiny` reproduction settings "
              "(480k training tokens; mean +- half the range over the seeds run).",
-             "Command: `OMP_NUM_THREADS=1 .venv/bin/python scripts/selective_lm.py` (`--corpora`, "
+             "Command: `OMP_NUM_THREADS=1 .venv/bin/python lab/scripts/selective_lm.py` (`--corpora`, "
              "`--settings` choose a part; finished runs are kept)", "",
              "| model | parameters | " + " | ".join(corpora) + " |",
              "|---|---|" + "---|" * len(corpora)]

@@ -1,4 +1,4 @@
-"""Two measurements behind docs/results/long_range.md, section 8, that need no training.
+"""Two measurements behind lab/logs/long_range.md, section 8, that need no training.
 
 1. The bag-of-symbols ceiling of selective copying: a model that knows which symbols occurred but
    not their order can do no better, at every answer position, than the most frequent symbol of
@@ -16,7 +16,7 @@
    them can tell the cross-attention which symbol to return at each; a cosine near 1 means the
    context states offer the same readout of the distant symbols at every answer position.
 
-    .venv/bin/python scripts/selective_probe.py
+    .venv/bin/python lab/scripts/selective_probe.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The sweep behind `blockstate.budget`'s ladder (docs/benchmarks/README.md, "Sizing the main job").
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/size_sweep.py NAME CORPUS [MINUTES [THREADS]]
+    OMP_NUM_THREADS=1 .venv/bin/python lab/scripts/size_sweep.py NAME CORPUS [MINUTES [THREADS]]
 
 trains candidate NAME (below) for MINUTES (default 5) with THREADS torch threads (default 1) into
 runs/sweep18/CORPUS-NAME (CORPUS-NAME-Tt for THREADS=T > 1), then scores validation bits per

@@ -15,7 +15,7 @@ median ms per token of each decoder and each one's ratio to the working tree's s
 model, and to the working tree's `slide` step when --reference slide is given; writes JSON with
 --out.
 
-    python scripts/ab_decode.py --models bst-sh-s4 --reference slide --context 4096 \\
+    python lab/scripts/ab_decode.py --models bst-sh-s4 --reference slide --context 4096 \\
         --old step@419b979 recompute@527bd9c --threads 1
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ scale with extra model overrides (e.g. `context_norm=rms`), as group `setting` o
 directory, so its `eval.json` sits beside the main runs' and compares with them on the same test
 windows. Resumable like `reproduce` (a finished run is skipped, an unfinished one resumes).
 
-    OMP_NUM_THREADS=1 python scripts/lm_setting.py --model bst-mf-s4 --set context_norm=rms \
+    OMP_NUM_THREADS=1 python lab/scripts/lm_setting.py --model bst-mf-s4 --set context_norm=rms \
         --corpus books --seeds 0,1 --max-tokens 4800000 --out runs/long-range-lm
 """
 from __future__ import annotations

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Short CPU training run of every baseline and bst-sh-s4 on the embedded corpus, same token budget
 # for each (budgets in tokens, so the comparison holds even when the machine is shared).
-# Usage: bash scripts/baselines_cpu.sh [TOKENS] [OUT]
+# Usage: bash lab/scripts/baselines_cpu.sh [TOKENS] [OUT]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 TOKENS=${1:-400000}
 OUT=${2:-runs/baselines}
 mkdir -p "$OUT"

@@ -6,7 +6,7 @@ kernel that writes the symbols and holds them through the blanks takes large ste
 and small ones at the blanks (the mechanism behind Mamba's selective-copying result); equal steps
 everywhere is the time-invariant behaviour.
 
-    .venv/bin/python scripts/selective_gates.py CHECKPOINT_OR_RUN_DIR [...]
+    .venv/bin/python lab/scripts/selective_gates.py CHECKPOINT_OR_RUN_DIR [...]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ turn by less than one radian over those 64 positions (mode m turns by omega_m * 
 written in the pairs and read at a query is matched through C_t . B_s; a mode that has turned by
 a sequence-dependent angle no longer matches.
 
-    python scripts/mqar_step_sizes.py runs/ck/NAME [more checkpoints] [--pairs 8 --seq-len 96]
+    python lab/scripts/mqar_step_sizes.py runs/ck/NAME [more checkpoints] [--pairs 8 --seq-len 96]
 """
 
 from __future__ import annotations

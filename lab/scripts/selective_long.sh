@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 13's long runs: the selective presets beside bst-sh-s4 with about 7-20x the optimizer steps
-# of scripts/selective.sh, on one CPU core each, two runs at a time (a 2-core machine). Each run
+# of lab/scripts/selective.sh, on one CPU core each, two runs at a time (a 2-core machine). Each run
 # is checkpointed every 200 steps (blockstate tasks run --checkpoint-every), so this script can be
 # stopped at any point and rerun, in this or a later session, to continue where it stopped;
-# finished runs are skipped. Results go next to scripts/selective.sh's in docs/results/long_range/.
+# finished runs are skipped. Results go next to lab/scripts/selective.sh's in docs/results/long_range/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-docs/results/long_range}
 BS=(.venv/bin/blockstate tasks run --threads 1 --seeds 0 --eval-sequences 256)
 pair() {  # two models of one setting side by side, one core each; then the setting's report
@@ -23,7 +23,7 @@ pair bst-sh-ssd bst-sh-s4 --steps 20000 --task selective_copying --param region=
 # MQAR, 4 pairs queried 4 blocks or more later: 20000 steps at batch 64, 0.34 s each.
 pair bst-sh-ssd bst-sh-s4 --steps 20000 --lr 1e-3 --batch-size 64 --task mqar \
     --param num_pairs=4 --param gap=64 --param seq_len=96 --out "$OUT/mqar_20000"
-# Selective copying with other parametrizations of the selective kernel (docs/results/long_range.md,
+# Selective copying with other parametrizations of the selective kernel (lab/logs/long_range.md,
 # section 8): 16 heads of one decay each; 4 heads of a decay per state dimension (S6's form);
 # B and C RMS-normalized. ssm_chunk_size=8 only makes the runs cheaper at L = 72 (the function
 # does not depend on it).
@@ -54,7 +54,7 @@ wait "$first"; wait "$second"
 .venv/bin/blockstate tasks report --out "$OUT/selective_copying_20000" > /dev/null
 # The selective kernel with a rotating state (ssd_decay="complex": N/2 complex modes per head whose
 # phases advance with the input-dependent step), the same 20000 steps.
-# It is the one that learns the order (docs/results/long_range.md, section 8b): a second seed beside
+# It is the one that learns the order (lab/logs/long_range.md, section 8b): a second seed beside
 # MQAR with it (4 pairs 4+ blocks back, 20000 steps at batch 64, chunks of 16 for the in-chunk
 # decays per state dimension), one core each.
 variant ssd_decay=complex
@@ -72,14 +72,14 @@ wait "$first"; wait "$second"
 .venv/bin/blockstate tasks report --out "$OUT/selective_copying_20000" > /dev/null
 .venv/bin/blockstate tasks report --out "$OUT/mqar_20000" > /dev/null
 # MQAR with 4x the state (N = 32 per head, B and C of 32 numbers), the rotary and the default
-# kinds (docs/results/long_range.md, 8d): is the state's capacity what holds MQAR back? The same
+# kinds (lab/logs/long_range.md, 8d): is the state's capacity what holds MQAR back? The same
 # 20000 steps, one core each.
 mqar_variant ssd_decay=rotary ssm_state_size=32 & first=$!
 mqar_variant ssm_state_size=32 & second=$!
 wait "$first"; wait "$second"
 .venv/bin/blockstate tasks report --out "$OUT/mqar_20000" > /dev/null
 # MQAR with the SSM on the full model width (ssm_width_divisor=1: 64 channels instead of 16) and
-# N = 16, the default and rotary kinds (docs/results/long_range.md, 8e): is BST's narrow SSM what
+# N = 16, the default and rotary kinds (lab/logs/long_range.md, 8e): is BST's narrow SSM what
 # holds MQAR back? The same 20000 steps, one core each.
 mqar_variant ssm_width_divisor=1 ssm_state_size=16 & first=$!
 mqar_variant ssd_decay=rotary ssm_width_divisor=1 ssm_state_size=16 & second=$!

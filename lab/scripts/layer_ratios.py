@@ -6,10 +6,10 @@ of the same variant (bst-sh-s4 for SH layers, bst-mf-s4 for MF ones), or to the 
 (ModelConfig fields, as `--set` of the CLI), each applied to that layer only: the ratio of
 "bst-sh-ssd+context_direct=true" is then still taken to bst-sh-s4.
 
-    python scripts/layer_ratios.py --length 8192 --threads 2 --rounds 5 \
+    python lab/scripts/layer_ratios.py --length 8192 --threads 2 --rounds 5 \
         --layers bst-sh-s4,bst-sh-ssd-rotary,bst-mf-s4,bst-mf-ssd-rotary
-    python scripts/layer_ratios.py --backward --against bst-sh-s4 --layers bst-sh-s4,brt,slide
-    python scripts/layer_ratios.py --against bst-sh-ssd \
+    python lab/scripts/layer_ratios.py --backward --against bst-sh-s4 --layers bst-sh-s4,brt,slide
+    python lab/scripts/layer_ratios.py --against bst-sh-ssd \
         --layers bst-sh-s4,bst-sh-ssd,bst-sh-ssd+context_direct=true
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from blockstate.bench import layer_calls, layer_config, machine_info
+from blockstate.bench import BENCH_LAYERS, layer_calls, layer_config, machine_info
 from blockstate.cli import parse_override
 
 
@@ -64,8 +64,8 @@ def main() -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
     rows = []
     for name in names:
-        parts = name.split("+")[0].split("-")
-        reference = args.against or (f"bst-{parts[1]}-s4" if parts[0] == "bst" else None)
+        variant = BENCH_LAYERS[name.split("+")[0]][1].get("context_variant")  # BST layers only
+        reference = args.against or (f"bst-{variant}-s4" if variant else None)
         ratio = medians[name] / medians[reference] if reference in medians else None
         rows.append({"layer": name, "median_ms": round(medians[name] * 1e3, 1),
                      "all_ms": [round(t * 1e3, 1) for t in times[name]], "reference": reference,
@@ -74,7 +74,7 @@ def main() -> None:
                                                             f"  {ratio:.2f}x {reference}"))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": "python scripts/layer_ratios.py " + " ".join(
+        args.out.write_text(json.dumps({"command": "python lab/scripts/layer_ratios.py " + " ".join(
             f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
             for k, v in vars(args).items() if k != "out" and v is not None and v is not False)
             + f" --out {args.out}", "machine": machine_info(device), "length": args.length,
