@@ -41,8 +41,11 @@ from .checkpoint import SHARDED_DIR, save_checkpoint, staging_dir
 def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None) -> nn.Module:
     """Apply `fully_shard` over all processes (on `device`'s type) to each of `model.layers`, then
     to `model` (in place; returned). `param_dtype`: the dtype of the parameters in compute (None:
-    as stored, float32); gradients are reduced in float32 either way."""
+    as stored, float32); gradients are reduced in float32 either way. The SSM's parameters keep
+    their `_no_weight_decay` mark (read by `optim.parameter_groups`)."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # fully_shard replaces every parameter by a new (DTensor) one: the marks are carried over
+    marked = {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     exact = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     for layer in model.layers:
@@ -51,6 +54,9 @@ def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype
                 fully_shard(unit, mesh=mesh, mp_policy=exact)
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    for name, parameter in model.named_parameters():
+        if name in marked:
+            parameter._no_weight_decay = True  # type: ignore[attr-defined]
     return model
 
 
