@@ -118,10 +118,12 @@ def test_fsdp_refuses_what_it_is_not_combined_with_in_one_line(corpus, tmp_path,
 
 @pytest.mark.slow
 def test_two_fsdp_processes_log_the_losses_of_one(corpus, tmp_path):
-    """4 steps, global batch 4: FSDP over 2 gloo processes against one process without FSDP."""
+    """4 steps, global batch 4: FSDP over 2 gloo processes (2 micro-batches each: gradients
+    reduced once, on the last) against one process without FSDP."""
     cfg = str(_config_file(corpus, tmp_path))
     _train_cli(["--config", cfg, "--max-steps", "4", "--out", str(tmp_path / "one")], 1)
-    _train_cli(["--config", cfg, "--fsdp", "--max-steps", "4", "--out", str(tmp_path / "two")], 2)
+    _train_cli(["--config", cfg, "--fsdp", "--grad-accum", "2", "--max-steps", "4", "--out",
+                str(tmp_path / "two")], 2)
     _assert_same_training(tmp_path / "two", tmp_path / "one", 4)
     assert sorted(p.name for p in (load_checkpoint(tmp_path / "two").sharded_dir).iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp"]
@@ -139,3 +141,18 @@ def test_sharded_checkpoints_resume_at_2_then_1_then_2_processes(corpus, tmp_pat
     _train_cli(["--config", cfg, "--max-steps", "6", "--out", run, "--resume"], 2)
     _assert_same_training(tmp_path / "run", tmp_path / "one", 6)
     assert load_checkpoint(run).train_state["train_config"]["fsdp"] is True
+
+
+@pytest.mark.slow
+def test_bf16_fsdp_computes_in_bfloat16_and_keeps_float32_weights(corpus, tmp_path):
+    """--precision bf16: bfloat16 parameters in compute, float32 ones stored; the losses stay
+    within 1e-2 relative of float32 training over 3 steps (measured 1e-4)."""
+    cfg = str(_config_file(corpus, tmp_path))
+    _train_cli(["--config", cfg, "--max-steps", "3", "--out", str(tmp_path / "fp32")], 1)
+    _train_cli(["--config", cfg, "--fsdp", "--precision", "bf16", "--max-steps", "3", "--out",
+                str(tmp_path / "bf16")], 2)
+    ours, theirs = _losses(tmp_path / "bf16"), _losses(tmp_path / "fp32")
+    assert sorted(ours) == [1, 2, 3]
+    assert all(abs(ours[s] - theirs[s]) < 1e-2 * theirs[s] for s in theirs), (ours, theirs)
+    assert {v.dtype for v in load_checkpoint(tmp_path / "bf16").model_state().values()} == {
+        torch.float32}
