@@ -156,3 +156,40 @@ def test_bf16_fsdp_computes_in_bfloat16_and_keeps_float32_weights(corpus, tmp_pa
     assert all(abs(ours[s] - theirs[s]) < 1e-2 * theirs[s] for s in theirs), (ours, theirs)
     assert {v.dtype for v in load_checkpoint(tmp_path / "bf16").model_state().values()} == {
         torch.float32}
+
+
+@pytest.mark.parametrize("preset", ["bst-sh-s4", "bst-mf-s4"])
+def test_bf16_sharding_keeps_the_ssm_parameters_float32_and_marked(preset, tmp_path):
+    """In a one-process gloo group: under a bf16 policy the MLP weights compute in bfloat16, the
+    SSM's in float32 (also through MF's block-end outputs), a training step runs, and the SSM's
+    parameters keep their no-weight-decay mark."""
+    import torch.distributed as dist
+
+    from blockstate.fsdp import shard_model
+    from blockstate.model import BlockStateLM
+    from blockstate.registry import model_config
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        model = BlockStateLM(model_config(preset, "tiny", block_size=16))
+        marked = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+        shard_model(model, torch.device("cpu"), torch.bfloat16)
+        seen = {}
+        layer = model.layers[0]
+
+        def record(name):
+            def hook(module, args):
+                seen[name] = next(module.parameters()).dtype
+            return hook
+
+        layer.context.ssm.kernel.register_forward_pre_hook(record("ssm"))
+        layer.mlp.up.register_forward_pre_hook(record("mlp"))
+        model(torch.zeros(2, 64, dtype=torch.long)).float().sum().backward()
+        assert seen == {"ssm": torch.float32, "mlp": torch.bfloat16}
+        assert all(p.grad is not None for p in model.parameters())
+        assert marked and marked == {n for n, p in model.named_parameters()
+                                     if getattr(p, "_no_weight_decay", False)}
+        assert {p.dtype for p in model.parameters()} == {torch.float32}  # as stored
+    finally:
+        dist.destroy_process_group()

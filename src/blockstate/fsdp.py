@@ -32,10 +32,19 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
 
 from .checkpoint import SHARDED_DIR, save_checkpoint, staging_dir
+
+# Methods besides `forward` that a layer calls on its SSM module in a training step (the MF
+# context's outputs at block ends): under FSDP they gather the SSM unit's parameters too.
+SSM_FORWARD_METHODS = ("block_end_outputs",)
 
 
 def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None) -> nn.Module:
@@ -52,6 +61,9 @@ def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype
         if param_dtype is not None:
             for unit in _float32_units(layer):
                 fully_shard(unit, mesh=mesh, mp_policy=exact)
+                for method in SSM_FORWARD_METHODS:
+                    if hasattr(unit, method):
+                        register_fsdp_forward_method(unit, method)
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for name, parameter in model.named_parameters():
