@@ -645,9 +645,9 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                 log(f"step {step}: validation loss {last_val['loss']:.4f} "
                     f"ppl {last_val['perplexity']:.2f} bpb {last_val['bits_per_byte']:.3f}")
             if config.sample_every and step % config.sample_every == 0 and (ddp.is_main or sharded):
-                sample_now = _sample(_whole_model(model, mconfig, device, sharded), tokenizer,
-                                     val_data, config, device)
-                if sample_now is not None and ddp.is_main:
+                whole = _whole_model(model, mconfig, device, sharded)  # FSDP: all gather
+                sample_now = _sample(whole, tokenizer, val_data, config, device) if ddp.is_main else None
+                if sample_now is not None:
                     metrics.write({"step": step, "split": "sample", **sample_now})
                     log(f"step {step}: sample: {sample_now['prompt']}\u2502"
                         f"{sample_now['continuation']}")
@@ -676,7 +676,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         save(last=True)
         metrics.close()
         sample = None
-        if (ddp.is_main or sharded) and stopper.received is None:
+        if (ddp.is_main or sharded) and stopper.received is None and config.sample_tokens > 0:
             whole = _whole_model(model, mconfig, device, sharded)
             sample = _sample(whole, tokenizer, val_data, config, device) if ddp.is_main else None
         interrupted = stopper.received
