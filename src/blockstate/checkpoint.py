@@ -1,4 +1,5 @@
-"""Training checkpoints for exact resume, written atomically and read without unpickling anything.
+"""Training checkpoints for exact resume, written atomically and read without unpickling anything
+(except the torch.distributed.checkpoint metadata of an --fsdp run's sharded/ directory).
 
 Layout of `run_dir/checkpoints/`:
 
@@ -6,13 +7,17 @@ Layout of `run_dir/checkpoints/`:
       model.safetensors   model.state_dict()
       checkpoint.json     format marker, version, step, model config, train state, sha256 of every file
       optimizer.safetensors, optimizer.json   optimizer.state_dict(): tensors | everything else
+      sharded/            instead, for a run trained with --fsdp: the model and optimizer state as
+                          torch.distributed.checkpoint shards (blockstate.fsdp); model.safetensors
+                          is then written only by the last checkpoint of a run
       rng.safetensors     torch CPU RNG state and, when CUDA is initialized, every device's
       memory.safetensors  what a segment-recurrent model carries into the next batch (optional)
       tokenizer/          a copy of the tokenizer files
     latest              the name of the newest complete step directory
 
-A checkpoint is written into a hidden temporary directory and renamed into place; `latest` is then
-replaced atomically. Whenever the process dies, `latest` names a complete checkpoint or is absent.
+A checkpoint is written into a hidden temporary directory (`staging_dir`: where every process of an
+FSDP run writes its shards first) and renamed into place; `latest` is then replaced atomically.
+Whenever the process dies, `latest` names a complete checkpoint or is absent.
 One process writes to a run directory at a time.
 """
 
@@ -45,6 +50,7 @@ OPTIMIZER_JSON = "optimizer.json"
 RNG_FILE = "rng.safetensors"
 MEMORY_FILE = "memory.safetensors"
 TOKENIZER_DIR = "tokenizer"
+SHARDED_DIR = "sharded"
 
 _STEP_DIR = re.compile(r"step-\d{8,}")
 _TEMP_DIR = re.compile(r"\.(step-\d{8,})\.tmp-\d+")          # group 1: the step dir it becomes
@@ -72,7 +78,20 @@ class Checkpoint:
     files: dict[str, str] = field(default_factory=dict, repr=False)
 
     def model_state(self) -> dict[str, torch.Tensor]:
+        if MODEL_FILE not in self.files:
+            raise CheckpointError(
+                f"checkpoint {self.path} holds its weights only as FSDP shards ({SHARDED_DIR}/); "
+                f"the last checkpoint of the run has {MODEL_FILE}: finish the run, or resume it "
+                f"(`blockstate train --resume`) to write one")
         return load_file(self.path / MODEL_FILE)
+
+    @property
+    def sharded_dir(self) -> Path | None:
+        """The torch.distributed.checkpoint directory of model and optimizer state (an FSDP run's
+        checkpoint), or None. Its metadata is a pickle: load it only from a run you trust."""
+        if any(name.startswith(SHARDED_DIR + "/") for name in self.files):
+            return self.path / SHARDED_DIR
+        return None
 
     def load_model(self, model: nn.Module) -> None:
         """Load the weights strictly: every key present in both with the same shape."""
@@ -157,15 +176,19 @@ def load_weights_strictly(model: nn.Module, state: dict[str, torch.Tensor], sour
     model.load_state_dict(state)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, model_config: dict, train_state: dict,
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module | dict[str, torch.Tensor] | None,
+                    model_config: dict, train_state: dict,
                     optimizer: torch.optim.Optimizer | None = None,
                     tokenizer_dir: Path | None = None, keep: int = 2,
-                    memory: dict[str, torch.Tensor] | None = None) -> Path:
+                    memory: dict[str, torch.Tensor] | None = None,
+                    staged: Path | None = None) -> Path:
     """Writes run_dir/checkpoints/step-{step:08d}/ and points run_dir/checkpoints/latest at it;
     returns the step dir. Then keeps only the `keep` newest step dirs (by step, `latest` always
-    among them) and removes what interrupted saves left behind. `model_config` and `train_state`
+    among them) and removes what interrupted saves left behind. `model`: the model or its state
+    dict (None: its weights are in `staged`'s shards). `model_config` and `train_state`
     must hold JSON values; `memory` is a segment-recurrent model's carried memory
-    (`Memory.tensors()`); everything is validated before anything is written."""
+    (`Memory.tensors()`); `staged`: the `staging_dir` other processes already wrote the
+    SHARDED_DIR into, installed with the rest. Everything is validated before anything is written."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"step={step!r} is not valid; it must be an integer >= 0")
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
@@ -173,8 +196,13 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, model_config: di
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step,
                 "model_config": _checked_json(model_config, "model_config"),
                 "train_state": _checked_json(train_state, "train_state")}
-    tensor_files = {MODEL_FILE: _cpu_tensors(model.state_dict(), "model.state_dict()"),
-                    RNG_FILE: _rng_state()}
+    if staged is None and model is None:
+        raise CheckpointError("a checkpoint needs the model's weights: give the model or a staged "
+                              "directory of its shards")
+    tensor_files = {RNG_FILE: _rng_state()}
+    if model is not None:
+        state = model.state_dict() if isinstance(model, nn.Module) else model
+        tensor_files[MODEL_FILE] = _cpu_tensors(state, "model.state_dict()")
     if memory is not None:
         tensor_files[MEMORY_FILE] = _cpu_tensors(memory, "memory")
     json_files = {}
@@ -184,15 +212,12 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, model_config: di
     copies = _tokenizer_files(Path(tokenizer_dir)) if tokenizer_dir is not None else {}
 
     checkpoints = Path(run_dir) / CHECKPOINTS
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    _finish_interrupted_install(checkpoints)
     final = checkpoints / f"step-{step:08d}"
-    temp = checkpoints / f".{final.name}.tmp-{os.getpid()}"
-    if temp.exists():
-        shutil.rmtree(temp)
-    temp.mkdir()
+    temp = staging_dir(run_dir, step, os.getpid()) if staged is None else Path(staged)
+    present = ([path.relative_to(temp).as_posix() for path in sorted((temp / SHARDED_DIR).rglob("*"))
+                if path.is_file()] if staged is not None else [])
     try:
-        _write_step_dir(temp, manifest, tensor_files, json_files, copies)
+        _write_step_dir(temp, manifest, tensor_files, json_files, copies, present)
     except Exception as e:  # a full disk (OSError, or safetensors' own error): leave nothing
         shutil.rmtree(temp, ignore_errors=True)  # behind; the previous checkpoint stands
         raise CheckpointError(f"could not write the checkpoint of step {step} in {checkpoints}: "
@@ -200,6 +225,20 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, model_config: di
     _install(checkpoints, temp, final)
     _prune(checkpoints, final.name, keep)
     return final
+
+
+def staging_dir(run_dir: Path | str, step: int, writer: int) -> Path:
+    """The empty hidden directory where the checkpoint of `step` is written before
+    `save_checkpoint` installs it; `writer`: the process id of the one process that writes the
+    run (process 0 of an FSDP run, whose other processes write their shards there too)."""
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    _finish_interrupted_install(checkpoints)
+    temp = checkpoints / f".step-{step:08d}.tmp-{writer}"
+    if temp.exists():
+        shutil.rmtree(temp)
+    temp.mkdir()
+    return temp
 
 
 def load_checkpoint(path: Path | str) -> Checkpoint:
@@ -289,8 +328,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 # ---------------------------------------------------------------- writing
 def _write_step_dir(directory: Path, manifest: dict[str, Any], tensor_files: dict[str, dict],
-                    json_files: dict[str, str], copies: dict[str, Path]) -> None:
-    """Write every file into `directory`, then checkpoint.json with their sha256, all durably."""
+                    json_files: dict[str, str], copies: dict[str, Path],
+                    present: list[str]) -> None:
+    """Write every file into `directory`, then checkpoint.json with the sha256 of these and of the
+    files already `present` there, all durably."""
     for name, tensors in tensor_files.items():
         save_file(tensors, directory / name, metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
     for name, text in json_files.items():
@@ -299,7 +340,7 @@ def _write_step_dir(directory: Path, manifest: dict[str, Any], tensor_files: dic
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, directory / name)
     files = {}
-    for name in [*tensor_files, *json_files, *copies]:
+    for name in [*tensor_files, *json_files, *copies, *present]:
         fsync_file(directory / name)
         files[name] = sha256_file(directory / name)
     (directory / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2), encoding="utf-8")
@@ -476,8 +517,10 @@ def _read_manifest(step_dir: Path) -> dict[str, Any]:
         if not isinstance(manifest.get(key), kind):
             raise CheckpointError(f"checkpoint file {path} is corrupted: {key!r} is missing or not "
                                   f"a {kind.__name__}")
-    if MODEL_FILE not in manifest["files"]:
-        raise CheckpointError(f"checkpoint file {path} is corrupted: it lists no {MODEL_FILE}")
+    if MODEL_FILE not in manifest["files"] and not any(
+            str(name).startswith(SHARDED_DIR + "/") for name in manifest["files"]):
+        raise CheckpointError(f"checkpoint file {path} is corrupted: it lists no {MODEL_FILE} and "
+                              f"no {SHARDED_DIR}/")
     return manifest
 
 
@@ -517,4 +560,4 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "CheckpointError", "latest_checkpoint",
-           "load_checkpoint", "load_weights_strictly", "save_checkpoint"]
+           "load_checkpoint", "load_weights_strictly", "save_checkpoint", "staging_dir"]

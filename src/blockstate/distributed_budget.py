@@ -28,6 +28,7 @@ import math
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,7 +77,7 @@ def agree_at_boundary(ddp: Distributed, device: torch.device, received: str | No
     return Boundary(_signal_name(int(number)), spent > 0, shared)
 
 
-def saved_by_main(ddp: Distributed, save: Callable[[], None]) -> Callable[[], None]:
+def saved_by_main(ddp: Distributed, save: Callable[..., None]) -> Callable[..., None]:
     """`save` (which writes on process 0 only), made to return on every process once process 0 has
     written: every process calls it at the same points, and no process runs ahead of the
     checkpoint. At the end of a run this matters: once one process exits with an error status
@@ -85,9 +86,9 @@ def saved_by_main(ddp: Distributed, save: Callable[[], None]) -> Callable[[], No
     if ddp.world_size == 1:
         return save
 
-    def save_then_wait() -> None:
+    def save_then_wait(**options: Any) -> None:
         try:
-            save()
+            save(**options)
         finally:
             if dist.is_initialized():
                 dist.barrier()

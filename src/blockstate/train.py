@@ -2,7 +2,8 @@
 
 Read top to bottom: resolve the config, prepare data and tokenizer, build the model and optimizer,
 restore a checkpoint when resuming, then step until a step, token or wall-clock budget is spent,
-validating, logging and checkpointing along the way. Data parallel through `torchrun` (DDP).
+validating, logging and checkpointing along the way. Data parallel through `torchrun` (DDP), or
+fully sharded with `--fsdp` (`fsdp`: FSDP2 and sharded checkpoints).
 
 Its concerns live in modules named after them: `train_config` (TrainConfig, flags, config files),
 `optim` (AdamW groups and the learning-rate schedule), `device` (device, processes, precision),
@@ -32,6 +33,7 @@ from torch import nn
 
 from .budget import PLANNED_FIELDS, explicit_fields, plan_for_budget, plan_tokenizer
 from .checkpoint import load_checkpoint, load_latest_intact, remove_temporary, save_checkpoint
+from .config import ModelConfig
 from .data import (
     BatchStream,
     PackedSequences,
@@ -181,6 +183,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
         device = torch.device(f"cuda:{ddp.local_rank}")
     if config.context_parallel > 1:
         _check_context_parallel(config, ddp)
+    if config.fsdp and ddp.world_size > 1 and checkpoint is not None and checkpoint.sharded_dir is None:
+        raise ValueError(f"--fsdp: checkpoint {checkpoint.path} was written without --fsdp "
+                         f"(safetensors); resume it without --fsdp, or in one process")
     if config.batch_size % (_data_processes(config, ddp) * config.grad_accum):
         raise ValueError(f"batch_size={config.batch_size} must be divisible by processes x grad_accum "
                          f"= {ddp.world_size} x {config.grad_accum}")
@@ -461,6 +466,13 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         init.load_model(model)
         log(f"initialized from {init.path} (step {init.step}): weights only; a new optimizer and "
             f"schedule from step 0")
+    sharded = config.fsdp and ddp.world_size > 1  # one process: nothing to shard, DCP checkpoints
+    if sharded:
+        from .fsdp import shard_model
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        shard_model(model, device, autocast_dtype(config.precision, device))
     optimizer = build_optimizer(model, config, device)
     # float16 needs its loss scaled against underflow of small gradients (bf16 and fp32 do not)
     fp16 = autocast_dtype(config.precision, device) == torch.float16
@@ -479,7 +491,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     model.activation_checkpointing = config.activation_checkpointing
     peak_flops = device_peak_flops(device, config.precision, config.peak_tflops)
     train_model: nn.Module = torch.compile(model) if config.compile else model
-    if data_processes > 1:
+    if data_processes > 1 and not sharded:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -504,16 +516,25 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     def elapsed() -> float:
         return state.elapsed_before + time.perf_counter() - start
 
-    def save() -> None:
-        if not ddp.is_main:
+    def save(last: bool = False) -> None:
+        """A checkpoint (process 0 writes it; under --fsdp every process writes its shards, and
+        the `last` of the run also holds the whole weights in model.safetensors)."""
+        if not (ddp.is_main or sharded):
             return
         train_state = {"step": state.step, "tokens": state.tokens, "horizon": state.horizon,
                        "warmup_end": state.warmup_end, "plan": plan, "elapsed": elapsed(),
                        "data": stream.state_dict(), "train_config": config.to_dict(),
                        "grad_scaler": scaler.state_dict() if scaler is not None else None}
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        if not _parameters_finite(model, sharded):
             log(f"warning: step {state.step}: parameters are not finite; no checkpoint written "
                 f"(the previous one is kept)")
+            return
+        if config.fsdp:
+            from .fsdp import save_sharded_checkpoint
+
+            save_sharded_checkpoint(out_dir, state.step, model, optimizer, ddp.is_main, last,
+                                    model_config=mconfig.to_dict(), train_state=train_state,
+                                    tokenizer_dir=out_dir / "tokenizer")
             return
         # Carried memory is saved when this process holds all of it (one process).
         carried = state.memory.tensors() if state.memory is not None and ddp.world_size == 1 else None
@@ -559,11 +580,12 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                 group["lr"] = lr
             loss_sum, count, memory = _forward_backward(
                 train_model, stream.next_batch(), state.memory, config, ddp, device, micro, xl,
-                scaler, split_block=mconfig.block_size if config.context_parallel > 1 else None)
+                scaler, split_block=mconfig.block_size if config.context_parallel > 1 else None,
+                sharded=model if sharded else None)
             state.memory = memory  # the batch was read, so the next continues after it
             if scaler is not None:
                 scaler.unscale_(optimizer)  # clip (and report) the true gradient norm
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            grad_norm = _clip_grad_norm(model, config.grad_clip, sharded)
             finite_loss, finite_grad = math.isfinite(loss_sum), math.isfinite(float(grad_norm))
             if scaler is not None and finite_loss and not finite_grad:
                 # float16 overflow at this loss scale: the scaler skips the step and lowers the scale
@@ -618,12 +640,13 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                             refresh=False)
             if on_step is not None:
                 on_step(step, record)
-            if step % config.eval_every == 0 and ddp.is_main:
+            if step % config.eval_every == 0 and (ddp.is_main or sharded):  # FSDP: all compute
                 last_val = validate()
                 log(f"step {step}: validation loss {last_val['loss']:.4f} "
                     f"ppl {last_val['perplexity']:.2f} bpb {last_val['bits_per_byte']:.3f}")
-            if config.sample_every and step % config.sample_every == 0 and ddp.is_main:
-                sample_now = _sample(model, tokenizer, val_data, config, device)
+            if config.sample_every and step % config.sample_every == 0 and (ddp.is_main or sharded):
+                whole = _whole_model(model, mconfig, device, sharded)  # FSDP: all gather
+                sample_now = _sample(whole, tokenizer, val_data, config, device) if ddp.is_main else None
                 if sample_now is not None:
                     metrics.write({"step": step, "split": "sample", **sample_now})
                     log(f"step {step}: sample: {sample_now['prompt']}\u2502"
@@ -648,13 +671,14 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     try:
         if stopper.received is not None:
             log(f"{stopper.received} received: saving a checkpoint at step {state.step} and stopping")
-        elif ddp.is_main and (last_val is None or last_val["step"] != state.step):
+        elif (ddp.is_main or sharded) and (last_val is None or last_val["step"] != state.step):
             last_val = validate()
-        save()
+        save(last=True)
         metrics.close()
         sample = None
-        if ddp.is_main and stopper.received is None:
-            sample = _sample(model, tokenizer, val_data, config, device)
+        if (ddp.is_main or sharded) and stopper.received is None and config.sample_tokens > 0:
+            whole = _whole_model(model, mconfig, device, sharded)
+            sample = _sample(whole, tokenizer, val_data, config, device) if ddp.is_main else None
         interrupted = stopper.received
     finally:
         stopper.restore()
@@ -664,7 +688,8 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
                    splits["train"].tokens, splits["validation"].tokens, tokenizer.vocab_size),
                "sample": sample,
                "tokens_per_s": (state.tokens - resumed_tokens) / max(1e-9, train_time),
-               "validation": last_val, "parameters": model.num_parameters(), "out": str(out_dir),
+               "validation": last_val if ddp.is_main else None,  # under FSDP all validate
+               "parameters": model.num_parameters(), "out": str(out_dir),
                "shape": {"d_model": mconfig.d_model, "n_layers": mconfig.n_layers,
                          "block_size": mconfig.block_size, "seq_len": seq_len,
                          "batch_size": config.batch_size, "lr": config.lr},
@@ -735,8 +760,13 @@ def _restore(checkpoint, model: nn.Module, optimizer, stream, mconfig, horizon: 
     this request's `horizon`, or the run's own when the request gives only time)."""
     if checkpoint.model_config != mconfig.to_dict():
         raise ValueError(f"checkpoint {checkpoint.path} was trained with another model config")
-    checkpoint.load_model(model)
-    checkpoint.load_optimizer(optimizer)
+    if checkpoint.sharded_dir is not None:  # an --fsdp run's, written at any number of processes
+        from .fsdp import load_sharded
+
+        load_sharded(checkpoint.sharded_dir, model, optimizer)
+    else:
+        checkpoint.load_model(model)
+        checkpoint.load_optimizer(optimizer)
     checkpoint.restore_rng()
     saved = checkpoint.train_state
     stream.load_state_dict(saved["data"])
@@ -769,13 +799,14 @@ def _time_progress(config: TrainConfig, state: _RunState, elapsed: float) -> flo
 
 def _forward_backward(train_model: nn.Module, batch: tuple, memory: Memory | None,
                       config: TrainConfig, ddp: Distributed, device: torch.device, micro: int,
-                      xl: bool, scaler=None, split_block: int | None = None
-                      ) -> tuple[float, int, Memory | None]:
+                      xl: bool, scaler=None, split_block: int | None = None,
+                      sharded: nn.Module | None = None) -> tuple[float, int, Memory | None]:
     """Gradients of the mean loss over the global batch's tokens, accumulated over micro-batches
     (gradients synchronized across processes on the last; scaled by `scaler` for float16); the
     summed loss, the number of target tokens (over all processes) and the memory the batch leaves
     (segment-recurrent). With `split_block` (context parallelism) every process holds the same
-    sequences and computes its own whole blocks of them; gradients are summed over processes."""
+    sequences and computes its own whole blocks of them; gradients are summed over processes.
+    `sharded`: the FSDP model (gradients reduce-scattered, and averaged, on the last micro-batch)."""
     from . import context_parallel as cp
 
     inputs, targets, *extra = batch                                              # this rank's slice
@@ -795,13 +826,17 @@ def _forward_backward(train_model: nn.Module, batch: tuple, memory: Memory | Non
             carry = SegmentCarry(None if memory is None else memory.rows(rows))
             forward = {"carry": carry, "keep": extra[0][rows].to(device)}
         last = m == config.grad_accum - 1
-        wrapped = ddp.world_size > 1 and split_block is None  # DDP (see _train)
-        sync = train_model.no_sync() if (wrapped and not last) else nullcontext()
+        wrapped = ddp.world_size > 1 and split_block is None  # DDP or FSDP (see _train)
+        sync = nullcontext()
+        if sharded is not None:
+            sharded.set_requires_gradient_sync(last)
+        elif wrapped and not last:
+            sync = train_model.no_sync()
         with sync, (cp.context_parallel() if split_block is not None else nullcontext()):
             total, _ = token_loss(train_model, x, y, device, precision=config.precision, **forward)
             if xl:
                 memories.append(carry.memory)
-            # mean over the global batch's tokens; DDP averages over processes
+            # mean over the global batch's tokens; DDP and FSDP average over processes
             objective = total * (ddp.world_size if wrapped else 1) / count.item()
             (scaler.scale(objective) if scaler is not None else objective).backward()
         loss_sum += total.detach().double().cpu()
@@ -810,6 +845,40 @@ def _forward_backward(train_model: nn.Module, batch: tuple, memory: Memory | Non
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
     return float(loss_sum), int(count.item()), Memory.cat(memories) if xl else None
+
+
+def _clip_grad_norm(model: nn.Module, max_norm: float, sharded: bool) -> torch.Tensor:
+    """Clip the gradients' total norm to `max_norm`; the norm before clipping (the same on every
+    process, also when the gradients are FSDP shards)."""
+    if sharded:
+        from .fsdp import clip_grad_norm
+
+        return clip_grad_norm(model.parameters(), max_norm)
+    return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def _parameters_finite(model: nn.Module, sharded: bool) -> bool:
+    if sharded:
+        from .fsdp import parameters_finite
+
+        return parameters_finite(model)
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _whole_model(model: nn.Module, mconfig: ModelConfig, device: torch.device, sharded: bool
+                 ) -> nn.Module | None:
+    """`model` itself, or under FSDP (where sampling's prefill and step would not gather the
+    parameters) an unsharded copy on process 0 (None on the others; every process must call)."""
+    if not sharded:
+        return model
+    from .fsdp import full_model_state
+
+    state = full_model_state(model)
+    if dist.get_rank() != 0:
+        return None
+    whole = BlockStateLM(mconfig)
+    whole.load_state_dict(state)
+    return whole.to(device)
 
 
 class _StopSignals:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import check_field_types
+from .config import ModelConfig, check_field_types
 from .registry import SIZES, list_models, model_config
 from .rundir import METRIC_SINKS
 
@@ -73,6 +73,9 @@ class TrainConfig:
     # Processes (torchrun) that split every training sequence by whole blocks, the SSM state handed
     # from one to the next (blockstate.context_parallel); 1: each process holds whole sequences.
     context_parallel: int = 1
+    # Under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2,
+    # blockstate.fsdp) instead of replicating them (DDP); checkpoints are then DCP shards.
+    fsdp: bool = False
     # Where metrics go besides metrics.jsonl: comma-separated auto | none | tensorboard | wandb
     log_to: str = "auto"
     # Peak FLOP/s (in TFLOP/s) of one device for the MFU of the progress line and metrics; None
@@ -168,6 +171,7 @@ class TrainConfig:
         # validates the overrides ("auto" plans on top of the small size's fields)
         mconfig = model_config(self.model, "small" if self.size == "auto" else self.size,
                                **self.model_overrides)
+        self._check_fsdp(mconfig)
         seq_len = self.seq_len or mconfig.max_seq_len
         if mconfig.block_size > seq_len:
             raise ValueError(f"block_size={mconfig.block_size} is longer than the training length "
@@ -175,6 +179,20 @@ class TrainConfig:
         if mconfig.carries_memory and seq_len % mconfig.block_size:
             raise ValueError(f"{mconfig.arch} carries memory between sequences: seq_len={seq_len} "
                              f"must be a multiple of block_size={mconfig.block_size}")
+
+    def _check_fsdp(self, mconfig: ModelConfig) -> None:
+        """What --fsdp is not combined with (one line each)."""
+        if not self.fsdp:
+            return
+        if self.context_parallel > 1:
+            raise ValueError(f"fsdp is not combined with context_parallel={self.context_parallel}; "
+                             f"choose one (--fsdp or --context-parallel)")
+        if self.precision == "fp16":
+            raise ValueError("fsdp with precision='fp16' is not supported (its loss scaler does not "
+                             "handle sharded gradients); use --precision bf16 or fp32")
+        if mconfig.carries_memory and self.carry_memory:
+            raise ValueError(f"fsdp does not carry the memory of {mconfig.arch} between sequences; pass "
+                             f"--no-carry-memory, or train without --fsdp")
 
     def has_budget(self) -> bool:
         return any(v is not None for v in (self.max_steps, self.max_tokens, self.max_time))
@@ -236,6 +254,9 @@ FIELD_HELP: dict[str, str] = {
     "context_parallel": "split every training sequence by whole blocks over this many processes "
                         "(torchrun --nproc_per_node P), passing the SSM state between them; BST "
                         "with SH/MH context and S4/S4D only",
+    "fsdp": "under torchrun: shard parameters, gradients and optimizer state over the processes "
+            "(FSDP2; one unit per layer) instead of DDP; checkpoints are torch.distributed.checkpoint "
+            "shards that resume at any number of processes",
     "cache_dir": "directory of tokenized corpora (default: ~/.cache/blockstate)",
     "sample_tokens": "tokens per sample: the one printed at the end and those of --sample-every "
                      "(0: no samples)",
@@ -271,7 +292,7 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
     "logging and output": ("log_every", "eval_every", "eval_batches", "log_to", "peak_tflops",
                            "sample_tokens", "sample_every", "sample_prompt"),
     "system": ("device", "precision", "compile", "activation_checkpointing", "context_parallel",
-               "seed"),
+               "fsdp", "seed"),
 }
 MAX_LR = 100.0  # far above any useful AdamW learning rate; refuses typos such as 1e38
 
