@@ -81,12 +81,13 @@ def check_model(config) -> None:
         if config.context_variant == "mf":
             problems.append("MF context states summarise the previous block, which may lie on "
                             "another rank")
-        if config.ssm_kernel not in ("s4", "s4d"):
+        if config.ssm_kernel not in ("s4", "s4d", "ssd"):
             problems.append(f"ssm_kernel={config.ssm_kernel!r} has no state handed over between "
-                            f"ranks here (s4 and s4d do)")
+                            f"ranks here (s4, s4d and ssd do)")
     if problems:
-        raise ValueError("context parallelism supports BST with SH/MH context states, an S4 or S4D "
-                         "kernel and block self-attention: " + "; ".join(problems))
+        raise ValueError("context parallelism supports BST with SH/MH context states, an S4, S4D "
+                         "or selective (ssd) kernel and block self-attention: "
+                         + "; ".join(problems))
 
 
 def split(tokens: torch.Tensor, rank: int, size: int, block_size: int) -> torch.Tensor:
@@ -122,6 +123,54 @@ class _AllGather(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank], None, None, None
+
+
+def previous_inputs(tail: torch.Tensor) -> torch.Tensor:
+    """The last inputs of the previous rank's part, for this rank's own last ones tail (B, w, P):
+    what a causal convolution of w + 1 taps reads before this rank's first position (zeros on
+    rank 0, as before a sequence). One differentiable all-gather of B x w x P numbers."""
+    grouping = _ACTIVE[-1]
+    gathered = _AllGather.apply(tail, grouping.group, grouping.rank, grouping.size)  # (P, B, w, P)
+    if grouping.rank == 0:  # zeros that still use the gather, so that rank 0's backward joins its
+        return 0.0 * gathered[0]  # all-reduce (a collective all must join)
+    return gathered[grouping.rank - 1]
+
+
+def _as_real(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B, numbers): complex entries as their real and imaginary parts."""
+    return (torch.view_as_real(tensor) if tensor.is_complex() else tensor).flatten(1)
+
+
+def _unpacked(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`_as_real`'s inverse for tensors gathered along a new first axis: (P, B, numbers) ->
+    (P, *like.shape), complex where `like` is."""
+    if not like.is_complex():
+        return flat.reshape(flat.shape[0], *like.shape)
+    parts = flat.reshape(flat.shape[0], *like.shape, 2)                        # (P, B, ..., 2)
+    return torch.complex(parts[..., 0], parts[..., 1])
+
+
+def incoming_state(own: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """The state of a selective SSM entering this rank's part (zeros on rank 0). own (B, K, G,
+    P, N): the state this rank's inputs alone leave at its end (from a zero state); decay (B, K,
+    G, N'): what the state is multiplied by across this rank's part (a decay per head or per
+    state dimension, complex for rotating modes; `selective.state_decays`). Both depend on the
+    input, so each rank all-gathers every rank's pair, (B K G (P N + N')) numbers, in one
+    differentiable all-gather, and combines the ranks before it by a sequential scan,
+
+        x_in(0) = 0,      x_in(q + 1) = decay_q x_in(q) + own_q,
+
+    P terms at most, computed by every rank for itself."""
+    grouping = _ACTIVE[-1]
+    packed = torch.cat([_as_real(own), _as_real(decay)], dim=1)               # (B, numbers)
+    gathered = _AllGather.apply(packed, grouping.group, grouping.rank, grouping.size)
+    split_at = _as_real(own).shape[1]
+    owns = _unpacked(gathered[..., :split_at], own)                           # (P, B, K, G, P, N)
+    decays = _unpacked(gathered[..., split_at:], decay)                       # (P, B, K, G, N')
+    incoming = torch.zeros_like(own)
+    for q in range(grouping.rank):
+        incoming = decays[q].unsqueeze(-2) * incoming + owns[q]
+    return incoming + 0.0 * gathered.sum()  # every rank uses the gather (see `previous_inputs`)
 
 
 def _powers(step: torch.Tensor, first: torch.Tensor, count: int, dense: bool) -> torch.Tensor:
