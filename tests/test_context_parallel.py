@@ -121,7 +121,7 @@ SELECTIVE = {
         HALO, replace(HALO, halo=False, backward=False)],
     4: [Case("bst-recommended", 256), Case("bst-sh-ssd-rotary", 256),
         Case("bst-sh-ssd", 256, overrides=(("ssd_decay", "complex"),)),
-        Case("bst-recommended", 65536, overrides=SMALL, batch=1)],
+        Case("bst-sh-ssd", 65536, overrides=SMALL, batch=1)],
 }
 
 
@@ -141,7 +141,8 @@ def selective_runs():
 def test_selective_ssms_split_over_processes_equal_one_process_in_float64(size, index,
                                                                           selective_runs):
     """The selective kernel's input-dependent state is handed over for every decay kind (head:
-    bst-sh-ssd, bst-recommended; state; complex; rotary), at 256 tokens and at 64k."""
+    bst-sh-ssd, bst-recommended; state; complex; rotary), at 256 tokens and at 64k (head and
+    rotary)."""
     out, grad = _errors_of(*selective_runs(size)[index])
     assert out < 1e-10 and grad < 1e-9, (SELECTIVE[size][index], out, grad)
 
@@ -193,9 +194,11 @@ def test_split_takes_whole_blocks_in_rank_order():
 
 
 @pytest.mark.slow
-def test_training_split_over_two_processes_logs_the_losses_of_one(tmp_path):
+@pytest.mark.parametrize("preset", ["bst-sh-s4", "bst-recommended"])
+def test_training_split_over_two_processes_logs_the_losses_of_one(tmp_path, preset):
     """`blockstate train --context-parallel 2` under torchrun: every process reads the same
-    sequences and computes its own blocks; the losses equal one process's."""
+    sequences and computes its own blocks; the losses equal one process's (S4, and the selective
+    kernel)."""
     import os
     import subprocess
     import sys
@@ -210,7 +213,7 @@ def test_training_split_over_two_processes_logs_the_losses_of_one(tmp_path):
     for i in range(40):
         (corpus / f"d{i}.txt").write_text(" ".join(words[(i * j) % 8] for j in range(200)))
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f'model = "bst-sh-s4"\nsize = "tiny"\ndata = "{corpus}"\nseq_len = 64\n'
+    cfg.write_text(f'model = "{preset}"\nsize = "tiny"\ndata = "{corpus}"\nseq_len = 64\n'
                    f'batch_size = 2\nwarmup_steps = 1\nmax_steps = 3\neval_batches = 1\nlog_every = 1\n'
                    f'sample_tokens = 0\ncache_dir = "{tmp_path / "cache"}"\n[model_overrides]\n'
                    f'block_size = 16\ndropout = 0.0\n')
