@@ -15,10 +15,19 @@ nothing of size L/P is ever sent, where ring attention passes every block's keys
 around the ring. The gathered states are combined by each rank locally (a sequential sum over
 the ranks before it, P terms).
 
-Supported: BST presets with SH or MH context states and an S4 or S4D kernel, with block
-self-attention. MF (its summaries of the previous block cross rank boundaries), the selective
-and unstructured kernels, sliding or full self-attention and the segment-recurrent baselines are
-refused with a one-line error by `check_model`.
+The selective kernel (ssm/selective.py) needs two more things from the ranks before. Its causal
+convolution reads the CONV_WIDTH - 1 = 3 inputs before each position: rank r takes rank r - 1's
+last 3 (`previous_inputs`, one all-gather of B x 3 x width numbers). And its state decays by
+input-dependent factors, so no fixed power moves e_q across the ranks between: each rank also
+computes d_q, what a state is multiplied by across its part (the product of its per-step decays;
+complex for rotating modes), the pairs (e_q, d_q) are all-gathered, and each rank combines the
+ranks before it by a sequential scan, x_in(q + 1) = d_q x_in(q) + e_q (`incoming_state`), and adds
+Re(C_t (decay from its start to t) x_in) to its outputs (`selective.state_outputs`).
+
+Supported: BST presets with SH or MH context states and an S4, S4D or selective kernel (every
+decay kind), with block self-attention. MF (its summaries of the previous block cross rank
+boundaries), the unstructured kernels, sliding or full self-attention and the segment-recurrent
+baselines are refused with a one-line error by `check_model`.
 
 Use it as
 
