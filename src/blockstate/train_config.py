@@ -235,7 +235,7 @@ FIELD_HELP: dict[str, str] = {
                                 "(less memory, about a third more compute)",
     "context_parallel": "split every training sequence by whole blocks over this many processes "
                         "(torchrun --nproc_per_node P), passing the SSM state between them; BST "
-                        "with SH/MH context and S4/S4D only",
+                        "with SH/MH context and an S4, S4D or selective kernel",
     "cache_dir": "directory of tokenized corpora (default: ~/.cache/blockstate)",
     "sample_tokens": "tokens per sample: the one printed at the end and those of --sample-every "
                      "(0: no samples)",

@@ -598,6 +598,8 @@ class SelectiveSSM(nn.Module):
     def block_end_outputs(self, u: torch.Tensor, block_size: int) -> torch.Tensor:
         """Outputs at the last position of every complete block (B, L // W, C, P), equal to
         `forward(u)[:, W-1::W]`, read from the states at block boundaries (what MF needs)."""
+        if context_parallel_active():  # the halo and the state handed over live in `forward`
+            return self.forward(u)[:, block_size - 1::block_size]
         with torch.autocast(device_type=u.device.type, enabled=False):
             x, xs, dt, b, c = self._inputs(_precise(u))
             rotary = self._rotary(xs)
