@@ -35,6 +35,12 @@ class Case:
 
 
 SMALL = (("d_model", 16), ("vocab_size", 64))  # for 64k tokens in seconds
+# Steps small enough that states outlast a rank's part (at the default steps, 1e-3 to 1e-1, they
+# fade within about 100 positions): at 64k tokens over 4 ranks each state handed over still moves
+# the logits at the end of the next rank's 16k tokens (by 5e-8; the tolerance is 1e-10), and at
+# 256 tokens rank 0's inputs move rank 3's last logits (by 7e-6), through ranks 1 and 2.
+SLOW_DECAY = (("dt_min", 1e-5), ("dt_max", 1e-4))
+LONG_MEMORY = (("dt_min", 1e-3), ("dt_max", 1e-2))
 
 
 def _model_and_data(case: Case):
@@ -121,7 +127,8 @@ SELECTIVE = {
         HALO, replace(HALO, halo=False, backward=False)],
     4: [Case("bst-recommended", 256), Case("bst-sh-ssd-rotary", 256),
         Case("bst-sh-ssd", 256, overrides=(("ssd_decay", "complex"),)),
-        Case("bst-sh-ssd", 65536, overrides=SMALL, batch=1)],
+        Case("bst-sh-ssd", 65536, overrides=SMALL + SLOW_DECAY, batch=1),
+        Case("bst-sh-ssd", 256, overrides=LONG_MEMORY)],
 }
 
 
@@ -137,7 +144,8 @@ def selective_runs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size,index", [(2, 0), (2, 1), (2, 2), (4, 0), (4, 1), (4, 2), (4, 3)])
+@pytest.mark.parametrize("size,index", [(2, 0), (2, 1), (2, 2), (4, 0), (4, 1), (4, 2), (4, 3),
+                                        (4, 4)])
 def test_selective_ssms_split_over_processes_equal_one_process_in_float64(size, index,
                                                                           selective_runs):
     """The selective kernel's input-dependent state is handed over for every decay kind (head:
