@@ -135,11 +135,11 @@ class _AllGather(torch.autograd.Function):
 
 
 def previous_inputs(tail: torch.Tensor) -> torch.Tensor:
-    """The last inputs of the previous rank's part, for this rank's own last ones tail (B, w, P):
+    """The last inputs of the previous rank's part, for this rank's own last ones tail (B, w, width):
     what a causal convolution of w + 1 taps reads before this rank's first position (zeros on
-    rank 0, as before a sequence). One differentiable all-gather of B x w x P numbers."""
+    rank 0, as before a sequence). One differentiable all-gather of B x w x width numbers."""
     grouping = _ACTIVE[-1]
-    gathered = _AllGather.apply(tail, grouping.group, grouping.rank, grouping.size)  # (P, B, w, P)
+    gathered = _AllGather.apply(tail, grouping.group, grouping.rank, grouping.size)  # (ranks, B, w, width)
     if grouping.rank == 0:  # zeros that still use the gather, so that rank 0's backward joins its
         return 0.0 * gathered[0]  # all-reduce (a collective all must join)
     return gathered[grouping.rank - 1]
@@ -151,11 +151,11 @@ def _as_real(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _unpacked(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`_as_real`'s inverse for tensors gathered along a new first axis: (P, B, numbers) ->
-    (P, *like.shape), complex where `like` is."""
+    """`_as_real`'s inverse for tensors gathered along a new first axis: (ranks, B, numbers) ->
+    (ranks, *like.shape), complex where `like` is."""
     if not like.is_complex():
         return flat.reshape(flat.shape[0], *like.shape)
-    parts = flat.reshape(flat.shape[0], *like.shape, 2)                        # (P, B, ..., 2)
+    parts = flat.reshape(flat.shape[0], *like.shape, 2)                        # (ranks, B, ..., 2)
     return torch.complex(parts[..., 0], parts[..., 1])
 
 
@@ -164,18 +164,19 @@ def incoming_state(own: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
     P, N): the state this rank's inputs alone leave at its end (from a zero state); decay (B, K,
     G, N'): what the state is multiplied by across this rank's part (a decay per head or per
     state dimension, complex for rotating modes; `selective.state_decays`). Both depend on the
-    input, so each rank all-gathers every rank's pair, (B K G (P N + N')) numbers, in one
-    differentiable all-gather, and combines the ranks before it by a sequential scan,
+    input, so each rank all-gathers every rank's pair, B x K x G x (P N + N') numbers (P: a
+    head's width), in one differentiable all-gather, and combines the ranks before it by a
+    sequential scan,
 
         x_in(0) = 0,      x_in(q + 1) = decay_q x_in(q) + own_q,
 
-    P terms at most, computed by every rank for itself."""
+    one term per earlier rank, computed by every rank for itself."""
     grouping = _ACTIVE[-1]
     packed = torch.cat([_as_real(own), _as_real(decay)], dim=1)               # (B, numbers)
     gathered = _AllGather.apply(packed, grouping.group, grouping.rank, grouping.size)
     split_at = _as_real(own).shape[1]
-    owns = _unpacked(gathered[..., :split_at], own)                           # (P, B, K, G, P, N)
-    decays = _unpacked(gathered[..., split_at:], decay)                       # (P, B, K, G, N')
+    owns = _unpacked(gathered[..., :split_at], own)                           # (ranks, B, K, G, P, N)
+    decays = _unpacked(gathered[..., split_at:], decay)                       # (ranks, B, K, G, N')
     incoming = torch.zeros_like(own)
     for q in range(grouping.rank):
         incoming = decays[q].unsqueeze(-2) * incoming + owns[q]
