@@ -16,6 +16,8 @@ from blockstate.ssm.selective import (
     ssd_reference,
     ssd_rotary,
     ssd_rotary_block_ends,
+    state_decays,
+    state_outputs,
 )
 
 DECAYS = ["head", "state", "complex"]
@@ -58,6 +60,33 @@ def test_chunked_scan_gradients_equal_the_recurrences(decay):
     grads_ref = torch.autograd.grad(y_ref.square().sum(), inputs)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("decay", DECAYS + ["rotary"])
+def test_a_scan_split_in_parts_and_combined_by_the_carried_states_equals_the_whole(decay):
+    """What context parallelism computes on each part: the scan from zeros, plus the readout of
+    the state the earlier parts leave (each part's own end state and its decay, combined in
+    order), equals the scan of the whole sequence."""
+    if decay == "rotary":
+        (x, dt, real, omega, b, c), a = _rotary_inputs(length=36)
+    else:
+        x, dt, a, b, c = _inputs(length=36, decay=decay)
+    y_ref, h_ref = ssd_reference(x, dt, a, b, c)
+    incoming, ys = None, []
+    for part in (slice(0, 12), slice(12, 20), slice(20, 36)):
+        xp, dtp, bp, cp = (t[:, part] for t in (x, dt, b, c))
+        if decay == "rotary":
+            y, own = ssd_rotary(xp, dtp, real, omega, bp, cp, 8)
+        else:
+            y, own = ssd_chunked(xp, dtp, a, bp, cp, 8)
+        decays = state_decays(dtp, a, own.dtype)                          # (B, T, K, G, N')
+        if incoming is not None:
+            y = y + state_outputs(cp, decays, incoming)
+            own = own + decays[:, -1].unsqueeze(-2) * incoming
+        ys.append(y)
+        incoming = own
+    torch.testing.assert_close(torch.cat(ys, 1), y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(incoming, h_ref, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("decay", DECAYS)

@@ -15,10 +15,19 @@ nothing of size L/P is ever sent, where ring attention passes every block's keys
 around the ring. The gathered states are combined by each rank locally (a sequential sum over
 the ranks before it, P terms).
 
-Supported: BST presets with SH or MH context states and an S4 or S4D kernel, with block
-self-attention. MF (its summaries of the previous block cross rank boundaries), the selective
-and unstructured kernels, sliding or full self-attention and the segment-recurrent baselines are
-refused with a one-line error by `check_model`.
+The selective kernel (ssm/selective.py) needs two more things from the ranks before. Its causal
+convolution reads the CONV_WIDTH - 1 = 3 inputs before each position: rank r takes rank r - 1's
+last 3 (`previous_inputs`, one all-gather of B x 3 x width numbers). And its state decays by
+input-dependent factors, so no fixed power moves e_q across the ranks between: each rank also
+computes d_q, what a state is multiplied by across its part (the product of its per-step decays;
+complex for rotating modes), the pairs (e_q, d_q) are all-gathered, and each rank combines the
+ranks before it by a sequential scan, x_in(q + 1) = d_q x_in(q) + e_q (`incoming_state`), and adds
+Re(C_t (decay from its start to t) x_in) to its outputs (`selective.state_outputs`).
+
+Supported: BST presets with SH or MH context states and an S4, S4D or selective kernel (every
+decay kind), with block self-attention. MF (its summaries of the previous block cross rank
+boundaries), the unstructured kernels, sliding or full self-attention and the segment-recurrent
+baselines are refused with a one-line error by `check_model`.
 
 Use it as
 
@@ -81,12 +90,13 @@ def check_model(config) -> None:
         if config.context_variant == "mf":
             problems.append("MF context states summarise the previous block, which may lie on "
                             "another rank")
-        if config.ssm_kernel not in ("s4", "s4d"):
+        if config.ssm_kernel not in ("s4", "s4d", "ssd"):
             problems.append(f"ssm_kernel={config.ssm_kernel!r} has no state handed over between "
-                            f"ranks here (s4 and s4d do)")
+                            f"ranks here (s4, s4d and ssd do)")
     if problems:
-        raise ValueError("context parallelism supports BST with SH/MH context states, an S4 or S4D "
-                         "kernel and block self-attention: " + "; ".join(problems))
+        raise ValueError("context parallelism supports BST with SH/MH context states, an S4, S4D "
+                         "or selective (ssd) kernel and block self-attention: "
+                         + "; ".join(problems))
 
 
 def split(tokens: torch.Tensor, rank: int, size: int, block_size: int) -> torch.Tensor:
@@ -122,6 +132,55 @@ class _AllGather(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank], None, None, None
+
+
+def previous_inputs(tail: torch.Tensor) -> torch.Tensor:
+    """The last inputs of the previous rank's part, for this rank's own last ones tail (B, w, width):
+    what a causal convolution of w + 1 taps reads before this rank's first position (zeros on
+    rank 0, as before a sequence). One differentiable all-gather of B x w x width numbers."""
+    grouping = _ACTIVE[-1]
+    gathered = _AllGather.apply(tail, grouping.group, grouping.rank, grouping.size)  # (ranks, B, w, width)
+    if grouping.rank == 0:  # zeros that still use the gather, so that rank 0's backward joins its
+        return 0.0 * gathered[0]  # all-reduce (a collective all must join)
+    return gathered[grouping.rank - 1]
+
+
+def _as_real(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B, numbers): complex entries as their real and imaginary parts."""
+    return (torch.view_as_real(tensor) if tensor.is_complex() else tensor).flatten(1)
+
+
+def _unpacked(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`_as_real`'s inverse for tensors gathered along a new first axis: (ranks, B, numbers) ->
+    (ranks, *like.shape), complex where `like` is."""
+    if not like.is_complex():
+        return flat.reshape(flat.shape[0], *like.shape)
+    parts = flat.reshape(flat.shape[0], *like.shape, 2)                        # (ranks, B, ..., 2)
+    return torch.complex(parts[..., 0], parts[..., 1])
+
+
+def incoming_state(own: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """The state of a selective SSM entering this rank's part (zeros on rank 0). own (B, K, G,
+    P, N): the state this rank's inputs alone leave at its end (from a zero state); decay (B, K,
+    G, N'): what the state is multiplied by across this rank's part (a decay per head or per
+    state dimension, complex for rotating modes; `selective.state_decays`). Both depend on the
+    input, so each rank all-gathers every rank's pair, B x K x G x (P N + N') numbers (P: a
+    head's width), in one differentiable all-gather, and combines the ranks before it by a
+    sequential scan,
+
+        x_in(0) = 0,      x_in(q + 1) = decay_q x_in(q) + own_q,
+
+    one term per earlier rank, computed by every rank for itself."""
+    grouping = _ACTIVE[-1]
+    packed = torch.cat([_as_real(own), _as_real(decay)], dim=1)               # (B, numbers)
+    gathered = _AllGather.apply(packed, grouping.group, grouping.rank, grouping.size)
+    split_at = _as_real(own).shape[1]
+    owns = _unpacked(gathered[..., :split_at], own)                           # (ranks, B, K, G, P, N)
+    decays = _unpacked(gathered[..., split_at:], decay)                       # (ranks, B, K, G, N')
+    incoming = torch.zeros_like(own)
+    for q in range(grouping.rank):
+        incoming = decays[q].unsqueeze(-2) * incoming + owns[q]
+    return incoming + 0.0 * gathered.sum()  # every rank uses the gather (see `previous_inputs`)
 
 
 def _powers(step: torch.Tensor, first: torch.Tensor, count: int, dense: bool) -> torch.Tensor:

@@ -253,7 +253,7 @@ FIELD_HELP: dict[str, str] = {
                                 "(less memory, about a third more compute)",
     "context_parallel": "split every training sequence by whole blocks over this many processes "
                         "(torchrun --nproc_per_node P), passing the SSM state between them; BST "
-                        "with SH/MH context and S4/S4D only",
+                        "with SH/MH context and an S4, S4D or selective kernel",
     "fsdp": "under torchrun: shard parameters, gradients and optimizer state over the processes "
             "(FSDP2; one unit per layer) instead of DDP; checkpoints are torch.distributed.checkpoint "
             "shards that resume at any number of processes",

@@ -44,6 +44,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..cache import SelectiveSSMCache
 from ..config import PAIRED_SSD_DECAYS, SSD_DECAYS
+from ..context_parallel import active as context_parallel_active
+from ..context_parallel import incoming_state, previous_inputs
 from .eager import eager
 
 CONV_WIDTH = 4        # taps of the causal depthwise convolution before the SSM (Mamba's d_conv)
@@ -360,6 +362,27 @@ def ssd_reference(x, dt, a, b, c, initial_state=None):
     return _real(torch.stack(ys, 1)), h
 
 
+def state_decays(dt: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The decay of a state from before the first step to after each step t, exp(a (dt_1 + ... +
+    dt_t)), (B, L, K, G, N') in `dtype`: dt (B, L, K, G), a as `ssd_chunked` takes it (real
+    (K, G) or (K, G, N), or complex (K, G, N) for rotating modes). The log decays are summed in
+    float64 (complex128), so that magnitudes and phases stay precise over long sequences."""
+    wide = torch.complex128 if a.is_complex() else torch.float64
+    log_decays = dt.unsqueeze(-1).to(wide) * _per_state(a).to(wide)       # (B, L, K, G, N')
+    return torch.exp(torch.cumsum(log_decays, dim=1)).to(dtype)
+
+
+def state_outputs(c: torch.Tensor, decays: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """What a state before the first step, state (B, K, G, P, N), adds to the scan's outputs:
+    Re(C_t . decays_t state), (B, L, K, G, P), for c (B, L, K, N) and decays (B, L, K, G, N') from
+    `state_decays`. The scan is linear in its initial state: `ssd_chunked` with it equals the
+    scan from zeros plus this."""
+    if decays.shape[-1] == 1:  # one decay per head: C_t . state once for all its heads
+        read = torch.einsum("btkn,bkgpn->btkgp", c, state)                   # (B, L, K, G, P)
+        return _real(read * decays)
+    return _real(torch.einsum("btkn,btkgn,bkgpn->btkgp", c, decays, state))
+
+
 def _fused_available(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
@@ -462,10 +485,17 @@ class SelectiveSSM(nn.Module):
     def _inputs(self, u: torch.Tensor):
         """x (B, L, K, G, P/G), dt (B, L, K, G), b and c (B, L, K, N) from u (B, L, P) (zeros
         before it)."""
+        return self._convolved(self._normalized(u), None)
+
+    def _convolved(self, normalized: torch.Tensor, before: torch.Tensor | None):
+        """`_inputs` from the normalized inputs (B, L, P), the convolution reading `before`
+        (B, CONV_WIDTH - 1, P), normalized inputs too, ahead of them (None: zeros)."""
         k = self.kernel
-        batch, length, width = u.shape
-        dtype = u.dtype  # float32 (float64 for float64 inputs)
-        padded = F.pad(self._normalized(u), (0, 0, CONV_WIDTH - 1, 0)).transpose(1, 2)  # (B, P, L + 3)
+        batch, length, width = normalized.shape
+        dtype = normalized.dtype  # float32 (float64 for float64 inputs)
+        if before is None:
+            before = normalized.new_zeros(batch, CONV_WIDTH - 1, width)
+        padded = torch.cat([before, normalized], dim=1).transpose(1, 2)          # (B, P, L + 3)
         x = F.silu(F.conv1d(padded, k.conv.weight.to(dtype), k.conv.bias.to(dtype),
                             groups=width)).transpose(1, 2)                        # (B, L, P)
         dt = F.softplus(F.linear(x, k.to_dt.weight.to(dtype), k.to_dt.bias.to(dtype)))
@@ -545,14 +575,31 @@ class SelectiveSSM(nn.Module):
     @eager
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=u.device.type, enabled=False):
+            if context_parallel_active():
+                return self._part_of_sequence(_precise(u))
             x, xs, dt, b, c = self._inputs(_precise(u))
             y, _ = self._scan(xs, dt, b, c)
             return self._output(y, x)
+
+    def _part_of_sequence(self, u: torch.Tensor) -> torch.Tensor:
+        """`forward` on this rank's part of a sequence split over processes
+        (blockstate.context_parallel): the convolution reads the previous rank's last inputs,
+        and the state the earlier ranks leave is added to the scan from zeros (the scan is linear
+        in its initial state)."""
+        normalized = self._normalized(u)
+        before = previous_inputs(normalized[:, 1 - CONV_WIDTH:])               # (B, 3, P)
+        x, xs, dt, b, c = self._convolved(normalized, before)
+        y, own = self._scan(xs, dt, b, c)
+        decays = state_decays(dt, self._decay(xs), own.dtype)                   # (B, L, K, G, N')
+        incoming = incoming_state(own, decays[:, -1])                           # (B, K, G, P, N)
+        return self._output(y + state_outputs(c, decays, incoming), x)
 
     @eager
     def block_end_outputs(self, u: torch.Tensor, block_size: int) -> torch.Tensor:
         """Outputs at the last position of every complete block (B, L // W, C, P), equal to
         `forward(u)[:, W-1::W]`, read from the states at block boundaries (what MF needs)."""
+        if context_parallel_active():  # the halo and the state handed over live in `forward`
+            return self.forward(u)[:, block_size - 1::block_size]
         with torch.autocast(device_type=u.device.type, enabled=False):
             x, xs, dt, b, c = self._inputs(_precise(u))
             rotary = self._rotary(xs)
