@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from blockstate import ModelConfig, build_model
-from blockstate.ssm import selective
-from blockstate.ssm.selective import (
-    SelectiveSSM,
-    _fused_available,
+from blockstate.ssm import ssd
+from blockstate.ssm.selective import SelectiveSSM, _fused_available
+from blockstate.ssm.ssd import (
     ssd_block_ends,
     ssd_chunked,
     ssd_reference,
@@ -234,7 +233,7 @@ def test_rotary_block_ends_gradients_equal_the_recurrences(group, monkeypatch):
     complex recurrence's block-end readouts, for a length that leaves a partial block, whether it
     turns all blocks at once or one at a time (BLOCK_GROUP = 1)."""
     if group is not None:
-        monkeypatch.setattr(selective, "BLOCK_GROUP", group)
+        monkeypatch.setattr(ssd, "BLOCK_GROUP", group)
     inputs, _ = _rotary_inputs(length=27)
     inputs = [t.requires_grad_() for t in inputs]
     y = ssd_rotary_block_ends(*inputs, block=8)

@@ -22,7 +22,7 @@ input-dependent factors, so no fixed power moves e_q across the ranks between: e
 computes d_q, what a state is multiplied by across its part (the product of its per-step decays;
 complex for rotating modes), the pairs (e_q, d_q) are all-gathered, and each rank combines the
 ranks before it by a sequential scan, x_in(q + 1) = d_q x_in(q) + e_q (`incoming_state`), and adds
-Re(C_t (decay from its start to t) x_in) to its outputs (`selective.state_outputs`).
+Re(C_t (decay from its start to t) x_in) to its outputs (`ssd.state_outputs`).
 
 Supported: BST presets with SH or MH context states and an S4, S4D or selective kernel (every
 decay kind), with block self-attention. MF (its summaries of the previous block cross rank
@@ -163,7 +163,7 @@ def incoming_state(own: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
     """The state of a selective SSM entering this rank's part (zeros on rank 0). own (B, K, G,
     P, N): the state this rank's inputs alone leave at its end (from a zero state); decay (B, K,
     G, N'): what the state is multiplied by across this rank's part (a decay per head or per
-    state dimension, complex for rotating modes; `selective.state_decays`). Both depend on the
+    state dimension, complex for rotating modes; `ssd.state_decays`). Both depend on the
     input, so each rank all-gathers every rank's pair, B x K x G x (P N + N') numbers (P: a
     head's width), in one differentiable all-gather, and combines the ranks before it by a
     sequential scan,

@@ -61,11 +61,14 @@ class BlockStateLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for embeddings and projections; residual output projections scaled
-        by 1/sqrt(2 n_layers) (GPT-2). SSM kernels keep their own structured initialization."""
+        by 1/sqrt(2 n_layers) (GPT-2). SSM kernels (`initializes_itself`) keep their own structured
+        initialization."""
         std = self.config.init_std
         nn.init.normal_(self.embedding.weight, std=std)
+        own = [name + "." for name, module in self.named_modules()
+               if getattr(module, "initializes_itself", False)]
         for name, module in self.named_modules():
-            if ".kernel" in name or name.endswith("kernel"):
+            if (name + ".").startswith(tuple(own)):
                 continue
             if isinstance(module, nn.Linear):
                 scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(

@@ -13,7 +13,8 @@ from .chunked import ChunkOperators, chunk_operators, chunked_causal_conv
 from .conv import fft_causal_conv, kernel_spectrum, next_fast_len
 from .kernels import ExplicitKernel, ImplicitKernel, S4DKernel, S4Kernel, hippo_legs_nplr
 from .layer import SSM, SSM_METHODS, build_kernel, build_ssm, structured
-from .selective import SelectiveSSM, ssd_chunked
+from .selective import SelectiveSSM
+from .ssd import ssd_chunked
 
 __all__ = [
     "SSM", "SSM_METHODS", "build_kernel", "build_ssm", "fft_causal_conv", "kernel_spectrum", "next_fast_len",

@@ -58,6 +58,8 @@ class S4DKernel(nn.Module):
     C as in S4D. Kernel K[l] = 2 Re(sum_n C_n dB_n dA_n^l).
     """
 
+    initializes_itself = True  # the model's generic initialization leaves it alone
+
     max_length = None  # defined at any length (a state-space system)
 
     def __init__(self, channels: int, width: int, state_size: int = 16, init: str = "inv",
@@ -157,6 +159,8 @@ class S4Kernel(nn.Module):
     enough for moderate N (the paper uses N = 16). States are kept as N/2 conjugate pairs so that
     the system, and hence the kernel, is real.
     """
+
+    initializes_itself = True  # the model's generic initialization leaves it alone
 
     max_length = None  # defined at any length (a state-space system)
 
@@ -295,6 +299,8 @@ class ImplicitKernel(nn.Module):
     (its sine features repeat), which is why unstructured kernels degrade on longer sequences.
     """
 
+    initializes_itself = True  # the model's generic initialization leaves it alone
+
     @property
     def max_length(self) -> int:
         """The longest sequence the filter was trained for; beyond it, it extrapolates."""
@@ -333,6 +339,8 @@ class ExplicitKernel(nn.Module):
     """A learned kernel of `train_length` taps, regularized by squash (soft-threshold by lambda)
     and smooth (average pooling of width p), as in Fu et al. 2023. Taps beyond the training
     length are zero."""
+
+    initializes_itself = True  # the model's generic initialization leaves it alone
 
     @property
     def max_length(self) -> int:
