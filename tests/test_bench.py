@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from blockstate import bench
+from blockstate.bench.layers import _extrapolate
 from blockstate.cli import main
 
 
@@ -78,8 +79,8 @@ def test_long_lengths_are_skipped_by_extrapolation(tmp_path):
     report = bench.run_layers(None, [(32, 2)], [128, 256, 1 << 20], ["slide"], repeats=1,
                               budget_s=0.1, max_seconds=1.0, log=lambda _: None, memory=False)
     assert [s["length"] for s in report["skipped"]] == [1 << 20]
-    assert math.isclose(bench._extrapolate([(1, 1.0), (2, 4.0)], 4), 16.0)
-    assert math.isclose(bench._extrapolate([(1, 2.0), (2, 2.0)], 4), 4.0)  # at least linear
+    assert math.isclose(_extrapolate([(1, 1.0), (2, 4.0)], 4), 16.0)
+    assert math.isclose(_extrapolate([(1, 2.0), (2, 2.0)], 4), 4.0)  # at least linear
 
 
 def test_bench_cli_errors(capsys):

@@ -353,7 +353,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.run_imports(out, repeats=args.repeats if args.repeats_given else 7, command=command)
         return 0
     if args.suite == "quality":
-        from .bench_quality import run_quality
+        from .bench.quality import run_quality
 
         corpora = [c for c in args.data.split(",") if c]
         if not corpora or args.minutes <= 0:
@@ -372,7 +372,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bench.run_models(out, presets, args.size, args.batch, args.length, args.steps,
                              args.device, command)
             return 0
-        from .bench_generation import run_generation
+        from .bench.generation import run_generation
 
         lengths = args.lengths if args.lengths_given else "1024,4096,16384,65536"
         run_generation(out, presets, args.size, _int_list(lengths, "--lengths"),
