@@ -92,6 +92,17 @@ def test_bench_cli_errors(capsys):
     assert "multiples of the window" in capsys.readouterr().err
     assert main(["bench", "models", "--models", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
+    assert main(["bench", "imports", "--repeats", "0"]) == 2
+    assert "--repeats 0 must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["layers", "--new-tokens", "3"], ["models", "--widths", "64:2"],
+                                  ["generation", "--steps", "2"], ["imports", "--device", "cpu"],
+                                  ["quality", "--models", "slide"], ["layers", "--minutes", "1"]])
+def test_each_bench_suite_takes_only_its_own_flags(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *argv])
+    assert exit_.value.code == 2 and f"unrecognized arguments: {argv[1]}" in capsys.readouterr().err
 
 
 def test_models_benchmark(tmp_path):
