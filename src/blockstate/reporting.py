@@ -11,12 +11,15 @@ import torch
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table of `rows` (cells already formatted) under `header`."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def machine_info(device: torch.device) -> dict:
+    """The CPU, its count, torch's threads, the versions, the load average now and the device (and
+    its GPU's name on CUDA): what a report says about where it was measured."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
