@@ -81,7 +81,7 @@ def markdown(report: dict) -> str:
 
 
 def _machine() -> str:
-    from blockstate.bench import machine_info
+    from blockstate.reporting import machine_info
 
     info = machine_info(torch.device("cpu"))
     load = ", ".join(f"{x:.1f}" for x in info["load_average_at_start"])

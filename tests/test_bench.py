@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from blockstate import bench
+from blockstate.bench.layers import _extrapolate
 from blockstate.cli import main
 
 
@@ -78,8 +79,8 @@ def test_long_lengths_are_skipped_by_extrapolation(tmp_path):
     report = bench.run_layers(None, [(32, 2)], [128, 256, 1 << 20], ["slide"], repeats=1,
                               budget_s=0.1, max_seconds=1.0, log=lambda _: None, memory=False)
     assert [s["length"] for s in report["skipped"]] == [1 << 20]
-    assert math.isclose(bench._extrapolate([(1, 1.0), (2, 4.0)], 4), 16.0)
-    assert math.isclose(bench._extrapolate([(1, 2.0), (2, 2.0)], 4), 4.0)  # at least linear
+    assert math.isclose(_extrapolate([(1, 1.0), (2, 4.0)], 4), 16.0)
+    assert math.isclose(_extrapolate([(1, 2.0), (2, 2.0)], 4), 4.0)  # at least linear
 
 
 def test_bench_cli_errors(capsys):
@@ -91,6 +92,17 @@ def test_bench_cli_errors(capsys):
     assert "multiples of the window" in capsys.readouterr().err
     assert main(["bench", "models", "--models", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
+    assert main(["bench", "imports", "--repeats", "0"]) == 2
+    assert "--repeats 0 must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["layers", "--new-tokens", "3"], ["models", "--widths", "64:2"],
+                                  ["generation", "--steps", "2"], ["imports", "--device", "cpu"],
+                                  ["quality", "--models", "slide"], ["layers", "--minutes", "1"]])
+def test_each_bench_suite_takes_only_its_own_flags(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *argv])
+    assert exit_.value.code == 2 and f"unrecognized arguments: {argv[1]}" in capsys.readouterr().err
 
 
 def test_models_benchmark(tmp_path):

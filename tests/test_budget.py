@@ -94,7 +94,8 @@ def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkey
     """`blockstate bench quality` end to end at a few seconds per model: both runs are scored on
     the same test bytes (pieces from every test document, each model with its own tokenizer),
     and the report renders with the paired spread."""
-    from blockstate import bench_quality, budget
+    from blockstate import budget
+    from blockstate.bench import quality as bench_quality
 
     monkeypatch.setattr(budget, "AUTO_VOCAB", 300)  # a vocabulary this small corpus can give
     root = tmp_path / "corpus"
@@ -125,7 +126,7 @@ def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkey
 def test_quality_pieces_come_from_every_test_document_in_turn(tmp_path):
     """A corpus of a few long documents (books) gives pieces cut at line ends from all of them,
     round-robin, until the byte budget; the paired difference counts where the first is lower."""
-    from blockstate.bench_quality import _test_pieces, paired_difference
+    from blockstate.bench.quality import _test_pieces, paired_difference
     from blockstate.data import resolve_corpus
 
     root = tmp_path / "corpus"

@@ -137,15 +137,18 @@ def test_train_help_groups_every_option_with_help_and_one_default(capsys):
         assert defaults == (0 if switch else 1), (flag, entries[flag][1])
 
 
-@pytest.mark.parametrize("command", ["eval", "generate", "tasks", "reproduce", "bench", "models",
-                                     "corpora", "export"])
+@pytest.mark.parametrize("command", ["eval", "generate", "tasks", "reproduce", "models", "corpora",
+                                     "export", "bench", "bench layers", "bench models",
+                                     "bench generation", "bench quality", "bench imports"])
 def test_every_command_shows_help_and_its_defaults_once(command, capsys):
     from blockstate.cli import build_parser
 
     with pytest.raises(SystemExit):
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     entries = _help_entries(capsys.readouterr().out)
-    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    parser = build_parser()
+    for word in command.split():
+        parser = parser._subparsers._group_actions[0].choices[word]
     for action in parser._actions:
         if action.dest == "help":
             continue

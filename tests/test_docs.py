@@ -40,3 +40,42 @@ def test_scripts_holds_only_user_tools():
                           "context_parallel_table.py"}
     text = "\n".join(p.read_text(encoding="utf-8") for p in PAGES)
     assert all(f"scripts/{name}" in text for name in documented - {"gpu_check_report.py"})
+
+
+def _bench_commands(page: Path) -> list[str]:
+    """The `blockstate bench ...` command lines of a page: in code blocks (continued lines joined,
+    comments dropped) and in inline code (wrapped lines joined)."""
+    text = page.read_text(encoding="utf-8")
+    found = []
+    for block in re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.split(" #")[0].strip().removeprefix("$ ")
+            if line.startswith("blockstate bench "):
+                found.append(line)
+    for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S)):
+        span = " ".join(span.split()).replace("\\|", "|")  # `a\|b` in a table is `a|b`
+        if "blockstate bench " in span:
+            found.append(span[span.index("blockstate bench "):])
+    return found
+
+
+BENCH_PAGES = sorted({*PAGES, *(p for p in (ROOT / "lab").rglob("*.md") if "/runs/" not in p.as_posix())})
+
+
+def test_every_documented_bench_command_parses():
+    """Each `blockstate bench` command in the README, docs/ and lab/ parses with the real parser
+    (`blockstate bench layers|models|...` stands for each suite)."""
+    from blockstate.cli import build_parser
+
+    commands = {c for page in BENCH_PAGES for c in _bench_commands(page)}
+    assert len(commands) > 20 and any(c.startswith("blockstate bench quality") for c in commands)
+    failed = []
+    for command in sorted(commands):
+        words = command.split()[1:]
+        for suite in words[1].split("|"):
+            try:
+                build_parser().parse_args([words[0], suite, *words[2:]])
+            except SystemExit as exit_:  # --help exits with 0
+                if exit_.code:
+                    failed.append(command)
+    assert not failed, f"documented commands that no longer parse: {failed}"

@@ -338,47 +338,30 @@ def _int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
     return values
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-
+def _bench_start(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """What every suite does first: --threads, --device (where the suite has it) and the flags
+    that must be >= 1; returns the output path and the command line the report records."""
     _apply_threads(args.threads)
-    _device(args.device)
-    for flag, value in (("--repeats", args.repeats), ("--length", args.length),
-                        ("--new-tokens", args.new_tokens)):
-        if value < 1:
-            raise ValueError(f"{flag} {value} must be >= 1")
-    out = Path(args.out) if args.out else None
-    command = "blockstate bench " + " ".join(args.argv)
-    if args.suite == "imports":
-        bench.run_imports(out, repeats=args.repeats if args.repeats_given else 7, command=command)
-        return 0
-    if args.suite == "quality":
-        from .bench_quality import run_quality
+    if hasattr(args, "device"):
+        _device(args.device)
+    for name in ("repeats", "length", "new_tokens"):
+        if getattr(args, name, 1) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    return (Path(args.out) if args.out else None), "blockstate bench " + " ".join(args.argv)
 
-        corpora = [c for c in args.data.split(",") if c]
-        if not corpora or args.minutes <= 0:
-            raise ValueError("quality: give --data with at least one corpus and --minutes > 0")
-        run_quality(out, corpora, args.minutes, Path(args.runs_dir), eval_tokens=args.eval_tokens,
-                    cache_dir=args.cache_dir, overwrite=args.overwrite, command=command)
-        return 0
-    if args.suite in ("models", "generation"):
-        presets = args.models.split(",") if args.models else list_models()
-        unknown = sorted(set(presets) - set(list_models()))
-        if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(list_models())}")
-        if args.suite == "models":
-            if args.steps < 1:
-                raise ValueError(f"--steps {args.steps}: models needs at least one timed step")
-            bench.run_models(out, presets, args.size, args.batch, args.length, args.steps,
-                             args.device, command)
-            return 0
-        from .bench_generation import run_generation
 
-        lengths = args.lengths if args.lengths_given else "1024,4096,16384,65536"
-        run_generation(out, presets, args.size, _int_list(lengths, "--lengths"),
-                       _int_list(args.batches, "--batches"), args.new_tokens,
-                       device=args.device, command=command)
-        return 0
+def _bench_presets(args: argparse.Namespace) -> list[str]:
+    presets = args.models.split(",") if args.models else list_models()
+    unknown = sorted(set(presets) - set(list_models()))
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(list_models())}")
+    return presets
+
+
+def cmd_bench_layers(args: argparse.Namespace) -> int:
+    from .bench.layers import LAYERS, run_layers
+
+    out, command = _bench_start(args)
     widths = []
     for item in args.widths.split(","):
         width, _, heads = item.partition(":")
@@ -388,14 +371,53 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lengths = _int_list(args.lengths, "--lengths")
     if any(n % 128 for n in lengths):
         raise ValueError(f"--lengths {args.lengths}: lengths must be multiples of the window (128)")
-    layers = list(bench.LAYERS) if args.layers == "all" else args.layers.split(",")
+    layers = list(LAYERS) if args.layers == "all" else args.layers.split(",")
     compiled = args.compile.split(",") if args.compile else []
-    unknown = sorted(set(layers + compiled) - set(bench.LAYERS))
+    unknown = sorted(set(layers + compiled) - set(LAYERS))
     if unknown:
-        raise ValueError(f"unknown layer(s) {unknown}; known: {', '.join(bench.LAYERS)}")
-    bench.run_layers(out, widths, lengths, layers, batch=args.batch, device=args.device,
-                     dtype=args.dtype, repeats=args.repeats, budget_s=args.budget,
-                     max_seconds=args.max_seconds, compile_layers=tuple(compiled), command=command)
+        raise ValueError(f"unknown layer(s) {unknown}; known: {', '.join(LAYERS)}")
+    run_layers(out, widths, lengths, layers, batch=args.batch, device=args.device, dtype=args.dtype,
+               repeats=args.repeats, budget_s=args.budget, max_seconds=args.max_seconds,
+               compile_layers=tuple(compiled), command=command)
+    return 0
+
+
+def cmd_bench_models(args: argparse.Namespace) -> int:
+    from .bench.models import run_models
+
+    out, command = _bench_start(args)
+    run_models(out, _bench_presets(args), args.size, args.batch, args.length, args.steps,
+               args.device, command)
+    return 0
+
+
+def cmd_bench_generation(args: argparse.Namespace) -> int:
+    from .bench.generation import run_generation
+
+    out, command = _bench_start(args)
+    run_generation(out, _bench_presets(args), args.size, _int_list(args.lengths, "--lengths"),
+                   _int_list(args.batches, "--batches"), args.new_tokens, device=args.device,
+                   command=command)
+    return 0
+
+
+def cmd_bench_imports(args: argparse.Namespace) -> int:
+    from .bench.imports import run_imports
+
+    out, command = _bench_start(args)
+    run_imports(out, repeats=args.repeats, command=command)
+    return 0
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from .bench.quality import run_quality
+
+    out, command = _bench_start(args)
+    corpora = [c for c in args.data.split(",") if c]
+    if not corpora or args.minutes <= 0:
+        raise ValueError("quality: give --data with at least one corpus and --minutes > 0")
+    run_quality(out, corpora, args.minutes, Path(args.runs_dir), eval_tokens=args.eval_tokens,
+                cache_dir=args.cache_dir, overwrite=args.overwrite, command=command)
     return 0
 
 
@@ -484,17 +506,15 @@ def _device(name: str) -> torch.device:
         raise ValueError(f"--{error}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="blockstate", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"blockstate {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_models_parser(sub) -> None:
     p = sub.add_parser("models", help="list model presets, their parameter counts and tags")
     p.add_argument("--sizes", default=None, help="comma-separated sizes (default: all)")
     p.add_argument("--tag", default=None, help="comma-separated tags: only presets with all of them "
                                                f"({', '.join(TAGS)})")
     p.set_defaults(func=cmd_models)
 
+
+def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model on a corpus",
                        description="Train a model on a corpus into a run directory (--out). Every "
                                    "option is also a key of a --config file (TOML, JSON or YAML; "
@@ -536,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     })
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity, bits per byte, by length")
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
     p.add_argument("--data", default=None,
@@ -559,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or bf16")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a run's model and tokenizer as a self-contained "
                                       "directory that plain transformers loads "
                                       "(trust_remote_code=True): config.json, model.safetensors, "
@@ -572,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     p.set_defaults(func=cmd_export)
 
+
+def _add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint, streamed as produced")
     p.add_argument("checkpoint", help="run directory, checkpoint directory or exported model "
                                       "directory")
@@ -596,61 +622,97 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/benchmarks/README.md)")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_corpora_parser(sub) -> None:
     p = sub.add_parser("corpora", help="list known corpora, their availability and size")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.set_defaults(func=cmd_corpora)
 
-    p = sub.add_parser("bench", help="layer, model and generation speed/memory benchmarks against "
-                                     "the baselines")
-    p.add_argument("suite", choices=["layers", "models", "generation", "imports", "quality"],
-                   help="layers: one layer's forward+backward by length; models: training steps of "
-                        "presets; generation: one-token decoding steps; imports: import times; "
-                        "quality: train each preset for --minutes and score it")
-    p.add_argument("--out", default=None,
-                   help="output path without suffix: writes OUT.json, OUT.md and (layers) OUT.png")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own choice)")
-    p.add_argument("--batch", type=int, default=None,
-                   help="batch size (default: 1 for layers, 4 for models)")
-    p.add_argument("--widths", default="512:16,256:4",
-                   help="layers: WIDTH:HEADS list (default: the paper's 512:16 and this CPU's 256:4)")
-    p.add_argument("--lengths", default=None,
-                   help="layers: sequence lengths; generation: context lengths (defaults: "
-                        "1024,2048,...,65536 and 1024,4096,16384,65536)")
-    p.add_argument("--layers", default="all", help="layers: comma-separated names or 'all'")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="layers: parameter and activation type")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="layers: timed repeats after a warm-up; imports: interpreter runs per "
-                        "statement (defaults: 3 and 7)")
-    p.add_argument("--budget", type=float, default=20.0,
-                   help="layers: stop repeating a measurement after this many seconds")
-    p.add_argument("--max-seconds", type=float, default=30.0,
-                   help="layers: skip a length whose forward+backward is predicted to take longer")
-    p.add_argument("--compile", default=None,
-                   help="layers: also measure these layers under torch.compile (comma-separated)")
-    p.add_argument("--models", default=None, help="models, generation: comma-separated presets "
-                                                  "(default: all)")
-    p.add_argument("--size", default="small", choices=list(SIZES), help="models: size")
-    p.add_argument("--length", type=int, default=1024, help="models: sequence length")
-    p.add_argument("--steps", type=int, default=3, help="models: timed steps after a warm-up")
-    p.add_argument("--batches", default="1,8", help="generation: batch sizes")
-    p.add_argument("--new-tokens", type=int, default=64,
-                   help="generation: timed one-token steps per measurement")
-    p.add_argument("--data", default="python-stdlib,books",
-                   help="quality: comma-separated corpora (default: python-stdlib,books)")
-    p.add_argument("--minutes", type=float, default=5.0,
-                   help="quality: training minutes of each model on each corpus")
-    p.add_argument("--runs-dir", default="runs/bench-quality",
-                   help="quality: where the trained runs go (finished ones are reused)")
-    p.add_argument("--eval-tokens", type=int, default=400_000,
-                   help="quality: test-split bytes scored per corpus, in pieces of about 16 KB "
-                        "taken in turn from every test document")
-    p.add_argument("--cache-dir", default=None, help="quality: tokenized corpora")
-    p.add_argument("--overwrite", action="store_true",
-                   help="quality: train again runs that already finished")
-    p.set_defaults(func=cmd_bench)
 
+def _bench_suite(suites, name: str, help_text: str, outputs: str, device: bool = True
+                 ) -> argparse.ArgumentParser:
+    """A `blockstate bench` suite's parser with the flags every suite has: --out (`outputs`: the
+    files it writes), --threads and, where the suite runs on a chosen device, --device."""
+    p = suites.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:]
+                          + " (docs/speed.md).")
+    p.add_argument("--out", default=None,
+                   help=f"output path without suffix: writes {outputs} (default: none, print only)")
+    if device:
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own choice)")
+    return p
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="speed, memory and quality benchmarks, one sub-command per "
+                                     "suite (blockstate bench SUITE --help)",
+                       description="Speed, memory and quality benchmarks against the baselines; "
+                                   "each suite has its own flags (blockstate bench SUITE --help).")
+    suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE",
+                              help="layers, models, generation, quality or imports")
+
+    p = _bench_suite(suites, "layers", "one layer of every kind by sequence length: forward and "
+                     "forward+backward time, peak memory, counted FLOPs",
+                     "OUT.json, OUT.md and OUT.png")
+    p.add_argument("--widths", default="512:16,256:4",
+                   help="WIDTH:HEADS list (default: the paper's 512:16 and this CPU's 256:4)")
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536",
+                   help="comma-separated sequence lengths, multiples of the window (128)")
+    p.add_argument("--layers", default="all", help="comma-separated layer names or 'all'")
+    p.add_argument("--compile", default=None,
+                   help="also measure these layers under torch.compile (comma-separated)")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="parameter and activation type")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up")
+    p.add_argument("--budget", type=float, default=20.0,
+                   help="stop repeating a measurement after this many seconds")
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="skip a length whose forward+backward is predicted to take longer")
+    p.set_defaults(func=cmd_bench_layers)
+
+    p = _bench_suite(suites, "models", "training tokens/s, FLOPs per token and MFU of the presets",
+                     "OUT.json and OUT.md")
+    p.add_argument("--models", default=None, help="comma-separated presets (default: all)")
+    p.add_argument("--size", default="small", choices=list(SIZES), help="model size")
+    p.add_argument("--batch", type=int, default=4, help="batch size")
+    p.add_argument("--length", type=int, default=1024, help="sequence length")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps after a warm-up")
+    p.set_defaults(func=cmd_bench_models)
+
+    p = _bench_suite(suites, "generation", "one-token decoding steps and the inference cache of "
+                     "the presets by context length", "OUT.json, OUT.md and OUT.png")
+    p.add_argument("--models", default=None, help="comma-separated presets (default: all)")
+    p.add_argument("--size", default="small", choices=list(SIZES), help="model size")
+    p.add_argument("--lengths", default="1024,4096,16384,65536",
+                   help="comma-separated context lengths")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--new-tokens", type=int, default=64, help="timed one-token steps per measurement")
+    p.set_defaults(func=cmd_bench_generation)
+
+    p = _bench_suite(suites, "quality", "the main job against the transformer preset with "
+                     "nanoGPT's CPU hyperparameters, trained for equal minutes and scored on the "
+                     "same test bytes", "OUT.json and OUT.md", device=False)
+    p.add_argument("--data", default="python-stdlib,books", help="comma-separated corpora")
+    p.add_argument("--minutes", type=float, default=5.0,
+                   help="training minutes of each model on each corpus")
+    p.add_argument("--runs-dir", default="runs/bench-quality",
+                   help="where the trained runs go (finished ones are reused)")
+    p.add_argument("--eval-tokens", type=int, default=400_000,
+                   help="test-split bytes scored per corpus, in pieces of about 16 KB taken in "
+                        "turn from every test document")
+    p.add_argument("--cache-dir", default=None,
+                   help="directory of tokenized corpora (default: ~/.cache/blockstate)")
+    p.add_argument("--overwrite", action="store_true", help="train again runs that already finished")
+    p.set_defaults(func=cmd_bench_quality)
+
+    p = _bench_suite(suites, "imports", "wall time of a fresh interpreter importing torch and "
+                     "blockstate", "OUT.json and OUT.md", device=False)
+    p.add_argument("--repeats", type=int, default=7, help="interpreter runs per statement")
+    p.set_defaults(func=cmd_bench_imports)
+
+
+def _add_reproduce_parser(sub) -> None:
     p = sub.add_parser("reproduce", help="train and evaluate the model zoo, ablations and length "
                                          "generalization at a scale; write results.md")
     p.add_argument("--scale", default="tiny", choices=["tiny", "small", "base"],
@@ -665,6 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ablations", action="store_true", help="train only the zoo, no ablations")
     p.set_defaults(func=cmd_reproduce)
 
+
+def _add_tasks_parser(sub) -> None:
     p = sub.add_parser("tasks", help="synthetic long-range tasks: train presets for a fixed number "
                                      "of steps, score accuracy by distance, report")
     p.add_argument("action", choices=["run", "report", "list"],
@@ -698,21 +762,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (re-running skips finished runs "
                                                "and continues interrupted ones)")
     p.set_defaults(func=cmd_tasks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="blockstate", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"blockstate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_models_parser, _add_train_parser, _add_eval_parser, _add_export_parser,
+                _add_generate_parser, _add_corpora_parser, _add_bench_parser, _add_reproduce_parser,
+                _add_tasks_parser):
+        add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
-    if getattr(args, "command", None) == "bench":
-        if args.batch is None:
-            args.batch = 4 if args.suite == "models" else 1
-        args.lengths_given = args.lengths is not None
-        args.repeats_given = args.repeats is not None
-        if args.repeats is None:
-            args.repeats = 3
-        if args.lengths is None:
-            args.lengths = "1024,2048,4096,8192,16384,32768,65536"
     for name in ("batch", "steps"):
         if getattr(args, name, 1) < 1:
             print(f"blockstate: error: --{name} must be >= 1", file=sys.stderr)

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from .bench import machine_info, markdown_table
 from .fileio import atomic_write
 from .registry import BASELINE, BST, PAPER, PRESETS, list_models, matched_mlp_width, mlp_sized_per_size
+from .reporting import machine_info, markdown_table
 
 # The paper's 7 BST presets; the others (selective, recommended) run only when asked for.
 BST_PRESETS = tuple(list_models(PAPER, BST))

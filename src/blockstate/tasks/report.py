@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..bench import markdown_table
 from ..fileio import atomic_write
 from ..registry import PRESETS
+from ..reporting import markdown_table
 from .generators import make_task
 
 

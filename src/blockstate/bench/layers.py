@@ -1,53 +1,42 @@
-"""Speed and memory benchmarks: single layers against the baselines, whole models, and the machine.
+"""Layer level (`blockstate bench layers`): single layers against the baselines, by length.
 
     blockstate bench layers --widths 512:16,256:4 --lengths 1024,2048,4096,8192,16384,32768,65536 \\
         --out docs/benchmarks/layers
-    blockstate bench models --size small --out docs/benchmarks/models
 
-Layer level: for every layer and sequence length, the forward time (no gradients, kernels
-recomputed every call, as in training), the forward+backward time, the peak memory of each, and the
-FLOPs of each counted from the operations actually run (`torch.utils.flop_counter`, with FFTs
-counted as 2.5 n log2 n per real transform of size n and the CPU attention kernels added). Times
-are medians of repeats after a warm-up. In the same run the machine is measured (matrix-multiply
-GFLOP/s at the layer's shapes and FFT throughput at the sizes used), so every layer gets an achieved
-FLOP rate and its fraction of the measured matmul peak, and ratios against the Block-Recurrent and
-sliding-window layers come from the same run. Longer lengths are skipped for a layer once its time or
-memory, extrapolated from the two previous lengths, would exceed the limits.
+For every layer and sequence length, the forward time (no gradients, kernels recomputed every
+call, as in training), the forward+backward time, the peak memory of each, and the FLOPs of each
+counted from the operations actually run (`torch.utils.flop_counter`, with FFTs counted as
+2.5 n log2 n per real transform of size n and the CPU attention kernels added). Times are medians
+of repeats after a warm-up. In the same run the machine is measured (matrix-multiply GFLOP/s at
+the layer's shapes and FFT throughput at the sizes used), so every layer gets an achieved FLOP
+rate and its fraction of the measured matmul peak, and ratios against the Block-Recurrent and
+sliding-window layers come from the same run. Longer lengths are skipped for a layer once its
+time or memory, extrapolated from the two previous lengths, would exceed the limits. On the CPU
+the peak memory of each measurement is taken in a process of its own (`cpu_peak_memory`).
 
-Peak memory on CPU is the rise of the process's peak resident set during the call (Linux
-/proc/self/status VmHWM, reset through /proc/self/clear_refs, with glibc's mmap threshold pinned so
-that freed tensors go back to the system); on CUDA, `torch.cuda.max_memory_allocated`.
-
-Model level: training tokens/s (forward, backward, AdamW step) of each preset at one size.
 Outputs: `<out>.json` (written after every measurement), `<out>.md` and `<out>.png`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
-import platform
-import re
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from .config import ModelConfig
-from .fileio import atomic_write
-from .layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer, XLLayer
-from .ssm import SSM
-
-# ----------------------------------------------------------------------------- layers
+from ..config import ModelConfig
+from ..layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer, XLLayer
+from ..reporting import machine_info, markdown_table
+from ..ssm import SSM
+from .report import write_outputs
+from .timing import PeakMemory, map_large_blocks, measure_call, measure_machine
 
 # The layer benchmark's layers: single layers at `layer_config`'s shape, not model presets. Each
 # name maps to its layer class and the config fields it sets; where a preset shares the name, the
@@ -110,108 +99,7 @@ def _clear_ssm_caches(module: nn.Module) -> None:
             m.clear_cache()
 
 
-# ----------------------------------------------------------------------------- measuring
-
-def _fft_formula(kind: str) -> Callable[..., int]:
-    """FLOPs of aten._fft_{r2c,c2r,c2c}: 2.5 n log2 n per real transform of size n, 5 n log2 n per
-    complex one (the usual convention for split-radix counts)."""
-    def formula(in_shape, dims, *args, out_shape=None, **kwargs) -> int:
-        n = math.prod((out_shape if kind == "c2r" else in_shape)[d] for d in dims)
-        rows = math.prod(in_shape) // max(1, math.prod(in_shape[d] for d in dims))
-        return int(rows * (5.0 if kind == "c2c" else 2.5) * n * math.log2(max(n, 2)))
-    return formula
-
-
-def flop_formulas() -> dict:
-    """Formulas FlopCounterMode lacks: the CPU flash-attention kernels and FFTs."""
-    aten = torch.ops.aten
-    mapping = {getattr(aten, f"_fft_{kind}"): _fft_formula(kind) for kind in ("r2c", "c2r", "c2c")}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = (
-            lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
-            lambda g, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(g, q, k, v))
-    return mapping
-
-
-class PeakMemory:
-    """Peak memory of a call: CUDA allocator statistics, or the rise of the CPU process's peak RSS
-    (meaningful after `map_large_blocks`, in a process of its own: see `cpu_peak_memory`)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.available = device.type == "cuda" or Path("/proc/self/clear_refs").exists()
-
-    @staticmethod
-    def _status(key: str) -> int:
-        text = Path("/proc/self/status").read_text()
-        return int(re.search(key + r":\s+(\d+)", text).group(1)) * 1024
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        elif self.available:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                self.available = False
-                return
-            self._base = self._status("VmRSS")
-
-    def stop(self) -> int | None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self._base
-        return max(0, self._status("VmHWM") - self._base) if self.available else None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # bench layers --dtype
-
-
-def map_large_blocks() -> bool:
-    """Make glibc map every block of 64 KiB or more afresh and unmap it when freed, so that the
-    process's RSS tracks its live tensors (M_MMAP_THRESHOLD). Process-wide and for good: timing
-    under it would charge every temporary tensor a page fault per page, which a long-running
-    process does not pay (glibc's own threshold settles near 32 MiB), so only the processes of
-    `cpu_peak_memory` set it."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16))
-    except OSError:
-        return False
-
-
-def measure_call(fn: Callable[[], None], device: torch.device, repeats: int, budget_s: float,
-                 count: Callable[[], None] | None = None) -> dict:
-    """Warm-up with FLOPs counted (by running `count`, default fn, under a FLOP counter), then timed
-    repeats of fn, stopping early once budget_s is spent; on CUDA also the peak memory of those
-    (on the CPU, `cpu_peak_memory` measures it in a process of its own)."""
-    with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
-        (count or fn)()
-    flops = counter.get_total_flops()
-    memory = PeakMemory(device) if device.type == "cuda" else None
-    times, peaks = [], []
-    spent = 0.0
-    while len(times) < repeats and (not times or spent < budget_s):
-        if memory is not None:
-            memory.start()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        elapsed = time.perf_counter() - t0
-        if memory is not None and (peak := memory.stop()) is not None:
-            peaks.append(peak)
-        times.append(elapsed)
-        spent += elapsed
-    return {"seconds": statistics.median(times), "all_seconds": times, "flops": flops,
-            "peak_bytes": min(peaks) if peaks else None}
 
 
 def layer_calls(name: str, config: ModelConfig, batch: int, device: torch.device,
@@ -275,8 +163,8 @@ def cpu_peak_memory(name: str, config: ModelConfig, batch: int, dtype: torch.dty
     spec = {"name": name, "config": config.to_dict(), "batch": batch,
             "dtype": str(dtype).removeprefix("torch."),
             "compile": compile_layer, "threads": torch.get_num_threads()}
-    done = subprocess.run([sys.executable, "-c", "from blockstate.bench import _child_peak_memory;"
-                           " _child_peak_memory()"], input=json.dumps(spec), capture_output=True,
+    child = "from blockstate.bench.layers import _child_peak_memory; _child_peak_memory()"
+    done = subprocess.run([sys.executable, "-c", child], input=json.dumps(spec), capture_output=True,
                           text=True)
     if done.returncode != 0:
         raise RuntimeError(f"measuring the peak memory of {name} at L = {config.max_seq_len} "
@@ -303,68 +191,6 @@ def _child_peak_memory() -> None:
             peaks.append(peak)
     print(json.dumps({"peak_bytes": min(peaks) if peaks and mapped else None}))
 
-
-# ----------------------------------------------------------------------------- the machine
-
-def timed_calls(fn: Callable[[], object], count: int, device: torch.device) -> list[float]:
-    """Seconds of each of `count` calls of fn, the device synchronized before and after each."""
-    times = []
-    for _ in range(count):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def _median_time(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
-    fn()
-    return statistics.median(timed_calls(fn, repeats, device))
-
-
-def measure_machine(device: torch.device, width: int, lengths: list[int], dtype: torch.dtype
-                    ) -> dict:
-    """Achieved matmul GFLOP/s (square 2048 and the layers' (L x D) @ (D x 4D) at L = 4096) and FFT
-    throughput (rfft + irfft at the transform sizes of the lengths, over D / 4 channels)."""
-    matmul = {}
-    for label, (m, k, n) in {"square 2048": (2048, 2048, 2048),
-                             f"tokens 4096 x {width} x {4 * width}": (4096, width, 4 * width)}.items():
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
-        matmul[label] = 2 * m * k * n / _median_time(lambda a=a, b=b: a @ b, device) / 1e9
-    fft = {}
-    channels = max(1, width // 4)
-    for length in lengths:
-        n = 2 * length  # next_fast_len of 2L is 2L for powers of two
-        u = torch.randn(channels, length, device=device)
-        seconds = _median_time(lambda u=u, n=n: torch.fft.irfft(torch.fft.rfft(u, n=n), n=n), device, 3)
-        flops = 2 * channels * 2.5 * n * math.log2(n)
-        fft[str(length)] = {"transform_size": n, "channels": channels, "seconds": seconds,
-                            "gflops": flops / seconds / 1e9,
-                            "ns_per_output": seconds / (channels * length) * 1e9}
-    return {"matmul_gflops": matmul, "matmul_peak_gflops": max(matmul.values()), "fft": fft}
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "load_average_at_start": os.getloadavg(),
-            "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-# ----------------------------------------------------------------------------- running
 
 def _extrapolate(points: list[tuple[int, float]], length: int) -> float:
     """Value at `length` from the last two (length, value) points, growing at least linearly."""
@@ -423,105 +249,10 @@ def run_layers(out: Path | None, widths: list[tuple[int, int]], lengths: list[in
                     f"forward+backward {fb['seconds'] * 1e3:.1f} ms, "
                     f"peak {(fb['peak_bytes'] or 0) / 2**20:.0f} MiB")
                 if out is not None:
-                    write_outputs(out, report, plot=False)
+                    write_outputs(out, report, False, layers_markdown, plot_layers)
     if out is not None:
-        write_outputs(out, report, plot=True)
+        write_outputs(out, report, True, layers_markdown, plot_layers)
     return report
-
-
-def run_models(out: Path | None, presets: list[str], size: str, batch: int, seq_len: int,
-               steps: int, device: str = "cpu", command: str = "",
-               log: Callable[[str], None] = print) -> dict:
-    from .registry import build_model
-
-    dev = torch.device(device)
-    width = build_model(presets[0], size).config.d_model if presets else 256
-    limits = measure_machine(dev, width, [], torch.float32)
-    report = {"kind": "models", "command": command, "machine": machine_info(dev), "size": size,
-              "batch": batch, "seq_len": seq_len, "machine_limits": limits, "results": []}
-    for name in presets:
-        torch.manual_seed(0)
-        model = build_model(name, size).to(dev)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), device=dev)
-
-        def step(model=model, tokens=tokens, optimizer=optimizer):
-            logits = model(tokens[:, :-1])
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        step()  # warm-up
-        with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
-            step()  # the operations of one training step, counted
-        flops = counter.get_total_flops()
-        times = timed_calls(step, steps, dev)
-        seconds = statistics.median(times)
-        r = {"model": name, "parameters": model.num_parameters(), "step_seconds": seconds,
-             "all_seconds": times, "tokens_per_s": batch * seq_len / seconds,
-             "step_flops": flops, "flops_per_token": flops / (batch * seq_len),
-             "achieved_gflops": flops / seconds / 1e9,
-             "mfu": flops / seconds / 1e9 / limits["matmul_peak_gflops"]}
-        report["results"].append(r)
-        log(f"  {name}: {r['tokens_per_s']:.0f} tokens/s ({r['parameters'] / 1e6:.2f}M parameters, "
-            f"{r['mfu']:.1%} of the measured matmul peak)")
-        if out is not None:
-            write_outputs(out, report, plot=False)
-    if out is not None:
-        write_outputs(out, report, plot=False)
-    return report
-
-
-# ----------------------------------------------------------------------------- import time
-
-IMPORTS = {"torch": "import torch", "blockstate": "import blockstate",
-           "blockstate + model": "import blockstate; blockstate.build_model('bst-sh-s4', 'tiny')",
-           "blockstate.cli": "import blockstate.cli"}
-
-
-def run_imports(out: Path | None, repeats: int = 7, command: str = "",
-                log: Callable[[str], None] = print, imports: dict[str, str] | None = None) -> dict:
-    """Wall time of a fresh interpreter running each statement of IMPORTS (median of `repeats`
-    runs, interleaved), against `python -c pass`; the cost of importing blockstate is the
-    difference to importing torch."""
-    import subprocess
-
-    statements = {"python": "pass", **(IMPORTS if imports is None else imports)}
-    times: dict[str, list[float]] = {name: [] for name in statements}
-    for _ in range(repeats):
-        for name, statement in statements.items():
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", statement], check=True)
-            times[name].append(time.perf_counter() - t0)
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    report = {"kind": "imports", "command": command, "machine": machine_info(torch.device("cpu")),
-              "repeats": repeats, "statements": statements, "seconds": times, "median": medians,
-              "blockstate_over_torch_s": medians["blockstate"] - medians["torch"]}
-    for name, seconds in medians.items():
-        log(f"  {name}: {seconds:.3f} s")
-    if out is not None:
-        write_outputs(out, report, plot=False)
-    return report
-
-
-def imports_markdown(report: dict) -> str:
-    rows = [[name, f"`{report['statements'][name]}`", f"{seconds:.3f}",
-             f"{seconds - report['median']['torch']:+.3f}"] for name, seconds in report["median"].items()]
-    return "\n".join([
-        "# Import time", "", f"Command: `{report['command']}`", "",
-        f"A fresh interpreter per run, median of {report['repeats']} interleaved runs; load average "
-        f"at start {', '.join(f'{x:.2f}' for x in report['machine']['load_average_at_start'])}.", "",
-        markdown_table(["what", "statement", "seconds", "vs import torch"], rows), ""])
-
-
-# ----------------------------------------------------------------------------- reporting
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _fmt_ms(seconds: float | None) -> str:
@@ -603,31 +334,6 @@ def layers_markdown(report: dict, reference_length: int = 8192) -> str:
     return "\n".join(parts)
 
 
-def models_markdown(report: dict) -> str:
-    info = report["machine"]
-    rows = [[r["model"], f"{r['parameters'] / 1e6:.2f}M", f"{r['step_seconds']:.2f}",
-             f"{r['tokens_per_s']:.0f}",
-             f"{r['flops_per_token'] / 1e6:.1f}" if "flops_per_token" in r else "-",
-             f"{r['mfu']:.1%}" if "mfu" in r else "-"] for r in report["results"]]
-    by_name = {r["model"]: r for r in report["results"]}
-    for row, r in zip(rows, report["results"], strict=True):
-        for ref in ("brt", "slide"):
-            row.append(f"{r['tokens_per_s'] / by_name[ref]['tokens_per_s']:.2f}x" if ref in by_name else "-")
-    return "\n".join([
-        "# Model training throughput", "", f"Command: `{report['command']}`", "",
-        f"Machine: {info['cpu']} ({info['cpus']} CPUs), device {info['device']}, {info['threads']} threads, "
-        f"torch {info['torch']}, load average at start "
-        f"{', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}. Size {report['size']}, batch "
-        f"{report['batch']} x {report['seq_len']} tokens; forward, backward and AdamW step; median "
-        f"step after a warm-up. MFLOP/token: the operations of one step counted by "
-        f"`torch.utils.flop_counter` (FFTs and CPU attention included), per token; MFU: the achieved "
-        f"FLOP rate over the machine's measured matmul peak "
-        f"({report.get('machine_limits', {}).get('matmul_peak_gflops', float('nan')):.0f} GFLOP/s "
-        f"float32 in the same run).", "",
-        markdown_table(["model", "parameters", "step s", "tokens/s", "MFLOP/token", "MFU", "vs brt",
-                        "vs slide"], rows), ""])
-
-
 def plot_layers(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -655,26 +361,5 @@ def plot_layers(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out: Path, report: dict, plot: bool,
-                  render: Callable[[dict], str] | None = None,
-                  draw: Callable[[dict, Path], None] | None = None) -> None:
-    """Write `<out>.json` (atomically), `<out>.md` from `render(report)` and, with `plot`, the
-    plot `draw(report, <out>.png)` (skipped without matplotlib). Both default by report kind."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out.with_suffix(".json"), json.dumps(report, indent=1))
-    if render is None:
-        render = {"layers": layers_markdown, "models": models_markdown,
-                  "imports": imports_markdown}[report["kind"]]
-    atomic_write(out.with_suffix(".md"), render(report))
-    if draw is None and report["kind"] == "layers":
-        draw = plot_layers
-    if plot and draw is not None and report["results"]:
-        try:
-            draw(report, out.with_suffix(".png"))
-        except ImportError:
-            pass
-
-
-__all__ = ["BENCH_LAYERS", "LAYERS", "build_layer", "flop_formulas", "layer_config", "measure_layer",
-           "measure_machine", "run_layers", "run_models", "layers_markdown", "models_markdown",
-           "markdown_table", "write_outputs"]
+__all__ = ["BENCH_LAYERS", "DTYPES", "LAYERS", "build_layer", "cpu_peak_memory", "layer_calls",
+           "layer_config", "layers_markdown", "measure_layer", "plot_layers", "run_layers"]

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from .bench import _sync, machine_info, markdown_table, timed_calls
-from .bench import write_outputs as _write_outputs
+from ..reporting import machine_info, markdown_table
+from .report import write_outputs
+from .timing import synchronize, timed_calls
 
 WARMUP_STEPS = 4
 ROUNDS = 6  # timed rounds per measurement, interleaved across contexts, batch sizes and models
@@ -58,7 +59,7 @@ def _prefilled(name: str, size: str, lengths: list[int], batches: list[int],
                device: torch.device, seed: int = 0) -> tuple[dict, dict]:
     """A model's decoders for every (context, batch), each from a prefill of a random prompt of
     that context length, and per context its parameters, prefill time and cache sizes."""
-    from .registry import build_model
+    from ..registry import build_model
 
     torch.manual_seed(seed)
     model = build_model(name, size, vocab_size=256).to(device).eval()
@@ -66,10 +67,10 @@ def _prefilled(name: str, size: str, lengths: list[int], batches: list[int],
     for context in lengths:
         prompt = torch.randint(0, 256, (1, context), device=device)
         cache = model.allocate_inference_cache(1)
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         first = model.prefill(prompt, cache)[:, -1].argmax(-1)
-        _sync(device)
+        synchronize(device)
         prefill_s = time.perf_counter() - t0
         info[context] = {"prefill_s": prefill_s, "prefill_tokens_per_s": context / prefill_s,
                          "parameters": model.num_parameters(), "state_bytes": {}}
@@ -144,9 +145,9 @@ def run_generation(out: Path | None, presets: list[str], size: str, lengths: lis
             log(f"  {name} @ {r['context']}: {one['median_step_s'] * 1e3:.2f} ms/step at batch "
                 f"{batches[0]}")
         if out is not None:
-            write_outputs(out, report, plot=False)
+            write_outputs(out, report, False, generation_markdown, plot_generation)
     if out is not None:
-        write_outputs(out, report, plot=True)
+        write_outputs(out, report, True, generation_markdown, plot_generation)
     return report
 
 
@@ -158,7 +159,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
-def markdown(report: dict) -> str:
+def generation_markdown(report: dict) -> str:
     info, batches = report["machine"], report["batches"]
     results = report["results"]
     slide = {(r["context"], b): r["batches"][b]["median_step_s"]
@@ -244,8 +245,4 @@ def plot_generation(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out: Path, report: dict, plot: bool = True) -> None:
-    _write_outputs(out, report, plot, markdown, plot_generation)
-
-
-__all__ = ["measure", "run_generation", "markdown", "write_outputs"]
+__all__ = ["generation_markdown", "measure", "plot_generation", "run_generation"]

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bench import machine_info, markdown_table, measure_machine, write_outputs
+from ..reporting import machine_info, markdown_table
+from .report import write_outputs
+from .timing import measure_machine
 
 # nanoGPT's CPU recipe (README "I only have a macbook"): train_shakespeare_char with these flags.
 NANOGPT_CPU: dict[str, Any] = {
@@ -45,7 +47,7 @@ ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
 
 def _train_entry(name: str, fields: dict[str, Any], corpus: str, seconds: float, run_dir: Path,
                  cache_dir: str | None, overwrite: bool) -> dict[str, Any]:
-    from .train import TrainConfig, train
+    from ..train import TrainConfig, train
 
     summary_path = run_dir / "summary.json"
     if summary_path.exists() and not overwrite:
@@ -89,8 +91,8 @@ def _score_pieces(model, tokenizer, pieces: list[str], length: int, batch_tokens
                   ) -> tuple[list[float], list[int], int]:
     """(loss in nats summed over each piece's tokens, bytes of each piece, tokens scored): each
     piece read from a BOS token in windows of `length`, every byte predicted once."""
-    from .data.dataset import PackedSequences, TokenizedSplit
-    from .evaluate import evaluate_length
+    from ..data.dataset import PackedSequences, TokenizedSplit
+    from ..evaluate import evaluate_length
 
     widths = np.asarray(tokenizer.token_byte_lengths(), dtype=np.float64)
     nats, sizes, tokens = [], [], 0
@@ -111,8 +113,8 @@ def _score_same_bytes(run_dirs: list[Path], corpus: str, eval_tokens: int,
     """Test-split loss of each run on the same bytes (`_test_pieces`), each run reading them with
     its own tokenizer in windows of its own training length, with bits per byte of every piece
     for the spread."""
-    from .data import resolve_corpus
-    from .loading import load
+    from ..data import resolve_corpus
+    from ..loading import load
 
     pieces = _test_pieces(resolve_corpus(corpus), eval_tokens, piece_bytes)
     results = []
@@ -176,7 +178,7 @@ def run_quality(out: Path | None, corpora: list[str], minutes: float, runs_dir: 
                 "test": score, "sample": summary.get("sample")})
         print(quality_markdown(report), flush=True)
         if out is not None:
-            write_outputs(out, report, plot=False, render=quality_markdown)
+            write_outputs(out, report, False, quality_markdown)
     return report
 
 
