@@ -120,6 +120,9 @@ def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkey
     text = (tmp_path / "quality.md").read_text()
     assert "nanoGPT's CPU hyperparameters" in text and "bits per byte" in text
     assert "standard errors" in text
+    with pytest.raises(ValueError, match="unknown preset"):
+        bench_quality.entries(["bst-nonesuch"])
+    assert list(bench_quality.entries(["bst-recommended"])) == ["main", "nanogpt-cpu", "bst-recommended"]
     assert json.loads((tmp_path / "quality.json").read_text())["kind"] == "quality"
 
 

@@ -416,8 +416,9 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     corpora = [c for c in args.data.split(",") if c]
     if not corpora or args.minutes <= 0:
         raise ValueError("quality: give --data with at least one corpus and --minutes > 0")
+    also = [m for m in args.also.split(",") if m]
     run_quality(out, corpora, args.minutes, Path(args.runs_dir), eval_tokens=args.eval_tokens,
-                cache_dir=args.cache_dir, overwrite=args.overwrite, command=command)
+                cache_dir=args.cache_dir, overwrite=args.overwrite, command=command, also=also)
     return 0
 
 
@@ -703,6 +704,9 @@ def _add_bench_parser(sub) -> None:
                         "turn from every test document")
     p.add_argument("--cache-dir", default=None,
                    help="directory of tokenized corpora (default: ~/.cache/blockstate)")
+    p.add_argument("--also", default="",
+                   help="comma-separated presets also trained as the main job is (size auto) and "
+                        "compared with it, e.g. bst-recommended")
     p.add_argument("--overwrite", action="store_true", help="train again runs that already finished")
     p.set_defaults(func=cmd_bench_quality)
 

@@ -143,10 +143,24 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
             "lower": int((diff < 0).sum()), "pieces": len(diff)}
 
 
+def entries(also: list[str] | tuple[str, ...] = ()) -> dict[str, tuple[str, dict[str, Any]]]:
+    """ENTRIES, then each preset of `also` trained as the main job is (size auto, every other
+    setting at its default), for the question "would this preset be the better main job?"."""
+    from .. import list_models
+
+    unknown = sorted(set(also) - set(list_models()))
+    if unknown:
+        raise ValueError(f"quality: unknown preset(s) {unknown}; see `blockstate models`")
+    extra = {name: (f"{name} (size auto)", {"model": name}) for name in also}
+    return {**ENTRIES, **extra}
+
+
 def run_quality(out: Path | None, corpora: list[str], minutes: float, runs_dir: Path,
                 eval_tokens: int = 400_000, cache_dir: str | None = None, overwrite: bool = False,
-                command: str = "") -> dict[str, Any]:
-    """Train and score every entry on every corpus; write `out`.{json,md} after each corpus."""
+                command: str = "", also: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train and score every entry (`entries(also)`) on every corpus; write `out`.{json,md}
+    after each corpus."""
+    chosen = entries(also)
     report: dict[str, Any] = {"kind": "quality", "command": command, "minutes": minutes,
                               "threads": torch.get_num_threads(), "eval_tokens": eval_tokens,
                               "machine": machine_info(torch.device("cpu")), "results": []}
@@ -155,14 +169,14 @@ def run_quality(out: Path | None, corpora: list[str], minutes: float, runs_dir: 
     report["matmul_peak_gflops"] = peak
     for corpus in corpora:
         run_dirs, summaries = [], []
-        for slug, (name, fields) in ENTRIES.items():
+        for slug, (name, fields) in chosen.items():
             # one folder per corpus under runs_dir, also for a path (never inside the corpus)
             run_dir = runs_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", corpus.strip("/")) / slug
             summary = _train_entry(name, fields, corpus, minutes * 60, run_dir, cache_dir, overwrite)
             run_dirs.append(run_dir)
             summaries.append(summary)
         scores = _score_same_bytes(run_dirs, corpus, eval_tokens)
-        for (slug, (name, _)), run_dir, summary, score in zip(ENTRIES.items(), run_dirs,
+        for (slug, (name, _)), run_dir, summary, score in zip(chosen.items(), run_dirs,
                                                               summaries, scores, strict=True):
             record = json.loads((run_dir / "train_config.json").read_text())
             report["results"].append({
@@ -180,6 +194,22 @@ def run_quality(out: Path | None, corpora: list[str], minutes: float, runs_dir: 
         if out is not None:
             write_outputs(out, report, False, quality_markdown)
     return report
+
+
+def _comparison(corpus: str, main: dict[str, Any], other: dict[str, Any]) -> str:
+    """One line: the main job against another entry, pooled and over paired pieces."""
+    a, b = main["test"]["bits_per_byte"], other["test"]["bits_per_byte"]
+    name = ("transformer (nanoGPT hyperparameters)" if other["slug"] == "nanogpt-cpu"
+            else other["entry"])
+    line = (f"- {corpus}: main job {a:.3f} vs {name} {b:.3f} bits per byte "
+            f"({'better' if a < b else 'worse'} by {abs(a - b):.3f}, {abs(a - b) / b:.1%})")
+    pieces = [main["test"].get("piece_bits_per_byte"), other["test"].get("piece_bits_per_byte")]
+    if all(pieces):
+        d = paired_difference(*pieces)
+        line += (f"; over {d['pieces']} pieces the difference is {d['mean']:+.3f} +- "
+                 f"{2 * d['standard_error']:.3f} (mean +- 2 standard errors), the main job "
+                 f"lower on {d['lower']} of {d['pieces']}")
+    return line + "."
 
 
 def quality_markdown(report: dict[str, Any]) -> str:
@@ -209,18 +239,10 @@ def quality_markdown(report: dict[str, Any]) -> str:
     for r in report["results"]:
         by_corpus.setdefault(r["corpus"], []).append(r)
     for corpus, results in by_corpus.items():
-        if len(results) == 2:
-            a, b = (r["test"]["bits_per_byte"] for r in results)
-            line = (f"- {corpus}: main job {a:.3f} vs transformer (nanoGPT hyperparameters) "
-                    f"{b:.3f} bits per byte ({'better' if a < b else 'worse'} by "
-                    f"{abs(a - b):.3f}, {abs(a - b) / b:.1%})")
-            pieces = [r["test"].get("piece_bits_per_byte") for r in results]
-            if all(pieces):
-                d = paired_difference(*pieces)
-                line += (f"; over {d['pieces']} pieces the difference is {d['mean']:+.3f} +- "
-                         f"{2 * d['standard_error']:.3f} (mean +- 2 standard errors), the main "
-                         f"job lower on {d['lower']} of {d['pieces']}")
-            lines.append(line + ".")
+        main = next((r for r in results if r["slug"] == "main"), None)
+        for other in results:
+            if main is not None and other is not main:
+                lines.append(_comparison(corpus, main, other))
     for r in report["results"]:
         if r.get("sample") and r["slug"] == "main":
             lines += ["", f"Sample of the main job on {r['corpus']} (prompt, then the model's "
@@ -229,5 +251,5 @@ def quality_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ENTRIES", "MAIN_JOB", "NANOGPT_CPU", "paired_difference", "quality_markdown",
-           "run_quality"]
+__all__ = ["ENTRIES", "MAIN_JOB", "NANOGPT_CPU", "entries", "paired_difference",
+           "quality_markdown", "run_quality"]
