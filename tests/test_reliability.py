@@ -266,7 +266,7 @@ def test_resume_on_a_changed_corpus_is_refused_unless_allowed(tmp_path):
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_non_finite_losses_are_skipped_or_stop_and_are_never_saved(corpus, tmp_path, monkeypatch,
                                                                     policy):
-    import blockstate.train as tr
+    import blockstate.step as tr  # the one training step computes every training loss
 
     real, calls = tr.token_loss, []
 
@@ -294,7 +294,7 @@ def test_fp16_overflow_lowers_the_loss_scale_and_skips_only_that_step(corpus, tm
     """A step whose scaled float16 gradients overflow (its loss blown up 1e4-fold here: finite in
     float32, not in float16 gradients) is skipped by the gradient scaler, which halves its scale;
     training goes on to its budget with finite parameters."""
-    import blockstate.train as tr
+    import blockstate.step as tr  # the one training step computes every training loss
 
     real, calls = tr.token_loss, []
 

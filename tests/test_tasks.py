@@ -94,9 +94,9 @@ def test_an_interrupted_run_continues_to_the_uninterrupted_result(tmp_path, monk
 
 def test_ssm_learning_rate_scale_applies_to_kernel_parameters_only():
     model = build_model("bst-sh-s4", SUITE_SIZE)
-    from blockstate.tasks.runner import _groups
+    from blockstate.optim import scaled_parameter_groups
 
-    groups = _groups(model, Settings(ssm_lr_scale=0.25))
+    groups = scaled_parameter_groups(model, 0.0, ssm_lr_scale=0.25)
     kernel = {id(p) for n, p in model.named_parameters() if ".kernel." in n}
     assert kernel and {id(p) for p in groups[-1]["params"]} == kernel
     assert groups[-1]["lr_scale"] == 0.25 and all(g["lr_scale"] == 1.0 for g in groups[:-1])

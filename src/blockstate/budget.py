@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 # Training fields the plan may choose (each only when the user did not give it).
 PLANNED_FIELDS = ("size", "model_overrides", "seq_len", "batch_size", "lr", "warmup_steps", "beta2",
@@ -145,24 +144,22 @@ def _shape_config(config: Any, shape: Shape, explicit: set[str]) -> Any:
 def measure_tokens_per_second(config: Any, vocab_size: int, device: torch.device,
                               steps: int = 2) -> tuple[float, int]:
     """Training tokens per second of `config`'s model (one warm-up step, then `steps` timed
-    optimizer steps on random tokens) and its parameter count."""
+    training steps on random tokens: the run's own step, optimizer and precision) and its
+    parameter count."""
     from .optim import build_optimizer
     from .registry import build_model
+    from .step import TrainStep, grad_scaler
 
     model = build_model(config.model, config.size, **{**config.model_overrides,
                                                       "vocab_size": vocab_size}).to(device)
     optimizer = build_optimizer(model, config, device)  # the run's own optimizer, timed with it
-    seq_len = config.seq_len
-    micro = config.batch_size // config.grad_accum
-    tokens = torch.randint(0, vocab_size, (micro, seq_len + 1), device=device)
+    train_step = TrainStep(model, optimizer, device, config.precision, config.grad_clip,
+                           config.grad_accum, grad_scaler(config.precision, device))
+    tokens = torch.randint(0, vocab_size, (config.batch_size, config.seq_len + 1))
+    batch = (tokens[:, :-1], tokens[:, 1:])                                    # (B, L) each
 
     def step() -> None:
-        for _ in range(config.grad_accum):
-            logits = model(tokens[:, :-1])
-            F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(batch, config.lr)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -171,7 +168,7 @@ def measure_tokens_per_second(config: Any, vocab_size: int, device: torch.device
     for _ in range(steps):
         step()
     seconds = (time.perf_counter() - start) / steps
-    return config.batch_size * seq_len / seconds, model.num_parameters()
+    return config.batch_size * config.seq_len / seconds, model.num_parameters()
 
 
 def plan_for_budget(config: Any, explicit: set[str], vocab_size: int, device: torch.device,

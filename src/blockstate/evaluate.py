@@ -90,14 +90,17 @@ def _scored_columns(targets: torch.Tensor, block_size: int) -> int:
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, dataset: PackedSequences, tokenizer: Tokenizer,
                      batch_size: int, max_batches: int | None, device: torch.device,
-                     carry: bool = True, precision: str = "auto") -> dict[str, float]:
-    """Loss, perplexity and bits per byte over the first windows of `dataset`, in order."""
+                     carry: bool = True, precision: str = "auto",
+                     indices: np.ndarray | None = None) -> dict[str, float]:
+    """Loss, perplexity and bits per byte over the windows `indices` of `dataset` (default: its
+    first windows, in order), at most `max_batches` batches of them. A model that carries memory
+    reads lanes of consecutive windows instead (`iter_losses`)."""
     was_training = model.training
     model.eval()
     byte_lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
     nll, count, n_bytes = 0.0, 0, 0.0
-    for targets, losses in iter_losses(model, dataset, batch_size, max_batches, device, carry=carry,
-                                       precision=precision):
+    for targets, losses in iter_losses(model, dataset, batch_size, max_batches, device,
+                                       indices=indices, carry=carry, precision=precision):
         valid = targets != -100
         nll += float(losses[valid].double().sum())
         count += int(valid.sum())

@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +47,9 @@ from .data import (
 )
 from .device import Distributed, autocast_dtype, device_peak_flops, resolve_device
 from .distributed_budget import agree_at_boundary, saved_by_main
-from .evaluate import evaluate_batches, token_loss, unigram_perplexity
+from .evaluate import evaluate_batches, spread_windows, unigram_perplexity
 from .fileio import atomic_write
-from .memory import Memory, SegmentCarry
+from .memory import Memory
 from .model import BlockStateLM
 from .optim import build_optimizer, learning_rate
 from .registry import model_config
@@ -67,10 +66,9 @@ from .rundir import (
     is_run_dir,
     mark_run,
 )
+from .step import FP16_OVERFLOW, NonFinitePolicy, StepResult, TrainStep, grad_scaler
 from .train_config import BUDGET_FIELDS, OUTPUT_FIELDS, TrainConfig
 
-# A run stops after this many consecutive batches with a non-finite loss or gradient norm.
-MAX_SKIPPED_BATCHES = 10
 
 def prepare_tokenizer(config: TrainConfig, corpus, out_dir: Path, is_main: bool,
                       resuming: bool = False,
@@ -157,15 +155,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
     elif not overwrite:
         check_writable(out_dir)
     if checkpoint is None and out_dir.exists() and is_run_dir(out_dir) and not overwrite:
-        if (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir()):
-            raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or "
-                             f"--overwrite to start over")
-        record = _run_record(out_dir) or {}
-        previous = record.get("requested_train", record.get("train"))
-        if previous is not None and {k: v for k, v in previous.items() if k not in BUDGET_FIELDS} != {
-                k: v for k, v in config.to_dict().items() if k not in BUDGET_FIELDS}:
-            raise ValueError(f"{out_dir} holds a run that stopped before its first checkpoint, with "
-                             f"other settings; pass --overwrite to replace it")
+        _check_restartable(out_dir, config)
         overwrite = True  # the same run, killed before its first checkpoint: start it again
 
     # ---- validate everything before anything on disk changes
@@ -208,6 +198,20 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool | str | Path = 
         raise
     finally:
         lock.release()
+
+
+def _check_restartable(out_dir: Path, config: TrainConfig) -> None:
+    """Refuse to start a new run over the run in `out_dir` unless that run stopped before its first
+    checkpoint with the same settings (budgets aside)."""
+    if (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir()):
+        raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or "
+                         f"--overwrite to start over")
+    record = _run_record(out_dir) or {}
+    previous = record.get("requested_train", record.get("train"))
+    if previous is not None and {k: v for k, v in previous.items() if k not in BUDGET_FIELDS} != {
+            k: v for k, v in config.to_dict().items() if k not in BUDGET_FIELDS}:
+        raise ValueError(f"{out_dir} holds a run that stopped before its first checkpoint, with "
+                         f"other settings; pass --overwrite to replace it")
 
 
 def _data_processes(config: TrainConfig, ddp: Distributed) -> int:
@@ -408,9 +412,77 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
            device: torch.device, ddp: Distributed, on_step, quiet: bool,
            messages: list[str], explicit: set[str], progress: _Progress,
            init=None) -> dict[str, Any]:
+    """The run itself, once `train` has validated the request: set up, step, finish."""
     from tqdm.auto import tqdm
 
-    if overwrite and checkpoint is None and ddp.is_main:
+    _open_run_dir(out_dir, overwrite and checkpoint is None, ddp)
+
+    def log(message: str) -> None:
+        if ddp.is_main and not quiet:
+            tqdm.write(message, file=sys.stdout)
+
+    for message in messages:
+        log(message)
+    run = _setup(config, out_dir, checkpoint, corpus, device, ddp, explicit, init, log)
+    config, state, model = run.config, run.state, run.model
+    train_step = TrainStep(run.train_model, run.optimizer, device, config.precision,
+                           config.grad_clip, config.grad_accum, run.scaler, parameters=model,
+                           world_size=ddp.world_size, rank=ddp.rank, sharded=run.sharded,
+                           split_block=model.config.block_size if config.context_parallel > 1 else None,
+                           carry=run.xl)
+    nonfinite = NonFinitePolicy(config.nonfinite)
+
+    # ---- loop: one optimizer step per iteration until a budget is spent or a signal arrives
+    bar = tqdm(total=state.horizon, initial=state.step, disable=quiet or not ddp.is_main,
+               unit="step", dynamic_ncols=True, file=sys.stderr)
+    model.train()
+    if checkpoint is not None and ddp.is_main and _budget_spent(config, state, run.elapsed()):
+        _say_nothing_to_train(config, state, run.elapsed())
+    progress.started = True
+    stopper = _StopSignals().install()
+    try:
+        while True:
+            # every process stops at the same boundary and reads process 0's clock
+            # (distributed_budget): a stop signal received by any process stops them all
+            now = agree_at_boundary(ddp, device, stopper.received, run.elapsed(),
+                                    lambda spent: _budget_spent(config, state, spent))
+            if now.stop:
+                stopper.received = now.signal
+                break
+            step_start = time.perf_counter()
+            progress_in_time = _time_progress(config, state, now.elapsed)
+            lr = learning_rate(state.step, config, state.horizon, progress_in_time)
+            result = train_step(run.stream.next_batch(), lr, state.memory)
+            state.memory = result.memory  # the batch was read, so the next continues after it
+            stop = nonfinite.observe(result)
+            if result.skipped is not None:
+                run.skipped(result, nonfinite.skipped, stop)  # raises (saved) when `stop`
+                continue
+            state.step += 1
+            state.tokens += result.tokens
+            record = run.record(result, lr, time.perf_counter() - step_start)
+            bar.update(1)
+            run.show(bar, record)
+            if on_step is not None:
+                on_step(state.step, record)
+            run.after_step()  # validation, sample and checkpoint when their intervals come
+    except KeyboardInterrupt:  # a second Ctrl-C during a step: the step is incomplete, so the
+        # newest checkpoint (not this state) is what a resume continues from
+        log(f"interrupted again during step {state.step + 1}; not saving the incomplete step "
+            f"(resume continues from the newest checkpoint)")
+        stopper.restore()
+        raise
+    except BaseException:
+        stopper.restore()
+        raise
+    finally:
+        bar.close()
+    return run.finish(stopper, checkpoint.train_state["tokens"] if checkpoint else 0)
+
+
+def _open_run_dir(out_dir: Path, clear: bool, ddp: Distributed) -> None:
+    """Clear a run being replaced, remove temporary files a killed run left, mark the directory."""
+    if clear and ddp.is_main:
         clear_run(out_dir)
     if ddp.is_main:
         remove_temporary(out_dir)
@@ -419,14 +491,19 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         dist.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def log(message: str) -> None:
-        if ddp.is_main and not quiet:
-            tqdm.write(message, file=sys.stdout)
 
-    for message in messages:
-        log(message)
+def _say_nothing_to_train(config: TrainConfig, state: _RunState, elapsed: float) -> None:
+    budgets = ", ".join(f"{k}={getattr(config, k)}" for k in BUDGET_FIELDS
+                        if getattr(config, k) is not None)
+    print(f"blockstate: the run is at step {state.step} ({state.tokens:,} tokens, "
+          f"{elapsed:.0f} s of training), which already meets the budget {budgets}; nothing to "
+          f"train. Give a larger budget to continue it", file=sys.stderr)
 
-    # ---- data, tokenizer and model (size "auto" planned for the budget; a resume keeps its plan)
+
+def _setup(config: TrainConfig, out_dir: Path, checkpoint, corpus, device: torch.device,
+           ddp: Distributed, explicit: set[str], init, log) -> _Run:
+    """Data, tokenizer and model (size "auto" planned for the budget; a resume keeps its plan),
+    the optimizer, the state restored from `checkpoint`, the resolved config written."""
     prepare_start = time.perf_counter()
     requested_config, plan = config, (checkpoint.train_state.get("plan") if checkpoint else None)
     note = None
@@ -446,8 +523,8 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     if checkpoint is None and config.size == "auto":
         config, plan = _plan(config, explicit, tokenizer, device, ddp, log,
                              time.perf_counter() - prepare_start)
-    overrides = {**config.model_overrides, "vocab_size": tokenizer.vocab_size}
-    mconfig = model_config(config.model, config.size, **overrides)
+    mconfig = model_config(config.model, config.size,
+                           **{**config.model_overrides, "vocab_size": tokenizer.vocab_size})
     seq_len = config.seq_len or mconfig.max_seq_len
     train_data = PackedSequences(splits["train"], seq_len, tokenizer.pad_id, config.pack_documents)
     val_data = PackedSequences(splits["validation"], seq_len, tokenizer.pad_id, config.pack_documents)
@@ -457,6 +534,44 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     stream = (SegmentStream if xl else BatchStream)(train_data, config.batch_size, config.seed,
                                                     ddp.rank if data_processes > 1 else 0,
                                                     data_processes)
+    model, train_model, sharded = _build_model(config, mconfig, device, ddp, init, log)
+    optimizer = build_optimizer(model, config, device)
+    scaler = grad_scaler(config.precision, device)
+
+    # ---- where the run stands: fresh, or restored from the checkpoint
+    state = _RunState(horizon=_horizon(config, seq_len))
+    if checkpoint is not None:
+        state = _restore(checkpoint, model, optimizer, stream, mconfig, state.horizon, xl, device, log)
+        if scaler is not None and checkpoint.train_state.get("grad_scaler"):
+            scaler.load_state_dict(checkpoint.train_state["grad_scaler"])
+    if state.horizon is not None and config.warmup_steps >= state.horizon > state.step:
+        log(f"warning: warmup_steps={config.warmup_steps} is not shorter than the run's "
+            f"{state.horizon} planned steps: the learning rate never reaches lr={config.lr:g}; lower "
+            f"--warmup-steps")
+    resolved = {"train": config.to_dict(), "model": mconfig.to_dict(), "seq_len": seq_len,
+                "tokenizer": tokenizer.kind, "processes": ddp.world_size, "device": str(device),
+                "parameters": model.num_parameters(), "corpus": corpus.metadata()}
+    resolved["requested_train"] = requested_config.to_dict()  # as asked ("auto" unresolved)
+    if plan is not None:
+        resolved["plan"] = plan
+    if ddp.is_main:
+        atomic_write(out_dir / "train_config.json", json.dumps(resolved, indent=2))
+        shown = {k: v for k, v in resolved.items() if k not in ("corpus", "plan", "requested_train")}
+        log("resolved config:\n" + json.dumps(shown, indent=2))
+        log(f"{model.num_parameters():,} parameters; {len(train_data):,} training sequences of "
+            f"{seq_len} tokens; {len(val_data):,} validation sequences")
+    metrics = MetricsLog(out_dir / "metrics.jsonl", state.step if checkpoint else None, ddp.is_main,
+                         log, sinks=tuple(x for x in config.log_to.split(",") if x),
+                         run_config=resolved)
+    return _Run(config, out_dir, device, ddp, log, mconfig, seq_len, tokenizer, splits, val_data,
+                stream, model, train_model, optimizer, scaler, state, plan, metrics, sharded, xl,
+                config.batch_size // (data_processes * config.grad_accum))
+
+
+def _build_model(config: TrainConfig, mconfig: ModelConfig, device: torch.device, ddp: Distributed,
+                 init, log) -> tuple[BlockStateLM, nn.Module, bool]:
+    """The model (from `init`'s weights for a fine-tune), FSDP-sharded with --fsdp; what the
+    forward pass runs (compiled, DDP-wrapped); whether it is sharded."""
     torch.manual_seed(config.seed)
     model = BlockStateLM(mconfig).to(device)  # the config resolved once, above
     if init is not None:  # weights only: the optimizer, schedule and step start afresh
@@ -473,230 +588,188 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
         if device.type == "cuda":
             torch.cuda.set_device(device)
         shard_model(model, device, autocast_dtype(config.precision, device))
-    optimizer = build_optimizer(model, config, device)
-    # float16 needs its loss scaled against underflow of small gradients (bf16 and fp32 do not)
-    fp16 = autocast_dtype(config.precision, device) == torch.float16
-    scaler = torch.amp.GradScaler(device.type) if fp16 else None
-
-    # ---- where the run stands: fresh, or restored from the checkpoint
-    state = _RunState(horizon=_horizon(config, seq_len))
-    if checkpoint is not None:
-        state = _restore(checkpoint, model, optimizer, stream, mconfig, state.horizon, xl, device, log)
-        if scaler is not None and checkpoint.train_state.get("grad_scaler"):
-            scaler.load_state_dict(checkpoint.train_state["grad_scaler"])
-    if state.horizon is not None and config.warmup_steps >= state.horizon > state.step:
-        log(f"warning: warmup_steps={config.warmup_steps} is not shorter than the run's "
-            f"{state.horizon} planned steps: the learning rate never reaches lr={config.lr:g}; lower "
-            f"--warmup-steps")
     model.activation_checkpointing = config.activation_checkpointing
-    peak_flops = device_peak_flops(device, config.precision, config.peak_tflops)
     train_model: nn.Module = torch.compile(model) if config.compile else model
-    if data_processes > 1 and not sharded:
+    if _data_processes(config, ddp) > 1 and not sharded:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, train_model, sharded
 
-    resolved = {"train": config.to_dict(), "model": mconfig.to_dict(), "seq_len": seq_len,
-                "tokenizer": tokenizer.kind, "processes": ddp.world_size, "device": str(device),
-                "parameters": model.num_parameters(), "corpus": corpus.metadata()}
-    resolved["requested_train"] = requested_config.to_dict()  # as asked ("auto" unresolved)
-    if plan is not None:
-        resolved["plan"] = plan
-    if ddp.is_main:
-        atomic_write(out_dir / "train_config.json", json.dumps(resolved, indent=2))
-        shown = {k: v for k, v in resolved.items() if k not in ("corpus", "plan", "requested_train")}
-        log("resolved config:\n" + json.dumps(shown, indent=2))
-        log(f"{model.num_parameters():,} parameters; {len(train_data):,} training sequences of "
-            f"{seq_len} tokens; {len(val_data):,} validation sequences")
-    metrics = MetricsLog(out_dir / "metrics.jsonl", state.step if checkpoint else None, ddp.is_main,
-                         log, sinks=tuple(x for x in config.log_to.split(",") if x),
-                         run_config=resolved)
-    micro = config.batch_size // (data_processes * config.grad_accum)
-    start = time.perf_counter()
 
-    def elapsed() -> float:
-        return state.elapsed_before + time.perf_counter() - start
+@dataclasses.dataclass(eq=False)
+class _Run:
+    """A run once set up: what the loop steps, and what it saves, validates, logs and samples."""
 
-    def save(last: bool = False) -> None:
+    config: TrainConfig
+    out_dir: Path
+    device: torch.device
+    ddp: Distributed
+    log: Callable[[str], None]
+    mconfig: ModelConfig
+    seq_len: int
+    tokenizer: Tokenizer
+    splits: dict
+    val_data: PackedSequences
+    stream: Any
+    model: BlockStateLM
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    state: _RunState
+    plan: dict | None
+    metrics: MetricsLog
+    sharded: bool
+    xl: bool
+    micro: int                        # sequences per micro-batch of one process
+    last_val: dict | None = None
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.peak_flops = device_peak_flops(self.device, self.config.precision, self.config.peak_tflops)
+        # validation windows spread over the whole split, the same at every evaluation
+        self.val_windows = spread_windows(self.val_data,
+                                          self.config.eval_batches * self.micro * self.seq_len)
+        self.save = saved_by_main(self.ddp, self._save)  # the others wait until it is written
+
+    @property
+    def computes(self) -> bool:
+        """This process validates and samples (process 0; every process under FSDP)."""
+        return self.ddp.is_main or self.sharded
+
+    def elapsed(self) -> float:
+        return self.state.elapsed_before + time.perf_counter() - self.start
+
+    def _save(self, last: bool = False) -> None:
         """A checkpoint (process 0 writes it; under --fsdp every process writes its shards, and
         the `last` of the run also holds the whole weights in model.safetensors)."""
-        if not (ddp.is_main or sharded):
+        if not self.computes:
             return
+        state = self.state
         train_state = {"step": state.step, "tokens": state.tokens, "horizon": state.horizon,
-                       "warmup_end": state.warmup_end, "plan": plan, "elapsed": elapsed(),
-                       "data": stream.state_dict(), "train_config": config.to_dict(),
-                       "grad_scaler": scaler.state_dict() if scaler is not None else None}
-        if not _parameters_finite(model, sharded):
-            log(f"warning: step {state.step}: parameters are not finite; no checkpoint written "
-                f"(the previous one is kept)")
+                       "warmup_end": state.warmup_end, "plan": self.plan, "elapsed": self.elapsed(),
+                       "data": self.stream.state_dict(), "train_config": self.config.to_dict(),
+                       "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        if not _parameters_finite(self.model, self.sharded):
+            self.log(f"warning: step {state.step}: parameters are not finite; no checkpoint written "
+                     f"(the previous one is kept)")
             return
-        if config.fsdp:
+        if self.config.fsdp:
             from .fsdp import save_sharded_checkpoint
 
-            save_sharded_checkpoint(out_dir, state.step, model, optimizer, ddp.is_main, last,
-                                    model_config=mconfig.to_dict(), train_state=train_state,
-                                    tokenizer_dir=out_dir / "tokenizer")
+            save_sharded_checkpoint(self.out_dir, state.step, self.model, self.optimizer,
+                                    self.ddp.is_main, last, model_config=self.mconfig.to_dict(),
+                                    train_state=train_state, tokenizer_dir=self.out_dir / "tokenizer")
             return
         # Carried memory is saved when this process holds all of it (one process).
-        carried = state.memory.tensors() if state.memory is not None and ddp.world_size == 1 else None
-        save_checkpoint(out_dir, state.step, model, mconfig.to_dict(), train_state, optimizer,
-                        tokenizer_dir=out_dir / "tokenizer", memory=carried)
+        carried = state.memory.tensors() if state.memory is not None and self.ddp.world_size == 1 else None
+        save_checkpoint(self.out_dir, state.step, self.model, self.mconfig.to_dict(), train_state,
+                        self.optimizer, tokenizer_dir=self.out_dir / "tokenizer", memory=carried)
 
-    save = saved_by_main(ddp, save)  # the other processes wait until the checkpoint is written
-
-    def validate() -> dict[str, Any]:
-        result = evaluate_batches(model, val_data, tokenizer, micro, config.eval_batches, device,
-                                  carry=xl, precision=config.precision)
-        result["step"] = state.step
-        metrics.write({"split": "validation", **result})
+    def validate(self) -> dict[str, Any]:
+        result = evaluate_batches(self.model, self.val_data, self.tokenizer, self.micro,
+                                  self.config.eval_batches, self.device, carry=self.xl,
+                                  precision=self.config.precision, indices=self.val_windows)
+        result["step"] = self.state.step
+        self.metrics.write({"split": "validation", **result})
+        self.last_val = result
         return result
 
-    # ---- loop: one optimizer step per iteration until a budget is spent or a signal arrives
-    last_val = None
-    bar = tqdm(total=state.horizon, initial=state.step, disable=quiet or not ddp.is_main,
-               unit="step", dynamic_ncols=True, file=sys.stderr)
-    model.train()
-    skipped = 0  # consecutive batches skipped for a non-finite loss or gradient
-    if checkpoint is not None and ddp.is_main and _budget_spent(config, state, elapsed()):
-        budgets = ", ".join(f"{k}={getattr(config, k)}" for k in BUDGET_FIELDS
-                            if getattr(config, k) is not None)
-        print(f"blockstate: the run is at step {state.step} ({state.tokens:,} tokens, "
-              f"{elapsed():.0f} s of training), which already meets the budget {budgets}; nothing to "
-              f"train. Give a larger budget to continue it", file=sys.stderr)
-    progress.started = True
-    stopper = _StopSignals().install()
-    try:
-        while True:
-            # every process stops at the same boundary and reads process 0's clock
-            # (distributed_budget): a stop signal received by any process stops them all
-            now = agree_at_boundary(ddp, device, stopper.received, elapsed(),
-                                    lambda spent: _budget_spent(config, state, spent))
-            if now.stop:
-                stopper.received = now.signal
-                break
-            step_start = time.perf_counter()
-            lr = learning_rate(state.step, config, state.horizon, _time_progress(config, state,
-                                                                                now.elapsed))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, count, memory = _forward_backward(
-                train_model, stream.next_batch(), state.memory, config, ddp, device, micro, xl,
-                scaler, split_block=mconfig.block_size if config.context_parallel > 1 else None,
-                sharded=model if sharded else None)
-            state.memory = memory  # the batch was read, so the next continues after it
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # clip (and report) the true gradient norm
-            grad_norm = _clip_grad_norm(model, config.grad_clip, sharded)
-            finite_loss, finite_grad = math.isfinite(loss_sum), math.isfinite(float(grad_norm))
-            if scaler is not None and finite_loss and not finite_grad:
-                # float16 overflow at this loss scale: the scaler skips the step and lowers the scale
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                metrics.write({"step": state.step, "skipped_batch": True,
-                               "reason": "fp16 overflow", "loss_scale": scaler.get_scale()})
-                continue
-            if not (finite_loss and finite_grad):
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                what = "loss" if not finite_loss else "gradient norm"
-                metrics.write({"step": state.step, "skipped_batch": True,
-                               "reason": f"non-finite {what}"})
-                log(f"warning: step {state.step + 1}: non-finite {what}; batch skipped ({skipped} "
-                    f"in a row)")
-                if config.nonfinite == "stop" or skipped >= MAX_SKIPPED_BATCHES:
-                    save()
-                    raise ValueError(
-                        f"training stopped at step {state.step}: non-finite {what} ({skipped} "
-                        f"batch(es) in a row, nonfinite={config.nonfinite!r}); the run is saved at "
-                        f"step {state.step} with finite parameters. Lower --lr or check the data")
-                continue
-            skipped = 0
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens += count
-            loss, step = loss_sum / count, state.step
-            if state.horizon is None and config.max_time is not None and step % 10 == 0:
-                # the bar's total: steps at the speed so far (the schedule runs on time)
-                spent = elapsed()
-                bar.total = step + int(max(0.0, config.max_time - spent) * step / max(1e-9, spent))
-            record = {"step": step, "tokens": state.tokens, "loss": loss, "lr": lr,
-                      "grad_norm": float(grad_norm),
-                      "tokens_per_s": count / (time.perf_counter() - step_start), "elapsed": elapsed()}
-            shown = {}
-            if peak_flops is not None:  # 6 FLOPs per parameter and token, over all processes
-                record["mfu"] = (6.0 * model.num_parameters() * record["tokens_per_s"]
-                                 / (peak_flops * ddp.world_size))
-                shown["mfu"] = f"{record['mfu']:.1%}"
-            if step % config.log_every == 0 or step == 1:
-                metrics.write(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.1f}",
-                            tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}", **shown,
-                            refresh=False)
-            if on_step is not None:
-                on_step(step, record)
-            if step % config.eval_every == 0 and (ddp.is_main or sharded):  # FSDP: all compute
-                last_val = validate()
-                log(f"step {step}: validation loss {last_val['loss']:.4f} "
-                    f"ppl {last_val['perplexity']:.2f} bpb {last_val['bits_per_byte']:.3f}")
-            if config.sample_every and step % config.sample_every == 0 and (ddp.is_main or sharded):
-                whole = _whole_model(model, mconfig, device, sharded)  # FSDP: all gather
-                sample_now = _sample(whole, tokenizer, val_data, config, device) if ddp.is_main else None
-                if sample_now is not None:
-                    metrics.write({"step": step, "split": "sample", **sample_now})
-                    log(f"step {step}: sample: {sample_now['prompt']}\u2502"
-                        f"{sample_now['continuation']}")
-            if step % config.save_every == 0:
-                save()
-    except KeyboardInterrupt:  # a second Ctrl-C during a step: the step is incomplete, so the
-        # newest checkpoint (not this state) is what a resume continues from
-        log(f"interrupted again during step {state.step + 1}; not saving the incomplete step "
-            f"(resume continues from the newest checkpoint)")
-        stopper.restore()
-        raise
-    except BaseException:
-        stopper.restore()
-        raise
-    finally:
-        bar.close()
+    def sample(self) -> dict[str, str] | None:
+        """A sample from the model (process 0; every process must call under FSDP)."""
+        whole = _whole_model(self.model, self.mconfig, self.device, self.sharded)  # FSDP: gathers
+        return _sample(whole, self.tokenizer, self.val_data, self.config, self.device) \
+            if self.ddp.is_main else None
 
-    # ---- the end: final validation, checkpoint, sample and summary (a signal during them is
-    # still honoured at the next of these stages, and the summary names it)
-    train_time, total_time = time.perf_counter() - start, elapsed()
-    try:
-        if stopper.received is not None:
-            log(f"{stopper.received} received: saving a checkpoint at step {state.step} and stopping")
-        elif (ddp.is_main or sharded) and (last_val is None or last_val["step"] != state.step):
-            last_val = validate()
-        save(last=True)
-        metrics.close()
-        sample = None
-        if (ddp.is_main or sharded) and stopper.received is None and config.sample_tokens > 0:
-            whole = _whole_model(model, mconfig, device, sharded)
-            sample = _sample(whole, tokenizer, val_data, config, device) if ddp.is_main else None
-        interrupted = stopper.received
-    finally:
-        stopper.restore()
-    resumed_tokens = checkpoint.train_state["tokens"] if checkpoint else 0
-    summary = {"step": state.step, "tokens": state.tokens, "elapsed_s": total_time,
-               "unigram_perplexity": unigram_perplexity(
-                   splits["train"].tokens, splits["validation"].tokens, tokenizer.vocab_size),
-               "sample": sample,
-               "tokens_per_s": (state.tokens - resumed_tokens) / max(1e-9, train_time),
-               "validation": last_val if ddp.is_main else None,  # under FSDP all validate
-               "parameters": model.num_parameters(), "out": str(out_dir),
-               "shape": {"d_model": mconfig.d_model, "n_layers": mconfig.n_layers,
-                         "block_size": mconfig.block_size, "seq_len": seq_len,
-                         "batch_size": config.batch_size, "lr": config.lr},
-               "interrupted": interrupted}
-    if ddp.is_main:
-        atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
-    return summary
+    def skipped(self, result: StepResult, in_a_row: int, stop: bool) -> None:
+        """Record a skipped batch; with `stop`, save the run (finite parameters) and raise."""
+        step = self.state.step
+        if result.skipped == FP16_OVERFLOW:
+            self.metrics.write({"step": step, "skipped_batch": True, "reason": result.skipped,
+                                "loss_scale": self.scaler.get_scale()})
+            return
+        self.metrics.write({"step": step, "skipped_batch": True, "reason": result.skipped})
+        what = result.skipped.removeprefix("non-finite ")
+        self.log(f"warning: step {step + 1}: non-finite {what}; batch skipped ({in_a_row} in a row)")
+        if stop:
+            self.save()
+            raise ValueError(
+                f"training stopped at step {step}: non-finite {what} ({in_a_row} batch(es) in a "
+                f"row, nonfinite={self.config.nonfinite!r}); the run is saved at step {step} with "
+                f"finite parameters. Lower --lr or check the data")
+
+    def record(self, result: StepResult, lr: float, seconds: float) -> dict[str, Any]:
+        """The step's metrics (written every log_every steps and at the first)."""
+        step, config = self.state.step, self.config
+        record = {"step": step, "tokens": self.state.tokens, "loss": result.loss, "lr": lr,
+                  "grad_norm": result.grad_norm, "tokens_per_s": result.tokens / seconds,
+                  "elapsed": self.elapsed()}
+        if self.peak_flops is not None:  # 6 FLOPs per parameter and token, over all processes
+            record["mfu"] = (6.0 * self.model.num_parameters() * record["tokens_per_s"]
+                             / (self.peak_flops * self.ddp.world_size))
+        if step % config.log_every == 0 or step == 1:
+            self.metrics.write(record)
+        return record
+
+    def show(self, bar, record: dict[str, Any]) -> None:
+        """The progress bar's line (and, for a run budgeted by time, its expected total)."""
+        step, config, loss = record["step"], self.config, record["loss"]
+        if self.state.horizon is None and config.max_time is not None and step % 10 == 0:
+            spent = self.elapsed()  # the bar's total: steps at the speed so far (schedule on time)
+            bar.total = step + int(max(0.0, config.max_time - spent) * step / max(1e-9, spent))
+        shown = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
+        bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.1f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}", **shown,
+                        refresh=False)
+
+    def after_step(self) -> None:
+        """Validation, a sample and a checkpoint, each when its interval comes."""
+        step, config = self.state.step, self.config
+        if step % config.eval_every == 0 and self.computes:  # FSDP: all compute
+            val = self.validate()
+            self.log(f"step {step}: validation loss {val['loss']:.4f} "
+                     f"ppl {val['perplexity']:.2f} bpb {val['bits_per_byte']:.3f}")
+        if config.sample_every and step % config.sample_every == 0 and self.computes:
+            sample = self.sample()
+            if sample is not None:
+                self.metrics.write({"step": step, "split": "sample", **sample})
+                self.log(f"step {step}: sample: {sample['prompt']}\u2502{sample['continuation']}")
+        if step % config.save_every == 0:
+            self.save()
+
+    def finish(self, stopper: _StopSignals, resumed_tokens: int) -> dict[str, Any]:
+        """The end: final validation, checkpoint, sample and summary (a signal during them is
+        still honoured at the next of these stages, and the summary names it)."""
+        state, config, mconfig = self.state, self.config, self.mconfig
+        train_time, total_time = time.perf_counter() - self.start, self.elapsed()
+        try:
+            if stopper.received is not None:
+                self.log(f"{stopper.received} received: saving a checkpoint at step {state.step} "
+                         f"and stopping")
+            elif self.computes and (self.last_val is None or self.last_val["step"] != state.step):
+                self.validate()
+            self.save(last=True)
+            self.metrics.close()
+            sample = None
+            if self.computes and stopper.received is None and config.sample_tokens > 0:
+                sample = self.sample()
+            interrupted = stopper.received
+        finally:
+            stopper.restore()
+        summary = {"step": state.step, "tokens": state.tokens, "elapsed_s": total_time,
+                   "unigram_perplexity": unigram_perplexity(
+                       self.splits["train"].tokens, self.splits["validation"].tokens,
+                       self.tokenizer.vocab_size),
+                   "sample": sample,
+                   "tokens_per_s": (state.tokens - resumed_tokens) / max(1e-9, train_time),
+                   "validation": self.last_val if self.ddp.is_main else None,  # FSDP: all validate
+                   "parameters": self.model.num_parameters(), "out": str(self.out_dir),
+                   "shape": {"d_model": mconfig.d_model, "n_layers": mconfig.n_layers,
+                             "block_size": mconfig.block_size, "seq_len": self.seq_len,
+                             "batch_size": config.batch_size, "lr": config.lr},
+                   "interrupted": interrupted}
+        if self.ddp.is_main:
+            atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2))
+        return summary
 
 
 @dataclasses.dataclass
@@ -795,66 +868,6 @@ def _time_progress(config: TrainConfig, state: _RunState, elapsed: float) -> flo
     if state.warmup_end is None:
         state.warmup_end = elapsed
     return (elapsed - state.warmup_end) / max(1e-9, config.max_time - state.warmup_end)
-
-
-def _forward_backward(train_model: nn.Module, batch: tuple, memory: Memory | None,
-                      config: TrainConfig, ddp: Distributed, device: torch.device, micro: int,
-                      xl: bool, scaler=None, split_block: int | None = None,
-                      sharded: nn.Module | None = None) -> tuple[float, int, Memory | None]:
-    """Gradients of the mean loss over the global batch's tokens, accumulated over micro-batches
-    (gradients synchronized across processes on the last; scaled by `scaler` for float16); the
-    summed loss, the number of target tokens (over all processes) and the memory the batch leaves
-    (segment-recurrent). With `split_block` (context parallelism) every process holds the same
-    sequences and computes its own whole blocks of them; gradients are summed over processes.
-    `sharded`: the FSDP model (gradients reduce-scattered, and averaged, on the last micro-batch)."""
-    from . import context_parallel as cp
-
-    inputs, targets, *extra = batch                                              # this rank's slice
-    if split_block is not None:  # (B, L / P) each: this process's blocks
-        inputs = cp.split(inputs, ddp.rank, ddp.world_size, split_block)
-        targets = cp.split(targets, ddp.rank, ddp.world_size, split_block)
-    count = (targets != -100).sum().to(torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(count)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    memories = []
-    for m in range(config.grad_accum):
-        rows = slice(m * micro, (m + 1) * micro)
-        x, y = inputs[rows].to(device), targets[rows].to(device)
-        forward = {}
-        if xl:  # this micro-batch's rows of the carried memory
-            carry = SegmentCarry(None if memory is None else memory.rows(rows))
-            forward = {"carry": carry, "keep": extra[0][rows].to(device)}
-        last = m == config.grad_accum - 1
-        wrapped = ddp.world_size > 1 and split_block is None  # DDP or FSDP (see _train)
-        sync = nullcontext()
-        if sharded is not None:
-            sharded.set_requires_gradient_sync(last)
-        elif wrapped and not last:
-            sync = train_model.no_sync()
-        with sync, (cp.context_parallel() if split_block is not None else nullcontext()):
-            total, _ = token_loss(train_model, x, y, device, precision=config.precision, **forward)
-            if xl:
-                memories.append(carry.memory)
-            # mean over the global batch's tokens; DDP and FSDP average over processes
-            objective = total * (ddp.world_size if wrapped else 1) / count.item()
-            (scaler.scale(objective) if scaler is not None else objective).backward()
-        loss_sum += total.detach().double().cpu()
-    if split_block is not None:
-        cp.all_reduce_gradients(train_model)
-    if dist.is_initialized():
-        dist.all_reduce(loss_sum)
-    return float(loss_sum), int(count.item()), Memory.cat(memories) if xl else None
-
-
-def _clip_grad_norm(model: nn.Module, max_norm: float, sharded: bool) -> torch.Tensor:
-    """Clip the gradients' total norm to `max_norm`; the norm before clipping (the same on every
-    process, also when the gradients are FSDP shards)."""
-    if sharded:
-        from .fsdp import clip_grad_norm
-
-        return clip_grad_norm(model.parameters(), max_norm)
-    return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def _parameters_finite(model: nn.Module, sharded: bool) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -24,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import load_latest_intact, save_checkpoint
 from ..evaluate import block_ranges
 from ..fileio import atomic_write
-from ..optim import parameter_groups
+from ..optim import scaled_parameter_groups, warmup_cosine
 from ..registry import BST, build_model, list_models, matched_mlp_width
+from ..step import TrainStep
 from .generators import IGNORE, make_task, score
 
 SUITE_SIZE = "tiny"             # d_model 64, 2 layers, 2 heads, W = 16, N = 8, S = 4 (registry.SIZES)
@@ -89,26 +88,6 @@ class Run:
         return self.path(out).with_suffix(".partial")
 
 
-def _lr(step: int, settings: Settings) -> float:
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    return settings.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def _groups(model: torch.nn.Module, settings: Settings) -> list[dict[str, Any]]:
-    """`train.parameter_groups`, with the SSM kernels' parameters in a group of their own when
-    their learning rate differs (S4 and Mamba give them their own optimizer settings)."""
-    groups = [{**g, "lr_scale": 1.0} for g in parameter_groups(model, settings.weight_decay)]
-    if settings.ssm_lr_scale == 1.0:
-        return groups
-    kernel = {id(p) for name, p in model.named_parameters() if ".kernel." in name}
-    for g in groups:
-        g["params"] = [p for p in g["params"] if id(p) not in kernel]
-    ssm = [p for name, p in model.named_parameters() if ".kernel." in name]
-    return groups + [{"params": ssm, "weight_decay": 0.0, "lr_scale": settings.ssm_lr_scale}]
-
-
 def model_overrides(run: Run, vocab_size: int, seq_len: int) -> dict[str, Any]:
     """The full overrides of `run`'s model: task vocabulary and length, ablation, and for a baseline
     the MLP width that matches BST:SH:S4's parameter count (as `blockstate reproduce` does)."""
@@ -160,7 +139,11 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     torch.manual_seed(run.seed)
     model = build_model(run.model, SUITE_SIZE, **overrides).to(device)
     block = model.config.block_size
-    optimizer = torch.optim.AdamW(_groups(model, settings), lr=settings.lr, betas=(0.9, 0.98))
+    groups = scaled_parameter_groups(model, settings.weight_decay, settings.ssm_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98))
+    # float32 on every device (tasks' results are compared across machines), the loss on all targets
+    train_step = TrainStep(model, optimizer, torch.device(device), precision="fp32",
+                           grad_clip=settings.grad_clip)
     losses, start, elapsed = [], 0, 0.0
     saved = load_latest_intact(checkpoints, warn=log) if checkpoints is not None else None
     if saved is not None:
@@ -176,18 +159,11 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     started = time.perf_counter()
     model.train()
     for step in range(start, settings.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, settings) * group["lr_scale"]
         batch = task.sample(settings.batch_size, run.seed * 10**6 + step)
-        logits = model(batch.inputs.to(device))                                   # (B, L, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.to(device).flatten(),
-                               ignore_index=IGNORE)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
+        lr = warmup_cosine(step, settings.lr, settings.warmup_steps, settings.steps)
+        result = train_step((batch.inputs, batch.targets), lr)
         if step % 50 == 0 or step == settings.steps - 1:
-            losses.append([step, round(loss.item(), 5)])
+            losses.append([step, round(result.loss, 5)])
         done = step + 1
         if checkpoints is not None and checkpoint_every > 0 and done % checkpoint_every == 0 \
                 and done < settings.steps:
