@@ -105,13 +105,9 @@ def test_version_is_pyproject_version():
     assert __version__ == _project()["version"]
 
 
-# Functions over the limit, until they are split (issue 37): none may be added to this list.
-LONG_FUNCTIONS = {("blockstate/train.py", "_train"), ("blockstate/train.py", "train")}
-
-
 def test_no_function_in_src_is_longer_than_100_lines():
-    """Issue 37: every function (or method) of the package is at most 100 lines, counted with
-    ast from its `def` to its last line, but those of LONG_FUNCTIONS."""
+    """Every function (or method) of the package is at most 100 lines, counted with ast from its
+    `def` to its last line."""
     import ast
 
     package = ROOT / "src"
@@ -122,6 +118,5 @@ def test_no_function_in_src_is_longer_than_100_lines():
                 lines = node.end_lineno - node.lineno + 1
                 if lines > 100:
                     long[path.relative_to(package).as_posix(), node.name] = lines
-    offenders = {f"{path}:{name} ({lines} lines)" for (path, name), lines in long.items()
-                 if (path, name) not in LONG_FUNCTIONS}
+    offenders = {f"{path}:{name} ({lines} lines)" for (path, name), lines in long.items()}
     assert not offenders, f"functions over 100 lines: {sorted(offenders)}"
