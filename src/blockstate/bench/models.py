@@ -1,5 +1,6 @@
-"""Model level (`blockstate bench models`): training tokens/s (forward, backward, AdamW step) of
-each preset at one size, FLOPs per token counted from the operations run, and MFU against the
+"""Model level (`blockstate bench models`): training tokens/s of each preset at one size (the
+training step of `blockstate train`, `step.TrainStep`: forward, backward, gradient clipping and
+AdamW, in float32), FLOPs per token counted from the operations run, and MFU against the
 machine's matmul rate measured in the same run.
 
     blockstate bench models --size small --out docs/benchmarks/models
@@ -14,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..reporting import machine_info, markdown_table
+from ..step import TrainStep
 from .flops import flop_formulas
 from .report import write_outputs
 from .timing import measure_machine, timed_calls
@@ -39,13 +40,11 @@ def run_models(out: Path | None, presets: list[str], size: str, batch: int, seq_
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), device=dev)
+        # the training step `blockstate train` takes (forward, backward, clipping, AdamW), in float32
+        train_step = TrainStep(model, optimizer, dev, precision="fp32")
 
-        def step(model=model, tokens=tokens, optimizer=optimizer):
-            logits = model(tokens[:, :-1])
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        def step(train_step=train_step, tokens=tokens):
+            train_step((tokens[:, :-1], tokens[:, 1:]), 1e-4)
 
         step()  # warm-up
         with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
@@ -83,7 +82,8 @@ def models_markdown(report: dict) -> str:
         f"Machine: {info['cpu']} ({info['cpus']} CPUs), device {info['device']}, {info['threads']} threads, "
         f"torch {info['torch']}, load average at start "
         f"{', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}. Size {report['size']}, batch "
-        f"{report['batch']} x {report['seq_len']} tokens; forward, backward and AdamW step; median "
+        f"{report['batch']} x {report['seq_len']} tokens; the training step (forward, backward, "
+        f"clipping, AdamW); median "
         f"step after a warm-up. MFLOP/token: the operations of one step counted by "
         f"`torch.utils.flop_counter` (FFTs and CPU attention included), per token; MFU: the achieved "
         f"FLOP rate over the machine's measured matmul peak "
