@@ -36,10 +36,7 @@ class TrainConfig:
     """Everything that defines a training run. Model architecture comes from the preset `model` at
     `size` with `model_overrides` applied; `vocab_size` of the model follows the tokenizer."""
 
-    model: str = "bst-sh-s4"
-    # "auto": sized for the time or token budget (blockstate.budget); tiny/small/base/large as set
-    size: str = "auto"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
+    # --- Data ---
     data: str = "python-stdlib"
     # auto | byte | bpe | unigram (SentencePiece, trained on the train split); "auto": BPE for a
     # budget-sized model (size auto with a time or token budget, blockstate.budget), else byte
@@ -47,6 +44,19 @@ class TrainConfig:
     vocab_size: int = 4096              # SentencePiece vocabulary (byte: fixed 259)
     seq_len: int | None = None          # training length L; default: the model's max_seq_len
     pack_documents: bool = False        # allow a training sequence to span two documents
+    cache_dir: str | None = None        # tokenized corpora; default ~/.cache/blockstate
+
+    # --- Model ---
+    model: str = "bst-sh-s4"
+    # "auto": sized for the time or token budget (blockstate.budget); tiny/small/base/large as set
+    size: str = "auto"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    # Segment-recurrent models (transformer-xl, brt) carry memory from one training sequence to the
+    # next of the same document, reading lanes of consecutive windows; false trains (and evaluates)
+    # them on shuffled windows without memory, like every other model.
+    carry_memory: bool = True
+
+    # --- Optimizer and schedule ---
     batch_size: int = 8                 # sequences per optimizer step, over all processes
     grad_accum: int = 1                 # micro-batches per optimizer step
     lr: float = 1e-3
@@ -57,18 +67,39 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # On a non-finite loss or gradient norm: "skip" the batch (stop after MAX_SKIPPED_BATCHES in a
+    # row) or "stop" at once; either way the saved parameters stay finite.
+    nonfinite: str = "skip"
+
+    # --- Budget (at least one; training stops at the first spent) ---
     max_steps: int | None = None
     max_tokens: int | None = None
     max_time: float | None = None       # seconds
+
+    # --- Checkpointing and fine-tuning ---
+    save_every: int = 200
+    # Start from this checkpoint's weights (a run directory or a step directory): a new run with a
+    # new optimizer and schedule from step 0, the checkpoint's model and tokenizer (fine-tuning).
+    init_from: str | None = None
+
+    # --- Logging and output ---
+    log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
-    save_every: int = 200
-    log_every: int = 10
-    seed: int = 0
+    # Where metrics go besides metrics.jsonl: comma-separated auto | none | tensorboard | wandb
+    log_to: str = "auto"
+    # Peak FLOP/s (in TFLOP/s) of one device for the MFU of the progress line and metrics; None
+    # uses the data-sheet peak of known GPUs (PEAK_TFLOPS) and shows no MFU elsewhere.
+    peak_tflops: float | None = None
+    sample_tokens: int = 200            # length of the sample printed at the end (0: none)
+    sample_every: int = 0               # also sample every N steps during training (0: at the end only)
+    sample_prompt: str | None = None    # the samples' prompt; default: the first validation sequence's start
+
+    # --- System ---
     device: str = "auto"                # auto | cpu | cuda | cuda:N
-    compile: bool = False
     # Mixed precision of the forward pass: "auto" is bfloat16 autocast on CUDA and float32 elsewhere.
     precision: str = "auto"
+    compile: bool = False
     activation_checkpointing: bool = False
     # Processes (torchrun) that split every training sequence by whole blocks, the SSM state handed
     # from one to the next (blockstate.context_parallel); 1: each process holds whole sequences.
@@ -76,25 +107,7 @@ class TrainConfig:
     # Under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2,
     # blockstate.fsdp) instead of replicating them (DDP); checkpoints are then DCP shards.
     fsdp: bool = False
-    # Where metrics go besides metrics.jsonl: comma-separated auto | none | tensorboard | wandb
-    log_to: str = "auto"
-    # Peak FLOP/s (in TFLOP/s) of one device for the MFU of the progress line and metrics; None
-    # uses the data-sheet peak of known GPUs (PEAK_TFLOPS) and shows no MFU elsewhere.
-    peak_tflops: float | None = None
-    cache_dir: str | None = None        # tokenized corpora; default ~/.cache/blockstate
-    sample_tokens: int = 200            # length of the sample printed at the end (0: none)
-    # On a non-finite loss or gradient norm: "skip" the batch (stop after MAX_SKIPPED_BATCHES in a
-    # row) or "stop" at once; either way the saved parameters stay finite.
-    nonfinite: str = "skip"
-    # Segment-recurrent models (transformer-xl, brt) carry memory from one training sequence to the
-    # next of the same document, reading lanes of consecutive windows; false trains (and evaluates)
-    # them on shuffled windows without memory, like every other model.
-    carry_memory: bool = True
-    # Start from this checkpoint's weights (a run directory or a step directory): a new run with a
-    # new optimizer and schedule from step 0, the checkpoint's model and tokenizer (fine-tuning).
-    init_from: str | None = None
-    sample_every: int = 0               # also sample every N steps during training (0: at the end only)
-    sample_prompt: str | None = None    # the samples' prompt; default: the first validation sequence's start
+    seed: int = 0
 
     def __post_init__(self) -> None:
         self.max_time = parse_duration(self.max_time)
