@@ -7,9 +7,9 @@ fully sharded with `--fsdp` (`fsdp`: FSDP2 and sharded checkpoints).
 
 Its concerns live in modules named after them: `train_config` (TrainConfig, flags, config files),
 `optim` (AdamW groups and the learning-rate schedule), `device` (device, processes, precision),
-`evaluate` (losses and validation metrics), `memory` (what Transformer-XL and BRT carry),
-`rundir` (run directory, lock, metrics sinks), `checkpoint` (atomic safetensors checkpoints) and
-`budget` (size "auto").
+`evaluate` (losses and validation metrics), `carry` (what a model carries from batch to batch,
+and the stream it reads), `rundir` (run directory, lock, metrics sinks), `checkpoint` (atomic
+safetensors checkpoints) and `budget` (size "auto").
 """
 
 from __future__ import annotations
