@@ -1,10 +1,17 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from blockstate import build_model, list_models, model_config
+from blockstate.carry import Carry, MemoryCarry, carry_for
 from blockstate.cli import _count
+from blockstate.data import PackedSequences, TokenizedSplit
+from blockstate.evaluate import iter_losses
 from blockstate.memory import Memory, SegmentCarry
 from blockstate.registry import gss_hybrid_layers, samba_layers
+from blockstate.step import TrainStep
 
 BASELINES = list_models("baseline")
 W = 16
@@ -227,3 +234,37 @@ def test_samba_reaches_past_the_window_only_through_its_mamba_layers():
 def test_samba_and_recommended_match_bst_within_10_percent_at_every_size(name, size):
     bst = _count("bst-sh-s4", size)
     assert abs(_count(name, size) - bst) <= 0.10 * bst
+
+
+@pytest.mark.parametrize("name", ["bst-sh-s4", "transformer-xl"])
+def test_models_with_and_without_memory_train_and_evaluate_through_the_same_calls(name, monkeypatch):
+    """Training (`TrainStep`, as `train` drives it) and evaluation (`iter_losses`) make the same
+    calls for every model: only the `Carry` that `carry_for` makes differs. Transformer-XL's reads
+    lanes of whole documents and holds its memory after a batch; bst's reads shuffled windows and
+    holds nothing."""
+    calls = []
+
+    def spy(method, original):
+        def called(self, *args, **kw):
+            calls.append(method)
+            return original(self, *args, **kw)
+        return called
+
+    for cls in (Carry, MemoryCarry):
+        for method in ("forward_args", "after_batch"):
+            monkeypatch.setattr(cls, method, spy(method, getattr(cls, method)))
+    tokens = np.random.default_rng(0).integers(3, 200, 2400)
+    split = TokenizedSplit(tokens, np.array([0, 700, 1500, 2400]), 2400, {}, Path("."))
+    data = PackedSequences(split, 32, pad_id=0)
+    model = build_model(name, "tiny", dropout=0.0)
+    carry = carry_for(model.config)
+    step = TrainStep(model, torch.optim.AdamW(model.parameters()), torch.device("cpu"), "fp32",
+                     grad_accum=2)
+    stream = carry.stream(data, 4, seed=0)
+    for _ in range(2):
+        step(stream.next_batch(), 1e-3, carry)
+    assert list(iter_losses(model, data, 4, 2, torch.device("cpu")))  # two batches, scored
+    assert calls == ["forward_args", "forward_args", "after_batch"] * 2 + ["forward_args", "after_batch"] * 2
+    assert isinstance(carry, MemoryCarry) == model.config.carries_memory
+    assert (carry.tensors() is not None) == model.config.carries_memory
+    assert type(carry_for(model.config, enabled=False)) is Carry  # --no-carry-memory

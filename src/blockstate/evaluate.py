@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .carry import carry_for
 from .data import (
     PackedSequences,
-    SegmentStream,
     Tokenizer,
     default_cache_dir,
     resolve_corpus,
@@ -26,7 +26,6 @@ from .data import (
 )
 from .device import autocast_dtype, resolve_device
 from .loading import load_with_checkpoint
-from .memory import SegmentCarry
 from .model import BlockStateLM
 
 
@@ -42,39 +41,23 @@ def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, de
     return losses.sum(), losses
 
 
-def carries_memory(model: nn.Module) -> bool:
-    return model.config.carries_memory
-
-
 @torch.no_grad()
 def iter_losses(model: nn.Module, dataset: PackedSequences, batch_size: int, max_batches: int | None,
                 device: torch.device, indices: np.ndarray | None = None, carry: bool = True,
                 precision: str = "auto"):
-    """Yield (targets, per-token losses) for batches of `dataset`'s windows: `indices` in order
-    (default all). A model that carries memory instead reads lanes of consecutive windows of whole
-    documents, in corpus order, with its memory carried from batch to batch (unless `carry` is
-    false: then it reads windows like every other model)."""
-    if carries_memory(model) and carry:
-        stream = SegmentStream(dataset, batch_size, seed=0, shuffle=False)
-        steps = stream.batches_per_epoch
-        if max_batches is not None:
-            steps = min(max_batches, steps)
-        carry = SegmentCarry()
-        for _ in range(steps):
-            inputs, targets, keep = stream.next_batch()
-            used = _scored_columns(targets, model.config.block_size)
-            _, losses = token_loss(model, inputs[:, :used].to(device), targets[:, :used].to(device),
-                                   device, precision=precision, carry=carry, keep=keep.to(device))
-            yield targets, F.pad(losses.cpu(), (0, targets.shape[1] - used))
-        return
-    indices = np.arange(len(dataset)) if indices is None else indices
-    for b, start in enumerate(range(0, len(indices), batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        inputs, targets = dataset.batch(indices[start:start + batch_size].tolist(), trim=True)
+    """Yield (targets, per-token losses) for at most `max_batches` batches of `dataset`'s windows,
+    read as the model's carried state (`blockstate.carry.carry_for`) reads them: the windows
+    `indices` in order (default all), or, for a model that carries memory from batch to batch
+    (unless `carry` is false), lanes of consecutive windows of whole documents in corpus order,
+    with the memory carried."""
+    carried = carry_for(model.config, carry)
+    for inputs, targets, *extra in carried.evaluation_batches(dataset, batch_size, max_batches,
+                                                              indices):
         used = _scored_columns(targets, model.config.block_size)
+        forward = carried.forward_args(extra, slice(None), device)
         _, losses = token_loss(model, inputs[:, :used].to(device), targets[:, :used].to(device),
-                               device, precision=precision)
+                               device, precision=precision, **forward)
+        carried.after_batch([forward])
         yield targets, F.pad(losses.cpu(), (0, targets.shape[1] - used))
 
 
@@ -94,7 +77,7 @@ def evaluate_batches(model: nn.Module, dataset: PackedSequences, tokenizer: Toke
                      indices: np.ndarray | None = None) -> dict[str, float]:
     """Loss, perplexity and bits per byte over the windows `indices` of `dataset` (default: its
     first windows, in order), at most `max_batches` batches of them. A model that carries memory
-    reads lanes of consecutive windows instead (`iter_losses`)."""
+    reads lanes of consecutive windows of whole documents instead (`iter_losses`)."""
     was_training = model.training
     model.eval()
     byte_lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
@@ -169,8 +152,6 @@ def evaluate_length(model: BlockStateLM, dataset: PackedSequences, byte_lengths:
     indices = spread_windows(dataset, max_tokens) if indices is None else indices
     take = len(indices)
     batch = max(1, batch_tokens // seq_len)
-    if carries_memory(model) and carry:  # whole documents in order, memory carried: lanes
-        batch = max(1, min(batch, n))
     lengths = torch.as_tensor(byte_lengths, dtype=torch.float64)
     # positions that can hold a target: no window is longer than its document
     span = max(1, min(seq_len, int((dataset.ends - dataset.starts).max()) if n else 1))
@@ -262,9 +243,10 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, lengths: list
     corpus = resolve_corpus(data)
     tokens = tokenize_split(corpus, tokenizer, split, Path(cache_dir) if cache_dir else default_cache_dir())
     byte_lengths = tokenizer.token_byte_lengths()
-    # a segment-recurrent model trained with carried memory is scored the same way
-    carry = carries_memory(model) and trained.get("carry_memory", True)
-    aligned = not carry and all(max(lengths) % n == 0 for n in lengths)
+    # a model is scored carrying what it carried in training (reading documents in order if so)
+    carry = trained.get("carry_memory", True)
+    aligned = (not carry_for(model.config, carry).continues_documents
+               and all(max(lengths) % n == 0 for n in lengths))
     if aligned:
         windows = tiled_windows(tokens, lengths, tokenizer.pad_id, max_tokens)
     else:  # each length's own windows, spread over the split

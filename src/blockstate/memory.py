@@ -1,8 +1,7 @@
 """What the segment-recurrent baselines (Transformer-XL, the Block-Recurrent Transformer) carry
 from one training segment into the next of the same document, and the forward pass that carries
-it. Everything about carried memory lives here: the model's `forward` hands its layers to
-`run_carried` when given a `SegmentCarry`; training and evaluation only create carries, select
-their rows and concatenate them.
+it: the model's `forward` hands its layers to `run_carried` when given a `SegmentCarry`. Training
+and evaluation never use these directly: they hold a `carry.Carry`, which does.
 """
 
 from __future__ import annotations

@@ -18,28 +18,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .carry import Carry
 from .device import autocast_dtype
 from .evaluate import token_loss
-from .memory import Memory, SegmentCarry
 
 # Why a step skipped its batch (StepResult.skipped): float16 overflow at the current loss scale
 # (the scaler lowers it; not counted against the run), or a non-finite loss or gradient norm.
 FP16_OVERFLOW = "fp16 overflow"
 # A run stops after this many consecutive batches with a non-finite loss or gradient norm.
 MAX_SKIPPED_BATCHES = 10
+# What a model that carries nothing from batch to batch carries (a stateless Carry).
+NO_CARRY = Carry()
 
 
 @dataclasses.dataclass
 class StepResult:
     """What one step did: the summed loss (nats) over `tokens` target tokens of all processes,
-    the gradients' norm before clipping, why the batch was skipped (None: the optimizer stepped)
-    and the memory the batch leaves (segment-recurrent models)."""
+    the gradients' norm before clipping and why the batch was skipped (None: the optimizer
+    stepped)."""
 
     loss_sum: float
     tokens: int
     grad_norm: float
     skipped: str | None = None
-    memory: Memory | None = None
 
     @property
     def loss(self) -> float:
@@ -62,8 +63,8 @@ class TrainStep:
     1: the gradients are averaged over that many processes, by DDP (`no_sync` on all but the last
     micro-batch) or, with `sharded`, FSDP. `split_block` (context parallelism): every process holds
     the same sequences and computes its own whole blocks of them (of `split_block` tokens each);
-    gradients are summed over processes. `carry`: the model carries memory from batch to batch
-    (the batch then holds a third tensor, the rows whose memory is kept)."""
+    gradients are summed over processes. What the model carries from batch to batch is the
+    `carry` (`blockstate.carry.Carry`) each call is given."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -77,14 +78,14 @@ class TrainStep:
     rank: int = 0
     sharded: bool = False
     split_block: int | None = None
-    carry: bool = False
 
-    def __call__(self, batch: tuple, lr: float, memory: Memory | None = None) -> StepResult:
-        """One optimizer step on `batch` (inputs, targets[, keep], this process's rows) at learning
-        rate `lr` (times a parameter group's `lr_scale`, where it has one)."""
+    def __call__(self, batch: tuple, lr: float, carry: Carry = NO_CARRY) -> StepResult:
+        """One optimizer step on `batch` (inputs, targets, *what `carry` reads; this process's
+        rows) at learning rate `lr` (times a parameter group's `lr_scale`, where it has one);
+        `carry` then holds the state the batch leaves (the default carries nothing)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        loss_sum, tokens, memory = self.forward_backward(batch, memory)
+        loss_sum, tokens = self.forward_backward(batch, carry)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip (and report) the true gradient norm
         grad_norm = float(self.clip_grad_norm())
@@ -101,13 +102,12 @@ class TrainStep:
             else:
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_sum, tokens, grad_norm, skipped, memory)
+        return StepResult(loss_sum, tokens, grad_norm, skipped)
 
-    def forward_backward(self, batch: tuple, memory: Memory | None = None
-                         ) -> tuple[float, int, Memory | None]:
+    def forward_backward(self, batch: tuple, carry: Carry = NO_CARRY) -> tuple[float, int]:
         """Gradients of the mean loss over the global batch's tokens, accumulated over
-        `grad_accum` micro-batches; the summed loss, the number of target tokens (over all
-        processes) and the memory the batch leaves (segment-recurrent)."""
+        `grad_accum` micro-batches; the summed loss and the number of target tokens (over all
+        processes). `carry` then holds the state the batch leaves."""
         from . import context_parallel as cp
 
         inputs, targets, *extra = batch                                          # (B, L) each
@@ -120,19 +120,14 @@ class TrainStep:
         micro = inputs.shape[0] // self.grad_accum
         wrapped = self.world_size > 1 and self.split_block is None  # DDP or FSDP
         loss_sum = torch.zeros((), dtype=torch.float64)
-        memories = []
+        forwards = []
         for m in range(self.grad_accum):
             rows = slice(m * micro, (m + 1) * micro)
             x, y = inputs[rows].to(self.device), targets[rows].to(self.device)
-            forward = {}
-            if self.carry:  # this micro-batch's rows of the carried memory
-                carried = SegmentCarry(None if memory is None else memory.rows(rows))
-                forward = {"carry": carried, "keep": extra[0][rows].to(self.device)}
+            forwards.append(carry.forward_args(extra, rows, self.device))  # e.g. carried memory
             with self._sync(last=m == self.grad_accum - 1), self._context_parallel():
                 total, _ = token_loss(self.model, x, y, self.device, precision=self.precision,
-                                      **forward)
-                if self.carry:
-                    memories.append(carried.memory)
+                                      **forwards[-1])
                 # mean over the global batch's tokens; DDP and FSDP average over processes
                 objective = total * (self.world_size if wrapped else 1) / count.item()
                 (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
@@ -141,7 +136,8 @@ class TrainStep:
             cp.all_reduce_gradients(self.model)
         if dist.is_initialized():
             dist.all_reduce(loss_sum)
-        return float(loss_sum), int(count.item()), Memory.cat(memories) if self.carry else None
+        carry.after_batch(forwards)
+        return float(loss_sum), int(count.item())
 
     def clip_grad_norm(self) -> torch.Tensor:
         """Clip the gradients' total norm to `grad_clip`; the norm before clipping (the same on

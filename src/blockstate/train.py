@@ -7,9 +7,9 @@ fully sharded with `--fsdp` (`fsdp`: FSDP2 and sharded checkpoints).
 
 Its concerns live in modules named after them: `train_config` (TrainConfig, flags, config files),
 `optim` (AdamW groups and the learning-rate schedule), `device` (device, processes, precision),
-`evaluate` (losses and validation metrics), `memory` (what Transformer-XL and BRT carry),
-`rundir` (run directory, lock, metrics sinks), `checkpoint` (atomic safetensors checkpoints) and
-`budget` (size "auto").
+`evaluate` (losses and validation metrics), `carry` (what a model carries from batch to batch,
+and the stream it reads), `rundir` (run directory, lock, metrics sinks), `checkpoint` (atomic
+safetensors checkpoints) and `budget` (size "auto").
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .budget import PLANNED_FIELDS, explicit_fields, plan_for_budget, plan_tokenizer
+from .carry import Carry, carry_for
 from .checkpoint import load_checkpoint, load_latest_intact, remove_temporary, save_checkpoint
 from .config import ModelConfig
 from .data import (
-    BatchStream,
     PackedSequences,
-    SegmentStream,
     Tokenizer,
     TokenizerError,
     build_tokenizer,
@@ -49,7 +48,6 @@ from .device import Distributed, autocast_dtype, device_peak_flops, resolve_devi
 from .distributed_budget import agree_at_boundary, saved_by_main
 from .evaluate import evaluate_batches, spread_windows, unigram_perplexity
 from .fileio import atomic_write
-from .memory import Memory
 from .model import BlockStateLM
 from .optim import build_optimizer, learning_rate
 from .registry import model_config
@@ -428,8 +426,7 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
     train_step = TrainStep(run.train_model, run.optimizer, device, config.precision,
                            config.grad_clip, config.grad_accum, run.scaler, parameters=model,
                            world_size=ddp.world_size, rank=ddp.rank, sharded=run.sharded,
-                           split_block=model.config.block_size if config.context_parallel > 1 else None,
-                           carry=run.xl)
+                           split_block=model.config.block_size if config.context_parallel > 1 else None)
     nonfinite = NonFinitePolicy(config.nonfinite)
 
     # ---- loop: one optimizer step per iteration until a budget is spent or a signal arrives
@@ -452,8 +449,8 @@ def _train(config: TrainConfig, out_dir: Path, checkpoint, overwrite: bool, corp
             step_start = time.perf_counter()
             progress_in_time = _time_progress(config, state, now.elapsed)
             lr = learning_rate(state.step, config, state.horizon, progress_in_time)
-            result = train_step(run.stream.next_batch(), lr, state.memory)
-            state.memory = result.memory  # the batch was read, so the next continues after it
+            # the carry then holds what the batch leaves (it was read: the next continues after it)
+            result = train_step(run.stream.next_batch(), lr, run.carry)
             stop = nonfinite.observe(result)
             if result.skipped is not None:
                 run.skipped(result, nonfinite.skipped, stop)  # raises (saved) when `stop`
@@ -528,12 +525,12 @@ def _setup(config: TrainConfig, out_dir: Path, checkpoint, corpus, device: torch
     seq_len = config.seq_len or mconfig.max_seq_len
     train_data = PackedSequences(splits["train"], seq_len, tokenizer.pad_id, config.pack_documents)
     val_data = PackedSequences(splits["validation"], seq_len, tokenizer.pad_id, config.pack_documents)
-    # transformer-xl and brt carry memory from batch to batch (unless told not to)
-    xl = mconfig.carries_memory and config.carry_memory
+    # what the model carries from batch to batch (the segment-recurrent baselines: their memory,
+    # unless told not to), and the stream of batches it reads
+    carry = carry_for(mconfig, config.carry_memory)
     data_processes = _data_processes(config, ddp)  # under context parallelism all read one stream
-    stream = (SegmentStream if xl else BatchStream)(train_data, config.batch_size, config.seed,
-                                                    ddp.rank if data_processes > 1 else 0,
-                                                    data_processes)
+    stream = carry.stream(train_data, config.batch_size, config.seed,
+                          ddp.rank if data_processes > 1 else 0, data_processes)
     model, train_model, sharded = _build_model(config, mconfig, device, ddp, init, log)
     optimizer = build_optimizer(model, config, device)
     scaler = grad_scaler(config.precision, device)
@@ -541,7 +538,8 @@ def _setup(config: TrainConfig, out_dir: Path, checkpoint, corpus, device: torch
     # ---- where the run stands: fresh, or restored from the checkpoint
     state = _RunState(horizon=_horizon(config, seq_len))
     if checkpoint is not None:
-        state = _restore(checkpoint, model, optimizer, stream, mconfig, state.horizon, xl, device, log)
+        state = _restore(checkpoint, model, optimizer, stream, carry, mconfig, state.horizon, device,
+                         log)
         if scaler is not None and checkpoint.train_state.get("grad_scaler"):
             scaler.load_state_dict(checkpoint.train_state["grad_scaler"])
     if state.horizon is not None and config.warmup_steps >= state.horizon > state.step:
@@ -564,7 +562,7 @@ def _setup(config: TrainConfig, out_dir: Path, checkpoint, corpus, device: torch
                          log, sinks=tuple(x for x in config.log_to.split(",") if x),
                          run_config=resolved)
     return _Run(config, out_dir, device, ddp, log, mconfig, seq_len, tokenizer, splits, val_data,
-                stream, model, train_model, optimizer, scaler, state, plan, metrics, sharded, xl,
+                stream, carry, model, train_model, optimizer, scaler, state, plan, metrics, sharded,
                 config.batch_size // (data_processes * config.grad_accum))
 
 
@@ -610,7 +608,8 @@ class _Run:
     tokenizer: Tokenizer
     splits: dict
     val_data: PackedSequences
-    stream: Any
+    stream: Any                       # yields the batches `carry` reads
+    carry: Carry                      # what the model carries from batch to batch
     model: BlockStateLM
     train_model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -619,7 +618,6 @@ class _Run:
     plan: dict | None
     metrics: MetricsLog
     sharded: bool
-    xl: bool
     micro: int                        # sequences per micro-batch of one process
     last_val: dict | None = None
     start: float = dataclasses.field(default_factory=time.perf_counter)
@@ -661,13 +659,14 @@ class _Run:
                                     train_state=train_state, tokenizer_dir=self.out_dir / "tokenizer")
             return
         # Carried memory is saved when this process holds all of it (one process).
-        carried = state.memory.tensors() if state.memory is not None and self.ddp.world_size == 1 else None
+        carried = self.carry.tensors() if self.ddp.world_size == 1 else None
         save_checkpoint(self.out_dir, state.step, self.model, self.mconfig.to_dict(), train_state,
                         self.optimizer, tokenizer_dir=self.out_dir / "tokenizer", memory=carried)
 
     def validate(self) -> dict[str, Any]:
         result = evaluate_batches(self.model, self.val_data, self.tokenizer, self.micro,
-                                  self.config.eval_batches, self.device, carry=self.xl,
+                                  self.config.eval_batches, self.device,
+                                  carry=self.config.carry_memory,
                                   precision=self.config.precision, indices=self.val_windows)
         result["step"] = self.state.step
         self.metrics.write({"split": "validation", **result})
@@ -784,7 +783,6 @@ class _RunState:
     # of training when it ended) to max_time, so it reaches its final learning rate at its end
     # whatever the speed of its steps.
     warmup_end: float | None = None
-    memory: Memory | None = None      # the memory the previous batch left (segment-recurrent)
 
 
 def _tokenized_splits(corpus, tokenizer: Tokenizer, config: TrainConfig, ddp: Distributed) -> dict:
@@ -827,10 +825,11 @@ def _horizon(config: TrainConfig, seq_len: int) -> int | None:
     return None
 
 
-def _restore(checkpoint, model: nn.Module, optimizer, stream, mconfig, horizon: int | None,
-             xl: bool, device: torch.device, log) -> _RunState:
-    """Load the checkpoint's parameters, optimizer, RNG and data position; the run's state (with
-    this request's `horizon`, or the run's own when the request gives only time)."""
+def _restore(checkpoint, model: nn.Module, optimizer, stream, carry: Carry, mconfig,
+             horizon: int | None, device: torch.device, log) -> _RunState:
+    """Load the checkpoint's parameters, optimizer, RNG, data position and carried state; the
+    run's state (with this request's `horizon`, or the run's own when the request gives only
+    time)."""
     if checkpoint.model_config != mconfig.to_dict():
         raise ValueError(f"checkpoint {checkpoint.path} was trained with another model config")
     if checkpoint.sharded_dir is not None:  # an --fsdp run's, written at any number of processes
@@ -846,11 +845,7 @@ def _restore(checkpoint, model: nn.Module, optimizer, stream, mconfig, horizon: 
     state = _RunState(step=saved["step"], tokens=saved["tokens"],
                       horizon=saved["horizon"] if horizon is None else horizon,
                       elapsed_before=saved["elapsed"], warmup_end=saved.get("warmup_end"))
-    if xl:
-        state.memory = checkpoint.memory(device)
-        if state.memory is None and state.step > 0:
-            log("warning: the checkpoint holds no carried memory; the first batch after resuming "
-                "starts without it")
+    carry.restore(checkpoint, device, log)
     log(f"resumed from {checkpoint.path} at step {state.step}")
     return state
 
