@@ -49,3 +49,17 @@ def test_bad_pretrained_directories_are_named(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a safetensors file"):
         BlockStateLM.from_pretrained(tmp_path / "m")
+
+
+def test_an_export_of_a_newer_format_is_refused_in_one_line_and_kept(tmp_path):
+    from blockstate.pretrained import CONFIG_FILE, EXPORT_FORMAT
+
+    build_model("bst-sh-s4", "tiny", vocab_size=64).save_pretrained(tmp_path / "export")
+    path = tmp_path / "export" / CONFIG_FILE
+    data = json.loads(path.read_text())
+    assert data["blockstate_format"] == EXPORT_FORMAT
+    path.write_text(json.dumps({**data, "blockstate_format": EXPORT_FORMAT + 1}))
+    before = path.read_text()
+    with pytest.raises(CheckpointError, match="upgrade blockstate") as error:
+        blockstate.load(tmp_path / "export")
+    assert "\n" not in str(error.value) and path.read_text() == before

@@ -38,6 +38,8 @@ from .fileio import atomic_write
 MODEL_TYPE = "blockstate"
 ARCHITECTURE = "BlockStateForCausalLM"
 CONFIG_FILE = "config.json"
+# The layout of config.json that this code writes and reads (exports without the key: 1).
+EXPORT_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
 CARD_FILE = "README.md"
@@ -88,7 +90,8 @@ def save_pretrained(model, directory: str | Path, tokenizer=None,
     atomic_write(directory / CARD_FILE, model_card(model, tokenizer, card, hf_tokenizer))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     config = {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], "auto_map": AUTO_MAP,
-              "torch_dtype": dtype, "blockstate_version": __version__, **generation,
+              "torch_dtype": dtype, "blockstate_version": __version__,
+              "blockstate_format": EXPORT_FORMAT, **generation,
               **model.config.to_dict()}
     text = json.dumps(config, indent=2) + "\n"
     atomic_write(directory / CONFIG_FILE, text)
@@ -203,6 +206,11 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         found = data.get("model_type") if isinstance(data, dict) else None
         raise CheckpointError(f"{path} is not a blockstate model config (model_type={found!r}, "
                               f"expected {MODEL_TYPE!r})")
+    version = data.get("blockstate_format", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is in export format {version!r} (written by blockstate "
+                              f"{data.get('blockstate_version', '?')}); this blockstate reads "
+                              f"formats 1-{EXPORT_FORMAT}: upgrade blockstate to load it")
     fields = set(ModelConfig.field_names())
     try:
         config = ModelConfig.from_dict({k: v for k, v in data.items() if k in fields})
