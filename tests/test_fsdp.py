@@ -20,19 +20,16 @@ import blockstate
 from blockstate.checkpoint import CheckpointError, load_checkpoint
 from blockstate.cli import main
 
+from reference import word_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 LOSS_RTOL = 1e-5     # relative, per logged step
 PARAM_ATOL = 1e-5    # absolute, every parameter at the end
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(120):
-        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(60)]
-        (root / f"doc{i:03d}.txt").write_text(f"document {i}\n" + " ".join(words) + "\n")
-    return root
+    return word_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _config_file(corpus: Path, tmp_path: Path) -> Path:

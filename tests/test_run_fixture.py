@@ -18,17 +18,14 @@ from blockstate.checkpoint import load_latest_intact
 from blockstate.train import train
 from blockstate.train_config import TrainConfig
 
+from reference import word_corpus
+
 FIXTURE = Path(__file__).parent / "fixtures" / "run_v0.1"
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
 def _corpus(root: Path) -> Path:
     """The fixture's corpus, written again (same names and content)."""
-    root.mkdir()
-    for i in range(120):
-        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(60)]
-        (root / f"doc{i:03d}.txt").write_text(f"document {i}\n" + " ".join(words) + "\n")
-    return root
+    return word_corpus(root)
 
 
 def _resume(run: Path, corpus: Path, cache: Path, stop_after: int | None = None) -> None:

@@ -16,18 +16,15 @@ from blockstate.optim import learning_rate
 from blockstate.train import TrainConfig, train
 from blockstate.train_config import parse_duration
 
+from reference import word_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """120 small documents of structured text: learnable, and every split non-empty."""
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(120):
-        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(60)]
-        (root / f"doc{i:03d}.txt").write_text(f"document {i}\n" + " ".join(words) + "\n")
-    return root
+    return word_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _config(corpus: Path, tmp: Path, **kw) -> TrainConfig:
