@@ -33,15 +33,15 @@ def test_baselines_are_registered_with_their_layers():
 
 def test_segment_recurrent_defaults_follow_the_paper():
     brt, xl = model_config("brt", "base"), model_config("transformer-xl", "base")
-    assert brt.resolved_recurrent_states == 512 == brt.block_size   # Rec:fixed:skip, 512 states
+    assert brt.arch.states(brt) == 512 == brt.block_size   # Rec:fixed:skip, 512 states
     assert brt.resolved_memory_length == 512                        # its sliding window, carried
     assert xl.resolved_memory_length == 2048                        # Trsf-XL:2048
     assert model_config("slide", "base").resolved_memory_length == 0
     with pytest.raises(ValueError, match="multiple of block_size"):
         model_config("transformer-xl", "tiny", memory_length=24)
-    with pytest.raises(ValueError, match="transformer-xl and brt"):
+    with pytest.raises(ValueError, match="arch kind 'bst' has no field 'memory_length'"):
         model_config("slide", "tiny", memory_length=32)
-    with pytest.raises(ValueError, match="arch='brt'"):
+    with pytest.raises(ValueError, match="arch kind 'transformer-xl' has no field 'recurrent_states'"):
         model_config("transformer-xl", "tiny", recurrent_states=8)
 
 
@@ -210,7 +210,7 @@ def test_samba_alternates_mamba_and_sliding_window_layers():
     assert kinds("small") == ["MambaLayer", "BlockAttentionLayer"] * 3
     assert samba_layers(12) == (0, 2, 4, 6, 8, 10) and samba_layers(3) == (0, 2)
     config = model_config("samba", "small")
-    assert config.self_attention == "sliding" and config.ssm_kernel == "ssd"
+    assert config.self_attention == "sliding" and config.ssm.kind == "ssd"
     assert config.ssm_width == 2 * config.d_model and config.constant_inference_state
     assert model_config("samba", "small", ssm_width_divisor=2).ssm_width == 128
     layer = build_model("samba", "tiny").layers[0]

@@ -232,7 +232,8 @@ def test_missing_file_and_unsupported_version(tmp_path):
     path = save(tmp_path, 1)
     manifest = json.loads((path / "checkpoint.json").read_text())
     (path / "checkpoint.json").write_text(json.dumps({**manifest, "version": FORMAT_VERSION + 1}))
-    with pytest.raises(CheckpointError, match="format version 2"):
+    with pytest.raises(CheckpointError, match=f"format version {FORMAT_VERSION + 1}; this blockstate "
+                                              f"reads versions 1-{FORMAT_VERSION}: upgrade"):
         load_checkpoint(path)
     (path / "checkpoint.json").write_text(json.dumps(manifest))
     (path / "rng.safetensors").unlink()

@@ -128,10 +128,10 @@ def test_auto_method_and_its_errors():
     assert SSM(S4Kernel(1, 2, 4), "fft").resolve_method(4096, cpu) == "fft"
     with pytest.raises(ValueError, match="needs an S4 or S4D kernel"):
         SSM(ImplicitKernel(1, 2, 16), "chunked")
-    with pytest.raises(ValueError, match="ssm_method"):
-        ModelConfig(ssm_kernel="unstruct", ssm_method="chunked")
-    with pytest.raises(ValueError, match="ssm_method"):
-        ModelConfig(ssm_method="winograd")
+    with pytest.raises(ValueError, match="ssm.method='chunked' needs a kernel with a state-space"):
+        ModelConfig(ssm={"kind": "unstruct", "method": "chunked"})
+    with pytest.raises(ValueError, match="ssm.method='winograd' is not valid"):
+        ModelConfig(ssm={"kind": "s4", "method": "winograd"})
 
 
 @pytest.mark.parametrize("method", ["chunked", "fft"])
@@ -153,11 +153,12 @@ def test_evaluation_cache_follows_parameter_updates(method):
 @pytest.mark.parametrize("kernel", ["s4", "s4d"])
 def test_models_agree_across_ssm_methods(variant, kernel):
     config = ModelConfig(d_model=32, n_layers=2, n_heads=2, block_size=16, max_seq_len=96,
-                         context_variant=variant, ssm_kernel=kernel, ssm_state_size=8,
-                         num_context_states=4, ssm_chunk_size=8, ssm_method="chunked")
+                         context=variant, ssm={"kind": kernel, "state_size": 8, "chunk_size": 8,
+                                               "method": "chunked"})
+    config = config.with_overrides(**{"context.states": 4} if variant == "mf" else {})
     torch.manual_seed(0)
     chunked = BlockStateLM(config).double()
-    fft = BlockStateLM(config.replace(ssm_method="fft")).double()
+    fft = BlockStateLM(config.with_overrides(**{"ssm.method": "fft"})).double()
     fft.load_state_dict(chunked.state_dict())
     tokens = torch.randint(0, 256, (2, 96))
     outs = []

@@ -178,7 +178,7 @@ def test_a_long_sequence_split_over_two_processes_in_float32():
 
 @pytest.mark.parametrize("preset,message", [
     ("bst-mf-s4", "MF context states"), ("bst-mf-ssd-rotary", "MF context states"),
-    ("bst-sh-unstruct", "ssm_kernel='unstruct'"), ("slide", "self_attention='sliding'"),
+    ("bst-sh-unstruct", "ssm kind 'unstruct'"), ("slide", "self_attention='sliding'"),
     ("transformer", "self_attention='full'"), ("brt", "arch 'brt'"),
     ("transformer-xl", "arch 'transformer-xl'")])
 def test_what_cannot_be_split_is_refused_in_one_line(preset, message):
@@ -186,7 +186,7 @@ def test_what_cannot_be_split_is_refused_in_one_line(preset, message):
         check_model(model_config(preset, "tiny"))
     assert message in str(error.value) and "\n" not in str(error.value)
     check_model(model_config("bst-sh-s4", "tiny"))
-    check_model(model_config("bst-mh-s4", "tiny", ssm_kernel="s4d"))
+    check_model(model_config("bst-mh-s4", "tiny", ssm="s4d"))
     for preset in ("bst-sh-ssd", "bst-sh-ssd-rotary", "bst-recommended"):
         check_model(model_config(preset, "tiny"))
 

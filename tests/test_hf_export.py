@@ -148,7 +148,8 @@ def test_bundle_carries_only_flat_relative_imports():
     assert "modeling_blockstate.py" in files and "blockstate_ssm_selective.py" in files
     assert not any(name.startswith("blockstate_data") for name in files)   # no tokenizer code
     text = files["blockstate_model.py"]
-    assert "from .blockstate_layers import" in text and "from .pretrained" not in text
+    assert "from .blockstate_builtin_components import" in text and "from .pretrained" not in text
+    assert "from .blockstate_layers_bst import" in files["blockstate_builtin_components.py"]
     selective = files["blockstate_ssm_selective.py"]
     assert "= __import__('importlib').import_module('mamba_ssm." in selective
     for name, source in files.items():

@@ -65,9 +65,9 @@ def test_information_crosses_blocks_only_through_the_ssm():
 
 
 def _context(variant, kernel="s4"):
-    config = ModelConfig(d_model=32, n_heads=2, block_size=8, context_variant=variant,
-                         ssm_kernel=kernel, ssm_state_size=8, num_context_states=3, max_seq_len=64,
-                         unstruct_hidden=16)
+    config = ModelConfig.from_dict(  # format 1's flat names: each applies where its kind has it
+        {"d_model": 32, "n_heads": 2, "block_size": 8, "context_variant": variant, "ssm_kernel": kernel,
+         "ssm_state_size": 8, "num_context_states": 3, "max_seq_len": 64, "unstruct_hidden": 16})
     return build_context_states(config).double()
 
 
@@ -200,8 +200,8 @@ def test_direct_context_read(variant):
     model.train()
     F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
     assert model.layers[0].context.direct.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="context_direct=True reads the SSM outputs at every position"):
-        ModelConfig(context_variant="mf", context_direct=True)
+    with pytest.raises(ValueError, match="context kind 'mf' has no field 'direct'"):
+        ModelConfig(context={"kind": "mf", "direct": True})
 
 
 def test_deterministic_under_a_fixed_seed():

@@ -1,8 +1,8 @@
 """The preset registry: typed presets, their tags, tag selection, and configs that stay as they were."""
 
 import dataclasses
-import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,43 +11,20 @@ from blockstate import reproduce as rp
 from blockstate.registry import PRESETS, TAGS, Preset, get_preset
 from blockstate.tasks import runner
 
-# sha256 (first 16 hex digits) of each preset's config fields that differ from ModelConfig's defaults,
-# at the sizes tiny, small, base and large, computed before presets became typed (commit 4903edd):
-# turning the dicts into `Preset`s, and any later refactoring, must leave every config as it was.
-CONFIG_HASHES = {
-    "bst-sh-s4": ("15a32652ecb93c07", "1c12edd72f9a0163", "4039e771dbf22490", "e075492cf10a4f30"),
-    "bst-mh-s4": ("fcfae18a28ee33b5", "fe97709ad312d287", "6a8ae43c4a3f3bdd", "9f0a7b058e8f47dd"),
-    "bst-mf-s4": ("317871de0cab7ed2", "2e1e7a997ee4241e", "9e1324462b5592c1", "1f00840ea667eca5"),
-    "bst-sh-s4d": ("bbcb443f2f9be0ca", "5f61069e5fc0748f", "8bdb91aeda3b82a5", "f075700ebc9854a5"),
-    "bst-sh-unstruct": ("d6511714315a4cd0", "43d4361973a9950e", "67faad3843ae3d63", "47bff9844ed6c2cc"),
-    "bst-mh-unstruct": ("5fbff178aba90b39", "4448070171bff723", "ef502a58492305c8", "ec34f27887f9a934"),
-    "bst-mf-unstruct": ("ad0618080f2da9cf", "45eac9de86e271d5", "3b885e49aa575b80", "9bf942a34570c724"),
-    "bst-sh-ssd": ("5aaa235024254eab", "39579fcddfe6f4b0", "23b587da8df1050a", "2e4d58e7fb4677d9"),
-    "bst-mf-ssd": ("15097a0f66a0cda9", "a08ba395e4a1250b", "014e9171a936a497", "f5dd634c851a1caf"),
-    "bst-sh-ssd-rotary": ("f99922a7b366d056", "76dacdbfaf685eb8", "fdda36262a62410c", "bfc91731bf496d9d"),
-    "bst-mf-ssd-rotary": ("3ef0cb3c31df2445", "3f7f8737ff20061e", "d4363d23782d7cd7", "9aa49438654e7f95"),
-    "bst-recommended": ("fbd3878b0a9b894d", "291c09a8b7066d19", "ac9e15dcb688a7f0", "82530cac8a587981"),
-    "transformer": ("a3e890d7ca3bd9e9", "c0d19846f20e8831", "b326fb7709e874c0", "b102b7eb929ea346"),
-    "slide": ("af98f5916e65c581", "6b6f110742ca802a", "4eabd6f093c460e7", "0de836355031e033"),
-    "transformer-xl": ("b9249051831b5601", "03fa0dbd2cd52120", "81ac5342def50938", "67de31ebee206d09"),
-    "brt": ("42036d98e533a6a4", "cc15b0459ccb144d", "a4f44f58aac72d59", "b8fab2037b0cc780"),
-    "gss-hybrid": ("e9daec7139db81f3", "d031e7f4cc2e780a", "74189eb45d847b2e", "dc906238b083a2be"),
-    "samba": ("e2581724f5cfcbed", "cab0b8ad057f7f2d", "cf89dec390c33349", "3e08dd2e11494a49"),
-}
-
-
-def _config_hash(name: str, size: str) -> str:
-    config, defaults = model_config(name, size), ModelConfig()
-    changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-               if getattr(config, f.name) != getattr(defaults, f.name)}
-    return hashlib.sha256(json.dumps(changed, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+# Every preset's config at every size as blockstate wrote it in format 1 (flat fields, commit
+# 61562cc, before the components): read through format 1, each must equal today's preset config,
+# so nesting the config (and any later refactoring) leaves every preset's model as it was.
+FORMAT1_CONFIGS = Path(__file__).parent / "fixtures" / "preset_configs_format1.json"
 
 
 def test_preset_names_and_configs_are_unchanged():
-    assert list_models() == list(CONFIG_HASHES)
+    saved = json.loads(FORMAT1_CONFIGS.read_text())
     assert list_sizes() == ["tiny", "small", "base", "large"]
-    for name, hashes in CONFIG_HASHES.items():
-        assert tuple(_config_hash(name, size) for size in list_sizes()) == hashes, name
+    assert sorted(saved) == sorted(f"{name}/{size}" for name in list_models() for size in list_sizes())
+    for key, flat in saved.items():
+        name, size = key.split("/")
+        assert ModelConfig.from_dict(flat) == model_config(name, size), key
+        assert ModelConfig.from_dict(model_config(name, size).to_dict()) == model_config(name, size)
 
 
 def test_presets_are_typed_and_frozen():
@@ -80,9 +57,9 @@ def test_declared_tags_agree_with_the_configs(size):
     for name, preset in PRESETS.items():
         config = model_config(name, size)
         assert (("constant-state" in preset.tags) == config.constant_inference_state), name
-        assert (("selective" in preset.tags) == (config.ssm_kernel == "ssd"
+        assert (("selective" in preset.tags) == (config.ssm.kind == "ssd"
                                                  and bool(config.resolved_bst_layers))), name
-        assert (("bst" in preset.tags) == (config.arch == "bst"
+        assert (("bst" in preset.tags) == (config.arch.kind == "bst"
                                            and bool(config.resolved_bst_layers))), name
 
 

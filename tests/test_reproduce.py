@@ -10,7 +10,7 @@ import pytest
 
 from blockstate import reproduce as rp
 from blockstate.cli import main
-from blockstate.registry import count_parameters
+from blockstate.registry import applicable_overrides, count_parameters
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -29,7 +29,7 @@ def corpus(tmp_path, monkeypatch) -> Path:
 MICRO = dataclasses.replace(
     rp.SCALES["tiny"],
     overrides={"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 16, "max_seq_len": 64,
-               "num_context_states": 4, "ssm_state_size": 4, "rel_pos_max_distance": 16},
+               "context.states": 4, "ssm.state_size": 4, "rel_pos_max_distance": 16},
     batch_size=4, max_tokens=4 * 64 * 3, warmup_steps=1, eval_tokens=512, seeds=(0, 1),
     state_sizes=(4, 8), windows=(32,))
 
@@ -37,12 +37,14 @@ MICRO = dataclasses.replace(
 def test_tiny_plan_matches_parameters_within_five_percent():
     scale = rp.SCALES["tiny"]
     fixed = {**scale.overrides, "vocab_size": 259}
-    target = count_parameters("bst-sh-s4", scale.size, **fixed)
+    target = count_parameters("bst-sh-s4", scale.size,
+                              **applicable_overrides("bst-sh-s4", scale.size, fixed))
     for name in rp.BASELINES + rp.OTHER_BASELINES + ("bst-recommended",):
-        params = count_parameters(name, scale.size, **{**fixed, **rp.matched_overrides(name, scale)})
+        params = count_parameters(name, scale.size, **applicable_overrides(
+            name, scale.size, {**fixed, **rp.matched_overrides(name, scale)}))
         assert abs(params - target) <= 0.05 * target, name
     # bst-recommended keeps its own state size over the scale's, its MLP chosen again
-    assert rp.matched_overrides("bst-recommended", scale)["ssm_state_size"] == 64
+    assert rp.matched_overrides("bst-recommended", scale)["ssm.state_size"] == 64
     assert rp.matched_overrides("bst-sh-ssd", scale) == {}
     runs = rp.plan(scale, ["python-stdlib", "books"])
     main_runs = [r for r in runs if r.group == "main"]
@@ -57,8 +59,8 @@ def test_ablation_points_equal_to_the_main_model_reuse_its_run(tmp_path):
     scale = rp.SCALES["tiny"]
     runs = rp.plan(scale, ["python-stdlib"])
     main_dir = rp.run_dir(tmp_path, runs[0], scale)
-    default = [r for r in runs if r.group == "state" and r.overrides["ssm_state_size"] == 16][0]
-    other = [r for r in runs if r.group == "state" and r.overrides["ssm_state_size"] == 8][0]
+    default = [r for r in runs if r.group == "state" and r.overrides["ssm.state_size"] == 16][0]
+    other = [r for r in runs if r.group == "state" and r.overrides["ssm.state_size"] == 8][0]
     assert rp.run_dir(tmp_path, default, scale) == main_dir
     assert rp.run_dir(tmp_path, other, scale) != main_dir
 
@@ -100,7 +102,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(corpus, tmp_path, monkeypat
     from blockstate.train import TrainConfig, train
 
     # Simulate a crash: a checkpoint exists but no summary/eval yet.
-    partial = TrainConfig(model="slide", size="tiny", model_overrides=MICRO.overrides, data=str(corpus),
+    overrides = applicable_overrides("slide", "tiny", MICRO.overrides)
+    partial = TrainConfig(model="slide", size="tiny", model_overrides=overrides, data=str(corpus),
                           seq_len=64, batch_size=4, warmup_steps=1, max_steps=1, sample_tokens=0,
                           eval_every=10**9, save_every=1)
     train(partial, directory, quiet=True)

@@ -130,33 +130,34 @@ def test_the_selective_ssm_depends_on_content_unlike_a_time_invariant_one():
 
 
 def test_presets_and_configuration():
-    assert build_model("bst-sh-ssd", "tiny").config.ssm_kernel == "ssd"
-    assert build_model("bst-mf-ssd", "tiny").config.context_variant == "mf"
-    with pytest.raises(ValueError, match="no kernel to FFT"):
-        ModelConfig(ssm_kernel="ssd", ssm_method="fft")
+    assert build_model("bst-sh-ssd", "tiny").config.ssm.kind == "ssd"
+    assert build_model("bst-mf-ssd", "tiny").config.context.kind == "mf"
+    with pytest.raises(ValueError, match="ssm kind 'ssd' has no field 'method'"):
+        ModelConfig(ssm={"kind": "ssd", "method": "fft"})
 
 
 def test_heads_and_decay_kind():
-    """ssd_heads sets the heads per channel (each its own step and decay); ssd_decay="state" gives
+    """ssm.heads sets the heads per channel (each its own step and decay); decay kind "state" gives
     every head N decays, A_n = n + 1 at initialization (S6), in place of one."""
-    model = build_model("bst-sh-ssd", "tiny", ssd_heads=16, ssd_decay="state")
+    model = build_model("bst-sh-ssd", "tiny", **{"ssm.heads": 16, "ssm.decay": "state"})
     kernel = model.layers[model.config.resolved_bst_layers[0]].context.ssm.kernel
     assert kernel.heads == 16 and kernel.log_a.shape == (1, 16, 8)
     torch.testing.assert_close(kernel.log_a.exp()[0, 3], torch.arange(1.0, 9.0))
     default = build_model("bst-sh-ssd", "tiny")
     assert default.layers[default.config.resolved_bst_layers[0]].context.ssm.kernel.heads == 4
     with pytest.raises(ValueError, match="must divide the SSM width 16"):
-        ModelConfig(ssm_kernel="ssd", d_model=64, ssd_heads=3)
-    with pytest.raises(ValueError, match="ssd_decay"):
-        ModelConfig(ssm_kernel="ssd", ssd_decay="channel")
-    with pytest.raises(ValueError, match="configure ssm_kernel='ssd'"):
-        ModelConfig(ssm_kernel="s4", ssd_decay="state")
+        ModelConfig(d_model=64, ssm={"kind": "ssd", "heads": 3})
+    with pytest.raises(ValueError, match="ssm.decay.kind='channel' is not valid; registered decay "
+                                         "kinds: head, state, complex, rotary"):
+        ModelConfig(ssm={"kind": "ssd", "decay": "channel"})
+    with pytest.raises(ValueError, match="ssm kind 's4' has no field 'decay'"):
+        ModelConfig(ssm={"kind": "s4", "decay": "state"})
 
 
 def test_complex_decay_pairs_the_state_into_rotating_modes():
     """ssd_decay="complex": N/2 complex modes per head, A_m = -1/2 + i pi m at initialization
     (S4D-Lin), the cache's state the same N real numbers per head as the real kinds."""
-    model = build_model("bst-sh-ssd", "tiny", ssd_decay="complex")
+    model = build_model("bst-sh-ssd", "tiny", **{"ssm.decay": "complex"})
     ssm = model.layers[model.config.resolved_bst_layers[0]].context.ssm
     a = ssm._decay(torch.zeros(()))
     assert a.is_complex() and a.shape == (1, 4, 4)
@@ -168,8 +169,8 @@ def test_complex_decay_pairs_the_state_into_rotating_modes():
     # per layer: 4 heads x 4 modes of real and imaginary parts in place of 4 scalar decays
     extra = len(model.config.resolved_bst_layers) * (4 * 4 * 2 - 4)
     assert model.num_parameters() - build_model("bst-sh-ssd", "tiny").num_parameters() == extra
-    with pytest.raises(ValueError, match="even ssm_state_size"):
-        ModelConfig(ssm_kernel="ssd", ssd_decay="complex", ssm_state_size=7)
+    with pytest.raises(ValueError, match="needs an even ssm.state_size"):
+        ModelConfig(ssm={"kind": "ssd", "decay": "complex", "state_size": 7})
 
 
 def test_complex_modes_count_the_steps_the_input_takes():
@@ -274,8 +275,8 @@ def test_rotary_decay_starts_as_the_complex_one():
     torch.testing.assert_close(complex_._decay(torch.zeros(())), rotary._decay(torch.zeros(())))
     u = torch.randn(2, 30, 32, dtype=torch.float64)
     torch.testing.assert_close(rotary(u), complex_(u), rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="even ssm_state_size"):
-        ModelConfig(ssm_kernel="ssd", ssd_decay="rotary", ssm_state_size=7)
+    with pytest.raises(ValueError, match="needs an even ssm.state_size"):
+        ModelConfig(ssm={"kind": "ssd", "decay": "rotary", "state_size": 7})
 
 
 def test_normalized_b_and_c_carry_distant_tokens_near_the_skip_terms_scale():
@@ -291,8 +292,8 @@ def test_normalized_b_and_c_carry_distant_tokens_near_the_skip_terms_scale():
             state = ssm(u)
         return (state.norm() / (y - state).norm()).item()
     assert state_to_skip(False) < 0.05 < 0.2 < state_to_skip(True)
-    with pytest.raises(ValueError, match="ssd_bc_norm and ssd_still_modes configure"):
-        ModelConfig(ssm_kernel="s4", ssd_bc_norm=True)
+    with pytest.raises(ValueError, match="ssm kind 's4' has no field 'bc_norm'"):
+        ModelConfig(ssm={"kind": "s4", "bc_norm": True})
 
 
 def test_still_modes_start_at_frequency_zero_and_are_checked():
@@ -309,15 +310,18 @@ def test_still_modes_start_at_frequency_zero_and_are_checked():
     others = {k: v for k, v in ssm.state_dict().items() if k != "kernel.a_imag"}
     for name, value in others.items():
         torch.testing.assert_close(value, turning.state_dict()[name])
-    config = ModelConfig(ssm_kernel="ssd", ssd_decay="complex", ssm_state_size=8, ssd_still_modes=4)
-    assert config.ssd_still_modes == 4
-    for bad, match in [({"ssd_decay": "head", "ssd_still_modes": 2}, "has none"),
-                       ({"ssd_decay": "rotary", "ssm_state_size": 8, "ssd_still_modes": 5},
+    config = ModelConfig(ssm={"kind": "ssd", "state_size": 8,
+                              "decay": {"kind": "complex", "still_modes": 4}})
+    assert config.ssm.decay.still_modes == 4
+    for bad, match in [({"decay": {"kind": "head", "still_modes": 2}},
+                        "decay kind 'head' has no field"),
+                       ({"decay": {"kind": "rotary", "still_modes": 5}, "state_size": 8},
                         "accepted: 0 to the 4 modes"),
-                       ({"ssd_decay": "rotary", "ssd_still_modes": -1}, "accepted: 0 to"),
-                       ({"ssm_kernel": "s4", "ssd_still_modes": 1}, "configure ssm_kernel='ssd'")]:
+                       ({"decay": {"kind": "rotary", "still_modes": -1}}, "must be >= 0"),
+                       ({"kind": "s4", "decay": {"kind": "rotary", "still_modes": 1}},
+                        "ssm kind 's4' has no field 'decay'")]:
         with pytest.raises(ValueError, match=match):
-            ModelConfig(**{"ssm_kernel": "ssd", **bad})
+            ModelConfig(ssm={"kind": "ssd", **bad})
     with pytest.raises(ValueError, match="rotating kind"):
         SelectiveSSM(1, 16, 8, 1e-3, 1e-1, decay="head", still_modes=1)
 

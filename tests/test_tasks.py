@@ -155,11 +155,11 @@ def test_cli_run_and_report(tmp_path, capsys):
     out = tmp_path / "suite"
     assert main(["tasks", "run", "--task", "copying", "--param", "lag=4,20", "--models", "bst-sh-s4d",
                  "--seeds", "0", "--steps", "2", "--batch-size", "2", "--eval-sequences", "4",
-                 "--set", "context_norm=rms", "--device", "cpu", "--out", str(out)]) == 0
+                 "--set", "context.norm=rms", "--device", "cpu", "--out", str(out)]) == 0
     files = sorted(p.name for p in (out / "runs").glob("*/*.json"))
-    assert files == ["bst-sh-s4d[context_norm=rms]-seed0.json"] * 2
+    assert files == ["bst-sh-s4d[context.norm=rms]-seed0.json"] * 2
     record = json.loads(next((out / "runs").glob("copying-lag4/*.json")).read_text())
-    assert record["model_config"]["context_norm"] == "rms" and record["device"] == "cpu"
+    assert record["model_config"]["context"]["norm"] == "rms" and record["device"] == "cpu"
     assert (out / "report.md").exists()
     assert main(["tasks", "report", "--out", str(out)]) == 0
 
@@ -194,7 +194,8 @@ def test_cli_passkey_trains_at_one_length_and_reports_the_depth_by_length_grid(t
     (["--param", "lag=x"], "must be integers"),
     (["--param", "lagg=3"], "lagg"),
     (["--param", "lag=-3"], "lag"),
-    (["--set", "ssm_state_size=7"], "ssm_state_size=7"),
+    (["--set", "ssm.state_size=7"], "ssm.state_size=7 must be even"),
+    (["--set", "ssm.bc_norm=true"], "ssm kind 's4' has no field 'bc_norm'"),
     (["--eval-param", "length=0"], "length"),
     (["--device", "tpu"], "--device='tpu' is not a device"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
@@ -209,12 +210,12 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys, argv, message):
 @pytest.mark.parametrize("d_model", [64, 256, 1024])
 @pytest.mark.parametrize("variant", ["sh", "mh", "mf"])
 def test_normalized_context_values_start_at_the_scale_of_self_attention(d_model, variant):
-    """With context_norm="rms" the cross-attention values start within 2x of the self-attention
+    """With context.norm="rms" the cross-attention values start within 2x of the self-attention
     values at every width; without it they start 5-100x smaller (the chained 0.02-std maps)."""
     def ratio(norm: str) -> float:
         torch.manual_seed(0)
         model = build_model("bst-sh-s4", "tiny", d_model=d_model, n_heads=max(2, d_model // 64),
-                            context_variant=variant, context_norm=norm, block_size=32,
+                            context={"kind": variant, "norm": norm}, block_size=32,
                             max_seq_len=128, bst_layers=(0,), n_layers=1)
         layer = model.layers[0]
         h = layer.attn_norm(torch.randn(2, 128, d_model))

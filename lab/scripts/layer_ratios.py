@@ -4,13 +4,13 @@ layers` times one layer after another). Prints each layer's median and its ratio
 of the same variant (bst-sh-s4 for SH layers, bst-mf-s4 for MF ones), or to the layer named by
 --against, and writes them as JSON with --out. A layer name may end in "+FIELD=VALUE" settings
 (ModelConfig fields, as `--set` of the CLI), each applied to that layer only: the ratio of
-"bst-sh-ssd+context_direct=true" is then still taken to bst-sh-s4.
+"bst-sh-ssd+context.direct=true" is then still taken to bst-sh-s4.
 
     python lab/scripts/layer_ratios.py --length 8192 --threads 2 --rounds 5 \
         --layers bst-sh-s4,bst-sh-ssd-rotary,bst-mf-s4,bst-mf-ssd-rotary
     python lab/scripts/layer_ratios.py --backward --against bst-sh-s4 --layers bst-sh-s4,brt,slide
     python lab/scripts/layer_ratios.py --against bst-sh-ssd \
-        --layers bst-sh-s4,bst-sh-ssd,bst-sh-ssd+context_direct=true
+        --layers bst-sh-s4,bst-sh-ssd,bst-sh-ssd+context.direct=true
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from blockstate.cli import parse_override
 def _calls(name: str, config, call: int):
     """The timed call of layer `name` ("LAYER" or "LAYER+FIELD=VALUE+..."), on the CPU."""
     base, *settings = name.split("+")
-    config = config.replace(**dict(parse_override(s) for s in settings))
+    layer_fields = BENCH_LAYERS[base][1]  # the settings apply on top of the layer's own kinds
+    config = config.with_overrides(**layer_fields, **dict(parse_override(s) for s in settings))
     return layer_calls(base, config, 1, torch.device("cpu"), torch.float32)[call]
 
 
@@ -64,7 +65,7 @@ def main() -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
     rows = []
     for name in names:
-        variant = BENCH_LAYERS[name.split("+")[0]][1].get("context_variant")  # BST layers only
+        variant = BENCH_LAYERS[name.split("+")[0]][1].get("context")  # BST layers only
         reference = args.against or (f"bst-{variant}-s4" if variant else None)
         ratio = medians[name] / medians[reference] if reference in medians else None
         rows.append({"layer": name, "median_ms": round(medians[name] * 1e3, 1),

@@ -1,15 +1,18 @@
 """BST on the MQAR task of lab/logs/long_range.md, 8e (4 pairs, queried 4 blocks of 16 or
 more later), trained by the task suite's own `train_run` for a short schedule, with model
-settings as `blockstate tasks run --set` (parsed by its `parse_override`). With --diagonal, SH's
-cross-attention sees only the context state at the query's own position (the mask cut to the
-diagonal): a probe of whether
-reading the SSM outputs through a softmax over the block's positions is what slows the task.
-With --no-self-attention, the layers' block self-attention outputs zeros (the cross-attention to
-the context states is then the only attention). --direct-read (SH) adds to each layer a linear
-read of its context outputs into the residual stream (width -> d_model, no bias, Normal(0,
-init_std)), beside the cross-attention, as the SSM stack of lab/scripts/mqar_ssd_alone.py reads its
-SSM; --unit-context initializes SH's lift and key/value projection at unit scale (std
-1/sqrt(fan-in)) instead of init_std. Both are probes of this process, not model options.
+settings as `blockstate tasks run --set` (parsed by its `parse_override`).
+
+The probes are model variants registered here through the public component registry
+(`blockstate.components.register`), not options of the library:
+--diagonal: SH's cross-attention sees only the context state at the query's own position (the
+mask cut to the diagonal; context kind "probe-sh-diagonal"), a probe of whether reading the SSM
+outputs through a softmax over the block's positions is what slows the task.
+--no-self-attention: the BST layers' block self-attention outputs zeros, so the cross-attention to
+the context states is the only attention (arch kind "probe-bst-no-self-attention").
+--unit-context: SH's lift and key/value projection initialized at unit scale (std 1/sqrt(fan-in))
+instead of init_std (context kind "probe-sh-unit").
+--direct-read (SH): each layer also adds a linear read of its context outputs into the residual
+stream; this probe became the library's `context.direct`, which it now sets.
 --pairs and --seq-len change the task (default 4 pairs, length 96; the gap stays 64).
 --init-from CHECKPOINT starts the model from another run's weights (a curriculum: e.g. a run
 trained on 8 pairs, then trained here on 16); the optimizer, schedule and batches start afresh.
@@ -17,8 +20,8 @@ trained on 8 pairs, then trained here on 16); the optimizer, schedule and batche
 --checkpoint-every steps (default 500), and a run started again with the same arguments continues
 from the last one.
 
-    python lab/scripts/mqar_bst_probe.py --steps 3000 --set ssm_width_divisor=1 --set ssm_state_size=16 \\
-        --set ssm_chunk_size=16 [--diagonal]
+    python lab/scripts/mqar_bst_probe.py --steps 3000 --set ssm.width_divisor=1 \
+        --set ssm.state_size=16 --set ssm.chunk_size=16 [--diagonal]
 """
 
 from __future__ import annotations
@@ -27,57 +30,60 @@ import argparse
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from blockstate.checkpoint import load_checkpoint
 from blockstate.cli import parse_override
-from blockstate.config import ModelConfig
-from blockstate.layers import bst
-from blockstate.tasks import runner
+from blockstate.components import register
+from blockstate.layers.bst import BSTArch, BSTLayer, SHContext, SHOptions
 from blockstate.tasks.runner import Run, Settings, train_run
 
 
-def _diagonal(self, w: int, device: torch.device) -> torch.Tensor:
-    return torch.eye(w, dtype=torch.bool, device=device)
+class DiagonalSHContext(SHContext):
+    def mask(self, w: int, device: torch.device) -> torch.Tensor:
+        return torch.eye(w, dtype=torch.bool, device=device)
 
 
-def _silent(self, h: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return h.new_zeros(*h.shape[:2], self.n_heads * self.head_dim)
+class UnitSHContext(SHContext):
+    def reset_parameters(self) -> None:
+        torch.nn.init.normal_(self.lift.weight, std=1 / math.sqrt(self.lift.in_features))
+        torch.nn.init.normal_(self.kv.weight, std=1 / math.sqrt(self.kv.in_features))
 
 
-def _with_read(init):
+class _Silent(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, h: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return h.new_zeros(*h.shape[:2], self.width)
+
+
+class NoSelfAttentionBSTLayer(BSTLayer):
     def __init__(self, config):
-        init(self, config)
-        self.probe_read = torch.nn.Linear(config.ssm_width, config.d_model, bias=False)
-    return __init__
+        super().__init__(config)
+        self.self_attn = _Silent(self.n_heads * self.head_dim)
 
 
-def _read_forward(self, x: torch.Tensor) -> torch.Tensor:
-    h = self.attn_norm(x)
-    k, v, _, outputs = self.context._forward(h)
-    read = self.probe_read(outputs[:, :, 0])
-    return self.tail(x + read, self.self_attn(h), self.cross_attention(h, k, v))
+@register("context", "probe-sh-diagonal")
+@dataclass
+class DiagonalOptions(SHOptions):
+    module: ClassVar[type] = DiagonalSHContext
 
 
-def _unit_context(self) -> None:
-    torch.nn.init.normal_(self.lift.weight, std=1 / math.sqrt(self.lift.in_features))
-    torch.nn.init.normal_(self.kv.weight, std=1 / math.sqrt(self.kv.in_features))
+@register("context", "probe-sh-unit")
+@dataclass
+class UnitOptions(SHOptions):
+    module: ClassVar[type] = UnitSHContext
 
 
-def _initialized(build, source: Path):
-    def build_model(*args, **kwargs):
-        model = build(*args, **kwargs)
-        checkpoint = load_checkpoint(source)
-        ours, theirs = model.config.to_dict(), ModelConfig.from_dict(checkpoint.model_config).to_dict()
-        differ = sorted(k for k in ours if k != "max_seq_len" and ours[k] != theirs[k])
-        if differ:
-            raise ValueError(f"{source} holds another model than this run builds (fields {differ})")
-        checkpoint.load_model(model)  # strict: every weight present, of the same shape
-        print(f"model initialized from {checkpoint.path} (step {checkpoint.step})")
-        return model
-    return build_model
+@register("arch", "probe-bst-no-self-attention")
+@dataclass
+class NoSelfAttentionArch(BSTArch):
+    layer: ClassVar[type] = NoSelfAttentionBSTLayer
 
 
 def main() -> None:
@@ -100,23 +106,24 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=500)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.diagonal:  # a probe, not a model option: every SH/MH layer of this process
-        bst._PositionContext.mask = _diagonal
+    if args.diagonal + args.unit_context > 1:
+        parser.error("--diagonal and --unit-context are context kinds of their own: choose one")
+    probes = dict(parse_override(s) for s in args.set)
+    if args.diagonal:
+        probes["context.kind"] = "probe-sh-diagonal"
+    if args.unit_context:
+        probes["context.kind"] = "probe-sh-unit"
     if args.no_self_attention:
-        bst.BlockSelfAttention.forward = _silent
-    if args.direct_read:  # SH only: each layer also adds a linear read of its context outputs
-        bst.BSTLayer.__init__ = _with_read(bst.BSTLayer.__init__)
-        bst.BSTLayer.forward = _read_forward
-    if args.unit_context:  # SH: lift and key/value projection at unit scale (std 1/sqrt(fan-in))
-        bst.SHContext.reset_parameters = _unit_context
-    if args.init_from:  # a probe, not a model option: the model is built, then given these weights
-        runner.build_model = _initialized(runner.build_model, args.init_from)
-    overrides = tuple(sorted(parse_override(s) for s in args.set))
+        probes["arch"] = "probe-bst-no-self-attention"
+    if args.direct_read:
+        probes["context.direct"] = True
+    overrides = tuple(sorted(probes.items()))
     task = (("gap", 64), ("num_pairs", args.pairs), ("seq_len", args.seq_len))
     run = Run("mqar", task, args.model, args.seed, overrides)
     record = train_run(run, Settings(steps=args.steps, batch_size=64, lr=args.lr,
                                      eval_sequences=256), log=print,
-                       checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every)
+                       checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every,
+                       init_from=args.init_from)
     losses = dict(map(tuple, record["losses"]))
     for high in range(500, args.steps + 1, 500):
         window = [loss for step, loss in losses.items() if high - 500 <= step < high]

@@ -70,7 +70,7 @@ class Shape:
                                "n_heads": self.n_heads, "block_size": self.block_size,
                                "max_seq_len": self.seq_len}
         fields = PRESETS[preset].overrides
-        own_placement = "bst_layers" in fields or "arch" in fields
+        own_placement = any(k == "bst_layers" or k.startswith("arch.") for k in fields)
         if self.bst_layers is not None and not own_placement:  # baselines place their own layers
             out["bst_layers"] = self.bst_layers
         return out

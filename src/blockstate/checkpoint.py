@@ -36,10 +36,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import ModelConfig
 from .fileio import atomic_write, fsync_dir, fsync_file, sha256_file
 
 FORMAT = "blockstate-checkpoint"
-FORMAT_VERSION = 1
+# 1: the model config as flat fields; 2: nested components (config.py's CONFIG_FORMAT). Version 1
+# checkpoints are read, their model config converted.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -264,7 +268,11 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
                                   f"checkpoint (no {LATEST}); pass a step directory to load one explicitly")
     manifest = _read_manifest(step_dir)
     _verify_files(step_dir, manifest["files"])
-    return Checkpoint(path=step_dir, step=manifest["step"], model_config=manifest["model_config"],
+    try:  # in the current format (a version 1 checkpoint's flat config converted)
+        model_config = ModelConfig.from_dict(manifest["model_config"]).to_dict()
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {step_dir} has an invalid model config: {e}") from None
+    return Checkpoint(path=step_dir, step=manifest["step"], model_config=model_config,
                       train_state=manifest["train_state"], files=manifest["files"])
 
 
@@ -510,9 +518,10 @@ def _read_manifest(step_dir: Path) -> dict[str, Any]:
     if found != FORMAT:
         raise CheckpointError(f"{step_dir} is not a blockstate checkpoint ({MANIFEST} has "
                               f"format={found!r}, expected {FORMAT!r})")
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in READ_VERSIONS:
         raise CheckpointError(f"checkpoint {step_dir} has format version {manifest.get('version')!r}; "
-                              f"this blockstate reads version {FORMAT_VERSION} only")
+                              f"this blockstate reads versions {READ_VERSIONS[0]}-{READ_VERSIONS[-1]}: "
+                              f"upgrade blockstate to load it")
     for key, kind in (("step", int), ("model_config", dict), ("train_state", dict), ("files", dict)):
         if not isinstance(manifest.get(key), kind):
             raise CheckpointError(f"checkpoint file {path} is corrupted: {key!r} is missing or not "

@@ -82,16 +82,16 @@ def active() -> bool:
 def check_model(config) -> None:
     """Raise ValueError, in one line, unless `config` (a ModelConfig) can run context-parallel."""
     problems = []
-    if config.arch != "bst":
-        problems.append(f"arch {config.arch!r} carries memory or states across blocks")
+    if not config.arch.block_parallel:
+        problems.append(f"arch {config.arch.kind!r} carries memory or states across blocks")
     if config.self_attention != "block":
         problems.append(f"self_attention={config.self_attention!r} reads keys from earlier blocks")
     if config.resolved_bst_layers:
-        if config.context_variant == "mf":
-            problems.append("MF context states summarise the previous block, which may lie on "
-                            "another rank")
-        if config.ssm_kernel not in ("s4", "s4d", "ssd"):
-            problems.append(f"ssm_kernel={config.ssm_kernel!r} has no state handed over between "
+        if config.context.summarizes_blocks:
+            problems.append(f"{config.context.kind.upper()} context states summarise the previous "
+                            f"block, which may lie on another rank")
+        if not config.ssm.constant_state:
+            problems.append(f"ssm kind {config.ssm.kind!r} has no state handed over between "
                             f"ranks here (s4, s4d and ssd do)")
     if problems:
         raise ValueError("context parallelism supports BST with SH/MH context states, an S4, S4D "

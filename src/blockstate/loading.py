@@ -22,7 +22,8 @@ def load_model(path: str | Path | Checkpoint, device: torch.device | str = "cpu"
 
 
 def _model(checkpoint: Checkpoint, device, overrides=None) -> BlockStateLM:
-    model = BlockStateLM(ModelConfig.from_dict({**checkpoint.model_config, **(overrides or {})}))
+    model = BlockStateLM(ModelConfig.from_dict(checkpoint.model_config).with_overrides(
+        **(overrides or {})))
     checkpoint.load_model(model)
     return model.to(device).eval()
 

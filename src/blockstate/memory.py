@@ -61,7 +61,7 @@ class Memory:
         config = model.config
         span, d = config.resolved_memory_length, config.d_model
         recurrent = {i for i, layer in enumerate(model.layers) if isinstance(layer, BlockRecurrentLayer)}
-        states = config.resolved_recurrent_states
+        states = config.arch.states(config) if recurrent else 0
         if (len(self.inputs) != len(model.layers)
                 or any(t.shape != (batch, span, d) for t in self.inputs)
                 or self.valid.shape != (batch, span) or set(self.states) != recurrent

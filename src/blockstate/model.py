@@ -12,15 +12,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .builtin_components import BUILTIN_COMPONENTS  # noqa: F401 - registers the built-in kinds
 from .cache import InferenceCache
 from .config import ModelConfig
-from .layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer, MambaLayer, XLLayer
 from .layers.bst import ContextStates
 from .memory import SegmentCarry, run_carried
-
-# The layer each architecture puts at the positions `bst_layers`; attention layers go elsewhere.
-SPECIAL_LAYERS = {"bst": BSTLayer, "gss-hybrid": GSSLayer, "brt": BlockRecurrentLayer,
-                  "samba": MambaLayer}
 
 
 class BlockStateLM(nn.Module):
@@ -35,13 +31,8 @@ class BlockStateLM(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
-        if config.arch == "transformer-xl":
-            self.layers = nn.ModuleList(XLLayer(config) for _ in range(config.n_layers))
-        else:
-            special, placed = SPECIAL_LAYERS[config.arch], set(config.resolved_bst_layers)
-            self.layers = nn.ModuleList(
-                special(config) if i in placed else BlockAttentionLayer(config)
-                for i in range(config.n_layers))
+        self.layers = nn.ModuleList(config.arch.build_layer(config, i)
+                                    for i in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = (None if config.tie_embeddings
                      else nn.Linear(config.d_model, config.vocab_size, bias=False))
@@ -218,8 +209,8 @@ class BlockStateLM(nn.Module):
         for name, limit in self._length_limits:
             if length > limit:
                 warnings.warn(
-                    f"{length} tokens are longer than the {limit} the {name} of ssm_kernel="
-                    f"{self.config.ssm_kernel!r} was trained for; its filter extrapolates beyond "
+                    f"{length} tokens are longer than the {limit} the {name} of ssm kind "
+                    f"{self.config.ssm.kind!r} was trained for; its filter extrapolates beyond "
                     f"them and may not do so reliably (the s4, s4d and ssd kernels are defined at "
                     f"any length)", UserWarning, stacklevel=3)
 
@@ -236,7 +227,7 @@ class BlockStateLM(nn.Module):
         config = self.config
         if carry is not None and not config.carries_memory:
             raise ValueError(f"memory is carried by transformer-xl and brt only, not "
-                             f"arch={config.arch!r}")
+                             f"arch {config.arch.kind!r}")
         if keep is not None and carry is None:
             raise ValueError("keep marks which rows' carried memory continues; pass it with a carry")
         length = tokens.shape[1]

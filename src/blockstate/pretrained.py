@@ -32,14 +32,15 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointError
-from .config import ModelConfig
+from .config import LEGACY_FIELDS, ModelConfig
 from .fileio import atomic_write
 
 MODEL_TYPE = "blockstate"
 ARCHITECTURE = "BlockStateForCausalLM"
 CONFIG_FILE = "config.json"
-# The layout of config.json that this code writes and reads (exports without the key: 1).
-EXPORT_FORMAT = 1
+# The layout of config.json that this code writes (exports without the key: 1). 1: the model
+# config's flat fields; 2: nested components (config.py's CONFIG_FORMAT). Both are read.
+EXPORT_FORMAT = 2
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
 CARD_FILE = "README.md"
@@ -142,13 +143,15 @@ def model_card(model, tokenizer=None, card: dict[str, Any] | None = None,
     card = dict(card or {})
     preset = card.pop("model", None)
     size = card.pop("size", None)
-    name = preset or config.arch
+    name = preset or config.arch.kind
     description = (f"a blockstate `{name}` model" + (f" (size `{size}`)" if size else "")
-                   + f": arch `{config.arch}`, {config.n_layers} layers, d_model {config.d_model}, "
-                   f"block size {config.block_size}, {model.num_parameters():,} parameters")
-    if config.arch == "bst":
-        description += (f", context variant `{config.context_variant}`, SSM kernel "
-                        f"`{config.ssm_kernel}`")
+                   + f": arch `{config.arch.kind}`, {config.n_layers} layers, d_model "
+                   f"{config.d_model}, block size {config.block_size}, "
+                   f"{model.num_parameters():,} parameters")
+    if config.arch.has_ssm and config.resolved_bst_layers:
+        description += f", SSM kernel `{config.ssm.kind}`"
+    if config.arch.kind == "bst" and config.resolved_bst_layers:
+        description += f", context variant `{config.context.kind}`"
     tokenizer_line = ("none saved" if tokenizer is None else
                       f"{tokenizer.kind} ({tokenizer.vocab_size} tokens)")
     evaluation = _card_rows({key: value for key, value in card.items()
@@ -211,7 +214,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{path} is in export format {version!r} (written by blockstate "
                               f"{data.get('blockstate_version', '?')}); this blockstate reads "
                               f"formats 1-{EXPORT_FORMAT}: upgrade blockstate to load it")
-    fields = set(ModelConfig.field_names())
+    fields = set(ModelConfig.field_names()) | (set(LEGACY_FIELDS) if version == 1 else set())
     try:
         config = ModelConfig.from_dict({k: v for k, v in data.items() if k in fields})
     except (TypeError, ValueError) as e:

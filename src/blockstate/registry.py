@@ -11,7 +11,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PAPER_BST_LAYERS, PAPER_DEPTH, ModelConfig, check_value_type, scale_bst_layers
+from .components import component_class
+from .config import (
+    COMPONENT_FIELDS,
+    PAPER_BST_LAYERS,
+    PAPER_DEPTH,
+    ModelConfig,
+    check_value_type,
+    merge,
+    nest,
+    paths,
+    scale_bst_layers,
+)
+from .layers.gss import GSS_ATTENTION_EVERY, gss_hybrid_layers  # noqa: F401 - placements of
+from .layers.samba import samba_layers  # noqa: F401 - the baselines' layers, re-exported here
 from .model import BlockStateLM
 
 # Tags: what a preset is, for selecting presets without reading their names.
@@ -33,7 +46,7 @@ class Preset:
 
     name: str
     description: str
-    overrides: Mapping[str, Any]
+    overrides: Mapping[str, Any]    # field paths ("ssm.kind", "context.direct", "d_ff", ...)
     tags: frozenset[str]
 
     def __post_init__(self) -> None:
@@ -45,50 +58,51 @@ class Preset:
 
 
 def _preset(name: str, description: str, tags: tuple[str, ...], **overrides: Any) -> Preset:
-    return Preset(name, description, overrides, frozenset(tags))
+    return Preset(name, description, paths(nest(overrides)), frozenset(tags))
 
 
 _PRESETS = (
     # Paper Table 1 names: BST:<variant>:<kernel>.
     _preset("bst-sh-s4", "BST:SH:S4, single-head context states from an S4 kernel",
-            (PAPER, BST, CONSTANT_STATE), context_variant="sh", ssm_kernel="s4"),
+            (PAPER, BST, CONSTANT_STATE), context="sh", ssm="s4"),
     _preset("bst-mh-s4", "BST:MH:S4, multi-head context states from an S4 kernel",
-            (PAPER, BST, CONSTANT_STATE), context_variant="mh", ssm_kernel="s4"),
+            (PAPER, BST, CONSTANT_STATE), context="mh", ssm="s4"),
     _preset("bst-mf-s4", "BST:MF:S4, multi-filter context states from an S4 kernel",
-            (PAPER, BST, CONSTANT_STATE), context_variant="mf", ssm_kernel="s4"),
+            (PAPER, BST, CONSTANT_STATE), context="mf", ssm="s4"),
     _preset("bst-sh-s4d", "BST:SH:S4D, single-head context states from a diagonal S4D kernel",
-            (PAPER, BST, CONSTANT_STATE), context_variant="sh", ssm_kernel="s4d"),
+            (PAPER, BST, CONSTANT_STATE), context="sh", ssm="s4d"),
     # Unstructured kernels are explicit convolutions: their streamed decode keeps the input history.
     _preset("bst-sh-unstruct", "BST:SH:UNSTRUCT, single-head context states from an unstructured "
-            "kernel", (PAPER, BST), context_variant="sh", ssm_kernel="unstruct"),
+            "kernel", (PAPER, BST), context="sh", ssm="unstruct"),
     _preset("bst-mh-unstruct", "BST:MH:UNSTRUCT, multi-head context states from an unstructured "
-            "kernel", (PAPER, BST), context_variant="mh", ssm_kernel="unstruct"),
+            "kernel", (PAPER, BST), context="mh", ssm="unstruct"),
     _preset("bst-mf-unstruct", "BST:MF:UNSTRUCT, multi-filter context states from an unstructured "
-            "kernel", (PAPER, BST), context_variant="mf", ssm_kernel="unstruct"),
+            "kernel", (PAPER, BST), context="mf", ssm="unstruct"),
     # Selective (input-dependent) context states: not in the paper (see ssm/selective.py).
     _preset("bst-sh-ssd", "BST:SH with the selective kernel, one decay per head",
-            (EXPERIMENTAL, BST, CONSTANT_STATE, SELECTIVE), context_variant="sh", ssm_kernel="ssd"),
+            (EXPERIMENTAL, BST, CONSTANT_STATE, SELECTIVE), context="sh", ssm="ssd"),
     _preset("bst-mf-ssd", "BST:MF with the selective kernel, one decay per head",
-            (EXPERIMENTAL, BST, CONSTANT_STATE, SELECTIVE), context_variant="mf", ssm_kernel="ssd"),
+            (EXPERIMENTAL, BST, CONSTANT_STATE, SELECTIVE), context="mf", ssm="ssd"),
     # The same with rotating modes whose phases the input advances, one real decay per head: the
     # rotation lets a state tell positions apart, which selective copying needs (learned there; the
     # default kind does not learn it).
     _preset("bst-sh-ssd-rotary", "BST:SH with the selective kernel, rotating modes",
-            (EXPERIMENTAL, BST, CONSTANT_STATE, SELECTIVE), context_variant="sh", ssm_kernel="ssd",
-            ssd_decay="rotary"),
+            (EXPERIMENTAL, BST, CONSTANT_STATE, SELECTIVE), context="sh",
+            ssm={"kind": "ssd", "decay": "rotary"}),
     _preset("bst-mf-ssd-rotary", "BST:MF with the selective kernel, rotating modes",
-            (EXPERIMENTAL, BST, CONSTANT_STATE, SELECTIVE), context_variant="mf", ssm_kernel="ssd",
-            ssd_decay="rotary"),
+            (EXPERIMENTAL, BST, CONSTANT_STATE, SELECTIVE), context="mf",
+            ssm={"kind": "ssd", "decay": "rotary"}),
     # Recommended (docs/presets.md; not in the paper): the selective kernel with normalized B and
     # C, an output head of its own and the context outputs also read directly into the residual
     # stream, on an SSM as wide as the model with N = 64: the settings that learn MQAR beyond the
-    # window and lower `tiny` perplexity (docs/results/recommended.md, docs/results/long_range.md).
+    # window and lower `tiny` perplexity (docs/results/recommended.md).
     # Its MLP is narrowed per size (PRESET_SIZE_OVERRIDES) to stay within 10% of bst-sh-s4.
     _preset("bst-recommended", "BST:SH with the selective kernel, normalized B and C, a direct read "
             "of the context outputs and an untied output head", (RECOMMENDED, BST, CONSTANT_STATE,
                                                                   SELECTIVE),
-            context_variant="sh", ssm_kernel="ssd", ssd_bc_norm=True, tie_embeddings=False,
-            context_direct=True, ssm_width_divisor=1, ssm_state_size=64),
+            context={"kind": "sh", "direct": True},
+            ssm={"kind": "ssd", "bc_norm": True, "width_divisor": 1, "state_size": 64},
+            tie_embeddings=False),
     # Baselines (paper section 4). `bst_layers` of a baseline places its GSS or recurrent layers,
     # given for the paper's 12-layer depth and scaled to the size's depth.
     _preset("transformer", "Transformer with full causal self-attention", (PAPER, BASELINE),
@@ -104,29 +118,16 @@ _PRESETS = (
     # GSS-Hybrid (Mehta et al. 2022) is mostly GSS layers with an attention layer after every
     # three: its layers are placed by `gss_hybrid_layers`, not at BST's positions.
     _preset("gss-hybrid", "GSS-Hybrid: gated state space layers and an attention layer every four",
-            (PAPER, BASELINE, CONSTANT_STATE), arch="gss-hybrid", ssm_kernel="s4d", gss_expansion=6),
+            (PAPER, BASELINE, CONSTANT_STATE), arch={"kind": "gss-hybrid", "expansion": 6},
+            ssm="s4d"),
     # Samba (Ren et al. 2024; not in the paper): [Mamba, MLP, SWA, MLP] repeated, the Mamba
     # layers of the selective SSM at the even positions (`samba_layers`), the odd ones Slide's
     # sliding-window attention layers (see layers/samba.py).
     _preset("samba", "Samba: selective SSM (Mamba) layers alternating with sliding-window "
-            "attention", (BASELINE, CONSTANT_STATE, SELECTIVE), arch="samba", ssm_kernel="ssd",
+            "attention", (BASELINE, CONSTANT_STATE, SELECTIVE), arch="samba", ssm="ssd",
             self_attention="sliding"),
 )
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
-GSS_ATTENTION_EVERY = 4
-
-
-def gss_hybrid_layers(n_layers: int) -> tuple[int, ...]:
-    """Indices of GSS-Hybrid's GSS layers: all but every 4th layer (3, 7, 11 of 12 are attention),
-    keeping at least one attention layer (the last) in shallow models."""
-    attention = {i for i in range(n_layers) if (i + 1) % GSS_ATTENTION_EVERY == 0} or {n_layers - 1}
-    return tuple(i for i in range(n_layers) if i not in attention)
-
-
-def samba_layers(n_layers: int) -> tuple[int, ...]:
-    """Indices of Samba's Mamba layers: every other layer from the first, so that each Mamba layer
-    is followed by a sliding-window attention layer ([Mamba, MLP, SWA, MLP] repeated)."""
-    return tuple(range(0, n_layers, 2))
 
 
 # Where a baseline would fall more than 10% short of the BST presets' parameter count at a size,
@@ -136,8 +137,8 @@ PRESET_SIZE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("slide", "small"): {"d_ff": 1280},
     ("transformer-xl", "small"): {"d_ff": 1280},
     # GSS layers have no MLP; the expansion F / D brings gss-hybrid within 10% of bst-sh-s4.
-    ("gss-hybrid", "tiny"): {"gss_expansion": 8},
-    ("gss-hybrid", "large"): {"gss_expansion": 11},
+    ("gss-hybrid", "tiny"): {"arch.expansion": 8},
+    ("gss-hybrid", "large"): {"arch.expansion": 11},
     ("samba", "tiny"): {"d_ff": 352},
     # bst-recommended's wider SSM, direct read and untied head (V x D: a quarter of `small`) are
     # paid for with its MLP: 1.5 D at tiny and small, 3 D at base, 7 D at large.
@@ -148,24 +149,25 @@ PRESET_SIZE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 # Sizes shared by all presets. `base` and `large` are the paper's (~200M / ~400M with a 32k vocab).
+# Component fields apply to the kinds that have them (`ssm.hidden` only to unstructured kernels).
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {  # for tests: seconds on a CPU
         "vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 2, "block_size": 16,
-        "max_seq_len": 128, "num_context_states": 4, "ssm_state_size": 8,
-        "rel_pos_max_distance": 32, "unstruct_hidden": 32, "unstruct_frequencies": 4,
+        "max_seq_len": 128, "context.states": 4, "ssm.state_size": 8,
+        "rel_pos_max_distance": 32, "ssm.hidden": 32, "ssm.frequencies": 4,
     },
     "small": {  # the CPU default
         "vocab_size": 8192, "d_model": 256, "n_layers": 6, "n_heads": 4, "block_size": 128,
-        "max_seq_len": 1024, "num_context_states": 16,
+        "max_seq_len": 1024, "context.states": 16,
     },
     "base": {  # paper: 12 layers, width 1024, 8 heads of 128, MLP 4096, W=512, L=4096
         "vocab_size": 32000, "d_model": 1024, "n_layers": 12, "n_heads": 8, "d_ff": 4096,
-        "block_size": 512, "max_seq_len": 4096, "num_context_states": 32, "dropout": 0.05,
+        "block_size": 512, "max_seq_len": 4096, "context.states": 32, "dropout": 0.05,
         "bst_layers": PAPER_BST_LAYERS,
     },
     "large": {  # paper's -L: 12 heads of 128, MLP 8192, BST at layers 1, 5, 7, 9
         "vocab_size": 32000, "d_model": 1024, "n_layers": 12, "n_heads": 12, "head_dim": 128,
-        "d_ff": 8192, "block_size": 512, "max_seq_len": 4096, "num_context_states": 32,
+        "d_ff": 8192, "block_size": 512, "max_seq_len": 4096, "context.states": 32,
         "dropout": 0.05, "bst_layers": (0, 4, 6, 8),
     },
 }
@@ -197,30 +199,34 @@ def list_sizes() -> list[str]:
 
 
 def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfig:
-    """The validated config of preset `name` at `size` with `overrides` applied.
+    """The validated config of preset `name` at `size` with `overrides` applied (as
+    `ModelConfig.with_overrides` takes them: fields, field paths, components as kinds or dicts).
 
     Unless `bst_layers` is overridden, the preset's (or size's) layer placement is scaled to the
-    depth, keeping the first layer for BST; gss-hybrid places its GSS layers by
-    `gss_hybrid_layers` and samba its Mamba layers by `samba_layers`.
+    depth, keeping the first layer for BST; an arch with a placement of its own (gss-hybrid,
+    samba: `ArchOptions.default_layers`) places its layers by it.
     """
     preset = get_preset(name).overrides
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; available sizes: {', '.join(SIZES)}")
-    unknown = sorted(set(overrides) - set(ModelConfig.field_names()))
-    if unknown:
-        raise ValueError(f"unknown override(s) {unknown}; accepted: "
-                         f"{', '.join(ModelConfig.field_names())}")
+    mine = nest(overrides)
     types = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
-    for key, value in overrides.items():  # before any of them is used below
-        check_value_type(key, value, types[key])
-    fields = {**SIZES[size], **preset, **PRESET_SIZE_OVERRIDES.get((name, size), {})}
-    n_layers = overrides.get("n_layers", fields["n_layers"])
-    if "bst_layers" in overrides:
+    for key, value in mine.items():  # before any of them is used below
+        if key not in (*COMPONENT_FIELDS, "_lenient"):
+            if key not in types:
+                raise ValueError(f"unknown override {key!r}; accepted: the fields "
+                                 f"{', '.join(ModelConfig.field_names())}, their paths (e.g. "
+                                 f"ssm.state_size) and the flat names of format 1")
+            check_value_type(key, value, types[key])
+    layers = [nest(SIZES[size], lenient=True), nest(preset),
+              nest(PRESET_SIZE_OVERRIDES.get((name, size), {})), mine]
+    fields = merge(layers)
+    n_layers = fields["n_layers"]
+    arch = component_class("arch", fields.get("arch", {}).get("kind", "bst"))
+    if "bst_layers" in mine:
         pass
-    elif fields.get("arch") == "gss-hybrid":
-        fields["bst_layers"] = gss_hybrid_layers(n_layers)
-    elif fields.get("arch") == "samba":
-        fields["bst_layers"] = samba_layers(n_layers)
+    elif arch.default_layers(n_layers) is not None:
+        fields["bst_layers"] = arch.default_layers(n_layers)
     elif "bst_layers" in preset:
         fields["bst_layers"] = scale_bst_layers(n_layers, tuple(preset["bst_layers"]), PAPER_DEPTH)
     elif SIZES[size].get("bst_layers") is not None:
@@ -228,8 +234,16 @@ def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfi
                                                 SIZES[size]["n_layers"])
     else:
         fields["bst_layers"] = scale_bst_layers(n_layers)
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    return ModelConfig.from_dict(fields)
+
+
+def applicable_overrides(name: str, size: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `overrides` that preset `name` has a field for: component fields of kinds
+    it does not use are left out (for settings shared by presets of different kinds, such as a
+    scale's state size and unstructured-filter width)."""
+    have = set(paths(model_config(name, size).to_dict()))
+    return {key: value for key, value in overrides.items()
+            if all(path in have or "." not in path for path in paths(nest({key: value})))}
 
 
 def count_parameters(name: str, size: str = "small", **overrides: Any) -> int:
@@ -243,9 +257,10 @@ def matched_mlp_width(name: str, size: str, overrides: dict[str, Any], reference
     """`{"d_ff": width}` that brings preset `name` within `tolerance` of `reference`'s parameter
     count at the same size and overrides (the paper compares models of similar size), or `{}` when
     it is within already; `own` are further overrides of `name` alone. The count is affine in the
-    MLP width, so two counts give the width."""
-    target = count_parameters(reference, size, **overrides)
-    overrides = {**overrides, **(own or {})}
+    MLP width, so two counts give the width. Component fields in `overrides` apply to each model
+    where its kinds have them (`applicable_overrides`)."""
+    target = count_parameters(reference, size, **applicable_overrides(reference, size, overrides))
+    overrides = applicable_overrides(name, size, {**overrides, **(own or {})})
     if abs(count_parameters(name, size, **overrides) - target) <= tolerance * target:
         return {}
     low, high = 16, 32

@@ -26,8 +26,18 @@ from typing import Any
 
 import torch
 
+from .config import nest, paths
 from .fileio import atomic_write
-from .registry import BASELINE, BST, PAPER, PRESETS, list_models, matched_mlp_width, mlp_sized_per_size
+from .registry import (
+    BASELINE,
+    BST,
+    PAPER,
+    PRESETS,
+    applicable_overrides,
+    list_models,
+    matched_mlp_width,
+    mlp_sized_per_size,
+)
 from .reporting import machine_info, markdown_table
 
 # The paper's 7 BST presets; the others (selective, recommended) run only when asked for.
@@ -67,8 +77,8 @@ SCALES: dict[str, Scale] = {
     # About an hour on 2 CPU cores: 2 corpora x 2 seeds x 12 models plus 9 ablation runs, ~1 min each.
     "tiny": Scale(size="tiny", overrides={
         "d_model": 128, "n_layers": 4, "n_heads": 4, "block_size": 32, "max_seq_len": 256,
-        "num_context_states": 8, "ssm_state_size": 16, "rel_pos_max_distance": 64,
-        "unstruct_hidden": 32, "unstruct_frequencies": 8},
+        "context.states": 8, "ssm.state_size": 16, "rel_pos_max_distance": 64,
+        "ssm.hidden": 32, "ssm.frequencies": 8},
         batch_size=16, max_tokens=480_000, lr=2e-3, warmup_steps=20, eval_tokens=65_536,
         seeds=(0, 1), windows=(16, 64)),
     # One GPU: the library's small size (6 x 256, W = 128, L = 1024), 8k SentencePiece vocabulary.
@@ -98,7 +108,8 @@ def matched_overrides(name: str, scale: Scale, tolerance: float = 0.05) -> dict[
     paper's BST presets are left as they are."""
     if BASELINE not in PRESETS[name].tags and not mlp_sized_per_size(name):
         return {}
-    own = {k: v for k, v in PRESETS[name].overrides.items() if k in scale.overrides}
+    scale_paths = set(paths(nest(scale.overrides)))
+    own = {k: v for k, v in PRESETS[name].overrides.items() if k in scale_paths}
     overrides = {**scale.overrides, "vocab_size": _vocab(scale)}
     return {**own, **matched_mlp_width(name, scale.size, overrides, ABLATION_MODEL, tolerance, own)}
 
@@ -134,7 +145,7 @@ def plan(scale: Scale, corpora: list[str], models: tuple[str, ...] = ZOO,
 
     default_layers = scale_bst_layers(n_layers)
     for n in scale.state_sizes:
-        runs.append(Run("state", corpus, ABLATION_MODEL, seed, {"ssm_state_size": n}, f"N={n}"))
+        runs.append(Run("state", corpus, ABLATION_MODEL, seed, {"ssm.state_size": n}, f"N={n}"))
     for count in range(1, n_layers + 1):
         layers = default_layers if count == len(default_layers) else _spread_layers(count, n_layers)
         runs.append(Run("bst_layers", corpus, ABLATION_MODEL, seed, {"bst_layers": list(layers)},
@@ -157,7 +168,8 @@ def _is_default(run: Run, scale: Scale) -> bool:
     """Whether an ablation run is the main bst-sh-s4 configuration (then the main run is reused)."""
     from .registry import model_config
 
-    base = {**scale.overrides, "vocab_size": _vocab(scale)}
+    base = applicable_overrides(ABLATION_MODEL, scale.size,
+                                {**scale.overrides, "vocab_size": _vocab(scale)})
     main = model_config(ABLATION_MODEL, scale.size, **base)
     changed = model_config(ABLATION_MODEL, scale.size, **{**base, **run.overrides})
     return main == changed
@@ -188,7 +200,8 @@ def execute(run: Run, scale: Scale, out: Path, device: str, log: Callable[[str],
     if eval_path.exists():  # finished (possibly as the main run an ablation point reuses)
         return {**json.loads(eval_path.read_text()), **mine}
     config = TrainConfig(
-        model=run.model, size=scale.size, model_overrides={**scale.overrides, **run.overrides},
+        model=run.model, size=scale.size, model_overrides=applicable_overrides(
+            run.model, scale.size, {**scale.overrides, **run.overrides}),
         data=run.corpus, tokenizer=scale.tokenizer, vocab_size=scale.vocab_size,
         seq_len=scale.seq_len, batch_size=scale.batch_size, lr=scale.lr,
         warmup_steps=scale.warmup_steps, max_tokens=scale.max_tokens, seed=run.seed,

@@ -190,7 +190,7 @@ class TrainConfig:
             raise ValueError(f"block_size={mconfig.block_size} is longer than the training length "
                              f"seq_len={seq_len}; choose block_size <= seq_len")
         if mconfig.carries_memory and seq_len % mconfig.block_size:
-            raise ValueError(f"{mconfig.arch} carries memory between sequences: seq_len={seq_len} "
+            raise ValueError(f"{mconfig.arch.kind} carries memory between sequences: seq_len={seq_len} "
                              f"must be a multiple of block_size={mconfig.block_size}")
 
     def _check_fsdp(self, mconfig: ModelConfig) -> None:
@@ -204,7 +204,7 @@ class TrainConfig:
             raise ValueError("fsdp with precision='fp16' is not supported (its loss scaler does not "
                              "handle sharded gradients); use --precision bf16 or fp32")
         if mconfig.carries_memory and self.carry_memory:
-            raise ValueError(f"fsdp does not carry the memory of {mconfig.arch} between sequences; pass "
+            raise ValueError(f"fsdp does not carry the memory of {mconfig.arch.kind} between sequences; pass "
                              f"--no-carry-memory, or train without --fsdp")
 
     def has_budget(self) -> bool:

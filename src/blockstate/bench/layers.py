@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, merge, nest, paths
 from ..layers import BlockAttentionLayer, BlockRecurrentLayer, BSTLayer, GSSLayer, XLLayer
 from ..reporting import machine_info, markdown_table
 from ..ssm import SSM
@@ -39,29 +39,28 @@ from .report import write_outputs
 from .timing import PeakMemory, map_large_blocks, measure_call, measure_machine
 
 # The layer benchmark's layers: single layers at `layer_config`'s shape, not model presets. Each
-# name maps to its layer class and the config fields it sets; where a preset shares the name, the
-# layer is that preset's BST layer (`ssm_method` "auto", as the presets).
+# name maps to its layer class and the config overrides it sets (`ModelConfig.with_overrides`
+# spellings); where a preset shares the name, the layer is that preset's BST layer.
 
 
-def _bst(variant: str, kernel: str, **fields: Any) -> tuple[type[nn.Module], dict[str, Any]]:
-    return BSTLayer, {"context_variant": variant, "ssm_kernel": kernel, "ssm_method": "auto",
-                      "ssd_decay": "head", **fields}
+def _bst(variant: str, kernel: str, **ssm: Any) -> tuple[type[nn.Module], dict[str, Any]]:
+    return BSTLayer, {"context": variant, "ssm": {"kind": kernel, **ssm}}
 
 
 BENCH_LAYERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     **{f"bst-{v}-{k}": _bst(v, k) for v in ("sh", "mh", "mf") for k in ("s4", "s4d", "unstruct")},
     "bst-sh-ssd": _bst("sh", "ssd"),
     "bst-mf-ssd": _bst("mf", "ssd"),
-    # The selective kernel with another decay kind (config.SSD_DECAYS): S6's decay per state
-    # dimension, rotating complex modes, and the same with one real decay per head.
-    "bst-sh-ssd-state": _bst("sh", "ssd", ssd_decay="state"),
-    "bst-sh-ssd-complex": _bst("sh", "ssd", ssd_decay="complex"),
-    "bst-mf-ssd-complex": _bst("mf", "ssd", ssd_decay="complex"),
-    "bst-sh-ssd-rotary": _bst("sh", "ssd", ssd_decay="rotary"),
-    "bst-mf-ssd-rotary": _bst("mf", "ssd", ssd_decay="rotary"),
+    # The selective kernel with another decay kind: S6's decay per state dimension, rotating
+    # complex modes, and the same with one real decay per head.
+    "bst-sh-ssd-state": _bst("sh", "ssd", decay="state"),
+    "bst-sh-ssd-complex": _bst("sh", "ssd", decay="complex"),
+    "bst-mf-ssd-complex": _bst("mf", "ssd", decay="complex"),
+    "bst-sh-ssd-rotary": _bst("sh", "ssd", decay="rotary"),
+    "bst-mf-ssd-rotary": _bst("mf", "ssd", decay="rotary"),
     # The FFT path of a structured kernel, the reference the chunked path is timed against.
-    "bst-sh-s4-fft": _bst("sh", "s4", ssm_method="fft"),
-    "bst-sh-s4d-fft": _bst("sh", "s4d", ssm_method="fft"),
+    "bst-sh-s4-fft": _bst("sh", "s4", method="fft"),
+    "bst-sh-s4d-fft": _bst("sh", "s4d", method="fft"),
     # BRT keeps S = W recurrent states as in the Block-Recurrent Transformer paper; Transformer-XL
     # attends over a memory of 4W positions (the paper's Trsf-XL:2048 at W = 512); "gss" is one GSS
     # layer with F = 3D as in the GSS paper (the gss-hybrid preset stacks them with attention).
@@ -69,28 +68,30 @@ BENCH_LAYERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "slide": (BlockAttentionLayer, {"self_attention": "sliding"}),
     "transformer-xl": (XLLayer, {"arch": "transformer-xl"}),
     "transformer": (BlockAttentionLayer, {"self_attention": "full"}),
-    "gss": (GSSLayer, {"ssm_kernel": "s4d", "gss_expansion": 3}),
+    "gss": (GSSLayer, {"ssm": "s4d", "arch": {"kind": "gss-hybrid", "expansion": 3}}),
 }
 LAYERS = tuple(BENCH_LAYERS)
 # Drawn as solid lines in the layer plot: the single-head BST layers and the two main baselines.
 PLOTTED_SOLID = tuple(name for name, (_, fields) in BENCH_LAYERS.items()
-                      if fields.get("context_variant") == "sh") + ("brt", "slide")
+                      if fields.get("context") == "sh") + ("brt", "slide")
 
 
 def layer_config(width: int, heads: int, length: int, block: int = 128, state: int = 16,
                  context_states: int = 32) -> ModelConfig:
     """The paper's speed-benchmark layer (width 512, 16 heads, window 128, SSM state 16) by default."""
-    return ModelConfig(d_model=width, n_heads=heads, block_size=block, ssm_state_size=state,
-                       max_seq_len=length, num_context_states=context_states,
-                       rel_pos_max_distance=block)
+    return ModelConfig(d_model=width, n_heads=heads, block_size=block, max_seq_len=length,
+                       rel_pos_max_distance=block, ssm={"kind": "s4", "state_size": state},
+                       context={"kind": "mf", "states": context_states})
 
 
 def build_layer(name: str, config: ModelConfig) -> nn.Module:
-    """Layer `name` of `BENCH_LAYERS` on `config` with the layer's own fields set."""
+    """Layer `name` of `BENCH_LAYERS` on `config` with the layer's own fields set; the sizes of
+    `config`'s components (state size, context states) carry over to the layer's kinds."""
     if name not in BENCH_LAYERS:
         raise ValueError(f"unknown layer {name!r}; known layers: {', '.join(LAYERS)}")
     layer, fields = BENCH_LAYERS[name]
-    return layer(config.replace(**fields))
+    sizes = {k: v for k, v in paths(config.to_dict()).items() if not k.endswith("kind")}
+    return layer(ModelConfig.from_dict(merge([nest(sizes, lenient=True), nest(fields)])))
 
 
 def _clear_ssm_caches(module: nn.Module) -> None:

@@ -15,12 +15,16 @@ parameter count is within 10% of the BST presets'; at the paper's base size they
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
 from ..attention import BlockSelfAttention
 from ..cache import KVCache
-from ..config import ModelConfig
+from ..components import ConfigError, positive, register
+from ..config import ArchOptions, ModelConfig
 from .residual import ResidualTail
 
 
@@ -71,3 +75,54 @@ class XLLayer(BlockAttentionLayer):
 
     def __init__(self, config: ModelConfig):
         super().__init__(config.replace(self_attention="sliding"))
+
+
+# ---------------------------------------------------------------------- configs (`ModelConfig.arch`)
+@dataclass
+class LayersAt(ArchOptions):
+    """An arch that puts its `layer` at the positions `bst_layers` and block-attention layers
+    (`BlockAttentionLayer`) everywhere else."""
+
+    layer: ClassVar[Any] = None
+
+    def build_layer(self, model: ModelConfig, index: int) -> nn.Module:
+        if index in set(model.resolved_bst_layers):
+            return self.layer(model)
+        return BlockAttentionLayer(model)
+
+
+def check_memory_length(arch: ArchOptions, model: ModelConfig) -> None:
+    """A carried memory spans whole blocks."""
+    if arch.memory_length is not None and arch.memory_length % model.block_size:
+        raise ConfigError(f"arch.memory_length={arch.memory_length} must be a multiple of "
+                          f"block_size={model.block_size}")
+
+
+@register("arch", "transformer-xl")
+@dataclass
+class TransformerXLArch(ArchOptions):
+    """Every layer a segment-recurrent `XLLayer` (the paper's Trsf-XL baseline). Each carries the
+    inputs of the last `memory_length` positions into the next training sequence of the same
+    document, and every query attends to its own block and the `memory_length` positions before
+    it (None: 4W, 2048 at W = 512, the paper's Trsf-XL:2048). A multiple of block_size."""
+
+    memory_length: int | None = None
+
+    carries_memory: ClassVar[bool] = True
+
+    def check(self) -> None:
+        super().check()
+        if self.memory_length is not None:
+            positive("arch.memory_length", self.memory_length)
+
+    def validate(self, model: ModelConfig) -> None:
+        check_memory_length(self, model)
+
+    def memory_span(self, model: ModelConfig) -> int:
+        return self.memory_length if self.memory_length is not None else 4 * model.block_size
+
+    def constant_attention(self, model: ModelConfig) -> bool:
+        return True  # its layers always attend over a sliding window
+
+    def build_layer(self, model: ModelConfig, index: int) -> nn.Module:
+        return XLLayer(model)

@@ -20,12 +20,17 @@ part the paper's speed comparison measures.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from ..attention import BlockSelfAttention, QKNorm, attend, heads_last, to_blocks
 from ..cache import BRTCache
+from ..components import positive, register
 from ..config import ModelConfig
+from .block import LayersAt, check_memory_length
 from .residual import ResidualTail
 
 
@@ -34,7 +39,7 @@ class BlockRecurrentLayer(ResidualTail):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        d, s = config.d_model, config.resolved_recurrent_states
+        d, s = config.d_model, config.arch.states(config)
         self.n_heads, self.head_dim = config.n_heads, config.resolved_head_dim
         self.block_size, self.dropout_p = config.block_size, config.dropout
         inner = self.n_heads * self.head_dim
@@ -166,3 +171,33 @@ class BlockRecurrentLayer(ResidualTail):
         if offset == self.block_size - 1:
             cache.state = self._update_state(cache.state, keys, cache.token_k, cache.token_v, 0.0)
         return self.tail(x, self_out, cross.transpose(1, 2).flatten(2))[:, 0]
+
+
+@register("arch", "brt")
+@dataclass
+class BRTArch(LayersAt):
+    """Block-Recurrent layers at `bst_layers` (the paper's Rec:fixed:skip baseline): `recurrent_states`
+    states (None: one per position of a block, W, as the paper's 512 at W = 512), and every layer
+    carries the inputs of the last `memory_length` positions (None: W, its sliding window) into the
+    next training sequence of the same document."""
+
+    recurrent_states: int | None = None
+    memory_length: int | None = None
+
+    carries_memory: ClassVar[bool] = True
+    layer: ClassVar[type] = BlockRecurrentLayer
+
+    def check(self) -> None:
+        super().check()
+        for name in ("recurrent_states", "memory_length"):
+            if getattr(self, name) is not None:
+                positive(f"arch.{name}", getattr(self, name))
+
+    def validate(self, model: ModelConfig) -> None:
+        check_memory_length(self, model)
+
+    def states(self, model: ModelConfig) -> int:
+        return self.recurrent_states if self.recurrent_states is not None else model.block_size
+
+    def memory_span(self, model: ModelConfig) -> int:
+        return self.memory_length if self.memory_length is not None else model.block_size

@@ -18,6 +18,8 @@ lift is per head, they are composed into a single per-head map from the SSM widt
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +27,10 @@ from torch import nn
 
 from ..attention import BlockSelfAttention, QKNorm, attend, heads_first, heads_last, to_blocks
 from ..cache import BSTCache, KVCache, SSMCache
-from ..config import ModelConfig
+from ..components import positive, register
+from ..config import ContextOptions, ModelConfig
 from ..ssm import build_ssm
+from .block import LayersAt
 from .residual import ResidualTail
 
 
@@ -49,12 +53,12 @@ class ContextStates(nn.Module):
         width = config.ssm_width
         self.down = nn.Linear(config.d_model, width, bias=False)
         self.ssm = build_ssm(config, config.ssm_channels, width)
-        self.activation = nn.GELU() if config.context_activation == "gelu" else nn.Identity()
-        self.norm = (nn.RMSNorm(width, eps=config.norm_eps) if config.context_norm == "rms"
+        self.activation = nn.GELU() if config.context.activation == "gelu" else nn.Identity()
+        self.norm = (nn.RMSNorm(width, eps=config.norm_eps) if config.context.norm == "rms"
                      else nn.Identity())
-        # context_direct (SH/MH): a linear read of the context outputs into the residual stream
+        # context.direct (SH/MH): a linear read of the context outputs into the residual stream
         self.direct = (nn.Linear(config.ssm_channels * width, config.d_model, bias=False)
-                       if config.context_direct else None)
+                       if config.context.direct_read else None)
 
     def reset_parameters(self) -> None:
         """With normalized SSM outputs, a unit-scale lift (std 1/sqrt(width)) makes the lifted
@@ -71,7 +75,7 @@ class ContextStates(nn.Module):
         return k, v
 
     def read(self, outputs: torch.Tensor) -> torch.Tensor | None:
-        """The direct read (..., D) of context outputs (..., C, Hs); None without context_direct."""
+        """The direct read (..., D) of context outputs (..., C, Hs); None without context.direct."""
         return None if self.direct is None else self.direct(outputs.flatten(-2))
 
     def _forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -222,7 +226,7 @@ class MFContext(ContextStates):
         super().__init__(config)
         self.lift = nn.Linear(config.ssm_width, config.d_model)
         self.kv = nn.Linear(config.d_model, 2 * self.n_heads * self.head_dim, bias=False)
-        s = config.num_context_states
+        s = config.context.states
         self.initial_context = nn.Parameter(torch.randn(s, config.d_model) * config.init_std)
         self.context_ids = nn.Parameter(torch.randn(s, config.d_model) * config.init_std)
 
@@ -280,12 +284,63 @@ class MFContext(ContextStates):
         return k, v, None
 
 
-CONTEXT_CLASSES: dict[str, type[ContextStates]] = {"sh": SHContext, "mh": MHContext, "mf": MFContext}
-
-
 def build_context_states(config: ModelConfig) -> ContextStates:
-    """The context-state construction named by `config.context_variant`."""
-    return CONTEXT_CLASSES[config.context_variant](config)
+    """The context-state construction that `config.context` describes."""
+    return config.context.build(config)
+
+
+# ---------------------------------------------------------------------- configs (`ModelConfig.context`)
+@dataclass
+class _PositionOptions(ContextOptions):
+    """SH and MH: the SSM outputs at the block's own positions. `direct` (not in the paper): each
+    BST layer also adds a linear map of its context outputs (after the activation) to the residual
+    stream, beside the cross-attention: a read of the state that does not pass through a softmax
+    over the block."""
+
+    direct: bool = False
+
+    @property
+    def direct_read(self) -> bool:
+        return self.direct
+
+
+@register("context", "sh")
+@dataclass
+class SHOptions(_PositionOptions):
+    """SH (single head): one filter per SSM channel, its outputs serving every head."""
+
+    module: ClassVar[type] = SHContext
+
+
+@register("context", "mh")
+@dataclass
+class MHOptions(_PositionOptions):
+    """MH (multi head): H filters, head h reading filter h's outputs."""
+
+    module: ClassVar[type] = MHContext
+
+    def channels(self, model: ModelConfig) -> int:
+        return model.n_heads
+
+
+@register("context", "mf")
+@dataclass
+class MFOptions(ContextOptions):
+    """MF (multi filter): `states` (S) filters whose outputs at the end of the previous block are
+    the block's context states; the SSM is half as wide (D/8) by default."""
+
+    states: int = 32
+
+    module: ClassVar[type] = MFContext
+    width_divisor: ClassVar[int] = 8
+    summarizes_blocks: ClassVar[bool] = True
+
+    def check(self) -> None:
+        super().check()
+        positive("context.states", self.states)
+
+    def channels(self, model: ModelConfig) -> int:
+        return self.states
 
 
 class BSTLayer(ResidualTail):
@@ -322,7 +377,7 @@ class BSTLayer(ResidualTail):
         h = self.attn_norm(x)
         k, v, _, outputs = self.context._forward(h)
         read = self.context.read(outputs)
-        if read is not None:  # context_direct
+        if read is not None:  # context.direct
             x = x + self.dropout(read)
         return self.tail(x, self.self_attn(h), self.cross_attention(h, k, v))
 
@@ -364,3 +419,13 @@ class BSTLayer(ResidualTail):
         if read is not None:
             x = x + read
         return self.step_tail(x, torch.cat([self_out.view(batch, inner), cross.view(batch, inner)], -1))
+
+
+@register("arch", "bst")
+@dataclass
+class BSTArch(LayersAt):
+    """The paper's model: BST layers at `bst_layers`, block-attention layers elsewhere."""
+
+    has_ssm: ClassVar[bool] = True
+    block_parallel: ClassVar[bool] = True
+    layer: ClassVar[type] = BSTLayer

@@ -7,23 +7,28 @@ between a `MambaLayer` (Mamba + MLP, even positions) and a sliding-window `Block
 (SWA + MLP, odd positions: the `slide` baseline's layer, window of the current and previous block).
 
 The Mamba mixer, with x^ = Norm(x): [u; z] = x^ W_in (each of width E = `config.ssm_width`, 2D
-unless `ssm_width_divisor` is set), y = SSM(u) (the selective SSM of `ssm/selective.py`, which
+unless `ssm.width_divisor` is set), y = SSM(u) (the selective SSM of `ssm/selective.py`, which
 normalizes u, applies Mamba's short causal convolution and SiLU, and adds the D skip), output
 x + (y * SiLU(z)) W_out. Differences from Samba as published, for the record: the SSM is
-Mamba-2's scan with one decay per head (`ssd_decay="state"` gives Mamba-1's per-state decays),
+Mamba-2's scan with one decay per head (ssm decay kind "state" gives Mamba-1's per-state decays),
 the MLP is the project's ReLU MLP (Samba: SwiGLU), and attention has the project's T5 relative
 position bias and normalized queries/keys (Samba: RoPE).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..cache import MambaCache
+from ..components import register
 from ..config import ModelConfig
 from ..ssm import build_ssm
+from .block import LayersAt
 from .residual import ResidualTail
 
 
@@ -67,3 +72,26 @@ class MambaLayer(ResidualTail):
         u, z = self._branches(x)                                                   # (B, E)
         y = self.ssm.step(u, cache.ssm)[:, 0].to(u.dtype)                          # (B, E)
         return self.step_tail(x, y * F.silu(z))
+
+
+def samba_layers(n_layers: int) -> tuple[int, ...]:
+    """Indices of Samba's Mamba layers: every other layer from the first, so that each Mamba layer
+    is followed by a sliding-window attention layer ([Mamba, MLP, SWA, MLP] repeated)."""
+    return tuple(range(0, n_layers, 2))
+
+
+@register("arch", "samba")
+@dataclass
+class SambaArch(LayersAt):
+    """Mamba layers of `ModelConfig.ssm` at `bst_layers` (Samba: alternating with sliding-window
+    attention layers), their SSM as wide as Mamba's expansion, 2D, unless ssm.width_divisor is set."""
+
+    has_ssm: ClassVar[bool] = True
+    layer: ClassVar[type] = MambaLayer
+
+    def ssm_width(self, model: ModelConfig) -> int:
+        return 2 * model.d_model
+
+    @classmethod
+    def default_layers(cls, n_layers: int) -> tuple[int, ...]:
+        return samba_layers(n_layers)

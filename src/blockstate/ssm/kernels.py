@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..components import ConfigError, choice, positive, register
 from .chunked import ChunkOperators, krylov
+from .layer import KernelOptions, check_step_range
 
 
 @contextmanager
@@ -368,3 +372,106 @@ class ExplicitKernel(nn.Module):
             if length > self.train_length:
                 return F.pad(k, (0, length - self.train_length))
             return k[..., :length]
+
+
+# ---------------------------------------------------------------------- configs (`ModelConfig.ssm`)
+S4D_INITS = ("lin", "inv", "real")
+
+
+@dataclass
+class _StateSpaceOptions(KernelOptions):
+    """Kernels of a state-space system: N states (in complex-conjugate pairs) and a step size
+    initialized log-uniformly in [dt_min, dt_max]."""
+
+    state_size: int = 16            # N
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+
+    structured: ClassVar[bool] = True
+
+    def check(self) -> None:
+        super().check()
+        positive(f"{self.path}.state_size", self.state_size)
+        if self.state_size % 2:
+            raise ConfigError(f"{self.path}.state_size={self.state_size} must be even for kind "
+                              f"{self.kind!r} (states come in complex-conjugate pairs)")
+        check_step_range(self.path, self.dt_min, self.dt_max)
+
+
+@register("ssm", "s4")
+@dataclass
+class S4Options(_StateSpaceOptions):
+    """S4's DPLR kernel with HiPPO-LegS initialization (the paper's BST:*:S4)."""
+
+    def build_kernel(self, model, channels: int, width: int) -> nn.Module:
+        return S4Kernel(channels, width, self.state_size, self.dt_min, self.dt_max)
+
+
+@register("ssm", "s4d")
+@dataclass
+class S4DOptions(_StateSpaceOptions):
+    """S4D's diagonal kernel; `init`: S4D-Inv, S4D-Lin or S4D-Real (no rotation) for A."""
+
+    init: str = "inv"
+
+    def check(self) -> None:
+        super().check()
+        choice(f"{self.path}.init", self.init, S4D_INITS)
+
+    def build_kernel(self, model, channels: int, width: int) -> nn.Module:
+        return S4DKernel(channels, width, self.state_size, self.init, self.dt_min, self.dt_max)
+
+
+@dataclass
+class _FilterOptions(KernelOptions):
+    """Kernels defined as filters up to the training length (`max_seq_len`); their streamed
+    generation keeps the input history. `decay_rate`: alpha of the exp(-alpha t) envelope,
+    t in [0, 1)."""
+
+    decay_rate: float = 2.0
+
+    constant_state: ClassVar[bool] = False
+
+    def check(self) -> None:
+        super().check()
+        if self.decay_rate < 0:
+            raise ConfigError(f"{self.path}.decay_rate={self.decay_rate} must be >= 0")
+
+
+@register("ssm", "unstruct")
+@dataclass
+class UnstructOptions(_FilterOptions):
+    """The paper's unstructured kernel: exp(-alpha t) MLP(PosEmb(t)), an implicit filter MLP of
+    `hidden` units over sin/cos features of t at `frequencies` frequencies."""
+
+    hidden: int = 64
+    frequencies: int = 8
+
+    def check(self) -> None:
+        super().check()
+        positive(f"{self.path}.hidden", self.hidden)
+        positive(f"{self.path}.frequencies", self.frequencies)
+
+    def build_kernel(self, model, channels: int, width: int) -> nn.Module:
+        return ImplicitKernel(channels, width, model.max_seq_len, self.hidden, self.frequencies,
+                              self.decay_rate)
+
+
+@register("ssm", "explicit")
+@dataclass
+class ExplicitOptions(_FilterOptions):
+    """A directly learned kernel with Fu et al. 2023's regularization: soft-threshold `squash`
+    (lambda) and average-pool width `smooth`."""
+
+    squash: float = 1e-3
+    smooth: int = 3
+
+    def check(self) -> None:
+        super().check()
+        positive(f"{self.path}.smooth", self.smooth)
+        if self.squash < 0:
+            raise ConfigError(f"{self.path}.squash={self.squash} must be >= 0")
+
+    def build_kernel(self, model, channels: int, width: int) -> nn.Module:
+        return ExplicitKernel(channels, width, model.max_seq_len, self.squash, self.smooth,
+                              self.decay_rate)

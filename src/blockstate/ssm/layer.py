@@ -4,47 +4,57 @@ term, with its recurrent inference cache."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..cache import ConvSSMCache, RecurrentSSMCache
-from ..config import SSM_METHODS, ModelConfig
+from ..components import ConfigError, choice
+from ..config import SSM_METHODS, ModelConfig, SSMOptions
 from ..context_parallel import active as context_parallel_active
 from ..context_parallel import carried_outputs
 from .chunked import ChunkOperators, chunk_end_states, chunk_operators, chunked_causal_conv, end_outputs
 from .conv import fft_causal_conv, kernel_spectrum, next_fast_len
 from .eager import eager
-from .kernels import ExplicitKernel, ImplicitKernel, S4DKernel, S4Kernel
-from .selective import SelectiveSSM
 
 
-def build_ssm(config: ModelConfig, channels: int, width: int) -> SSM | SelectiveSSM:
-    """The SSM sublayer named by `config`: kernel, computation method and chunk size. "ssd" is the
-    selective (input-dependent) SSM, which has no fixed kernel and always runs chunked."""
-    if config.ssm_kernel == "ssd":
-        return SelectiveSSM(channels, width, config.ssm_state_size, config.dt_min, config.dt_max,
-                            config.ssm_chunk_size, config.ssd_heads, config.ssd_decay,
-                            config.ssd_bc_norm, config.ssd_still_modes)
-    return SSM(build_kernel(config, channels, width), config.ssm_method, config.ssm_chunk_size)
+def build_ssm(config: ModelConfig, channels: int, width: int) -> nn.Module:
+    """The SSM sublayer that `config.ssm` describes, for `channels` filters over `width`."""
+    return config.ssm.build_ssm(config, channels, width)
 
 
-def build_kernel(config: ModelConfig, channels: int, width: int) -> nn.Module:
-    """The kernel generator named by `config.ssm_kernel`, for `channels` filters of `width`."""
-    kind = config.ssm_kernel
-    if kind == "s4d":
-        return S4DKernel(channels, width, config.ssm_state_size, config.s4d_init,
-                         config.dt_min, config.dt_max)
-    if kind == "s4":
-        return S4Kernel(channels, width, config.ssm_state_size, config.dt_min, config.dt_max)
-    if kind == "unstruct":
-        return ImplicitKernel(channels, width, config.max_seq_len, config.unstruct_hidden,
-                              config.unstruct_frequencies, config.unstruct_decay)
-    if kind == "explicit":
-        return ExplicitKernel(channels, width, config.max_seq_len, config.explicit_squash,
-                              config.explicit_smooth, config.unstruct_decay)
-    raise ValueError(f"ssm_kernel={kind!r} is not valid; allowed: s4, s4d, unstruct, explicit")
+def check_step_range(path: str, dt_min: float, dt_max: float) -> None:
+    """The range of an SSM's initial step size (log-uniform in [dt_min, dt_max])."""
+    if not 0.0 < dt_min <= dt_max:
+        raise ConfigError(f"{path}.dt_min={dt_min}, {path}.dt_max={dt_max}: need 0 < dt_min <= dt_max")
+
+
+@dataclass
+class KernelOptions(SSMOptions):
+    """An SSM whose kernel is a fixed convolution filter (`build_kernel`), computed by FFT or, for
+    kernels with a state-space form (`structured`), chunk-wise: "auto" is chunked on CPU for
+    those and FFT otherwise (same function, different cost)."""
+
+    method: str = "auto"
+
+    structured: ClassVar[bool] = False  # has chunk_operators: chunked computation and a recurrence
+
+    def check(self) -> None:
+        super().check()
+        choice(f"{self.path}.method", self.method, SSM_METHODS)
+        if self.method == "chunked" and not self.structured:
+            raise ConfigError(f"{self.path}.method='chunked' needs a kernel with a state-space form "
+                              f"(s4 or s4d), not kind {self.kind!r}; use 'fft' or 'auto'")
+
+    def build_kernel(self, model: ModelConfig, channels: int, width: int) -> nn.Module:
+        """The kernel generator for `channels` filters of `width`."""
+        raise NotImplementedError
+
+    def build_ssm(self, model: ModelConfig, channels: int, width: int) -> SSM:
+        return SSM(self.build_kernel(model, channels, width), self.method, self.chunk_size)
 
 
 def structured(kernel: nn.Module) -> bool:

@@ -36,16 +36,20 @@ rotated B and C); elsewhere the PyTorch path does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..cache import SelectiveSSMCache
-from ..config import PAIRED_SSD_DECAYS, SSD_DECAYS
+from ..components import ConfigError, kinds, positive, register
+from ..config import DecayOptions, SSMOptions
 from ..context_parallel import active as context_parallel_active
 from ..context_parallel import incoming_state, previous_inputs
 from .eager import eager
+from .layer import check_step_range
 from .ssd import (
     from_halves,
     halves,
@@ -62,6 +66,8 @@ from .ssd import (
     unrotated,
 )
 
+SSD_DECAYS = ("head", "state", "complex", "rotary")  # the decay kinds the scan computes
+PAIRED_SSD_DECAYS = ("complex", "rotary")  # those that pair state dimensions into complex modes
 CONV_WIDTH = 4        # taps of the causal depthwise convolution before the SSM (Mamba's d_conv)
 # Heads per channel: each has its own step size and decay, so a channel holds several memory
 # horizons at once (one head of random decay rarely reaches beyond a few blocks at
@@ -340,3 +346,96 @@ class SelectiveSSM(nn.Module):
             return None
         y = real_part((state * c).sum(-1)).flatten(-2)                                   # (B, K, P)
         return torch.addcmul(y, self.D.to(dtype), x.unsqueeze(1))
+
+
+# ---------------------------------------------------------------------- configs (`ModelConfig.ssm`)
+@register("decay", "head")
+@dataclass
+class HeadDecay(DecayOptions):
+    """One scalar decay per head (Mamba-2)."""
+
+
+@register("decay", "state")
+@dataclass
+class StateDecay(DecayOptions):
+    """One decay per head and state dimension (Mamba's S6: N time scales per head, A_n = n + 1
+    at initialization)."""
+
+
+@dataclass
+class _RotatingDecay(DecayOptions):
+    """The N real state dimensions of a head as N/2 complex modes that decay and rotate by
+    dt_t A_m (A_m = -1/2 + i pi m at initialization, S4D-Lin), so that a mode's phase counts the
+    steps the input chose to take. The first `still_modes` modes of each head start at frequency
+    zero instead (still learned): a key held in a turning mode is read back with a phase that
+    depends on how far back it was written; still modes hold it unturned."""
+
+    still_modes: int = 0
+
+    paired: ClassVar[bool] = True
+
+    def check(self) -> None:
+        super().check()
+        if self.still_modes < 0:
+            raise ConfigError(f"{self.path}.still_modes={self.still_modes} must be >= 0")
+
+
+@register("decay", "complex")
+@dataclass
+class ComplexDecay(_RotatingDecay):
+    """Complex modes, each with its own (complex) decay."""
+
+
+@register("decay", "rotary")
+@dataclass
+class RotaryDecay(_RotatingDecay):
+    """Complex modes sharing one real decay per head (a Mamba-2 decay) with a frequency per
+    mode: equal to "complex" at initialization and about as fast as "head" (B_t and C_t are
+    rotated by the phases, then the scalar-decay scan runs)."""
+
+
+def _default_decay() -> DecayOptions:
+    return HeadDecay()
+
+
+@register("ssm", "ssd")
+@dataclass
+class SelectiveOptions(SSMOptions):
+    """The selective (input-dependent) SSM of this module: `heads` per SSM channel, each with its
+    own step size and decay (None: as many as give heads of at least 4 dimensions, at most 8),
+    its `decay` kind, and `bc_norm` to RMS-normalize B_t and C_t (learned gains). Always
+    computed chunk by chunk (it has no fixed kernel to FFT)."""
+
+    state_size: int = 16            # N
+    dt_min: float = 1e-3            # range of the initial step size (log-uniform)
+    dt_max: float = 1e-1
+    heads: int | None = None
+    decay: DecayOptions = field(default_factory=_default_decay)
+    bc_norm: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if not isinstance(self.decay, DecayOptions):
+            raise ConfigError(f"ssm.decay={self.decay!r} is not valid; give a decay kind "
+                              f"({', '.join(kinds('decay'))})")
+        positive("ssm.state_size", self.state_size)
+        check_step_range(self.path, self.dt_min, self.dt_max)
+        if self.heads is not None:
+            positive("ssm.heads", self.heads)
+        if self.decay.paired and self.state_size % 2:
+            raise ConfigError(f"ssm.decay kind {self.decay.kind!r} pairs state dimensions into "
+                              f"complex modes and needs an even ssm.state_size, not {self.state_size}")
+        still = self.decay.still_modes_or_zero
+        if not 0 <= still <= self.state_size // 2:
+            raise ConfigError(f"ssm.decay.still_modes={still}; accepted: 0 to the "
+                              f"{self.state_size // 2} modes of a head (ssm.state_size / 2)")
+
+    def validate(self, model) -> None:
+        if self.heads is not None and model.ssm_width % self.heads:
+            raise ConfigError(f"ssm.heads={self.heads} must divide the SSM width {model.ssm_width} "
+                              f"(d_model // ssm.width_divisor)")
+
+    def build_ssm(self, model, channels: int, width: int) -> SelectiveSSM:
+        return SelectiveSSM(channels, width, self.state_size, self.dt_min, self.dt_max,
+                            self.chunk_size, self.heads, self.decay.kind, self.bc_norm,
+                            self.decay.still_modes_or_zero)

@@ -6,9 +6,9 @@ presets on them for a fixed number of optimizer steps and scores accuracy by dis
 tabulates and plots (for passkey, a depth x length grid and its heat map).
 """
 
-from .generators import TASKS, TaskBatch, make_task, score
+from .generators import TASKS, Task, TaskBatch, make_task, register_task, score
 from .report import summarize, write_report
 from .runner import Run, Settings, run_all, train_run
 
-__all__ = ["TASKS", "Run", "Settings", "TaskBatch", "make_task", "run_all", "score", "summarize",
-           "train_run", "write_report"]
+__all__ = ["TASKS", "Run", "Settings", "Task", "TaskBatch", "make_task", "register_task", "run_all",
+           "score", "summarize", "train_run", "write_report"]

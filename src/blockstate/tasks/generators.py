@@ -27,6 +27,35 @@ class TaskBatch:
     distance: torch.Tensor  # (B, L) long
 
 
+class Task(typing.Protocol):
+    """What a task provides: a name, a vocabulary and length, seeded batches (`sample`), a reference
+    solver that recovers every answer from the inputs alone (`solve`), and chance accuracy."""
+
+    name: ClassVar[str]
+    seq_len: int
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def sample(self, batch_size: int, seed: int) -> TaskBatch: ...
+
+    def solve(self, inputs: torch.Tensor) -> torch.Tensor: ...
+
+    def chance(self) -> float: ...
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make the (dataclass) task `cls` available as `cls.name` to `make_task`,
+    `blockstate tasks run --task` and the report."""
+    if not getattr(cls, "name", None):
+        raise ValueError(f"task class {cls.__name__} has no name")
+    TASKS[cls.name] = cls
+    return cls
+
+
 def _validate(task: object, rules: list[tuple[str, bool, str]]) -> None:
     """Raise ValueError for the first field that is not an int or whose rule `(field, ok, accepted)` fails."""
     for field in dataclasses.fields(task):
@@ -99,6 +128,7 @@ class _CopyTask:
         return 1 / self.num_symbols
 
 
+@register_task
 @dataclass(frozen=True)
 class CopyingMemory(_CopyTask):
     """Copying memory (Arjovsky et al. 2016, section 4.1): `length` symbols, `lag` blanks, a delimiter and
@@ -122,6 +152,7 @@ class CopyingMemory(_CopyTask):
         return torch.arange(self.length).expand(batch_size, -1)                                  # (B, n)
 
 
+@register_task
 @dataclass(frozen=True)
 class AssociativeRecall:
     """Multi-query associative recall (Arora et al. 2023, "Zoology", section 3): `num_pairs` key-value
@@ -186,6 +217,7 @@ class AssociativeRecall:
         return 1 / self.num_values
 
 
+@register_task
 @dataclass(frozen=True)
 class SelectiveCopying(_CopyTask):
     """Selective copying (Gu and Dao 2023, "Mamba", section 4.1.1): `length` symbols at random positions
@@ -210,6 +242,7 @@ class SelectiveCopying(_CopyTask):
         return _distinct(generator, batch_size, 0, self.region, self.length).sort(dim=1).values  # (B, n)
 
 
+@register_task
 @dataclass(frozen=True)
 class InductionHead:
     """Induction head (Olsson et al. 2022; Gu and Dao 2023, section 4.1.2): random symbols with a trigger
@@ -267,6 +300,7 @@ class InductionHead:
         return 1 / self.num_symbols
 
 
+@register_task
 @dataclass(frozen=True)
 class Passkey:
     """Passkey retrieval (Mohtashami and Jaggi 2023, "Landmark Attention"): repeated
@@ -339,8 +373,6 @@ class Passkey:
         return 1 / 10
 
 
-Task = CopyingMemory | AssociativeRecall | SelectiveCopying | InductionHead | Passkey
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in typing.get_args(Task)}
 
 
 def make_task(name: str, **params: object) -> Task:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_latest_intact, save_checkpoint
+from ..checkpoint import load_checkpoint, load_latest_intact, save_checkpoint
 from ..evaluate import block_ranges
 from ..fileio import atomic_write
 from ..optim import scaled_parameter_groups, warmup_cosine
@@ -129,15 +129,21 @@ def evaluate(model: torch.nn.Module, task, sequences: int, batch_size: int, bloc
 
 def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | None = None,
               log: Callable[[str], None] = print, device: str | torch.device = "cpu",
-              checkpoints: Path | None = None, checkpoint_every: int = 0) -> dict[str, Any]:
+              checkpoints: Path | None = None, checkpoint_every: int = 0,
+              init_from: Path | None = None) -> dict[str, Any]:
     """Train `run` on `device` and return its record (config, parameter count, loss curve,
     evaluations). Batches are generated on the CPU from the run's seed, so they are the same on
     every device. With `checkpoints` (a directory) and `checkpoint_every` > 0, the state is saved
-    there every that many steps, and a run that finds a checkpoint there continues from it."""
+    there every that many steps, and a run that finds a checkpoint there continues from it.
+    `init_from` (a run or step directory of the same model, trained on another task setting)
+    gives the model its weights before step 0: a curriculum stage; the optimizer, schedule and
+    batches start afresh."""
     task = make_task(run.task, **dict(run.params))
     overrides = model_overrides(run, task.vocab_size, task.seq_len)
     torch.manual_seed(run.seed)
     model = build_model(run.model, SUITE_SIZE, **overrides).to(device)
+    if init_from is not None:
+        _initialize(model, init_from, log)
     block = model.config.block_size
     groups = scaled_parameter_groups(model, settings.weight_decay, settings.ssm_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98))
@@ -184,6 +190,19 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
             "parameters": model.num_parameters(), "settings": dataclasses.asdict(settings),
             "losses": losses, "train_seconds": round(train_seconds, 1), "evaluations": evaluations,
             "torch_threads": torch.get_num_threads(), "device": str(device)}
+
+
+def _initialize(model: torch.nn.Module, source: Path, log: Callable[[str], None]) -> None:
+    """Load the weights of the checkpoint at `source` into `model` (the same model but for the
+    training length)."""
+    checkpoint = load_checkpoint(source)
+    ours = {k: v for k, v in model.config.to_dict().items() if k != "max_seq_len"}
+    theirs = {k: v for k, v in checkpoint.model_config.items() if k != "max_seq_len"}
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"{source} holds another model than this run builds (fields {differ})")
+    checkpoint.load_model(model)  # strict: every weight present, of the same shape
+    log(f"model initialized from {checkpoint.path} (step {checkpoint.step})")
 
 
 def _run_key(run: Run) -> dict[str, Any]:
