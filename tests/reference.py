@@ -77,11 +77,11 @@ def greedy_by_full_forward(model, prompt: list[int], max_new_tokens: int) -> lis
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
-def word_corpus(root):
-    """Write 120 small documents of structured text into the new directory `root` (a
-    pathlib.Path): learnable, and every split non-empty. Returns `root`."""
+def word_corpus(root, documents: int = 120, words_per_document: int = 60):
+    """Write `documents` small documents of structured text into the directory `root` (a
+    pathlib.Path, made if missing): learnable, and with 120 every split non-empty. Returns `root`."""
     root.mkdir(parents=True, exist_ok=True)
-    for i in range(120):
-        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(60)]
+    for i in range(documents):
+        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(words_per_document)]
         (root / f"doc{i:03d}.txt").write_text(f"document {i}\n" + " ".join(words) + "\n")
     return root

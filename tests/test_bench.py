@@ -46,6 +46,7 @@ def test_every_benchmarked_layer_builds_and_runs(name):
         assert layer.context.ssm.method == "fft"
 
 
+@pytest.mark.slow  # seconds: the whole suite runs it, the fast subset does not
 def test_layer_benchmark_writes_json_markdown_and_plot(tmp_path):
     out = tmp_path / "layers"
     report = bench.run_layers(out, [(32, 2)], [128, 256], ["bst-sh-s4", "slide", "brt"],
@@ -75,6 +76,7 @@ def test_cpu_peak_memory_tracks_the_tensors():
     assert 3 < peaks[1] / peaks[0] < 5
 
 
+@pytest.mark.slow  # seconds: the whole suite runs it, the fast subset does not
 def test_long_lengths_are_skipped_by_extrapolation(tmp_path):
     report = bench.run_layers(None, [(32, 2)], [128, 256, 1 << 20], ["slide"], repeats=1,
                               budget_s=0.1, max_seconds=1.0, log=lambda _: None, memory=False)
@@ -105,6 +107,7 @@ def test_each_bench_suite_takes_only_its_own_flags(argv, capsys):
     assert exit_.value.code == 2 and f"unrecognized arguments: {argv[1]}" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # seconds: the whole suite runs it, the fast subset does not
 def test_models_benchmark(tmp_path):
     out = tmp_path / "models"
     assert main(["bench", "models", "--models", "bst-sh-s4,slide", "--size", "tiny", "--length", "64",

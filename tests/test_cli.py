@@ -7,9 +7,12 @@ import pytest
 
 from blockstate.cli import main
 
+from reference import word_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # seconds: the whole suite runs it, the fast subset does not
 def test_bench_models_reports_parameters_and_throughput(capsys):
     """`blockstate bench models` (which replaced `blockstate demo`) on one preset, printing only."""
     assert main(["bench", "models", "--models", "bst-sh-s4", "--size", "tiny", "--steps", "1",
@@ -40,6 +43,7 @@ def test_bad_arguments_exit_cleanly(capsys):
         main(["demo"])
 
 
+@pytest.mark.slow  # seconds: the whole suite runs it, the fast subset does not
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "blockstate.cli", "--version"], check=True,
                          capture_output=True, text=True).stdout
@@ -58,17 +62,9 @@ def test_readme_python_examples_run(page):
 # ---------------------------------------------------------------- help, config files, fine-tuning,
 # sampling during training (issue 38, item 5)
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus") / "docs"
-    root.mkdir()
-    for i in range(80):
-        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(60)]
-        (root / f"doc{i:03d}.txt").write_text(f"document {i}\n" + " ".join(words) + "\n")
-    return root
+    return word_corpus(tmp_path_factory.mktemp("corpus") / "docs", 80)
 
 
 def _train_argv(corpus: Path, run: Path, tmp_path: Path, *extra: str) -> list[str]:

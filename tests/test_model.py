@@ -244,6 +244,7 @@ def test_tiny_model_overfits_a_short_sequence(name):
     assert losses[-1] < 0.3 * losses[0], losses
 
 
+@pytest.mark.slow  # seconds: the whole suite runs it, the fast subset does not
 @pytest.mark.parametrize("name", ["bst-sh-s4", "bst-sh-ssd"])
 def test_torch_compile_traces_around_the_eager_ssm(name):
     """The SSM stays out of compiled graphs (`ssm.eager`) and the compiled model computes the same

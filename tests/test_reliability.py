@@ -18,16 +18,11 @@ from blockstate.cli import main
 from blockstate.rundir import RunLock, read_metrics
 from blockstate.train import TrainConfig, train
 
+from reference import word_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-
-
 def _write_corpus(root: Path, n: int = 80) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(60)]
-        (root / f"doc{i:03d}.txt").write_text(f"document {i}\n" + " ".join(words) + "\n")
-    return root
+    return word_corpus(root, n)
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,13 @@ from blockstate import reproduce as rp
 from blockstate.cli import main
 from blockstate.registry import applicable_overrides, count_parameters
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+from reference import word_corpus
 
 
 @pytest.fixture
 def corpus(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("BLOCKSTATE_CACHE", str(tmp_path / "cache"))
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for i in range(60):
-        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(80)]
-        (root / f"doc{i:03d}.txt").write_text(f"document {i}\n" + " ".join(words) + "\n")
-    return root
+    return word_corpus(tmp_path / "corpus", 60, 80)
 
 
 MICRO = dataclasses.replace(

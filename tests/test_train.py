@@ -302,6 +302,7 @@ def test_precision_and_activation_checkpointing_options(corpus, tmp_path, capsys
         _config(corpus, tmp_path, precision="fp8")
 
 
+@pytest.mark.slow  # seconds: the whole suite runs it, the fast subset does not
 def test_metrics_sinks_with_the_real_packages(corpus, tmp_path, monkeypatch):
     """The tensorboard and wandb extras themselves (setup.sh installs both): TensorBoard's event
     files hold metrics.jsonl's losses; an offline Weights & Biases run records the train and

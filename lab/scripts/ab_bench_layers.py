@@ -1,7 +1,8 @@
 """`blockstate bench layers` of the working tree against an older commit, interleaved: the two
-versions run one after the other, `--rounds` times, so that machine load hits both alike; the
-median forward and forward+backward times per layer and length and their ratios (new / old) are
-printed and written as JSON. The old commit's `src/` is extracted with `git archive`.
+versions run one after the other (alternating which goes first), `--rounds` times, so that
+machine load hits both alike; the median forward and forward+backward times per layer and length
+and their ratios (new / old) are printed and written as JSON. The old commit's `src/` is extracted
+with `git archive`.
 
     python lab/scripts/ab_bench_layers.py --old 61562cc --rounds 3 --threads 1 \\
         --layers bst-sh-s4,bst-mf-s4,bst-sh-ssd,slide,brt,gss --widths 256:4 --lengths 1024,2048 \\
@@ -56,7 +57,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         old_src = extract(args.old, Path(tmp) / "old")
         for round_ in range(args.rounds):
-            for version, src in (("old", old_src), ("new", ROOT / "src")):
+            order = (("old", old_src), ("new", ROOT / "src"))
+            for version, src in order if round_ % 2 == 0 else order[::-1]:  # neither always first
                 for row in bench(src, args, Path(tmp) / f"{version}-{round_}"):
                     key = (row["layer"], row["width"], row["length"])
                     for metric in ("forward", "forward_backward"):

@@ -115,7 +115,8 @@ def _add_field_flag(group, f, help_text: str, choices) -> None:
 
 def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
-        raise ValueError(f"--set {text!r}: expected FIELD=VALUE, e.g. --set n_layers=4")
+        raise ValueError(f"--set {text!r}: expected FIELD=VALUE, e.g. --set n_layers=4 or "
+                         f"--set ssm.state_size=32")
     key, value = text.split("=", 1)
     try:
         parsed = json.loads(value)
@@ -529,8 +530,9 @@ def _add_train_parser(sub) -> None:
         ],
         "model": [
             (("--set",), dict(action="append", metavar="FIELD=VALUE",
-                              help="model config override, e.g. --set n_layers=4 (repeatable; "
-                                   "default: the preset's)")),
+                              help="model config override, e.g. --set n_layers=4, --set "
+                                   "ssm.state_size=32 or --set ssm=s4d (repeatable; default: "
+                                   "the preset's)")),
         ],
         "checkpointing and fine-tuning": [
             (("--resume",), dict(
@@ -747,7 +749,8 @@ def _add_tasks_parser(sub) -> None:
     p.add_argument("--models", default="bst-sh-s4,slide", help="comma-separated presets")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="model config override for every model (an ablation; repeatable)")
+                   help="model config override for every model, e.g. --set ssm.state_size=64 "
+                        "(an ablation; repeatable)")
     p.add_argument("--label", default="", help="name of the ablation in the report "
                                                "(default: the --set values)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
