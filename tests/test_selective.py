@@ -317,7 +317,8 @@ def test_still_modes_start_at_frequency_zero_and_are_checked():
                         "decay kind 'head' has no field"),
                        ({"decay": {"kind": "rotary", "still_modes": 5}, "state_size": 8},
                         "accepted: 0 to the 4 modes"),
-                       ({"decay": {"kind": "rotary", "still_modes": -1}}, "must be >= 0"),
+                       ({"decay": {"kind": "rotary", "still_modes": -1}},
+                        r"^ssm\.decay\.still_modes=-1 must be >= 0$"),
                        ({"kind": "s4", "decay": {"kind": "rotary", "still_modes": 1}},
                         "ssm kind 's4' has no field 'decay'")]:
         with pytest.raises(ValueError, match=match):

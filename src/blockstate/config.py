@@ -382,8 +382,6 @@ def nest(overrides: dict[str, Any], lenient: bool = False) -> dict[str, Any]:
     defaults name fields of every kind) instead of refusing them."""
     out: dict[str, Any] = {}
     for key, value in overrides.items():
-        if key == "_lenient":
-            continue
         if not isinstance(key, str):
             raise ConfigError(f"model config override {key!r}: names must be strings")
         path = LEGACY_FIELDS[key] if key in _FLAT_ONLY else tuple(key.split("."))

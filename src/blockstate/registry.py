@@ -212,7 +212,7 @@ def model_config(name: str, size: str = "small", **overrides: Any) -> ModelConfi
     mine = nest(overrides)
     types = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
     for key, value in mine.items():  # before any of them is used below
-        if key not in (*COMPONENT_FIELDS, "_lenient"):
+        if key not in COMPONENT_FIELDS:
             if key not in types:
                 raise ValueError(f"unknown override {key!r}; accepted: the fields "
                                  f"{', '.join(ModelConfig.field_names())}, their paths (e.g. "

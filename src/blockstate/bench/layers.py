@@ -90,6 +90,8 @@ def build_layer(name: str, config: ModelConfig) -> nn.Module:
     if name not in BENCH_LAYERS:
         raise ValueError(f"unknown layer {name!r}; known layers: {', '.join(LAYERS)}")
     layer, fields = BENCH_LAYERS[name]
+    # not `config.with_overrides`: the kinds of `config` do not carry over (a layer that sets no
+    # context kind gets SH's, whose SSM width GSS uses), only their sizes
     sizes = {k: v for k, v in paths(config.to_dict()).items() if not k.endswith("kind")}
     return layer(ModelConfig.from_dict(merge([nest(sizes, lenient=True), nest(fields)])))
 
