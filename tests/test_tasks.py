@@ -92,6 +92,65 @@ def test_an_interrupted_run_continues_to_the_uninterrupted_result(tmp_path, monk
     assert not run.partial_path(tmp_path).exists()
 
 
+def test_a_curriculum_trains_its_stages_first_under_one_schedule(tmp_path, monkeypatch):
+    import blockstate.tasks.runner as runner
+
+    run = Run("copying", (("lag", 20),), "bst-sh-s4", 0)
+    # a stage that changes nothing is the same run, step for step
+    plain = runner.train_run(run, Settings(steps=6, batch_size=4, eval_sequences=8),
+                             log=lambda _: None)
+    same = runner.train_run(run, Settings(steps=6, batch_size=4, eval_sequences=8,
+                                          curriculum=((3, (("lag", 20),)),)), log=lambda _: None)
+    assert same["losses"] == plain["losses"] and same["evaluations"] == plain["evaluations"]
+    assert "curriculum" not in plain["settings"]  # records without one read as before it existed
+    assert same["settings"]["curriculum"] == [[3, [["lag", 20]]]]
+    # stages in order, each for its steps, then the task; the model covers the longest stage
+    seen = []
+    real_make = runner.make_task
+
+    def recording_make(name, **params):
+        task = real_make(name, **params)
+        sample = task.sample
+        object.__setattr__(task, "sample", lambda b, seed: (seen.append(task.seq_len), sample(b, seed))[1])
+        return task
+
+    monkeypatch.setattr(runner, "make_task", recording_make)
+    settings = Settings(steps=7, batch_size=4, eval_sequences=4,
+                        curriculum=((2, (("lag", 60),)), (3, (("lag", 4),))))
+    record = runner.train_run(run, settings, log=lambda _: None)
+    assert seen[:7] == [76, 76, 20, 20, 20, 36, 36]  # 2 * 8 + lag
+    assert record["model_config"]["max_seq_len"] == 80 and record["evaluations"][0]["seq_len"] == 36
+    monkeypatch.setattr(runner, "make_task", real_make)
+    # interrupted inside a stage, it continues to the uninterrupted result
+    real_save = runner.save_checkpoint
+
+    def save_then_die(directory, step, *args, **kwargs):
+        real_save(directory, step, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_all([run], settings, tmp_path, log=lambda _: None, checkpoint_every=1)
+    monkeypatch.setattr(runner, "save_checkpoint", real_save)
+    with pytest.raises(ValueError, match="other settings"):  # the same run without its curriculum
+        run_all([run], Settings(steps=7, batch_size=4, eval_sequences=4), tmp_path,
+                log=lambda _: None)
+    [again] = run_all([run], settings, tmp_path, log=lambda _: None, checkpoint_every=1)
+    assert again["losses"] == record["losses"] and again["evaluations"] == record["evaluations"]
+
+
+def test_a_curriculum_leaves_the_task_steps_and_keeps_its_vocabulary():
+    with pytest.raises(ValueError, match="fewer than steps=5"):
+        Settings(steps=5, curriculum=((3, (("lag", 4),)), (2, (("lag", 8),))))
+    with pytest.raises(ValueError, match="each needs >= 1 step"):
+        Settings(steps=5, curriculum=((0, (("lag", 4),)),))
+    from blockstate.tasks.runner import curriculum_tasks
+
+    with pytest.raises(ValueError, match="vocabulary of 6, the task 10: a stage must keep"):
+        curriculum_tasks(Run("copying", (), "slide", 0),
+                         Settings(steps=5, curriculum=((2, (("num_symbols", 4),)),)))
+
+
 def test_ssm_learning_rate_scale_applies_to_kernel_parameters_only():
     model = build_model("bst-sh-s4", SUITE_SIZE)
     from blockstate.optim import scaled_parameter_groups
@@ -199,6 +258,11 @@ def test_cli_passkey_trains_at_one_length_and_reports_the_depth_by_length_grid(t
     (["--eval-param", "length=0"], "length"),
     (["--device", "tpu"], "--device='tpu' is not a device"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+    (["--curriculum", "300"], "--curriculum '300': expected STEPS:NAME=V"),
+    (["--curriculum", "300:lag=x"], "--curriculum '300:lag=x': expected"),
+    (["--curriculum", "600:lag=4"], "together fewer than steps=600"),
+    (["--curriculum", "300:lagg=4"], "unknown parameter 'lagg'"),
+    (["--curriculum", "300:num_symbols=4"], "a stage must keep the vocabulary"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys, argv, message):
     assert main(["tasks", "run", "--out", str(tmp_path), *argv]) == 2

@@ -453,9 +453,26 @@ def _task_params(items: list[str], flag: str) -> list[dict[str, int]]:
     return combos
 
 
+def _curriculum(items: list[str]) -> tuple[tuple[int, tuple[tuple[str, int], ...]], ...]:
+    """`--curriculum 1500:num_pairs=8,gap=32` -> ((1500, (("gap", 32), ("num_pairs", 8))),)."""
+    stages = []
+    for item in items:
+        steps, sep, params = item.partition(":")
+        try:
+            count = int(steps)
+            changed = dict(parse_override(p) for p in params.split(",") if p.strip())
+            if not sep or not changed or not all(type(v) is int for v in changed.values()):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--curriculum {item!r}: expected STEPS:NAME=V[,NAME=V...] with "
+                             f"integers, e.g. 1500:num_pairs=8") from None
+        stages.append((count, tuple(sorted(changed.items()))))
+    return tuple(stages)
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from .tasks import TASKS, Run, Settings, make_task, run_all, write_report
-    from .tasks.runner import SUITE_SIZE
+    from .tasks.runner import SUITE_SIZE, curriculum_tasks
 
     if args.action == "list":
         for name, cls in TASKS.items():
@@ -486,7 +503,10 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         model_config(model, SUITE_SIZE, **overrides)
     settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                        eval_sequences=args.eval_sequences, ssm_lr_scale=args.ssm_lr_scale)
+                        eval_sequences=args.eval_sequences, ssm_lr_scale=args.ssm_lr_scale,
+                        curriculum=_curriculum(args.curriculum))
+    for params in _task_params(args.param, "--param"):  # each stage is a task of one vocabulary
+        curriculum_tasks(Run(args.task, tuple(sorted(params.items())), models[0], 0), settings)
     changed = {**overrides, **({"ssm_lr_scale": args.ssm_lr_scale} if args.ssm_lr_scale != 1 else {})}
     suffix = args.label or ",".join(f"{k}={v}" for k, v in changed.items())
     runs = [Run(args.task, tuple(sorted(params.items())), model, seed,
@@ -753,6 +773,10 @@ def _add_tasks_parser(sub) -> None:
                         "(an ablation; repeatable)")
     p.add_argument("--label", default="", help="name of the ablation in the report "
                                                "(default: the --set values)")
+    p.add_argument("--curriculum", action="append", default=[], metavar="STEPS:NAME=V[,NAME=V...]",
+                   help="train every run first for STEPS steps on the task with these parameters "
+                        "changed, e.g. 1500:num_pairs=8 (repeatable: stages in order); the task "
+                        "itself takes the rest of --steps, under one learning-rate schedule")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")

@@ -51,6 +51,10 @@ class Settings:
     grad_clip: float = 1.0
     eval_sequences: int = 512
     ssm_lr_scale: float = 1.0   # learning rate of the SSM kernels' parameters, relative to `lr`
+    # A curriculum, the same for every run: (steps, task parameters) stages trained first, in
+    # order, on the task with those parameters changed; the task itself takes the remaining steps.
+    # One optimizer and one learning-rate schedule span all the steps.
+    curriculum: tuple[tuple[int, tuple[tuple[str, int], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_sequences"):
@@ -59,6 +63,27 @@ class Settings:
         if (self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0 or self.warmup_steps < 0
                 or self.ssm_lr_scale <= 0):
             raise ValueError(f"invalid optimization settings {self}")
+        staged = sum(steps for steps, _ in self.curriculum)
+        if any(steps < 1 for steps, _ in self.curriculum) or (self.curriculum and staged >= self.steps):
+            raise ValueError(f"curriculum stages of {[s for s, _ in self.curriculum]} steps: each "
+                             f"needs >= 1 step and together fewer than steps={self.steps}, so that "
+                             f"the task itself is trained")
+
+    def record(self) -> dict[str, Any]:
+        """These settings as JSON values, as runs and checkpoints store them (without
+        `curriculum` when there is none, as records written before it existed)."""
+        out = json.loads(json.dumps(dataclasses.asdict(self)))
+        if not self.curriculum:
+            del out["curriculum"]
+        return out
+
+    def stage_ends(self) -> list[int]:
+        """The step at which each curriculum stage ends."""
+        ends, total = [], 0
+        for steps, _ in self.curriculum:
+            total += steps
+            ends.append(total)
+        return ends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +162,10 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     there every that many steps, and a run that finds a checkpoint there continues from it.
     `init_from` (a run or step directory of the same model, trained on another task setting)
     gives the model its weights before step 0: a curriculum stage; the optimizer, schedule and
-    batches start afresh."""
+    batches start afresh. `settings.curriculum` instead trains the stages within this run."""
     task = make_task(run.task, **dict(run.params))
-    overrides = model_overrides(run, task.vocab_size, task.seq_len)
+    stages = curriculum_tasks(run, settings)
+    overrides = model_overrides(run, task.vocab_size, max(t.seq_len for t in [task, *stages]))
     torch.manual_seed(run.seed)
     model = build_model(run.model, SUITE_SIZE, **overrides).to(device)
     if init_from is not None:
@@ -154,7 +180,7 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     saved = load_latest_intact(checkpoints, warn=log) if checkpoints is not None else None
     if saved is not None:
         state = saved.train_state
-        if state.get("settings") != dataclasses.asdict(settings) or state.get("run") != _run_key(run):
+        if state.get("settings") != settings.record() or state.get("run") != _run_key(run):
             raise ValueError(f"{checkpoints} holds a run with other settings ({state.get('settings')}"
                              f", {state.get('run')}); remove it or use the same settings")
         saved.load_model(model)
@@ -164,8 +190,10 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
         log(f"{run.task_key} {run.name} seed {run.seed}: continuing from step {start}")
     started = time.perf_counter()
     model.train()
+    ends = settings.stage_ends()
     for step in range(start, settings.steps):
-        batch = task.sample(settings.batch_size, run.seed * 10**6 + step)
+        stage = next((t for t, end in zip(stages, ends, strict=True) if step < end), task)
+        batch = stage.sample(settings.batch_size, run.seed * 10**6 + step)
         lr = warmup_cosine(step, settings.lr, settings.warmup_steps, settings.steps)
         result = train_step((batch.inputs, batch.targets), lr)
         if step % 50 == 0 or step == settings.steps - 1:
@@ -174,7 +202,7 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
         if checkpoints is not None and checkpoint_every > 0 and done % checkpoint_every == 0 \
                 and done < settings.steps:
             save_checkpoint(checkpoints, done, model, model.config.to_dict(), {
-                "settings": dataclasses.asdict(settings), "run": _run_key(run), "losses": losses,
+                "settings": settings.record(), "run": _run_key(run), "losses": losses,
                 "train_seconds": elapsed + time.perf_counter() - started}, optimizer, keep=1)
     train_seconds = elapsed + time.perf_counter() - started
     evaluations = [evaluate(model, task, settings.eval_sequences, settings.batch_size, block)]
@@ -187,9 +215,25 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     return {"task": run.task, "params": dict(run.params), "task_key": run.task_key,
             "model": run.model, "label": run.name, "seed": run.seed,
             "overrides": dict(run.overrides), "model_config": model.config.to_dict(),
-            "parameters": model.num_parameters(), "settings": dataclasses.asdict(settings),
+            "parameters": model.num_parameters(), "settings": settings.record(),
             "losses": losses, "train_seconds": round(train_seconds, 1), "evaluations": evaluations,
             "torch_threads": torch.get_num_threads(), "device": str(device)}
+
+
+def curriculum_tasks(run: Run, settings: Settings) -> list:
+    """The task of each curriculum stage of `run`: its task with the stage's parameters changed.
+    A stage must keep the task's vocabulary (one model trains on all of them)."""
+    params = dict(run.params)
+    task = make_task(run.task, **params)
+    stages = []
+    for steps, changed in settings.curriculum:
+        stage = make_task(run.task, **{**params, **dict(changed)})
+        if stage.vocab_size != task.vocab_size:
+            raise ValueError(f"curriculum stage {dict(changed)} ({steps} steps) of {run.task_key} "
+                             f"has a vocabulary of {stage.vocab_size}, the task {task.vocab_size}: "
+                             f"a stage must keep the vocabulary")
+        stages.append(stage)
+    return stages
 
 
 def _initialize(model: torch.nn.Module, source: Path, log: Callable[[str], None]) -> None:
@@ -228,7 +272,7 @@ def run_all(runs: list[Run], settings: Settings, out: str | Path,
         path = run.path(out)
         if path.exists():
             record = json.loads(path.read_text())
-            if record["settings"] != dataclasses.asdict(settings):
+            if record["settings"] != settings.record():
                 raise ValueError(f"{path} was trained with different settings "
                                  f"({record['settings']}); use another --out or the same settings")
             records.append(record)
