@@ -81,6 +81,9 @@ def test_reproduce_end_to_end_resumes_and_reports(corpus, tmp_path, monkeypatch)
     assert [(r["start"], r["end"]) for r in ranges][:3] == [(0, 16), (16, 32), (32, 64)]
     assert ranges[-1]["end"] == 1024 and all(r["loss"] > 0 for r in ranges if r["tokens"])
     assert "+-" in text and (out / "length_generalization.png").stat().st_size > 0
+    slide = next(r for r in result["records"] if r["label"] == "slide")
+    assert f"Settings of their own (parameter matching): `slide` d_ff = {slide['overrides']['d_ff']}." \
+        in text  # the MLP width that matched its parameters, named beside the scale's settings
     # A second invocation trains nothing: every run is finished.
     logs.clear()
     again = rp.reproduce("micro", [str(corpus)], out, device="cpu", models=("bst-sh-s4", "slide"),

@@ -332,6 +332,17 @@ def _position_table(records: list[dict], corpus: str, models: list[str], length:
             markdown_table(header, rows), ""]
 
 
+def _own_settings(records: list[dict]) -> list[str]:
+    """A line naming the settings of each model of the main table that differ from the scale's
+    (the MLP width matching a baseline's parameters to BST:SH:S4's, a preset's own state size)."""
+    own = {r["label"]: r["overrides"] for r in records if r["group"] == "main" and r["overrides"]}
+    if not own:
+        return []
+    parts = [f"`{model}` " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in overrides.items())
+             for model, overrides in own.items()]
+    return ["Settings of their own (parameter matching): " + "; ".join(parts) + ".", ""]
+
+
 def results_markdown(setup: dict, records: list[dict]) -> str:
     s = setup["settings"]
     seq = s["overrides"]["max_seq_len"]
@@ -346,6 +357,7 @@ def results_markdown(setup: dict, records: list[dict]) -> str:
         f"{s['tokenizer']} tokenizer; every run trains on {s['max_tokens']:,} tokens (batch "
         f"{s['batch_size']} x {seq}, lr {s['lr']}, warmup {s['warmup_steps']}); test metrics on "
         f"{s['eval_tokens']:,} tokens per length spread over the test split; seeds {s['seeds']}.", "",
+        *_own_settings(records),
         "## Main table (test perplexity at the training length)", "",
         "Perplexity per token (the byte tokenizer makes it per byte), mean over seeds +- half the "
         "range; bits per byte in parentheses; training cost as wall-clock seconds on this machine.", "",
