@@ -187,7 +187,6 @@ def from_dict(group: str, data: Any, where: str | None = None) -> Component:
         raise ConfigError(f"{where} kind {cls.kind!r} has no field {unknown[0]!r}; its fields: "
                           f"{', '.join(cls.field_names()) or '(none)'}")
     return cls(**fields)  # its messages name fields by the component's `path`
-    return None
 
 
 __all__ = ["GROUPS", "Component", "ConfigError", "check_value_type", "component_class", "create",

@@ -15,6 +15,7 @@ any point loses at most the steps since the last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 import time
@@ -63,8 +64,8 @@ class Settings:
         if (self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0 or self.warmup_steps < 0
                 or self.ssm_lr_scale <= 0):
             raise ValueError(f"invalid optimization settings {self}")
-        staged = sum(steps for steps, _ in self.curriculum)
-        if any(steps < 1 for steps, _ in self.curriculum) or (self.curriculum and staged >= self.steps):
+        ends = self.stage_ends()
+        if any(steps < 1 for steps, _ in self.curriculum) or (ends and ends[-1] >= self.steps):
             raise ValueError(f"curriculum stages of {[s for s, _ in self.curriculum]} steps: each "
                              f"needs >= 1 step and together fewer than steps={self.steps}, so that "
                              f"the task itself is trained")
@@ -79,11 +80,7 @@ class Settings:
 
     def stage_ends(self) -> list[int]:
         """The step at which each curriculum stage ends."""
-        ends, total = [], 0
-        for steps, _ in self.curriculum:
-            total += steps
-            ends.append(total)
-        return ends
+        return list(itertools.accumulate(steps for steps, _ in self.curriculum))
 
 
 @dataclasses.dataclass(frozen=True)
