@@ -56,6 +56,21 @@ def test_run_all_writes_records_and_resumes(tmp_path, monkeypatch):
         run_all(runs, Settings(steps=3, batch_size=4, eval_sequences=8), tmp_path)
 
 
+def test_kept_models_reload_to_the_recorded_accuracy(tmp_path):
+    from blockstate.tasks import make_task
+    from blockstate.tasks.runner import evaluate
+
+    settings = Settings(steps=3, batch_size=4, eval_sequences=8)
+    run = Run("copying", (("lag", 20),), "bst-recommended", 0)
+    [record] = run_all([run], settings, tmp_path, log=lambda _: None,
+                       keep_models=tmp_path / "models")
+    model, checkpoint = load_model(tmp_path / "models" / run.task_key / "bst-recommended-seed0")
+    assert checkpoint.step == 3 and checkpoint.train_state["settings"] == settings.record()
+    assert model.config.to_dict() == record["model_config"]
+    again = evaluate(model, make_task("copying", lag=20), 8, 4, model.config.block_size)
+    assert again["accuracy"] == record["evaluations"][0]["accuracy"]
+
+
 def test_an_interrupted_run_continues_to_the_uninterrupted_result(tmp_path, monkeypatch):
     import blockstate.tasks.runner as runner
 

@@ -514,7 +514,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             for params in _task_params(args.param, "--param") for model in models
             for seed in _int_list(args.seeds, "--seeds", minimum=0)]
     run_all(runs, settings, args.out, eval_params, device=device,
-            checkpoint_every=args.checkpoint_every)
+            checkpoint_every=args.checkpoint_every, keep_models=args.keep_models)
     print(f"report: {write_report(args.out, command)}")
     return 0
 
@@ -785,6 +785,9 @@ def _add_tasks_parser(sub) -> None:
     p.add_argument("--ssm-lr-scale", type=float, default=1.0,
                    help="learning rate of the SSM kernel parameters relative to --lr")
     p.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences per run")
+    p.add_argument("--keep-models", default=None, metavar="DIR",
+                   help="save each trained model as a checkpoint in DIR/TASK_KEY/NAME-seedS "
+                        "(for later analysis; blockstate.loading.load_model reads it)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own choice)")
     p.add_argument("--device", default="cpu",
                    help="where runs train: cpu (default), cuda, cuda:N or auto (CUDA when available)")

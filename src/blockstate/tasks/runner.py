@@ -152,14 +152,16 @@ def evaluate(model: torch.nn.Module, task, sequences: int, batch_size: int, bloc
 def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | None = None,
               log: Callable[[str], None] = print, device: str | torch.device = "cpu",
               checkpoints: Path | None = None, checkpoint_every: int = 0,
-              init_from: Path | None = None) -> dict[str, Any]:
+              init_from: Path | None = None, keep: Path | None = None) -> dict[str, Any]:
     """Train `run` on `device` and return its record (config, parameter count, loss curve,
     evaluations). Batches are generated on the CPU from the run's seed, so they are the same on
     every device. With `checkpoints` (a directory) and `checkpoint_every` > 0, the state is saved
     there every that many steps, and a run that finds a checkpoint there continues from it.
     `init_from` (a run or step directory of the same model, trained on another task setting)
     gives the model its weights before step 0: a curriculum stage; the optimizer, schedule and
-    batches start afresh. `settings.curriculum` instead trains the stages within this run."""
+    batches start afresh. `settings.curriculum` instead trains the stages within this run. With
+    `keep` (a directory), the trained model is saved there as a checkpoint (weights, config, the
+    run's settings; no optimizer), which `blockstate.loading.load_model` reads."""
     task = make_task(run.task, **dict(run.params))
     stages = curriculum_tasks(run, settings)
     overrides = model_overrides(run, task.vocab_size, max(t.seq_len for t in [task, *stages]))
@@ -207,6 +209,10 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
         other = make_task(run.task, **{**dict(run.params), **params})
         evaluations.append({"params": params, **evaluate(model, other, settings.eval_sequences,
                                                          settings.batch_size, block)})
+    if keep is not None:
+        save_checkpoint(keep, settings.steps, model, model.config.to_dict(), {
+            "settings": settings.record(), "run": _run_key(run), "losses": losses,
+            "train_seconds": round(train_seconds, 1)}, keep=1)
     log(f"{run.task_key} {run.name} seed {run.seed}: accuracy {evaluations[0]['accuracy']:.3f} "
         f"(chance {task.chance():.3f}), final loss {losses[-1][1]:.3f}, {train_seconds:.0f} s")
     return {"task": run.task, "params": dict(run.params), "task_key": run.task_key,
@@ -260,9 +266,11 @@ def write_json(path: Path, data: Any) -> None:
 def run_all(runs: list[Run], settings: Settings, out: str | Path,
             eval_params: list[dict[str, int]] | None = None,
             log: Callable[[str], None] = print, device: str | torch.device = "cpu",
-            checkpoint_every: int = 200) -> list[dict[str, Any]]:
+            checkpoint_every: int = 200, keep_models: str | Path | None = None
+            ) -> list[dict[str, Any]]:
     """Execute every run whose result file does not exist yet, continuing from its checkpoint
-    when it has one (saved every `checkpoint_every` steps; 0: none); return all records."""
+    when it has one (saved every `checkpoint_every` steps; 0: none); return all records. With
+    `keep_models`, each run trained here saves its model to keep_models/TASK_KEY/NAME-seedS."""
     out = Path(out)
     records = []
     for i, run in enumerate(runs):
@@ -276,7 +284,9 @@ def run_all(runs: list[Run], settings: Settings, out: str | Path,
             continue
         log(f"[{i + 1}/{len(runs)}] training {run.task_key} {run.name} seed {run.seed}")
         partial = run.partial_path(out)
-        record = train_run(run, settings, eval_params, log, device, partial, checkpoint_every)
+        keep = (Path(keep_models) / run.task_key / path.stem) if keep_models is not None else None
+        record = train_run(run, settings, eval_params, log, device, partial, checkpoint_every,
+                           keep=keep)
         write_json(path, record)
         shutil.rmtree(partial, ignore_errors=True)
         records.append(record)
