@@ -261,6 +261,29 @@ def test_cli_passkey_trains_at_one_length_and_reports_the_depth_by_length_grid(t
     assert len(record["evaluations"]) == 1 + 5 * 3 and "exact" in record["evaluations"][0]
 
 
+def test_cli_scores_kept_models_with_filler_skipped_afterwards(tmp_path, capsys):
+    """`--skip-filler` on finished runs scores their kept models again with filler skipped: a grid
+    of its own for the selective model; a model without a selective SSM scores as before."""
+    out, kept = tmp_path / "passkey", tmp_path / "kept"
+    argv = ["tasks", "run", "--task", "passkey", "--param", "seq_len=32", "--models",
+            "bst-recommended,bst-sh-s4", "--seeds", "0", "--steps", "2", "--batch-size", "2",
+            "--eval-sequences", "2", "--eval-param", "depth=0,100", "--eval-param",
+            "seq_len=32,128", "--out", str(out)]
+    assert main(argv + ["--keep-models", str(kept)]) == 0
+    assert main(argv + ["--skip-filler", "2"]) == 2
+    assert "is finished but was not kept" in capsys.readouterr().err
+    assert main(argv + ["--keep-models", str(kept), "--skip-filler", "2"]) == 0
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*/*.json")}
+    selective, plain = records["bst-recommended-seed0"], records["bst-sh-s4-seed0"]
+    assert selective["filler_skipped"]["factor"] == 2.0
+    assert [h["skipping"] > 0 for h in selective["filler_skipped"]["heads"]] == [True, True]
+    assert plain["filler_skipped"]["heads"] == []
+    assert plain["filler_skipped"]["evaluations"] == plain["evaluations"]
+    grids = json.loads((out / "passkey.json").read_text())
+    assert "passkey-seq_len32 bst-recommended [filler skipped x2]" in grids
+    assert len(grids) == 4
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "nope"], "unknown task 'nope'"),
     (["--models", "bst-xx"], "unknown model"),
@@ -273,6 +296,7 @@ def test_cli_passkey_trains_at_one_length_and_reports_the_depth_by_length_grid(t
     (["--eval-param", "length=0"], "length"),
     (["--device", "tpu"], "--device='tpu' is not a device"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+    (["--skip-filler", "0"], "--skip-filler must be > 0"),
     (["--curriculum", "300"], "--curriculum '300': expected STEPS:NAME=V"),
     (["--curriculum", "300:lag=x"], "--curriculum '300:lag=x': expected"),
     (["--curriculum", "600:lag=4"], "together fewer than steps=600"),

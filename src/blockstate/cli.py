@@ -487,6 +487,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     _apply_threads(args.threads)
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.skip_filler is not None and not args.skip_filler > 0:
+        raise ValueError(f"--skip-filler must be > 0, got {args.skip_filler}")
     if args.task not in TASKS:
         raise ValueError(f"unknown task {args.task!r}; known tasks: {', '.join(TASKS)}")
     models = [m for m in args.models.split(",") if m]
@@ -514,7 +516,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             for params in _task_params(args.param, "--param") for model in models
             for seed in _int_list(args.seeds, "--seeds", minimum=0)]
     run_all(runs, settings, args.out, eval_params, device=device,
-            checkpoint_every=args.checkpoint_every, keep_models=args.keep_models)
+            checkpoint_every=args.checkpoint_every, keep_models=args.keep_models,
+            skip_factor=args.skip_filler)
     print(f"report: {write_report(args.out, command)}")
     return 0
 
@@ -788,6 +791,11 @@ def _add_tasks_parser(sub) -> None:
     p.add_argument("--keep-models", default=None, metavar="DIR",
                    help="save each trained model as a checkpoint in DIR/TASK_KEY/NAME-seedS "
                         "(for later analysis; blockstate.loading.load_model reads it)")
+    p.add_argument("--skip-filler", type=float, default=None, metavar="FACTOR",
+                   help="also score each model with its long-memory selective heads skipping "
+                        "positions whose step is below FACTOR times their median step (calibrated on "
+                        "the task at its training length; blockstate.ssm.skip). Finished runs are "
+                        "scored from their models under --keep-models")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own choice)")
     p.add_argument("--device", default="cpu",
                    help="where runs train: cpu (default), cuda, cuda:N or auto (CUDA when available)")

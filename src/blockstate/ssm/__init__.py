@@ -8,6 +8,7 @@
 - `chunked`: the chunked computation of a structured convolution (no FFT, no full-length kernel).
 - `conv`: the FFT causal convolution.
 - `selective`: the input-dependent (Mamba-2 style) SSM, `ssm` kind "ssd".
+- `skip`: skipping filler in the selective SSM's long-memory heads at inference (`skip_filler`).
 """
 
 from .chunked import ChunkOperators, chunk_operators, chunked_causal_conv

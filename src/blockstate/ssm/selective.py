@@ -168,6 +168,10 @@ class SelectiveSSM(nn.Module):
         self.D = nn.Parameter(torch.randn(channels, width))
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
         self.use_fused = True  # the mamba-ssm kernel on CUDA when installed
+        # Per head (K, G): a step dt below it is taken as 0, so that position neither decays the
+        # state nor writes to it. None (the default, and during training): no position skipped.
+        # Set by `blockstate.ssm.skip.skip_filler`; not saved with the weights.
+        self.register_buffer("skip_below", None, persistent=False)
 
     @property
     def channels(self) -> int:
@@ -194,10 +198,16 @@ class SelectiveSSM(nn.Module):
         x = F.silu(F.conv1d(padded, k.conv.weight.to(dtype), k.conv.bias.to(dtype),
                             groups=width)).transpose(1, 2)                        # (B, L, P)
         dt = F.softplus(F.linear(x, k.to_dt.weight.to(dtype), k.to_dt.bias.to(dtype)))
-        dt = dt.view(batch, length, k.channels, k.heads)
+        dt = self._skipped(dt.view(batch, length, k.channels, k.heads))
         b, c = self._bc(x)
         xs = x.view(batch, length, 1, k.heads, width // k.heads).expand(-1, -1, k.channels, -1, -1)
         return x, xs, dt, b, c
+
+    def _skipped(self, dt: torch.Tensor) -> torch.Tensor:
+        """dt (..., K, G) with the steps below `skip_below` set to 0."""
+        if self.skip_below is None:
+            return dt
+        return dt.masked_fill(dt < self.skip_below.to(dt.dtype), 0.0)
 
     def _bc(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """B_t and C_t, each (..., K, N), from x (..., P)."""
@@ -334,8 +344,8 @@ class SelectiveSSM(nn.Module):
         # the causal convolution's last output: the window against the taps, oldest first
         taps = k.conv.weight[:, 0].t().to(dtype)                                     # (4, P)
         x = F.silu((window * taps).sum(1) + k.conv.bias.to(dtype))                  # (B, P)
-        dt = F.softplus(F.linear(x, k.to_dt.weight.to(dtype), k.to_dt.bias.to(dtype))).view(
-            batch, k.channels, k.heads)                                              # (B, K, G)
+        dt = self._skipped(F.softplus(F.linear(x, k.to_dt.weight.to(dtype), k.to_dt.bias.to(
+            dtype))).view(batch, k.channels, k.heads))                               # (B, K, G)
         b, c = (t.view(batch, k.channels, 1, 1, -1) for t in self._bc(x))          # (B, K, 1, 1, N)
         xs = x.view(batch, 1, k.heads, -1)                                          # (B, 1, G, P/G)
         decay = torch.exp(dt.unsqueeze(-1) * per_state(self._decay(dt))).unsqueeze(-2)  # (B, K, G, 1, N')

@@ -154,17 +154,25 @@ def passkey_grids(records: list[dict[str, Any]]) -> dict[str, Any]:
     one per training configuration and model: {"<task_key> <label>": {"train_len", "seeds",
     "depths" (percent), "lengths", "exact" (depths x lengths, None where not evaluated)}}. Cells
     come from the evaluations at a fixed depth (`--eval-param depth=...`); the evaluation at the
-    training's uniform depth (-1) is not a cell."""
+    training's uniform depth (-1) is not a cell. A record scored with filler skipped
+    (`--skip-filler`) also gives a grid of its own, its key ending in "[filler skipped xFACTOR]"."""
     cells: dict[str, dict[tuple[int, int], list[float]]] = defaultdict(lambda: defaultdict(list))
     grids: dict[str, Any] = {}
+    scored = []
     for record in records:
         if record["task"] != "passkey":
             continue
         key = f"{record['task_key']} {record['label']}"
+        scored.append((key, record, record["evaluations"]))
+        skipped = record.get("filler_skipped")
+        if skipped:
+            scored.append((f"{key} [filler skipped x{skipped['factor']:g}]", record,
+                           skipped["evaluations"]))
+    for key, record, evaluations in scored:
         grid = grids.setdefault(key, {"train_len": make_task("passkey", **record["params"]).seq_len,
                                       "seeds": []})
         grid["seeds"] = sorted(set(grid["seeds"]) | {record["seed"]})
-        for evaluation in record["evaluations"]:
+        for evaluation in evaluations:
             task = make_task("passkey", **{**record["params"], **(evaluation.get("params") or {})})
             if task.depth >= 0:
                 cells[key][(task.depth, task.seq_len)].append(evaluation["exact"])

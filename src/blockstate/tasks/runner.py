@@ -30,6 +30,7 @@ from ..evaluate import block_ranges
 from ..fileio import atomic_write
 from ..optim import scaled_parameter_groups, warmup_cosine
 from ..registry import BST, build_model, list_models, matched_mlp_width
+from ..ssm.skip import skip_filler, stop_skipping
 from ..step import TrainStep
 from .generators import IGNORE, make_task, score
 
@@ -37,6 +38,7 @@ SUITE_SIZE = "tiny"             # d_model 64, 2 layers, 2 heads, W = 16, N = 8, 
 REFERENCE_MODEL = "bst-sh-s4"   # the parameter budget the other presets are matched to
 PARAM_TOLERANCE = 0.10
 BST_PRESETS = tuple(list_models(BST))
+CALIBRATION_SEED = 2**31 - 1      # --skip-filler's calibration sequences
 EVAL_SEED = 1_000_003           # held-out sequences: never a training seed (those are seed * 10**6 + step)
 
 
@@ -152,7 +154,8 @@ def evaluate(model: torch.nn.Module, task, sequences: int, batch_size: int, bloc
 def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | None = None,
               log: Callable[[str], None] = print, device: str | torch.device = "cpu",
               checkpoints: Path | None = None, checkpoint_every: int = 0,
-              init_from: Path | None = None, keep: Path | None = None) -> dict[str, Any]:
+              init_from: Path | None = None, keep: Path | None = None,
+              skip_factor: float | None = None) -> dict[str, Any]:
     """Train `run` on `device` and return its record (config, parameter count, loss curve,
     evaluations). Batches are generated on the CPU from the run's seed, so they are the same on
     every device. With `checkpoints` (a directory) and `checkpoint_every` > 0, the state is saved
@@ -161,7 +164,8 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     gives the model its weights before step 0: a curriculum stage; the optimizer, schedule and
     batches start afresh. `settings.curriculum` instead trains the stages within this run. With
     `keep` (a directory), the trained model is saved there as a checkpoint (weights, config, the
-    run's settings; no optimizer), which `blockstate.loading.load_model` reads."""
+    run's settings; no optimizer), which `blockstate.loading.load_model` reads. With
+    `skip_factor`, the record also holds the evaluations with filler skipped (`filler_skipped`)."""
     task = make_task(run.task, **dict(run.params))
     stages = curriculum_tasks(run, settings)
     overrides = model_overrides(run, task.vocab_size, max(t.seq_len for t in [task, *stages]))
@@ -169,7 +173,6 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     model = build_model(run.model, SUITE_SIZE, **overrides).to(device)
     if init_from is not None:
         _initialize(model, init_from, log)
-    block = model.config.block_size
     groups = scaled_parameter_groups(model, settings.weight_decay, settings.ssm_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98))
     # float32 on every device (tasks' results are compared across machines), the loss on all targets
@@ -204,23 +207,53 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
                 "settings": settings.record(), "run": _run_key(run), "losses": losses,
                 "train_seconds": elapsed + time.perf_counter() - started}, optimizer, keep=1)
     train_seconds = elapsed + time.perf_counter() - started
-    evaluations = [evaluate(model, task, settings.eval_sequences, settings.batch_size, block)]
-    for params in eval_params or []:
-        other = make_task(run.task, **{**dict(run.params), **params})
-        evaluations.append({"params": params, **evaluate(model, other, settings.eval_sequences,
-                                                         settings.batch_size, block)})
+    evaluations = evaluate_all(model, run, settings, eval_params)
     if keep is not None:
         save_checkpoint(keep, settings.steps, model, model.config.to_dict(), {
             "settings": settings.record(), "run": _run_key(run), "losses": losses,
             "train_seconds": round(train_seconds, 1)}, keep=1)
     log(f"{run.task_key} {run.name} seed {run.seed}: accuracy {evaluations[0]['accuracy']:.3f} "
         f"(chance {task.chance():.3f}), final loss {losses[-1][1]:.3f}, {train_seconds:.0f} s")
-    return {"task": run.task, "params": dict(run.params), "task_key": run.task_key,
-            "model": run.model, "label": run.name, "seed": run.seed,
-            "overrides": dict(run.overrides), "model_config": model.config.to_dict(),
-            "parameters": model.num_parameters(), "settings": settings.record(),
-            "losses": losses, "train_seconds": round(train_seconds, 1), "evaluations": evaluations,
-            "torch_threads": torch.get_num_threads(), "device": str(device)}
+    record = {"task": run.task, "params": dict(run.params), "task_key": run.task_key,
+              "model": run.model, "label": run.name, "seed": run.seed,
+              "overrides": dict(run.overrides), "model_config": model.config.to_dict(),
+              "parameters": model.num_parameters(), "settings": settings.record(),
+              "losses": losses, "train_seconds": round(train_seconds, 1),
+              "evaluations": evaluations, "torch_threads": torch.get_num_threads(),
+              "device": str(device)}
+    if skip_factor is not None:
+        record["filler_skipped"] = filler_skipped(model, run, settings, eval_params, skip_factor)
+    return record
+
+
+def evaluate_all(model: torch.nn.Module, run: Run, settings: Settings,
+                 eval_params: list[dict[str, int]] | None) -> list[dict[str, Any]]:
+    """The evaluations of a record: the run's task, then the task with each of `eval_params`."""
+    task = make_task(run.task, **dict(run.params))
+    block = model.config.block_size
+    evaluations = [evaluate(model, task, settings.eval_sequences, settings.batch_size, block)]
+    for params in eval_params or []:
+        other = make_task(run.task, **{**dict(run.params), **params})
+        evaluations.append({"params": params, **evaluate(model, other, settings.eval_sequences,
+                                                         settings.batch_size, block)})
+    return evaluations
+
+
+def filler_skipped(model: torch.nn.Module, run: Run, settings: Settings,
+                   eval_params: list[dict[str, int]] | None, factor: float) -> dict[str, Any]:
+    """The evaluations of `evaluate_all` with the model's long-memory selective heads skipping
+    filler (`blockstate.ssm.skip`), calibrated on `eval_sequences` held-out sequences of the run's
+    own task; the model is left as it was. A model without a selective SSM is scored unchanged
+    (its `heads` list is empty)."""
+    task = make_task(run.task, **dict(run.params))
+    calibration = task.sample(settings.eval_sequences, CALIBRATION_SEED).inputs
+    heads = skip_filler(model, calibration, factor)
+    try:
+        evaluations = evaluate_all(model, run, settings, eval_params)
+    finally:
+        stop_skipping(model)
+    return {"factor": factor, "statistic": "median", "calibration_sequences":
+            settings.eval_sequences, "heads": heads, "evaluations": evaluations}
 
 
 def curriculum_tasks(run: Run, settings: Settings) -> list:
@@ -252,6 +285,24 @@ def _initialize(model: torch.nn.Module, source: Path, log: Callable[[str], None]
     log(f"model initialized from {checkpoint.path} (step {checkpoint.step})")
 
 
+def _skipped_from_kept(run: Run, record: dict[str, Any], settings: Settings,
+                       eval_params: list[dict[str, int]] | None, keep_models: str | Path | None,
+                       factor: float, device: str | torch.device) -> dict[str, Any]:
+    """`filler_skipped` for a finished record, from the model its run kept."""
+    name = run.path(Path(".")).stem
+    source = Path(keep_models) / run.task_key / name if keep_models is not None else None
+    if source is None or not source.exists():
+        raise ValueError(f"{run.task_key} {name} is finished but was not kept, so it cannot be "
+                         f"scored with filler skipped: give --keep-models the directory its run "
+                         f"kept it in, or train it again under another --out")
+    from ..loading import load_model
+
+    model, checkpoint = load_model(source, device)
+    if checkpoint.model_config != record["model_config"]:
+        raise ValueError(f"{source} holds another model than {run.task_key} {name}'s record")
+    return filler_skipped(model, run, settings, eval_params, factor)
+
+
 def _run_key(run: Run) -> dict[str, Any]:
     """What identifies a run in its checkpoint (JSON values)."""
     return json.loads(json.dumps(dataclasses.asdict(run)))
@@ -266,11 +317,13 @@ def write_json(path: Path, data: Any) -> None:
 def run_all(runs: list[Run], settings: Settings, out: str | Path,
             eval_params: list[dict[str, int]] | None = None,
             log: Callable[[str], None] = print, device: str | torch.device = "cpu",
-            checkpoint_every: int = 200, keep_models: str | Path | None = None
-            ) -> list[dict[str, Any]]:
+            checkpoint_every: int = 200, keep_models: str | Path | None = None,
+            skip_factor: float | None = None) -> list[dict[str, Any]]:
     """Execute every run whose result file does not exist yet, continuing from its checkpoint
     when it has one (saved every `checkpoint_every` steps; 0: none); return all records. With
-    `keep_models`, each run trained here saves its model to keep_models/TASK_KEY/NAME-seedS."""
+    `keep_models`, each run trained here saves its model to keep_models/TASK_KEY/NAME-seedS.
+    With `skip_factor`, every record gets the evaluations with filler skipped at that factor:
+    a finished record without them is scored from its kept model (under `keep_models`)."""
     out = Path(out)
     records = []
     for i, run in enumerate(runs):
@@ -280,13 +333,19 @@ def run_all(runs: list[Run], settings: Settings, out: str | Path,
             if record["settings"] != settings.record():
                 raise ValueError(f"{path} was trained with different settings "
                                  f"({record['settings']}); use another --out or the same settings")
+            skipped = record.get("filler_skipped") or {}
+            if skip_factor is not None and (skipped.get("factor"), skipped.get("statistic")) != (
+                    skip_factor, "median"):
+                record["filler_skipped"] = _skipped_from_kept(run, record, settings, eval_params,
+                                                              keep_models, skip_factor, device)
+                write_json(path, record)
             records.append(record)
             continue
         log(f"[{i + 1}/{len(runs)}] training {run.task_key} {run.name} seed {run.seed}")
         partial = run.partial_path(out)
         keep = (Path(keep_models) / run.task_key / path.stem) if keep_models is not None else None
         record = train_run(run, settings, eval_params, log, device, partial, checkpoint_every,
-                           keep=keep)
+                           keep=keep, skip_factor=skip_factor)
         write_json(path, record)
         shutil.rmtree(partial, ignore_errors=True)
         records.append(record)

@@ -1,0 +1,86 @@
+"""Skipping uninformative positions in a selective SSM's long-memory heads, at inference, to read
+sequences longer than training showed (training-free; the token filtering of LongMamba, Ye et al.
+2025, in a simple form).
+
+A selective head whose state decays slowly on the usual input (its memory horizon, 1 / (dt x |A|)
+positions at its median step dt, longer than the sequences it was trained on) never reached a
+steady state in training: on a longer sequence it keeps accumulating what the usual input writes,
+and its outputs drift away from anything the layers after it learned to read. `skip_filler`
+measures each head's median step on calibration sequences at the training length (the median, not
+the mean: the few positions a head writes with a large step would pull a mean up) and, in every
+head whose horizon at that step exceeds the length, makes a position whose dt is below `factor`
+times the median a no-op: dt = 0, so the state neither decays nor takes the input there. What the
+model chose to write with a large step (a key, a passkey digit) is kept as trained; the rest no
+longer piles up.
+
+Each position is decided from its own inputs, so the model stays causal, and the one-token step
+applies the same rule, so generation still equals the full forward pass. The thresholds are buffers
+that are not saved with the weights; `stop_skipping` removes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .selective import SelectiveSSM
+
+
+def selective_ssms(model: nn.Module) -> list[tuple[str, SelectiveSSM]]:
+    """The selective SSM sublayers of `model`, by module name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SelectiveSSM)]
+
+
+@torch.no_grad()
+def skip_filler(model: nn.Module, calibration: torch.Tensor, factor: float = 2.0
+                ) -> list[dict[str, Any]]:
+    """Calibrate and turn on skipping in `model` (see the module's docstring) from `calibration`,
+    token ids (B, L) drawn like the training data at the training length L. Returns, per selective
+    SSM sublayer, its name, its number of heads and how many of them now skip. A model without a
+    selective SSM is left unchanged (an empty list)."""
+    if not factor > 0:
+        raise ValueError(f"skip factor must be > 0, got {factor}")
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 \
+            or calibration.dtype != torch.long or calibration.numel() == 0:
+        raise ValueError("calibration must be a non-empty (batch, length) tensor of token ids, got "
+                         f"{getattr(calibration, 'shape', type(calibration).__name__)}")
+    layers = selective_ssms(model)
+    if not layers:
+        return []
+    stop_skipping(model)
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [ssm.register_forward_pre_hook(
+        lambda _, args, name=name: inputs.__setitem__(name, args[0].detach()))
+        for name, ssm in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model(calibration.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    length = calibration.shape[1]
+    summary = []
+    for name, ssm in layers:
+        _, _, dt, _, _ = ssm._inputs(inputs[name].float())                    # (B, L, K, G)
+        typical = dt.flatten(0, 1).median(0).values                            # (K, G)
+        rate = ssm._decay(dt)
+        rate = (rate.real if rate.is_complex() else rate).abs()
+        if rate.dim() == 3:  # a decay per state dimension or mode: the slowest one
+            rate = rate.amin(-1)                                               # (K, G)
+        horizon = 1 / (typical * rate).clamp_min(torch.finfo(typical.dtype).tiny)
+        skipping = horizon > length
+        ssm.skip_below = torch.where(skipping, factor * typical, torch.zeros_like(typical))
+        summary.append({"layer": name, "heads": skipping.numel(),
+                        "skipping": int(skipping.sum())})
+    return summary
+
+
+def stop_skipping(model: nn.Module) -> None:
+    """Remove what `skip_filler` set: every position computed as trained."""
+    for _, ssm in selective_ssms(model):
+        ssm.skip_below = None
