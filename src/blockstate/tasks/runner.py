@@ -38,8 +38,12 @@ SUITE_SIZE = "tiny"             # d_model 64, 2 layers, 2 heads, W = 16, N = 8, 
 REFERENCE_MODEL = "bst-sh-s4"   # the parameter budget the other presets are matched to
 PARAM_TOLERANCE = 0.10
 BST_PRESETS = tuple(list_models(BST))
-CALIBRATION_SEED = 2**31 - 1      # --skip-filler's calibration sequences
-EVAL_SEED = 1_000_003           # held-out sequences: never a training seed (those are seed * 10**6 + step)
+CALIBRATION_SEED = 2**31 - 1     # --skip-filler's calibration sequences: no training seed
+# The scored sequences are drawn from seeds EVAL_SEED + i * batch_size. Training batches come from
+# seed * 10**6 + step, so for run seed 1 these are the batches of steps 3, 3 + batch_size, ...:
+# that run's scored sequences of its own task were each trained on once, early (steps 3 to 3 +
+# eval_sequences). Kept as it is so that every record scores the same sequences.
+EVAL_SEED = 1_000_003
 
 
 @dataclasses.dataclass(frozen=True)
