@@ -10,6 +10,9 @@ It measures, on the passkey task's own sequences:
   past L gives outputs the readout never saw in training;
 - the memory horizon of each SSM head on filler, 1 / (dt |A|) positions (dt averaged over the
   filler), against L;
+- the step each head takes at the passkey's digits, as a multiple of its median step over the
+  training-length sequences: filler skipping (below) keeps what a head wrote only where that
+  multiple exceeds the skip factor;
 - with --cap H (repeatable), the same grid after raising |A| of every head whose filler horizon
   exceeds H so that it is H (a weight edit, no retraining): whether forgetting filler faster
   restores retrieval at 4L, and what it costs at L;
@@ -142,6 +145,28 @@ def gated(model, train_len, factor):
     return model
 
 
+@torch.no_grad()
+def digit_steps(model, train_len, sequences=32):
+    """Per SSM head: mean dt at the passkey digits over its median dt (training-length sequences,
+    uniform depth), and the head's horizon at its median step."""
+    task = make_task("passkey", seq_len=train_len)
+    batch = task.sample(sequences, 2**31 - 1)
+    inputs = inputs_of_ssms(model, batch.inputs)
+    position = torch.arange(train_len)
+    key = (batch.inputs == task.KEY).float().argmax(1, keepdim=True)              # (B, 1)
+    digits = (position > key) & (position <= key + task.digits)                    # (B, L)
+    report = {}
+    for name, ssm in ssm_layers(model):
+        _, _, dt, _, _ = ssm._inputs(inputs[name])                               # (B, L, K, G)
+        median = dt.flatten(0, 1).median(0).values                               # (K, G)
+        at_digits = dt[digits].mean(0)                                           # (K, G)
+        horizon = 1 / (median * torch.exp(ssm.kernel.log_a))
+        report[name] = [{"head": [k, g], "horizon_at_median": round(float(horizon[k, g]), 1),
+                         "digit_over_median": round(float(at_digits[k, g] / median[k, g]), 2)}
+                        for k in range(median.shape[0]) for g in range(median.shape[1])]
+    return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a checkpoint saved by `blockstate tasks run --keep-models`")
@@ -164,6 +189,7 @@ def main() -> None:
     lengths = [train_len * m for m in multiples]
     result = {"model": str(args.model), "train_len": train_len,
               "ssm": drift_and_horizons(model, train_len, multiples),
+              "digit_steps": digit_steps(model, train_len, args.sequences),
               "grids": {"as trained": grid(model, depths, lengths, args.sequences)}}
     for cap in args.cap:
         result["grids"][f"horizon capped at {cap}"] = grid(capped(model, train_len, cap), depths,
@@ -173,6 +199,9 @@ def main() -> None:
                                                                depths, lengths, args.sequences)
     for name, layer in result["ssm"].items():
         print(name, {k: v for k, v in layer.items() if k != "horizon"})
+    for name, heads in result["digit_steps"].items():
+        print(name, "long-memory heads (horizon > L): digit step / median step:",
+              [h["digit_over_median"] for h in heads if h["horizon_at_median"] > train_len])
     for variant, cells in result["grids"].items():
         print(f"\n{variant}: per digit (whole passkey)")
         print("depth  " + "  ".join(f"{n:>12}" for n in lengths))
