@@ -18,7 +18,11 @@ It measures, on the passkey task's own sequences:
   restores retrieval at 4L, and what it costs at L;
 - with --gate F (repeatable), the same grid with the filler skipped instead (after LongMamba, Ye
   et al. 2025): in every head whose filler horizon exceeds L, a position whose dt is below F times
-  that head's mean dt on filler gets dt = 0, so it neither decays the state nor writes to it.
+  that head's mean dt on filler gets dt = 0, so it neither decays the state nor writes to it;
+- with --finetune STEPS, the library's filler skipping (`blockstate.ssm.skip.skip_filler`, factor
+  2, calibrated on training-length sequences) switched on and the model then trained STEPS more
+  steps on the task at L with it on (AdamW, lr 1e-4, batch 32, fresh sequences): whether the
+  readout, trained on skipped states, keeps retrieval at L and carries it to 4L and 16L.
 
     OMP_NUM_THREADS=1 .venv/bin/python lab/scripts/passkey_length_probe.py \
         runs/task-models/passkey-seq_len256/bst-recommended-seed1 --cap 256 --cap 1024 \
@@ -167,6 +171,31 @@ def digit_steps(model, train_len, sequences=32):
     return report
 
 
+def finetuned_with_skipping(model, train_len, steps, lr=1e-4, batch_size=32):
+    """A copy of `model` with filler skipping on, trained `steps` steps with it (see --finetune)."""
+    from blockstate.ssm.skip import skip_filler
+
+    model = copy.deepcopy(model)
+    task = make_task("passkey", seq_len=train_len)
+    heads = skip_filler(model, task.sample(32, 2**31 - 1).inputs, 2.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = task.sample(batch_size, 10**9 + step)
+        logits = model(batch.inputs)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(),
+                                                 ignore_index=IGNORE)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            losses.append([step, round(float(loss.detach()), 4)])
+    model.eval()
+    return model, heads, losses
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a checkpoint saved by `blockstate tasks run --keep-models`")
@@ -178,6 +207,8 @@ def main() -> None:
     p.add_argument("--gate", type=float, action="append", default=[],
                    help="also score the model with filler skipped in its long-memory heads: dt "
                         "below this multiple of the head's mean filler dt set to 0")
+    p.add_argument("--finetune", type=int, default=0,
+                   help="also score the model after STEPS steps of training with skipping on")
     p.add_argument("--out", default="")
     args = p.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
@@ -197,6 +228,11 @@ def main() -> None:
     for factor in args.gate:
         result["grids"][f"filler skipped, gate {factor}"] = grid(gated(model, train_len, factor),
                                                                depths, lengths, args.sequences)
+    if args.finetune:
+        tuned, heads, losses = finetuned_with_skipping(model, train_len, args.finetune)
+        result["finetune"] = {"steps": args.finetune, "lr": 1e-4, "heads": heads, "losses": losses}
+        result["grids"][f"trained {args.finetune} more steps with filler skipped"] = grid(
+            tuned, depths, lengths, args.sequences)
     for name, layer in result["ssm"].items():
         print(name, {k: v for k, v in layer.items() if k != "horizon"})
     for name, heads in result["digit_steps"].items():
