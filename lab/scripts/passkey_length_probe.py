@@ -39,13 +39,9 @@ from pathlib import Path
 import torch
 
 from blockstate.loading import load_model
-from blockstate.ssm.selective import SelectiveSSM
+from blockstate.ssm.skip import selective_ssms, ssm_inputs
 from blockstate.tasks import make_task
 from blockstate.tasks.generators import IGNORE
-
-
-def ssm_layers(model: torch.nn.Module) -> list[tuple[str, SelectiveSSM]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SelectiveSSM)]
 
 
 @torch.no_grad()
@@ -69,27 +65,12 @@ def grid(model, depths, lengths, sequences, batch_size=8):
 
 
 @torch.no_grad()
-def inputs_of_ssms(model, tokens):
-    """The input u of every SSM sublayer of `model` on `tokens` (forward pre-hooks)."""
-    captured, handles = {}, []
-    for name, ssm in ssm_layers(model):
-        handles.append(ssm.register_forward_pre_hook(
-            lambda module, args, name=name: captured.__setitem__(name, args[0].detach())))
-    try:
-        model(tokens)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-@torch.no_grad()
 def drift_and_horizons(model, train_len, multiples):
     filler = make_task("passkey", seq_len=train_len * max(multiples))
     tokens = 12 + torch.arange(filler.seq_len) % filler.FILLER                  # pure filler
-    inputs = inputs_of_ssms(model, tokens[None])
+    inputs = ssm_inputs(model, tokens[None])
     report = {}
-    for name, ssm in ssm_layers(model):
+    for name, ssm in selective_ssms(model):
         u = inputs[name]
         y = ssm(u)                                                               # (1, L, K, P)
         reference = y[0, train_len - 16:train_len]
@@ -118,34 +99,24 @@ def capped(model, train_len, cap):
     """A copy of `model` whose SSM heads forget filler within `cap` positions."""
     model = copy.deepcopy(model)
     report = drift_and_horizons(model, train_len, [1])
-    for name, ssm in ssm_layers(model):
+    for name, ssm in selective_ssms(model):
         horizon = torch.tensor(report[name]["horizon"])
         raise_by = torch.clamp(horizon / cap, min=1.0)
         ssm.kernel.log_a.add_(torch.log(raise_by))
     return model
 
 
-class GatedSSM(SelectiveSSM):
-    """The probe's --gate: dt below `gate` (K, G) set to 0 (an instance's class is swapped to this
-    one; the library's class is left alone)."""
-
-    gate: torch.Tensor
-
-    def _convolved(self, normalized, before):
-        x, xs, dt, b, c = super()._convolved(normalized, before)
-        return x, xs, torch.where(dt < self.gate, torch.zeros_like(dt), dt), b, c
-
-
 @torch.no_grad()
 def gated(model, train_len, factor):
-    """A copy of `model` that skips filler in its long-memory heads (see --gate)."""
+    """A copy of `model` that skips filler in its long-memory heads (see --gate), through the
+    selective SSM's `skip_below` thresholds, set here from the filler's mean step."""
     model = copy.deepcopy(model)
     report = drift_and_horizons(model, train_len, [1])
-    for name, ssm in ssm_layers(model):
+    for name, ssm in selective_ssms(model):
         horizon = torch.tensor(report[name]["horizon"])                          # (K, G)
         mean_dt = 1 / (horizon * torch.exp(ssm.kernel.log_a))
-        ssm.__class__ = GatedSSM
-        ssm.gate = torch.where(horizon > train_len, factor * mean_dt, torch.zeros_like(mean_dt))
+        ssm.skip_below = torch.where(horizon > train_len, factor * mean_dt,
+                                     torch.zeros_like(mean_dt))
     return model
 
 
@@ -155,12 +126,12 @@ def digit_steps(model, train_len, sequences=32):
     uniform depth), and the head's horizon at its median step."""
     task = make_task("passkey", seq_len=train_len)
     batch = task.sample(sequences, 2**31 - 1)
-    inputs = inputs_of_ssms(model, batch.inputs)
+    inputs = ssm_inputs(model, batch.inputs)
     position = torch.arange(train_len)
     key = (batch.inputs == task.KEY).float().argmax(1, keepdim=True)              # (B, 1)
     digits = (position > key) & (position <= key + task.digits)                    # (B, L)
     report = {}
-    for name, ssm in ssm_layers(model):
+    for name, ssm in selective_ssms(model):
         _, _, dt, _, _ = ssm._inputs(inputs[name])                               # (B, L, K, G)
         median = dt.flatten(0, 1).median(0).values                               # (K, G)
         at_digits = dt[digits].mean(0)                                           # (K, G)

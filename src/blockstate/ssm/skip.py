@@ -34,6 +34,25 @@ def selective_ssms(model: nn.Module) -> list[tuple[str, SelectiveSSM]]:
 
 
 @torch.no_grad()
+def ssm_inputs(model: nn.Module, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input u (B, L, P) of each selective SSM sublayer of `model` (by module name) when the
+    model, in eval mode, reads `tokens` (B, L)."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [ssm.register_forward_pre_hook(
+        lambda _, args, name=name: inputs.__setitem__(name, args[0].detach()))
+        for name, ssm in selective_ssms(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(tokens.to(next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return inputs
+
+
+@torch.no_grad()
 def skip_filler(model: nn.Module, calibration: torch.Tensor, factor: float = 2.0
                 ) -> list[dict[str, Any]]:
     """Calibrate and turn on skipping in `model` (see the module's docstring) from `calibration`,
@@ -50,19 +69,7 @@ def skip_filler(model: nn.Module, calibration: torch.Tensor, factor: float = 2.0
     if not layers:
         return []
     stop_skipping(model)
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [ssm.register_forward_pre_hook(
-        lambda _, args, name=name: inputs.__setitem__(name, args[0].detach()))
-        for name, ssm in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        model(calibration.to(device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
+    inputs = ssm_inputs(model, calibration)
     length = calibration.shape[1]
     summary = []
     for name, ssm in layers:

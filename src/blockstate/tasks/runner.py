@@ -44,6 +44,7 @@ CALIBRATION_SEED = 2**31 - 1     # --skip-filler's calibration sequences: no tra
 # that run's scored sequences of its own task were each trained on once, early (steps 3 to 3 +
 # eval_sequences). Kept as it is so that every record scores the same sequences.
 EVAL_SEED = 1_000_003
+SKIP_STATISTIC = "median"       # what skip_filler calibrates on; a record scored otherwise is redone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,10 @@ class Run:
 
     def path(self, out: Path) -> Path:
         return out / "runs" / self.task_key / f"{self.name}-seed{self.seed}.json"
+
+    def kept_path(self, keep_models: str | Path) -> Path:
+        """Where `--keep-models` saves the run's trained model."""
+        return Path(keep_models) / self.task_key / f"{self.name}-seed{self.seed}"
 
     def partial_path(self, out: Path) -> Path:
         """The checkpoints of the run while it trains (removed when it finishes)."""
@@ -256,7 +261,7 @@ def filler_skipped(model: torch.nn.Module, run: Run, settings: Settings,
         evaluations = evaluate_all(model, run, settings, eval_params)
     finally:
         stop_skipping(model)
-    return {"factor": factor, "statistic": "median", "calibration_sequences":
+    return {"factor": factor, "statistic": SKIP_STATISTIC, "calibration_sequences":
             settings.eval_sequences, "heads": heads, "evaluations": evaluations}
 
 
@@ -293,8 +298,8 @@ def _skipped_from_kept(run: Run, record: dict[str, Any], settings: Settings,
                        eval_params: list[dict[str, int]] | None, keep_models: str | Path | None,
                        factor: float, device: str | torch.device) -> dict[str, Any]:
     """`filler_skipped` for a finished record, from the model its run kept."""
-    name = run.path(Path(".")).stem
-    source = Path(keep_models) / run.task_key / name if keep_models is not None else None
+    source = run.kept_path(keep_models) if keep_models is not None else None
+    name = f"{run.name}-seed{run.seed}"
     if source is None or not source.exists():
         raise ValueError(f"{run.task_key} {name} is finished but was not kept, so it cannot be "
                          f"scored with filler skipped: give --keep-models the directory its run "
@@ -339,7 +344,7 @@ def run_all(runs: list[Run], settings: Settings, out: str | Path,
                                  f"({record['settings']}); use another --out or the same settings")
             skipped = record.get("filler_skipped") or {}
             if skip_factor is not None and (skipped.get("factor"), skipped.get("statistic")) != (
-                    skip_factor, "median"):
+                    skip_factor, SKIP_STATISTIC):
                 record["filler_skipped"] = _skipped_from_kept(run, record, settings, eval_params,
                                                               keep_models, skip_factor, device)
                 write_json(path, record)
@@ -347,7 +352,7 @@ def run_all(runs: list[Run], settings: Settings, out: str | Path,
             continue
         log(f"[{i + 1}/{len(runs)}] training {run.task_key} {run.name} seed {run.seed}")
         partial = run.partial_path(out)
-        keep = (Path(keep_models) / run.task_key / path.stem) if keep_models is not None else None
+        keep = run.kept_path(keep_models) if keep_models is not None else None
         record = train_run(run, settings, eval_params, log, device, partial, checkpoint_every,
                            keep=keep, skip_factor=skip_factor)
         write_json(path, record)
