@@ -5,7 +5,7 @@ import torch
 
 from blockstate import build_model
 from blockstate.ssm import SelectiveSSM
-from blockstate.ssm.skip import skip_filler, stop_skipping
+from blockstate.ssm.skip import set_skip_thresholds, skip_filler, skip_thresholds, stop_skipping
 
 W = 16
 
@@ -79,3 +79,30 @@ def test_a_model_without_a_selective_ssm_is_left_alone():
 def test_bad_calibration_is_refused_in_one_line(calibration, factor, message):
     with pytest.raises(ValueError, match=message):
         skip_filler(_model(), calibration, factor)
+
+
+def test_thresholds_round_trip_through_json_values_exactly():
+    import json
+
+    model, _ = _calibrated()
+    thresholds = json.loads(json.dumps(skip_thresholds(model)))
+    tokens = torch.randint(0, 256, (2, 4 * W))
+    expected = model(tokens)
+    other = _model()
+    assert skip_thresholds(other) == {}
+    set_skip_thresholds(other, thresholds)
+    assert torch.equal(other(tokens), expected)
+    set_skip_thresholds(other, {})  # no layer named: none skips
+    assert skip_thresholds(other) == {}
+
+
+@pytest.mark.parametrize("thresholds, message", [
+    ({"layers.9.ssm": [[1.0]]}, r"layers this model lacks: \['layers.9.ssm'\]"),
+    ({"LAYER": [1.0, 2.0]}, r"have shape \(2,\), the layer has"),
+])
+def test_thresholds_that_do_not_fit_are_refused_in_one_line(thresholds, message):
+    model = _model()
+    name = next(n for n, m in model.named_modules() if isinstance(m, SelectiveSSM))
+    thresholds = {(name if k == "LAYER" else k): v for k, v in thresholds.items()}
+    with pytest.raises(ValueError, match=message):
+        set_skip_thresholds(model, thresholds)

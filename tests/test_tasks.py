@@ -154,6 +154,80 @@ def test_a_curriculum_trains_its_stages_first_under_one_schedule(tmp_path, monke
     assert again["losses"] == record["losses"] and again["evaluations"] == record["evaluations"]
 
 
+def test_a_filler_stage_trains_the_last_steps_skipping_and_keeps_the_model_skipping(
+        tmp_path, monkeypatch):
+    import blockstate.tasks.runner as runner
+
+    run = Run("passkey", (("seq_len", 32),), "bst-recommended", 0)
+    settings = Settings(steps=6, batch_size=4, eval_sequences=4, filler_stage=(2, 2.0))
+    calibrations, real_skip = [], runner.skip_filler
+
+    def recording_skip(model, calibration, factor):
+        calibrations.append((tuple(calibration.shape), factor))
+        return real_skip(model, calibration, factor)
+
+    monkeypatch.setattr(runner, "skip_filler", recording_skip)
+    messages = []
+    record = runner.train_run(run, settings, log=messages.append, keep=tmp_path / "kept")
+    monkeypatch.setattr(runner, "skip_filler", real_skip)
+    assert calibrations == [((4, 32), 2.0)]  # once, on eval_sequences sequences at the length
+    assert any("from step 4 filler skipped in" in m for m in messages)
+    stage = record["filler_stage"]
+    assert (stage["steps"], stage["factor"], stage["from_step"]) == (2, 2.0, 4)
+    assert record["settings"]["filler_stage"] == [2, 2.0]
+    assert [h["skipping"] > 0 for h in stage["heads"]] == [True, True]
+    plain = runner.train_run(run, Settings(steps=6, batch_size=4, eval_sequences=4),
+                             log=lambda _: None)
+    assert "filler_stage" not in plain["settings"] and "filler_stage" not in plain
+    assert plain["losses"][0] == record["losses"][0] and plain["losses"] != record["losses"]
+    # the kept model skips as it trained, and scores as recorded
+    model, checkpoint = load_model(tmp_path / "kept")
+    assert all(m.skip_below is not None for n, m in model.named_modules()
+               if type(m).__name__ == "SelectiveSSM")
+    assert runner.evaluate_all(model, run, settings, None) == record["evaluations"]
+    # interrupted inside the stage, it continues to the uninterrupted result
+    real_save = runner.save_checkpoint
+
+    def save_then_die(directory, step, *args, **kwargs):
+        real_save(directory, step, *args, **kwargs)
+        if step == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_all([run], settings, tmp_path / "out", log=lambda _: None, checkpoint_every=1)
+    monkeypatch.setattr(runner, "save_checkpoint", real_save)
+    messages = []
+    [again] = run_all([run], settings, tmp_path / "out", log=messages.append, checkpoint_every=1)
+    assert any("continuing from step 5" in m for m in messages)
+    assert again["losses"] == record["losses"] and again["evaluations"] == record["evaluations"]
+    assert again["filler_stage"] == stage
+    with pytest.raises(ValueError, match="scored skipping already"):
+        run_all([run], settings, tmp_path / "out", log=lambda _: None, skip_factor=2.0)
+
+
+def test_a_filler_stage_leaves_a_model_without_a_selective_ssm_as_it_was():
+    import blockstate.tasks.runner as runner
+
+    run = Run("passkey", (("seq_len", 32),), "bst-sh-s4", 0)
+    plain = runner.train_run(run, Settings(steps=4, batch_size=4, eval_sequences=4),
+                             log=lambda _: None)
+    staged = runner.train_run(run, Settings(steps=4, batch_size=4, eval_sequences=4,
+                                            filler_stage=(2, 2.0)), log=lambda _: None)
+    assert staged["losses"] == plain["losses"] and staged["evaluations"] == plain["evaluations"]
+    assert staged["filler_stage"]["heads"] == []
+
+
+def test_a_filler_stage_needs_steps_of_its_own_after_the_curriculum():
+    with pytest.raises(ValueError, match="filler stage of 5 steps"):
+        Settings(steps=5, filler_stage=(5, 2.0))
+    with pytest.raises(ValueError, match="a factor > 0"):
+        Settings(steps=5, filler_stage=(2, 0.0))
+    with pytest.raises(ValueError, match="and after the curriculum"):
+        Settings(steps=5, curriculum=((4, (("lag", 4),)),), filler_stage=(2, 2.0))
+    Settings(steps=5, curriculum=((3, (("lag", 4),)),), filler_stage=(2, 2.0))
+
+
 def test_a_curriculum_leaves_the_task_steps_and_keeps_its_vocabulary():
     with pytest.raises(ValueError, match="fewer than steps=5"):
         Settings(steps=5, curriculum=((3, (("lag", 4),)), (2, (("lag", 8),))))
@@ -282,6 +356,11 @@ def test_cli_scores_kept_models_with_filler_skipped_afterwards(tmp_path, capsys)
     grids = json.loads((out / "passkey.json").read_text())
     assert "passkey-seq_len32 bst-recommended [filler skipped x2]" in grids
     assert len(grids) == 4
+    staged = tmp_path / "staged"
+    assert main(argv[:-1] + [str(staged), "--skip-filler-stage", "1:2"]) == 0
+    grids = json.loads((staged / "passkey.json").read_text())
+    assert sorted(grids) == ["passkey-seq_len32 bst-recommended [trained skipping x2 from step 1]",
+                             "passkey-seq_len32 bst-sh-s4 [trained skipping x2 from step 1]"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -297,6 +376,10 @@ def test_cli_scores_kept_models_with_filler_skipped_afterwards(tmp_path, capsys)
     (["--device", "tpu"], "--device='tpu' is not a device"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
     (["--skip-filler", "0"], "--skip-filler must be > 0"),
+    (["--skip-filler-stage", "300"], "--skip-filler-stage '300': expected STEPS:FACTOR"),
+    (["--skip-filler-stage", "300:0"], "expected STEPS:FACTOR with STEPS >= 1 and FACTOR > 0"),
+    (["--skip-filler-stage", "600:2"], "filler stage of 600 steps"),
+    (["--skip-filler-stage", "300:2", "--skip-filler", "2"], "give one of them"),
     (["--curriculum", "300"], "--curriculum '300': expected STEPS:NAME=V"),
     (["--curriculum", "300:lag=x"], "--curriculum '300:lag=x': expected"),
     (["--curriculum", "600:lag=4"], "together fewer than steps=600"),

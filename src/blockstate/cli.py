@@ -470,6 +470,21 @@ def _curriculum(items: list[str]) -> tuple[tuple[int, tuple[tuple[str, int], ...
     return tuple(stages)
 
 
+def _filler_stage(item: str | None) -> tuple[int, float] | tuple[()]:
+    """`--skip-filler-stage 1000:2` -> (1000, 2.0); None -> ()."""
+    if item is None:
+        return ()
+    steps, sep, factor = item.partition(":")
+    try:
+        stage = (int(steps), float(factor))
+        if not sep or stage[0] < 1 or not stage[1] > 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--skip-filler-stage {item!r}: expected STEPS:FACTOR with STEPS >= 1 "
+                         f"and FACTOR > 0, e.g. 1000:2") from None
+    return stage
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from .tasks import TASKS, Run, Settings, make_task, run_all, write_report
     from .tasks.runner import SUITE_SIZE, curriculum_tasks
@@ -489,6 +504,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.skip_filler is not None and not args.skip_filler > 0:
         raise ValueError(f"--skip-filler must be > 0, got {args.skip_filler}")
+    if args.skip_filler is not None and args.skip_filler_stage is not None:
+        raise ValueError("--skip-filler scores trained models skipping filler; with "
+                         "--skip-filler-stage they train and are scored skipping: give one of them")
     if args.task not in TASKS:
         raise ValueError(f"unknown task {args.task!r}; known tasks: {', '.join(TASKS)}")
     models = [m for m in args.models.split(",") if m]
@@ -506,7 +524,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                         eval_sequences=args.eval_sequences, ssm_lr_scale=args.ssm_lr_scale,
-                        curriculum=_curriculum(args.curriculum))
+                        curriculum=_curriculum(args.curriculum),
+                        filler_stage=_filler_stage(args.skip_filler_stage))
     for params in _task_params(args.param, "--param"):  # each stage is a task of one vocabulary
         curriculum_tasks(Run(args.task, tuple(sorted(params.items())), models[0], 0), settings)
     changed = {**overrides, **({"ssm_lr_scale": args.ssm_lr_scale} if args.ssm_lr_scale != 1 else {})}
@@ -796,6 +815,11 @@ def _add_tasks_parser(sub) -> None:
                         "positions whose step is below FACTOR times their median step (calibrated on "
                         "the task at its training length; blockstate.ssm.skip). Finished runs are "
                         "scored from their models under --keep-models")
+    p.add_argument("--skip-filler-stage", default=None, metavar="STEPS:FACTOR",
+                   help="train the last STEPS of --steps with filler skipped at FACTOR (as "
+                        "--skip-filler, calibrated when the stage starts), e.g. 1000:2; the model "
+                        "is scored and kept skipping. Models without a selective SSM train as "
+                        "without it")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own choice)")
     p.add_argument("--device", default="cpu",
                    help="where runs train: cpu (default), cuda, cuda:N or auto (CUDA when available)")

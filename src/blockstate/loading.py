@@ -9,6 +9,7 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .config import ModelConfig
 from .model import BlockStateLM
+from .ssm.skip import SKIP_STATE_KEY, set_skip_thresholds
 
 
 def load_model(path: str | Path | Checkpoint, device: torch.device | str = "cpu", **overrides):
@@ -25,6 +26,8 @@ def _model(checkpoint: Checkpoint, device, overrides=None) -> BlockStateLM:
     model = BlockStateLM(ModelConfig.from_dict(checkpoint.model_config).with_overrides(
         **(overrides or {})))
     checkpoint.load_model(model)
+    if checkpoint.train_state.get(SKIP_STATE_KEY):  # a model trained with filler skipped
+        set_skip_thresholds(model, checkpoint.train_state[SKIP_STATE_KEY], str(checkpoint.path))
     return model.to(device).eval()
 
 

@@ -170,7 +170,8 @@ class SelectiveSSM(nn.Module):
         self.use_fused = True  # the mamba-ssm kernel on CUDA when installed
         # Per head (K, G): a step dt below it is taken as 0, so that position neither decays the
         # state nor writes to it. None (the default, and during training): no position skipped.
-        # Set by `blockstate.ssm.skip.skip_filler`; not saved with the weights.
+        # Set by `blockstate.ssm.skip.skip_filler`; not in the state dict (a checkpoint carries it
+        # in its train state: `blockstate.ssm.skip.skip_thresholds`).
         self.register_buffer("skip_below", None, persistent=False)
 
     @property

@@ -15,7 +15,9 @@ longer piles up.
 
 Each position is decided from its own inputs, so the model stays causal, and the one-token step
 applies the same rule, so generation still equals the full forward pass. The thresholds are buffers
-that are not saved with the weights; `stop_skipping` removes them.
+that are not saved with the weights (the weights load into any model of the same configuration);
+`skip_thresholds` gives them as JSON values, which a checkpoint carries in its train state under
+`SKIP_STATE_KEY` and `blockstate.loading.load_model` sets again. `stop_skipping` removes them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 from torch import nn
 
 from .selective import SelectiveSSM
+
+SKIP_STATE_KEY = "skip_below"  # a checkpoint's train-state entry: the thresholds of a skipping model
 
 
 def selective_ssms(model: nn.Module) -> list[tuple[str, SelectiveSSM]]:
@@ -91,3 +95,33 @@ def stop_skipping(model: nn.Module) -> None:
     """Remove what `skip_filler` set: every position computed as trained."""
     for _, ssm in selective_ssms(model):
         ssm.skip_below = None
+
+
+def skip_thresholds(model: nn.Module) -> dict[str, list]:
+    """The thresholds `skip_filler` set in `model`, as JSON values (nested lists of floats, exact
+    for float32), by module name; an empty dict when the model does not skip."""
+    return {name: ssm.skip_below.tolist() for name, ssm in selective_ssms(model)
+            if ssm.skip_below is not None}
+
+
+def set_skip_thresholds(model: nn.Module, thresholds: dict[str, list], source: str = "") -> None:
+    """Set the thresholds of `skip_thresholds` in `model` (the same configuration), replacing any;
+    a layer left out does not skip."""
+    layers = dict(selective_ssms(model))
+    where = f" from {source}" if source else ""
+    unknown = sorted(set(thresholds) - set(layers))
+    if unknown:
+        raise ValueError(f"skip thresholds{where} name selective SSM layers this model lacks: "
+                         f"{unknown}")
+    values = {}
+    for name, value in thresholds.items():
+        ssm = layers[name]
+        heads = (ssm.kernel.channels, ssm.kernel.heads)
+        tensor = torch.tensor(value, dtype=ssm.D.dtype, device=ssm.D.device)
+        if tensor.shape != heads:
+            raise ValueError(f"skip thresholds{where} for {name} have shape {tuple(tensor.shape)}, "
+                             f"the layer has {heads} heads (channels, heads)")
+        values[name] = tensor
+    stop_skipping(model)
+    for name, tensor in values.items():
+        layers[name].skip_below = tensor

@@ -163,6 +163,9 @@ def passkey_grids(records: list[dict[str, Any]]) -> dict[str, Any]:
         if record["task"] != "passkey":
             continue
         key = f"{record['task_key']} {record['label']}"
+        stage = record.get("filler_stage")
+        if stage:
+            key += f" [trained skipping x{stage['factor']:g} from step {stage['from_step']}]"
         scored.append((key, record, record["evaluations"]))
         skipped = record.get("filler_skipped")
         if skipped:

@@ -30,7 +30,7 @@ from ..evaluate import block_ranges
 from ..fileio import atomic_write
 from ..optim import scaled_parameter_groups, warmup_cosine
 from ..registry import BST, build_model, list_models, matched_mlp_width
-from ..ssm.skip import skip_filler, stop_skipping
+from ..ssm.skip import SKIP_STATE_KEY, set_skip_thresholds, skip_filler, skip_thresholds, stop_skipping
 from ..step import TrainStep
 from .generators import IGNORE, make_task, score
 
@@ -63,6 +63,10 @@ class Settings:
     # order, on the task with those parameters changed; the task itself takes the remaining steps.
     # One optimizer and one learning-rate schedule span all the steps.
     curriculum: tuple[tuple[int, tuple[tuple[str, int], ...]], ...] = ()
+    # (steps, factor): the last `steps` steps train with filler skipped at `factor`
+    # (`blockstate.ssm.skip`), calibrated when they start on the task at its training length; the
+    # model is scored and kept skipping. Models without a selective SSM train as without it.
+    filler_stage: tuple[int, float] = ()
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_sequences"):
@@ -76,14 +80,26 @@ class Settings:
             raise ValueError(f"curriculum stages of {[s for s, _ in self.curriculum]} steps: each "
                              f"needs >= 1 step and together fewer than steps={self.steps}, so that "
                              f"the task itself is trained")
+        if self.filler_stage:
+            steps, factor = self.filler_stage
+            if not (steps >= 1 and factor > 0 and self.skip_from() >= max([1, *ends[-1:]])):
+                raise ValueError(f"filler stage of {steps} steps at factor {factor}: it needs >= 1 "
+                                 f"step, a factor > 0, and to start after step 0 and after the "
+                                 f"curriculum (steps={self.steps}, curriculum ends at step "
+                                 f"{ends[-1] if ends else 0})")
 
     def record(self) -> dict[str, Any]:
         """These settings as JSON values, as runs and checkpoints store them (without
         `curriculum` when there is none, as records written before it existed)."""
         out = json.loads(json.dumps(dataclasses.asdict(self)))
-        if not self.curriculum:
-            del out["curriculum"]
+        for name in ("curriculum", "filler_stage"):  # records written before they existed
+            if not getattr(self, name):
+                del out[name]
         return out
+
+    def skip_from(self) -> int | None:
+        """The step from which the run trains with filler skipped (None: it never does)."""
+        return self.steps - self.filler_stage[0] if self.filler_stage else None
 
     def stage_ends(self) -> list[int]:
         """The step at which each curriculum stage ends."""
@@ -173,8 +189,13 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     gives the model its weights before step 0: a curriculum stage; the optimizer, schedule and
     batches start afresh. `settings.curriculum` instead trains the stages within this run. With
     `keep` (a directory), the trained model is saved there as a checkpoint (weights, config, the
-    run's settings; no optimizer), which `blockstate.loading.load_model` reads. With
-    `skip_factor`, the record also holds the evaluations with filler skipped (`filler_skipped`)."""
+    run's settings, its skip thresholds if any; no optimizer), which
+    `blockstate.loading.load_model` reads. With `skip_factor`, the record also holds the
+    evaluations with filler skipped (`filler_skipped`). `settings.filler_stage` trains the last
+    steps with filler skipped; the record says which heads skip (`filler_stage`)."""
+    if skip_factor is not None and settings.filler_stage:
+        raise ValueError("a run whose last steps train with filler skipped is scored skipping; "
+                         "scoring it with filler skipped again (skip_factor) is not defined")
     task = make_task(run.task, **dict(run.params))
     stages = curriculum_tasks(run, settings)
     overrides = model_overrides(run, task.vocab_size, max(t.seq_len for t in [task, *stages]))
@@ -187,7 +208,7 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     # float32 on every device (tasks' results are compared across machines), the loss on all targets
     train_step = TrainStep(model, optimizer, torch.device(device), precision="fp32",
                            grad_clip=settings.grad_clip)
-    losses, start, elapsed = [], 0, 0.0
+    losses, start, elapsed, heads = [], 0, 0.0, None
     saved = load_latest_intact(checkpoints, warn=log) if checkpoints is not None else None
     if saved is not None:
         state = saved.train_state
@@ -198,11 +219,18 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
         saved.load_optimizer(optimizer)
         saved.restore_rng()
         start, losses, elapsed = saved.step, state["losses"], state["train_seconds"]
+        if state.get(SKIP_STATE_KEY):
+            set_skip_thresholds(model, state[SKIP_STATE_KEY], str(saved.path))
+            heads = state["filler_heads"]
         log(f"{run.task_key} {run.name} seed {run.seed}: continuing from step {start}")
     started = time.perf_counter()
     model.train()
     ends = settings.stage_ends()
     for step in range(start, settings.steps):
+        if step == settings.skip_from():
+            heads = skip_filler(model, _calibration(run, settings), settings.filler_stage[1])
+            log(f"{run.task_key} {run.name} seed {run.seed}: from step {step} filler skipped in "
+                f"{sum(h['skipping'] for h in heads)} of {sum(h['heads'] for h in heads)} heads")
         stage = next((t for t, end in zip(stages, ends, strict=True) if step < end), task)
         batch = stage.sample(settings.batch_size, run.seed * 10**6 + step)
         lr = warmup_cosine(step, settings.lr, settings.warmup_steps, settings.steps)
@@ -214,13 +242,14 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
                 and done < settings.steps:
             save_checkpoint(checkpoints, done, model, model.config.to_dict(), {
                 "settings": settings.record(), "run": _run_key(run), "losses": losses,
-                "train_seconds": elapsed + time.perf_counter() - started}, optimizer, keep=1)
+                "train_seconds": elapsed + time.perf_counter() - started,
+                **_skip_state(model, heads)}, optimizer, keep=1)
     train_seconds = elapsed + time.perf_counter() - started
     evaluations = evaluate_all(model, run, settings, eval_params)
     if keep is not None:
         save_checkpoint(keep, settings.steps, model, model.config.to_dict(), {
             "settings": settings.record(), "run": _run_key(run), "losses": losses,
-            "train_seconds": round(train_seconds, 1)}, keep=1)
+            "train_seconds": round(train_seconds, 1), **_skip_state(model, heads)}, keep=1)
     log(f"{run.task_key} {run.name} seed {run.seed}: accuracy {evaluations[0]['accuracy']:.3f} "
         f"(chance {task.chance():.3f}), final loss {losses[-1][1]:.3f}, {train_seconds:.0f} s")
     record = {"task": run.task, "params": dict(run.params), "task_key": run.task_key,
@@ -230,9 +259,27 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
               "losses": losses, "train_seconds": round(train_seconds, 1),
               "evaluations": evaluations, "torch_threads": torch.get_num_threads(),
               "device": str(device)}
+    if settings.filler_stage:
+        record["filler_stage"] = {"steps": settings.filler_stage[0],
+                                  "factor": settings.filler_stage[1], "from_step":
+                                  settings.skip_from(), "statistic": SKIP_STATISTIC,
+                                  "calibration_sequences": settings.eval_sequences, "heads": heads or []}
     if skip_factor is not None:
         record["filler_skipped"] = filler_skipped(model, run, settings, eval_params, skip_factor)
     return record
+
+
+def _calibration(run: Run, settings: Settings) -> torch.Tensor:
+    """What skipping is calibrated on: `eval_sequences` sequences of the run's task at its training
+    length, from a seed no training batch or scored sequence uses."""
+    task = make_task(run.task, **dict(run.params))
+    return task.sample(settings.eval_sequences, CALIBRATION_SEED).inputs
+
+
+def _skip_state(model: torch.nn.Module, heads: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The train-state entries of a model that skips filler: its thresholds and which heads."""
+    thresholds = skip_thresholds(model)
+    return {SKIP_STATE_KEY: thresholds, "filler_heads": heads} if thresholds else {}
 
 
 def evaluate_all(model: torch.nn.Module, run: Run, settings: Settings,
@@ -254,9 +301,7 @@ def filler_skipped(model: torch.nn.Module, run: Run, settings: Settings,
     filler (`blockstate.ssm.skip`), calibrated on `eval_sequences` held-out sequences of the run's
     own task; the model is left as it was. A model without a selective SSM is scored unchanged
     (its `heads` list is empty)."""
-    task = make_task(run.task, **dict(run.params))
-    calibration = task.sample(settings.eval_sequences, CALIBRATION_SEED).inputs
-    heads = skip_filler(model, calibration, factor)
+    heads = skip_filler(model, _calibration(run, settings), factor)
     try:
         evaluations = evaluate_all(model, run, settings, eval_params)
     finally:
@@ -333,6 +378,9 @@ def run_all(runs: list[Run], settings: Settings, out: str | Path,
     `keep_models`, each run trained here saves its model to keep_models/TASK_KEY/NAME-seedS.
     With `skip_factor`, every record gets the evaluations with filler skipped at that factor:
     a finished record without them is scored from its kept model (under `keep_models`)."""
+    if skip_factor is not None and settings.filler_stage:
+        raise ValueError("runs that train their last steps with filler skipped are scored "
+                         "skipping already; --skip-filler would score them skipping again")
     out = Path(out)
     records = []
     for i, run in enumerate(runs):
