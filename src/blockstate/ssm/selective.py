@@ -169,7 +169,7 @@ class SelectiveSSM(nn.Module):
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
         self.use_fused = True  # the mamba-ssm kernel on CUDA when installed
         # Per head (K, G): a step dt below it is taken as 0, so that position neither decays the
-        # state nor writes to it. None (the default, and during training): no position skipped.
+        # state nor writes to it. None (the default): no position skipped.
         # Set by `blockstate.ssm.skip.skip_filler`; not in the state dict (a checkpoint carries it
         # in its train state: `blockstate.ssm.skip.skip_thresholds`).
         self.register_buffer("skip_below", None, persistent=False)

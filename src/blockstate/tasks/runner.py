@@ -90,9 +90,9 @@ class Settings:
 
     def record(self) -> dict[str, Any]:
         """These settings as JSON values, as runs and checkpoints store them (without
-        `curriculum` when there is none, as records written before it existed)."""
+        `curriculum` or `filler_stage` when unset, as records written before they existed)."""
         out = json.loads(json.dumps(dataclasses.asdict(self)))
-        for name in ("curriculum", "filler_stage"):  # records written before they existed
+        for name in ("curriculum", "filler_stage"):
             if not getattr(self, name):
                 del out[name]
         return out
