@@ -71,20 +71,29 @@ def test_kept_models_reload_to_the_recorded_accuracy(tmp_path):
     assert again["accuracy"] == record["evaluations"][0]["accuracy"]
 
 
+def _interrupt_after_checkpoint(monkeypatch, step=None):
+    """Make the task runner raise KeyboardInterrupt right after it saves the checkpoint of `step`
+    (None: its first one); returns the real `save_checkpoint`, to put back."""
+    import blockstate.tasks.runner as runner
+
+    real = runner.save_checkpoint
+
+    def save_then_die(directory, saved, *args, **kwargs):
+        real(directory, saved, *args, **kwargs)
+        if step is None or saved == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    return real
+
+
 def test_an_interrupted_run_continues_to_the_uninterrupted_result(tmp_path, monkeypatch):
     import blockstate.tasks.runner as runner
 
     settings = Settings(steps=12, batch_size=4, eval_sequences=8, warmup_steps=2)
     run = Run("copying", (("lag", 20),), "bst-sh-s4", 0)
     whole = runner.train_run(run, settings, log=lambda _: None)
-    real = runner.save_checkpoint
-
-    def save_then_die(directory, step, *args, **kwargs):
-        real(directory, step, *args, **kwargs)
-        if step == 8:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    real = _interrupt_after_checkpoint(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         run_all([run], settings, tmp_path, log=lambda _: None, checkpoint_every=4)
     assert run.partial_path(tmp_path).is_dir() and not run.path(tmp_path).exists()
@@ -137,13 +146,7 @@ def test_a_curriculum_trains_its_stages_first_under_one_schedule(tmp_path, monke
     assert record["model_config"]["max_seq_len"] == 80 and record["evaluations"][0]["seq_len"] == 36
     monkeypatch.setattr(runner, "make_task", real_make)
     # interrupted inside a stage, it continues to the uninterrupted result
-    real_save = runner.save_checkpoint
-
-    def save_then_die(directory, step, *args, **kwargs):
-        real_save(directory, step, *args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    real_save = _interrupt_after_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_all([run], settings, tmp_path, log=lambda _: None, checkpoint_every=1)
     monkeypatch.setattr(runner, "save_checkpoint", real_save)
@@ -186,14 +189,7 @@ def test_a_filler_stage_trains_the_last_steps_skipping_and_keeps_the_model_skipp
                if type(m).__name__ == "SelectiveSSM")
     assert runner.evaluate_all(model, run, settings, None) == record["evaluations"]
     # interrupted inside the stage, it continues to the uninterrupted result
-    real_save = runner.save_checkpoint
-
-    def save_then_die(directory, step, *args, **kwargs):
-        real_save(directory, step, *args, **kwargs)
-        if step == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    real_save = _interrupt_after_checkpoint(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         run_all([run], settings, tmp_path / "out", log=lambda _: None, checkpoint_every=1)
     monkeypatch.setattr(runner, "save_checkpoint", real_save)

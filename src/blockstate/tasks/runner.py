@@ -125,12 +125,17 @@ class Run:
     def task_key(self) -> str:
         return "-".join([self.task] + [f"{k}{v}" for k, v in self.params])
 
+    @property
+    def stem(self) -> str:
+        """The run's name among its task's runs: NAME-seedS."""
+        return f"{self.name}-seed{self.seed}"
+
     def path(self, out: Path) -> Path:
-        return out / "runs" / self.task_key / f"{self.name}-seed{self.seed}.json"
+        return out / "runs" / self.task_key / f"{self.stem}.json"
 
     def kept_path(self, keep_models: str | Path) -> Path:
         """Where `--keep-models` saves the run's trained model."""
-        return Path(keep_models) / self.task_key / f"{self.name}-seed{self.seed}"
+        return Path(keep_models) / self.task_key / self.stem
 
     def partial_path(self, out: Path) -> Path:
         """The checkpoints of the run while it trains (removed when it finishes)."""
@@ -193,9 +198,7 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     `blockstate.loading.load_model` reads. With `skip_factor`, the record also holds the
     evaluations with filler skipped (`filler_skipped`). `settings.filler_stage` trains the last
     steps with filler skipped; the record says which heads skip (`filler_stage`)."""
-    if skip_factor is not None and settings.filler_stage:
-        raise ValueError("a run whose last steps train with filler skipped is scored skipping; "
-                         "scoring it with filler skipped again (skip_factor) is not defined")
+    _refuse_skipping_twice(settings, skip_factor)
     task = make_task(run.task, **dict(run.params))
     stages = curriculum_tasks(run, settings)
     overrides = model_overrides(run, task.vocab_size, max(t.seq_len for t in [task, *stages]))
@@ -267,6 +270,14 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     if skip_factor is not None:
         record["filler_skipped"] = filler_skipped(model, run, settings, eval_params, skip_factor)
     return record
+
+
+def _refuse_skipping_twice(settings: Settings, skip_factor: float | None) -> None:
+    """Runs that train their last steps with filler skipped are scored skipping: scoring them with
+    filler skipped again (`skip_factor`) is not defined."""
+    if skip_factor is not None and settings.filler_stage:
+        raise ValueError("runs that train their last steps with filler skipped are scored "
+                         "skipping already; --skip-filler would score them skipping again")
 
 
 def _calibration(run: Run, settings: Settings) -> torch.Tensor:
@@ -344,16 +355,15 @@ def _skipped_from_kept(run: Run, record: dict[str, Any], settings: Settings,
                        factor: float, device: str | torch.device) -> dict[str, Any]:
     """`filler_skipped` for a finished record, from the model its run kept."""
     source = run.kept_path(keep_models) if keep_models is not None else None
-    name = f"{run.name}-seed{run.seed}"
     if source is None or not source.exists():
-        raise ValueError(f"{run.task_key} {name} is finished but was not kept, so it cannot be "
+        raise ValueError(f"{run.task_key} {run.stem} is finished but was not kept, so it cannot be "
                          f"scored with filler skipped: give --keep-models the directory its run "
                          f"kept it in, or train it again under another --out")
     from ..loading import load_model
 
     model, checkpoint = load_model(source, device)
     if checkpoint.model_config != record["model_config"]:
-        raise ValueError(f"{source} holds another model than {run.task_key} {name}'s record")
+        raise ValueError(f"{source} holds another model than {run.task_key} {run.stem}'s record")
     return filler_skipped(model, run, settings, eval_params, factor)
 
 
@@ -378,9 +388,7 @@ def run_all(runs: list[Run], settings: Settings, out: str | Path,
     `keep_models`, each run trained here saves its model to keep_models/TASK_KEY/NAME-seedS.
     With `skip_factor`, every record gets the evaluations with filler skipped at that factor:
     a finished record without them is scored from its kept model (under `keep_models`)."""
-    if skip_factor is not None and settings.filler_stage:
-        raise ValueError("runs that train their last steps with filler skipped are scored "
-                         "skipping already; --skip-filler would score them skipping again")
+    _refuse_skipping_twice(settings, skip_factor)  # before any finished record is rescored
     out = Path(out)
     records = []
     for i, run in enumerate(runs):
