@@ -3,8 +3,12 @@ one process, its sharded (DCP) checkpoints resume at 2 -> 1 -> 2 processes as if
 last checkpoint carries whole weights for the other tools, and what FSDP is not combined with is
 refused in one line.
 
-Tolerance (float32, CPU): losses within 1e-5 relative and parameters within 1e-5 absolute of one
-process's; measured 1e-7 and 1e-6 (docs/distributed.md)."""
+Tolerance (float32, CPU): losses within 1e-5 relative of one process's, and parameters at the end
+within 1e-5 root-mean-square and 2e-4 at the worst element (docs/distributed.md). Summing gradients
+in another order moves a few elements further than the rest: with every process at one thread, the
+2 -> 1 -> 2 run ends 6.7e-5 from one process's at its worst element but 5.4e-7 in RMS, while a resume
+that loses or rescales Adam's moments, or restarts its step count, ends 3e-4 to 8e-4 away in RMS and
+8e-4 to 1.7e-3 at the worst element."""
 
 import json
 import os
@@ -24,7 +28,8 @@ from reference import word_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_RTOL = 1e-5     # relative, per logged step
-PARAM_ATOL = 1e-5    # absolute, every parameter at the end
+PARAM_RMS = 1e-5     # root-mean-square over every parameter at the end
+PARAM_MAX = 2e-4     # absolute, the worst parameter element at the end (a fifth of one step's lr)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +75,9 @@ def _assert_same_training(run: Path, reference: Path, steps: int) -> None:
     mine = load_checkpoint(run).model_state()
     other = load_checkpoint(reference).model_state()
     assert mine.keys() == other.keys()
-    gap = max(float((mine[k] - other[k]).abs().max()) for k in mine)
-    assert gap < PARAM_ATOL, gap
+    gaps = torch.cat([(mine[k] - other[k]).flatten() for k in mine])
+    rms, worst = float(gaps.pow(2).mean().sqrt()), float(gaps.abs().max())
+    assert rms < PARAM_RMS and worst < PARAM_MAX, (rms, worst)
 
 
 def test_one_process_writes_sharded_checkpoints_that_resume_exactly(corpus, tmp_path):
