@@ -69,7 +69,7 @@ def test_quick_start_command_sizes_its_model_records_the_plan_and_resumes(tmp_pa
     for i in range(40):
         (root / f"doc{i:02d}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
     run = tmp_path / "run"
-    assert main(["train", "--model", "bst-sh-s4", "--data", str(root), "--out", str(run),
+    assert main(["train", "--model", "bst-recommended", "--data", str(root), "--out", str(run),
                  "--max-time", "6s", "--overwrite", "--eval-batches", "1", "--sample-tokens", "30",
                  "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
     printed = capsys.readouterr().out
@@ -82,7 +82,8 @@ def test_quick_start_command_sizes_its_model_records_the_plan_and_resumes(tmp_pa
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] > 0
     # the same request resumes the planned run (what the plan chose is not a change)
-    more = train(TrainConfig(data=str(root), max_time=summary["elapsed_s"] + 2.0, eval_batches=1,
+    more = train(TrainConfig(model="bst-recommended", data=str(root),
+                             max_time=summary["elapsed_s"] + 2.0, eval_batches=1,
                              sample_tokens=30,
                              cache_dir=str(tmp_path / "cache")), run, resume=True, quiet=True)
     assert more["step"] > summary["step"]
@@ -122,7 +123,7 @@ def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkey
     assert "standard errors" in text
     with pytest.raises(ValueError, match="unknown preset"):
         bench_quality.entries(["bst-nonesuch"])
-    assert list(bench_quality.entries(["bst-recommended"])) == ["main", "nanogpt-cpu", "bst-recommended"]
+    assert list(bench_quality.entries(["bst-sh-s4"])) == ["main", "nanogpt-cpu", "bst-sh-s4"]
     assert json.loads((tmp_path / "quality.json").read_text())["kind"] == "quality"
 
 

@@ -37,10 +37,10 @@ NANOGPT_CPU: dict[str, Any] = {
                         "block_size": 64, "max_seq_len": 64},
 }
 # The README quick start's main job: everything else at its default (size "auto").
-MAIN_JOB: dict[str, Any] = {"model": "bst-sh-s4"}
+MAIN_JOB: dict[str, Any] = {"model": "bst-recommended"}
 # Each entry's run directory name (under --runs-dir/CORPUS), label and training fields.
 ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
-    "main": ("main job (bst-sh-s4, size auto)", MAIN_JOB),
+    "main": (f"main job ({MAIN_JOB['model']}, size auto)", MAIN_JOB),
     "nanogpt-cpu": ("transformer preset, nanoGPT's CPU hyperparameters", NANOGPT_CPU),
 }
 
