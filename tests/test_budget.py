@@ -123,6 +123,8 @@ def test_quality_benchmark_scores_both_models_on_the_same_bytes(tmp_path, monkey
     assert "standard errors" in text
     with pytest.raises(ValueError, match="unknown preset"):
         bench_quality.entries(["bst-nonesuch"])
+    with pytest.raises(ValueError, match="is the main job already"):
+        bench_quality.entries([bench_quality.MAIN_JOB["model"]])
     assert list(bench_quality.entries(["bst-sh-s4"])) == ["main", "nanogpt-cpu", "bst-sh-s4"]
     assert json.loads((tmp_path / "quality.json").read_text())["kind"] == "quality"
 

@@ -151,6 +151,9 @@ def entries(also: list[str] | tuple[str, ...] = ()) -> dict[str, tuple[str, dict
     unknown = sorted(set(also) - set(list_models()))
     if unknown:
         raise ValueError(f"quality: unknown preset(s) {unknown}; see `blockstate models`")
+    if MAIN_JOB["model"] in also:
+        raise ValueError(f"quality: {MAIN_JOB['model']} is the main job already; --also names "
+                         f"other presets to train the same way")
     extra = {name: (f"{name} (size auto)", {"model": name}) for name in also}
     return {**ENTRIES, **extra}
 
