@@ -166,7 +166,7 @@ def test_resuming_with_size_auto_keeps_the_runs_own_size(tmp_path):
     train(TrainConfig(size="tiny", max_steps=2, **fields), tmp_path / "run", quiet=True)
     more = train(TrainConfig(max_steps=3, **fields), tmp_path / "run", resume=True, quiet=True)
     assert more["step"] == 3 and more["parameters"] == count_parameters(
-        "bst-sh-s4", "tiny", block_size=16, vocab_size=259)
+        TrainConfig().model, "tiny", block_size=16, vocab_size=259)
 
 
 def test_budget_plans_a_bpe_tokenizer_unless_one_is_given():

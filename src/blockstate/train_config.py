@@ -47,7 +47,7 @@ class TrainConfig:
     cache_dir: str | None = None        # tokenized corpora; default ~/.cache/blockstate
 
     # --- Model ---
-    model: str = "bst-sh-s4"
+    model: str = "bst-recommended"
     # "auto": sized for the time or token budget (blockstate.budget); tiny/small/base/large as set
     size: str = "auto"
     model_overrides: dict[str, Any] = field(default_factory=dict)

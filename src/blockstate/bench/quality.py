@@ -1,17 +1,16 @@
 """`blockstate bench quality`: the README's main job against this project's `transformer` preset
 trained with nanoGPT's CPU hyperparameters (not nanoGPT itself), in equal minutes.
 
-For each corpus, one after the other in this process (same threads): the main job (`bst-sh-s4`,
-size "auto" planned for the time budget, every other setting at its default) and the `transformer`
-preset configured as nanoGPT's published CPU recipe (4 layers, 4 heads, width 128, context 64,
-batch 12, lr 1e-3 decaying to 1e-4, warmup 100, beta2 0.99, weight decay 0.1, clip 1.0), each
-trained for the same minutes on the same training split (the recipe with the byte tokenizer, the
-main job with the tokenizer its plan picks). Both are then scored on the same bytes: pieces of
-about 16 KB taken in turn from every document of the test split, each model reading each piece
-from its start with its own tokenizer, in windows of its own training length. The report is
-held-out bits per byte, and the paired difference over the pieces (mean and standard error).
-Finished runs are kept (the benchmark resumes where it stopped); pass --overwrite to train them
-again.
+For each corpus, one after the other in this process (same threads): the main job (`MAIN_JOB`:
+`bst-recommended`, size "auto" planned for the time budget, every other setting at its default) and
+the `transformer` preset configured as nanoGPT's published CPU recipe (4 layers, 4 heads, width 128,
+context 64, batch 12, lr 1e-3 decaying to 1e-4, warmup 100, beta2 0.99, weight decay 0.1, clip 1.0),
+each trained for the same minutes on the same training split (the recipe with the byte tokenizer,
+the main job with the tokenizer its plan picks). Both are then scored on the same bytes: pieces of
+about 16 KB taken in turn from every document of the test split, each model reading each piece from
+its start with its own tokenizer, in windows of its own training length. The report is held-out bits
+per byte, and the paired difference over the pieces (mean and standard error). Finished runs are
+kept (the benchmark resumes where it stopped); pass --overwrite to train them again.
 """
 
 from __future__ import annotations
