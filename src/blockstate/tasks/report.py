@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -230,7 +231,7 @@ def plot_passkey(grids: dict[str, Any], path: Path) -> bool:
         ax.set_xlabel(f"evaluation length (trained at {grid['train_len']})")
         if ax is axes[0, 0]:
             ax.set_ylabel("depth of the passkey")
-        ax.set_title(key, fontsize=8)
+        ax.set_title(textwrap.fill(key, 44), fontsize=8)  # long labels wrap within the panel
     fig.colorbar(image, ax=axes[0].tolist(), label="passkey retrieved")
     fig.savefig(path, dpi=110)
     plt.close(fig)
