@@ -84,8 +84,8 @@ def test_time_budget_ends_at_the_final_learning_rate(corpus, tmp_path):
     # it stops once the budget is spent, not before: the last step began within the budget, and
     # the clock read at the boundary that stopped the run (the summary's) is past it. The last
     # record's own time may fall just short: writing it and the bookkeeping after a step come
-    # between it and that boundary
-    assert starts[-1] < budget
+    # between it and that boundary (the step's start is read a moment after the boundary's clock)
+    assert starts[-1] < budget + 0.01
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["elapsed_s"] >= budget and summary["step"] == records[-1]["step"]
     if starts[-1] >= 0.9 * budget:  # steps short enough for the last to begin in the last tenth
