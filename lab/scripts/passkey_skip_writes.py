@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from blockstate.loading import load_model
-from blockstate.ssm.skip import selective_ssms, ssm_inputs, stop_skipping
+from blockstate.ssm.skip import median_steps, selective_ssms, ssm_inputs, stop_skipping
 from blockstate.tasks import make_task
 
 
@@ -48,13 +48,7 @@ def probe(path: str, train_len: int, multiples: list[int]) -> dict:
     for name, ssm in selective_ssms(model):
         below = thresholds[name]
         ssm.skip_below = None
-        _, _, dt, _, _ = ssm._inputs(at_train_len[name].float())               # (B, L, K, G)
-        median = dt.flatten(0, 1).median(0).values                             # (K, G)
-        rate = ssm._decay(dt)
-        rate = (rate.real if rate.is_complex() else rate).abs()
-        if rate.dim() == 3:
-            rate = rate.amin(-1)
-        horizon = 1 / (median * rate).clamp_min(torch.finfo(median.dtype).tiny)
+        median, horizon = median_steps(ssm, at_train_len[name])                # (K, G) each
         _, _, fdt, _, _ = ssm._inputs(on_filler[name].float())                 # (1, T, K, G)
         ssm.skip_below = below
         y = ssm(on_filler[name].float())                                       # skipping on

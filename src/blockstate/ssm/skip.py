@@ -77,18 +77,26 @@ def skip_filler(model: nn.Module, calibration: torch.Tensor, factor: float = 2.0
     length = calibration.shape[1]
     summary = []
     for name, ssm in layers:
-        _, _, dt, _, _ = ssm._inputs(inputs[name].float())                    # (B, L, K, G)
-        typical = dt.flatten(0, 1).median(0).values                            # (K, G)
-        rate = ssm._decay(dt)
-        rate = (rate.real if rate.is_complex() else rate).abs()
-        if rate.dim() == 3:  # a decay per state dimension or mode: the slowest one
-            rate = rate.amin(-1)                                               # (K, G)
-        horizon = 1 / (typical * rate).clamp_min(torch.finfo(typical.dtype).tiny)
+        typical, horizon = median_steps(ssm, inputs[name])
         skipping = horizon > length
         ssm.skip_below = torch.where(skipping, factor * typical, torch.zeros_like(typical))
         summary.append({"layer": name, "heads": skipping.numel(),
                         "skipping": int(skipping.sum())})
     return summary
+
+
+@torch.no_grad()
+def median_steps(ssm: SelectiveSSM, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's median step dt over the positions of `u` (B, L, P), the SSM sublayer's input,
+    and its memory horizon at that step, 1 / (dt x |A|) positions (the slowest decay where a head
+    has several): two (K, G) tensors. Steps are read as `ssm` computes them, skipping included."""
+    _, _, dt, _, _ = ssm._inputs(u.float())                                    # (B, L, K, G)
+    typical = dt.flatten(0, 1).median(0).values                                # (K, G)
+    rate = ssm._decay(dt)
+    rate = (rate.real if rate.is_complex() else rate).abs()
+    if rate.dim() == 3:  # a decay per state dimension or mode: the slowest one
+        rate = rate.amin(-1)                                                   # (K, G)
+    return typical, 1 / (typical * rate).clamp_min(torch.finfo(typical.dtype).tiny)
 
 
 def stop_skipping(model: nn.Module) -> None:
