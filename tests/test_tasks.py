@@ -202,6 +202,38 @@ def test_a_filler_stage_trains_the_last_steps_skipping_and_keeps_the_model_skipp
         run_all([run], settings, tmp_path / "out", log=lambda _: None, skip_factor=2.0)
 
 
+def test_a_recalibrated_filler_stage_calibrates_every_so_many_steps_and_resumes_exactly(
+        tmp_path, monkeypatch):
+    import blockstate.tasks.runner as runner
+
+    run = Run("passkey", (("seq_len", 32),), "bst-recommended", 0)
+    settings = Settings(steps=8, batch_size=4, eval_sequences=4, filler_stage=(4, 2.0, 2))
+    assert [s for s in range(8) if settings.calibrates_at(s)] == [4, 6]
+    assert [s for s in range(8) if Settings(steps=8, filler_stage=(4, 2.0)).calibrates_at(s)] == [4]
+    messages = []
+    record = runner.train_run(run, settings, log=messages.append, keep=tmp_path / "kept")
+    assert [m.split("from step ")[1].split()[0] for m in messages if "filler skipped" in m] == [
+        "4", "6"]
+    assert record["settings"]["filler_stage"] == [4, 2.0, 2]
+    assert record["filler_stage"]["recalibrate_every"] == 2
+    once = runner.train_run(run, Settings(steps=8, batch_size=4, eval_sequences=4,
+                                          filler_stage=(4, 2.0)), log=lambda _: None)
+    assert "recalibrate_every" not in once["filler_stage"]
+    assert once["losses"][:1] == record["losses"][:1]
+    # the kept model carries the last calibration's thresholds and scores as recorded
+    model, _ = load_model(tmp_path / "kept")
+    assert runner.evaluate_all(model, run, settings, None) == record["evaluations"]
+    # interrupted between two calibrations, it continues to the uninterrupted result
+    real_save = _interrupt_after_checkpoint(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        run_all([run], settings, tmp_path / "out", log=lambda _: None, checkpoint_every=1)
+    monkeypatch.setattr(runner, "save_checkpoint", real_save)
+    [again] = run_all([run], settings, tmp_path / "out", log=lambda _: None, checkpoint_every=1)
+    assert again["losses"] == record["losses"] and again["evaluations"] == record["evaluations"]
+    with pytest.raises(ValueError, match="recalibrated every 0 steps"):
+        Settings(steps=8, filler_stage=(4, 2.0, 0))
+
+
 def test_a_filler_stage_leaves_a_model_without_a_selective_ssm_as_it_was():
     import blockstate.tasks.runner as runner
 
@@ -373,7 +405,9 @@ def test_cli_scores_kept_models_with_filler_skipped_afterwards(tmp_path, capsys)
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
     (["--skip-filler", "0"], "--skip-filler must be > 0"),
     (["--skip-filler-stage", "300"], "--skip-filler-stage '300': expected STEPS:FACTOR"),
-    (["--skip-filler-stage", "300:0"], "expected STEPS:FACTOR with STEPS >= 1 and FACTOR > 0"),
+    (["--skip-filler-stage", "300:0"], "expected STEPS:FACTOR[:EVERY] with STEPS >= 1, FACTOR > 0"),
+    (["--skip-filler-stage", "300:2:0"], "and EVERY >= 1"),
+    (["--skip-filler-stage", "300:2:1:1"], "expected STEPS:FACTOR"),
     (["--skip-filler-stage", "600:2"], "filler stage of 600 steps"),
     (["--skip-filler-stage", "300:2", "--skip-filler", "2"], "give one of them"),
     (["--curriculum", "300"], "--curriculum '300': expected STEPS:NAME=V"),

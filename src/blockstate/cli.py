@@ -470,18 +470,20 @@ def _curriculum(items: list[str]) -> tuple[tuple[int, tuple[tuple[str, int], ...
     return tuple(stages)
 
 
-def _filler_stage(item: str | None) -> tuple[int, float] | tuple[()]:
-    """`--skip-filler-stage 1000:2` -> (1000, 2.0); None -> ()."""
+def _filler_stage(item: str | None) -> tuple[int, float] | tuple[int, float, int] | tuple[()]:
+    """`--skip-filler-stage 1000:2` -> (1000, 2.0); `1000:2:100` -> (1000, 2.0, 100); None -> ()."""
     if item is None:
         return ()
-    steps, sep, factor = item.partition(":")
+    parts = item.split(":")
     try:
-        stage = (int(steps), float(factor))
-        if not sep or stage[0] < 1 or not stage[1] > 0:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        stage = (int(parts[0]), float(parts[1]), *(int(p) for p in parts[2:]))
+        if stage[0] < 1 or not stage[1] > 0 or any(every < 1 for every in stage[2:]):
             raise ValueError
     except ValueError:
-        raise ValueError(f"--skip-filler-stage {item!r}: expected STEPS:FACTOR with STEPS >= 1 "
-                         f"and FACTOR > 0, e.g. 1000:2") from None
+        raise ValueError(f"--skip-filler-stage {item!r}: expected STEPS:FACTOR[:EVERY] with STEPS "
+                         f">= 1, FACTOR > 0 and EVERY >= 1, e.g. 1000:2 or 1000:2:100") from None
     return stage
 
 
@@ -815,11 +817,11 @@ def _add_tasks_parser(sub) -> None:
                         "positions whose step is below FACTOR times their median step (calibrated on "
                         "the task at its training length; blockstate.ssm.skip). Finished runs are "
                         "scored from their models under --keep-models")
-    p.add_argument("--skip-filler-stage", default=None, metavar="STEPS:FACTOR",
+    p.add_argument("--skip-filler-stage", default=None, metavar="STEPS:FACTOR[:EVERY]",
                    help="train the last STEPS of --steps with filler skipped at FACTOR (as "
-                        "--skip-filler, calibrated when the stage starts), e.g. 1000:2; the model "
-                        "is scored and kept skipping. Models without a selective SSM train as "
-                        "without it")
+                        "--skip-filler, calibrated when the stage starts and, with EVERY, again "
+                        "every EVERY steps of it), e.g. 1000:2 or 1000:2:100; the model is scored "
+                        "and kept skipping. Models without a selective SSM train as without it")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own choice)")
     p.add_argument("--device", default="cpu",
                    help="where runs train: cpu (default), cuda, cuda:N or auto (CUDA when available)")

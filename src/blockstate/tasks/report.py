@@ -166,7 +166,9 @@ def passkey_grids(records: list[dict[str, Any]]) -> dict[str, Any]:
         key = f"{record['task_key']} {record['label']}"
         stage = record.get("filler_stage")
         if stage:
-            key += f" [trained skipping x{stage['factor']:g} from step {stage['from_step']}]"
+            every = stage.get("recalibrate_every")
+            key += (f" [trained skipping x{stage['factor']:g} from step {stage['from_step']}"
+                    f"{f', recalibrated every {every}' if every else ''}]")
         scored.append((key, record, record["evaluations"]))
         skipped = record.get("filler_skipped")
         if skipped:

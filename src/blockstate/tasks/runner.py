@@ -63,10 +63,12 @@ class Settings:
     # order, on the task with those parameters changed; the task itself takes the remaining steps.
     # One optimizer and one learning-rate schedule span all the steps.
     curriculum: tuple[tuple[int, tuple[tuple[str, int], ...]], ...] = ()
-    # (steps, factor): the last `steps` steps train with filler skipped at `factor`
-    # (`blockstate.ssm.skip`), calibrated when they start on the task at its training length; the
-    # model is scored and kept skipping. Models without a selective SSM train as without it.
-    filler_stage: tuple[int, float] = ()
+    # (steps, factor[, every]): the last `steps` steps train with filler skipped at `factor`
+    # (`blockstate.ssm.skip`), calibrated when they start on the task at its training length, and
+    # again every `every` steps of the stage when given (the thresholds follow the steps as
+    # training moves them); the model is scored and kept skipping. Models without a selective SSM
+    # train as without it.
+    filler_stage: tuple[int, float] | tuple[int, float, int] = ()
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_sequences"):
@@ -81,12 +83,18 @@ class Settings:
                              f"needs >= 1 step and together fewer than steps={self.steps}, so that "
                              f"the task itself is trained")
         if self.filler_stage:
-            steps, factor = self.filler_stage
+            if len(self.filler_stage) not in (2, 3):
+                raise ValueError(f"filler_stage={self.filler_stage}: expected (steps, factor) or "
+                                 f"(steps, factor, every)")
+            steps, factor = self.filler_stage[:2]
             if not (steps >= 1 and factor > 0 and self.skip_from() >= max([1, *ends[-1:]])):
                 raise ValueError(f"filler stage of {steps} steps at factor {factor}: it needs >= 1 "
                                  f"step, a factor > 0, and to start after step 0 and after the "
                                  f"curriculum (steps={self.steps}, curriculum ends at step "
                                  f"{ends[-1] if ends else 0})")
+            every = self.recalibrate_every()
+            if every is not None and every < 1:
+                raise ValueError(f"filler stage recalibrated every {every} steps: it needs >= 1")
 
     def record(self) -> dict[str, Any]:
         """These settings as JSON values, as runs and checkpoints store them (without
@@ -100,6 +108,18 @@ class Settings:
     def skip_from(self) -> int | None:
         """The step from which the run trains with filler skipped (None: it never does)."""
         return self.steps - self.filler_stage[0] if self.filler_stage else None
+
+    def recalibrate_every(self) -> int | None:
+        """Every how many steps of the filler stage skipping is calibrated again (None: only when
+        the stage starts)."""
+        return self.filler_stage[2] if len(self.filler_stage) == 3 else None
+
+    def calibrates_at(self, step: int) -> bool:
+        """Whether skipping is (re)calibrated before training step `step`."""
+        start, every = self.skip_from(), self.recalibrate_every()
+        if start is None or step < start:
+            return False
+        return step == start or (every is not None and (step - start) % every == 0)
 
     def stage_ends(self) -> list[int]:
         """The step at which each curriculum stage ends."""
@@ -230,7 +250,7 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
     model.train()
     ends = settings.stage_ends()
     for step in range(start, settings.steps):
-        if step == settings.skip_from():
+        if settings.calibrates_at(step):
             heads = skip_filler(model, _calibration(run, settings), settings.filler_stage[1])
             log(f"{run.task_key} {run.name} seed {run.seed}: from step {step} filler skipped in "
                 f"{sum(h['skipping'] for h in heads)} of {sum(h['heads'] for h in heads)} heads")
@@ -267,6 +287,8 @@ def train_run(run: Run, settings: Settings, eval_params: list[dict[str, int]] | 
                                   "factor": settings.filler_stage[1], "from_step":
                                   settings.skip_from(), "statistic": SKIP_STATISTIC,
                                   "calibration_sequences": settings.eval_sequences, "heads": heads or []}
+        if settings.recalibrate_every() is not None:
+            record["filler_stage"]["recalibrate_every"] = settings.recalibrate_every()
     if skip_factor is not None:
         record["filler_skipped"] = filler_skipped(model, run, settings, eval_params, skip_factor)
     return record
