@@ -21,21 +21,9 @@ import torch
 
 from blockstate.loading import load_model
 from blockstate.tasks import make_task
-from blockstate.tasks.generators import IGNORE
-from blockstate.tasks.runner import EVAL_SEED
+from blockstate.tasks.runner import evaluate
 
 FRESH_SEED = 2**31 - 2**20  # training draws RUN_SEED * 10**6 + step: no run seed reaches 2146
-
-
-@torch.no_grad()
-def exact(model: torch.nn.Module, task, sequences: int, batch_size: int) -> float:
-    """The fraction of `sequences` fresh sequences of `task` whose whole passkey is right."""
-    right = []
-    for start in range(0, sequences, batch_size):
-        batch = task.sample(min(batch_size, sequences - start), FRESH_SEED + start)
-        predictions = model(batch.inputs).argmax(-1)
-        right.append(((predictions == batch.targets) | (batch.targets == IGNORE)).all(1))
-    return float(torch.cat(right).float().mean())
 
 
 def main() -> None:
@@ -53,12 +41,12 @@ def main() -> None:
     results = {}
     for path in args.models:
         model, _ = load_model(path)
-        model.eval()
         grid = {}
         for length in lengths:
             for depth in depths:
                 task = make_task("passkey", seq_len=length, depth=depth)
-                grid[f"{length}/{depth}"] = exact(model, task, args.sequences, args.batch_size)
+                grid[f"{length}/{depth}"] = evaluate(model, task, args.sequences, args.batch_size,
+                                                     model.config.block_size, FRESH_SEED)["exact"]
                 print(path.name, length, depth, f"{grid[f'{length}/{depth}']:.3f}", flush=True)
         results[path.name] = grid
     args.out.write_text(json.dumps({"sequences": args.sequences, "seed": FRESH_SEED,

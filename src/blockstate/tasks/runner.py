@@ -175,16 +175,16 @@ def model_overrides(run: Run, vocab_size: int, seq_len: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, task, sequences: int, batch_size: int, block_size: int
-             ) -> dict[str, Any]:
+def evaluate(model: torch.nn.Module, task, sequences: int, batch_size: int, block_size: int,
+             seed: int = EVAL_SEED) -> dict[str, Any]:
     """Accuracy overall and per distance bin on `sequences` held-out sequences of `task` (generated
-    on the CPU, scored on the model's device), and `exact`: the fraction of sequences whose every
-    scored position is right (a whole passkey, every copied symbol)."""
+    on the CPU from `seed`, scored on the model's device), and `exact`: the fraction of sequences
+    whose every scored position is right (a whole passkey, every copied symbol)."""
     model.eval()
     device = next(model.parameters()).device
     correct, distance, exact = [], [], []
     for start in range(0, sequences, batch_size):
-        batch = task.sample(min(batch_size, sequences - start), EVAL_SEED + start)
+        batch = task.sample(min(batch_size, sequences - start), seed + start)
         predictions = model(batch.inputs.to(device)).argmax(-1).cpu()             # (B, L)
         c, d = score(predictions, batch)
         correct.append(c)
