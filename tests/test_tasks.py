@@ -284,7 +284,8 @@ def test_report_tables_every_model_and_bin(tmp_path):
     runs = [Run("mqar", (("gap", 40), ("num_pairs", 2), ("seq_len", 64)), m, s)
             for m in ("bst-sh-s4", "slide") for s in (0, 1)]
     run_all(runs, settings, tmp_path, log=lambda _: None)
-    text = write_report(tmp_path).read_text()
+    text = write_report(tmp_path, command="blockstate tasks run --seeds 1").read_text()
+    assert text.startswith("Last command: `blockstate tasks run --seeds 1`")
     assert "### mqar-gap40-num_pairs2-seq_len64" in text
     assert "| bst-sh-s4 |" in text and "| slide |" in text and "±" in text
     summary = json.loads((tmp_path / "report.json").read_text())

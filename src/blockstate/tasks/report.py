@@ -291,8 +291,9 @@ def write_report(out: str | Path, command: str = "", log: Callable[[str], None] 
         text += "\n" + passkey_markdown(grids)
         atomic_write(out / "passkey.json", json.dumps(grids, indent=1) + "\n")
         plot_passkey(grids, out / "passkey.png")
-    if command:
-        text = f"Command: `{command}`\n\n" + text
+    if command:  # the tables read every record under runs/, whichever command wrote it
+        text = (f"Last command: `{command}`\n\nThe tables read every run record under "
+                "`runs/`, from this command and any earlier one into the same folder.\n\n" + text)
     atomic_write(out / "report.md", text)
     atomic_write(out / "report.json", json.dumps(summary, indent=1) + "\n")
     plot(summary, out / "report.png")
