@@ -22,7 +22,8 @@ task() {  # task TASK-OPTIONS... --out DIR: every (model, seed), two at a time
         local first=$!
         if ((i + 1 < ${#jobs[@]})); then one ${jobs[i + 1]} "$@"; fi
         wait "$first"
-        if [[ ${COMMIT:-0} == 1 ]]; then
+        # commit only when a record landed (a pass over finished runs rewrites report.md alone)
+        if [[ ${COMMIT:-0} == 1 && -n $(git status --porcelain -- "${@: -1}/runs") ]]; then
             git add "${@: -1}" && git commit -qm "Records (issue 36): $MODELS on ${@: -1}" || true
         fi
     done
